@@ -1,0 +1,208 @@
+"""HUDD command line: finds why an image DNN fails (and, in later steps, fixes it).
+
+    python HUDD.py -o CASE -m MODEL [-mode HUDD|BL1|BL2]
+    python HUDD.py --demo [DIR]
+
+Runs the pipeline's steps in order over a case-study directory (see README.md). Each step records a
+fingerprint of its inputs in CASE/hudd_manifest.json and is skipped on a rerun when nothing changed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import Helper
+from Helper import HuddError, RunContext
+
+log = logging.getLogger("hudd")
+
+# The pipeline's steps in order; later steps (heatmaps, clusters, assignment, retraining) join here
+# as their modules are built.
+STEP_NAMES = ("test",)
+DEFAULT_DEMO_DIR = "HUDD_demo"
+
+
+def parse_bool(text: str) -> bool:
+    """True/False/yes/no/1/0 (any case), so that `-rq False` means False (the original read every
+    given flag as true)."""
+    value = str(text).strip().lower()
+    if value in ("true", "yes", "y", "1", "on"):
+        return True
+    if value in ("false", "no", "n", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a yes/no value; use True/False, yes/no or 1/0")
+
+
+def parse_steps(text: str) -> list[str]:
+    steps = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in STEP_NAMES]
+    if unknown or not steps:
+        raise argparse.ArgumentTypeError(
+            f"unknown step(s) {', '.join(unknown) or repr(text)}; the steps are {', '.join(STEP_NAMES)}")
+    return steps
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="HUDD.py", description="Heatmap-based Unsupervised Debugging of DNNs: finds the root causes of an "
+        "image DNN's errors. Yes/no options take True/False, yes/no or 1/0 (alone: yes).")
+    flag = dict(nargs="?", const=True, default=False, type=parse_bool)
+    case = parser.add_argument_group("case study")
+    case.add_argument("-o", "--outputPathX", dest="case", metavar="CASE",
+                      help="case-study directory (holds DataSets/ and DNNModels/)")
+    case.add_argument("-m", "--modelName", dest="model", metavar="MODEL", default="OriginalModel.pth",
+                      help="model file in CASE/DNNModels/ or a path to one (default: OriginalModel.pth)")
+    case.add_argument("-mode", "--retrainMode", dest="mode", choices=("HUDD", "BL1", "BL2"),
+                      help="retraining mode (the retraining step is not available yet)")
+    case.add_argument("-rq", "--RQ1A", dest="rq", metavar="BOOL", **flag,
+                      help="regenerate RQ1 raw results for MODEL (not available yet)")
+    case.add_argument("--demo", nargs="?", const=DEFAULT_DEMO_DIR, metavar="DIR",
+                      help=f"build the demo case study in DIR (default ./{DEFAULT_DEMO_DIR}) where missing, "
+                           "train its model and run the pipeline on it")
+    model = parser.add_argument_group("model and data (override CASE/hudd.json)")
+    model.add_argument("--arch", help="architecture of a state_dict: alexnet256, alexnet128, demonet, a torchvision "
+                                      "model name, or path/to/file.py:ClassName")
+    model.add_argument("--input-size", type=positive_int, metavar="PIXELS", help="square input size the model takes")
+    model.add_argument("--trust-pickle", metavar="BOOL", **flag,
+                       help="allow loading a whole pickled model (unpickling runs code from the file)")
+    model.add_argument("--skip-bad-images", metavar="BOOL", **flag,
+                       help="leave unreadable images out with a warning instead of stopping")
+    run = parser.add_argument_group("running")
+    run.add_argument("--steps", type=parse_steps, default=list(STEP_NAMES), metavar="LIST",
+                     help=f"comma-separated steps to run, of: {', '.join(STEP_NAMES)} (default: all)")
+    run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    run.add_argument("--batch-size", type=positive_int, metavar="N", help="images per batch (default 128)")
+    run.add_argument("--workers", type=non_negative_int, metavar="N", help="data-loading processes (default 2)")
+    run.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch (default 0)")
+    run.add_argument("--force", metavar="BOOL", **flag, help="recompute steps even when their inputs are unchanged")
+    run.add_argument("--debug", metavar="BOOL", **flag, help="verbose log, tracebacks on errors")
+    return parser
+
+
+def resolve_model_path(case: Path, model: str) -> Path:
+    given = Path(model)
+    if given.is_file():
+        return given
+    in_case = case / "DNNModels" / model
+    if in_case.is_file():
+        return in_case
+    available = sorted(p.name for p in (case / "DNNModels").glob("*")) if (case / "DNNModels").is_dir() else []
+    hint = f" (DNNModels holds: {', '.join(available[:8])})" if available else ""
+    raise HuddError(f"{in_case}: model file not found{hint}; pass its name with -m")
+
+
+def make_context(args: argparse.Namespace, case: Path) -> RunContext:
+    if not case.is_dir():
+        raise HuddError(f"{case}: case-study directory not found; pass the folder holding DataSets/ and DNNModels/")
+    paths = Helper.CasePaths(case)
+    settings = Helper.load_settings(paths, {
+        "arch": args.arch, "batch_size": args.batch_size, "workers": args.workers,
+        "input_size": [args.input_size, args.input_size] if args.input_size else None})
+    return RunContext(paths=paths, settings=settings, model_path=resolve_model_path(case, args.model),
+                      device=Helper.pick_device(args.device), seed=args.seed, force=args.force,
+                      trust_pickle=args.trust_pickle, skip_bad_images=args.skip_bad_images)
+
+
+def run_pipeline(ctx: RunContext, steps: list[str]) -> dict:
+    import testModule
+    modules = {"test": testModule}
+    results = {}
+    for name in STEP_NAMES:
+        if name in steps:
+            results[name] = modules[name].run(ctx)
+    return results
+
+
+def prepare_demo(args: argparse.Namespace) -> Path:
+    """Builds the demo case study and trains its model where they are missing."""
+    import demoCase
+    case = Path(args.demo)
+    if not (case / "DataSets").is_dir():
+        log.info("building the demo case study in %s (seed %d)", case, args.seed)
+        demoCase.build_demo_case(case, seed=args.seed)
+    model_path = case / "DNNModels" / args.model
+    if not model_path.is_file():
+        log.info("training the demo's original model")
+        demoCase.train_demo_model(case, seed=args.seed, device=Helper.pick_device(args.device))
+    return case
+
+
+def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
+    print(f"\nHUDD on {ctx.paths.root} with {ctx.model_path.name} ({seconds:.0f} s)")
+    test = results.get("test")
+    if test:
+        for set_name, entry in test["sets"].items():
+            accuracy = f"accuracy {entry['accuracy']:6.2f}%  wrong {entry['wrong']:5d}" if "accuracy" in entry \
+                else "unlabelled"
+            print(f"  {set_name:15s} {entry['images']:6d} images  {accuracy}  -> {entry['file']}")
+        scenarios = test["scenarios"]
+        if scenarios is not None:
+            print("  accuracy per scenario (from metadata.csv):")
+            for set_name, table in scenarios.groupby("set", sort=False):
+                cells = ", ".join(f"{r.scenario} {r.accuracy:.1f}% ({r.images})" for r in table.itertuples())
+                print(f"    {set_name}: {cells}")
+    for note in results.get("notes", []):
+        print(f"  note: {note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    Helper.setup_logging(args.debug)
+    try:
+        if args.demo is None and args.case is None:
+            parser.error("give a case study with -o CASE, or --demo")
+        Helper.seed_everything(args.seed)
+        start = time.perf_counter()
+        case = prepare_demo(args) if args.demo is not None else Path(args.case)
+        if args.rq:
+            raise HuddError("-rq (RQ1 raw results) needs the clustering and retraining steps, which this "
+                            "version does not have yet")
+        ctx = make_context(args, case)
+        results = run_pipeline(ctx, args.steps)
+        if args.mode:
+            results["notes"] = [f"-mode {args.mode}: the retraining step is not available yet; ran "
+                                f"{', '.join(args.steps)}"]
+        print_summary(ctx, results, time.perf_counter() - start)
+        return 0
+    except HuddError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished steps are kept and a rerun resumes", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours, not the user's input: say so, keep the trace for --debug
+        if args.debug:
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and "
+              "please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

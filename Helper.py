@@ -1,0 +1,623 @@
+"""What every HUDD step shares: case-study paths, case settings, image sets, model loading,
+device and seed, the run manifest and atomic file writes.
+
+A step module imports from here and from nothing later in the pipeline.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import pickle
+import random
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import nn
+
+log = logging.getLogger("hudd")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class HuddError(Exception):
+    """A problem with the user's input or data. The command line prints it as one line and
+    exits with status 2; the message names the path or value and says what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Case-study paths
+# --------------------------------------------------------------------------------------------
+
+SET_FOLDERS = {"train": "TrainingSet", "test": "TestSet", "improve": "ImprovementSet"}
+RESULT_FILES = {"train": "trainResult.csv", "test": "testResult.csv", "improve": "improveResult.csv"}
+
+
+@dataclass(frozen=True)
+class CasePaths:
+    """Where a case study's inputs and outputs live (see design.md, 'The case-study directory')."""
+
+    root: Path
+
+    @property
+    def datasets(self) -> Path:
+        return self.root / "DataSets"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "DNNModels"
+
+    @property
+    def settings_file(self) -> Path:
+        return self.root / "hudd.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "hudd_manifest.json"
+
+    @property
+    def t_dir(self) -> Path:
+        return self.root / "T"
+
+    def result_csv(self, set_key: str) -> Path:
+        return self.root / RESULT_FILES[set_key]
+
+    def set_dir(self, set_key: str) -> Path:
+        """The folder that holds a set's class folders (or its images, when unlabelled).
+
+        The original tool's packages put improvement images under a doubled folder,
+        `ImprovementSet/ImprovementSet/<class>/`; both that and the plain layout are accepted."""
+        top = self.datasets / SET_FOLDERS[set_key]
+        doubled = top / SET_FOLDERS[set_key]
+        if doubled.is_dir() and not _has_images(top) and _subdirs(top) == [doubled]:
+            return doubled
+        return top
+
+    def relative(self, path: Path) -> str:
+        """A path as written into result files: relative to the case directory, '/'-separated."""
+        return Path(os.path.relpath(path, self.root)).as_posix()
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _has_images(folder: Path) -> bool:
+    return any(_is_image(p) for p in folder.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+# Image sets
+# --------------------------------------------------------------------------------------------
+
+UNLABELLED = -1
+
+
+@dataclass
+class ImageSet:
+    """The images of one set, in a stable order (class, then file name).
+
+    `labels[i]` indexes `classes`; it is UNLABELLED (-1) for images of an unlabelled set (images
+    lying directly in the set folder, without class folders)."""
+
+    name: str
+    root: Path
+    paths: list[Path]
+    labels: list[int]
+    classes: list[str]
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.paths) and self.labels[0] != UNLABELLED
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def list_image_set(set_root: Path, classes: list[str] | None = None, name: str = "") -> ImageSet:
+    """Lists a set folder: one folder per class (names may hold spaces, dots, underscores), or
+    images directly in the folder for an unlabelled set. With `classes` given (the training set's),
+    the set's class folders must be among them; its labels index that list."""
+    name = name or set_root.name
+    if not set_root.is_dir():
+        raise HuddError(f"{set_root}: image set folder not found; create it with one sub-folder per class")
+    class_dirs = _subdirs(set_root)
+    if class_dirs:
+        folder_classes = [d.name for d in class_dirs]
+        classes = folder_classes if classes is None else classes
+        unknown = [c for c in folder_classes if c not in classes]
+        if unknown:
+            raise HuddError(
+                f"{set_root}: class folder(s) {', '.join(repr(c) for c in unknown)} are not classes of the "
+                f"training set ({', '.join(classes)}); rename or remove them")
+        paths, labels = [], []
+        for folder in class_dirs:
+            for image in sorted(p for p in folder.iterdir() if _is_image(p)):
+                paths.append(image)
+                labels.append(classes.index(folder.name))
+    else:
+        paths = sorted(p for p in set_root.iterdir() if _is_image(p))
+        labels = [UNLABELLED] * len(paths)
+        classes = list(classes or [])
+    if not paths:
+        raise HuddError(
+            f"{set_root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files in its class folders)")
+    return ImageSet(name=name, root=set_root, paths=paths, labels=labels, classes=classes)
+
+
+def load_case_sets(paths: CasePaths, set_keys=("train", "test", "improve")) -> dict[str, ImageSet]:
+    """The case's image sets; classes are the training set's class folders."""
+    if not paths.datasets.is_dir():
+        raise HuddError(f"{paths.datasets}: DataSets folder not found; put TrainingSet, TestSet and "
+                        "ImprovementSet folders there")
+    train = list_image_set(paths.set_dir("train"), name="TrainingSet")
+    if not train.labelled:
+        raise HuddError(f"{train.root}: the training set needs one sub-folder per class")
+    sets = {"train": train}
+    for key in set_keys:
+        if key != "train":
+            sets[key] = list_image_set(paths.set_dir(key), classes=train.classes, name=SET_FOLDERS[key])
+    if not sets.get("test", train).labelled:
+        raise HuddError(f"{sets['test'].root}: the test set needs one sub-folder per class (labels are "
+                        "needed to find the error-inducing images)")
+    return sets
+
+
+def read_metadata(set_root: Path, case_root: Path) -> pd.DataFrame | None:
+    """The optional `metadata.csv` of a set (column `image`: paths relative to the folder holding the
+    file, which is the set folder or, for the doubled improvement layout, the one above it), indexed
+    by image path relative to the case directory, as in the result files; None where there is none."""
+    for folder in (set_root, set_root.parent):
+        meta_path = folder / "metadata.csv"
+        if meta_path.is_file():
+            meta = pd.read_csv(meta_path)
+            if "image" not in meta.columns:
+                raise HuddError(f"{meta_path}: needs an 'image' column with paths relative to {folder}")
+            meta["image"] = [Path(os.path.relpath(folder / p, case_root)).as_posix() for p in meta["image"]]
+            return meta.set_index("image")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Settings: defaults < hudd.json < command line
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Settings:
+    """Case settings. Defaults are the original tool's (reference §5, §9.1): ImageNet normalisation,
+    SGD fine-tuning for 10 epochs with batch 128, a 4 px keypoint error threshold."""
+
+    task: str = "classification"          # "classification" (regression arrives with keypoints)
+    arch: str = "alexnet256"              # built-in name, torchvision model name or file.py:Class
+    input_size: list[int] | None = None   # [height, width]; None = the architecture's own, else 224
+    resize: str = "resize"                # "resize" to input_size, "center-crop" (original GD/OC/OD), "none"
+    channels: int = 3                     # 3 = RGB, 1 = grayscale
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    error_threshold: float = 4.0          # regression: an image is wrong above this error
+    epochs: int = 10
+    batch_size: int = 128
+    workers: int = 2
+    rules: str = "hudd"
+    layers: list[str] | None = None
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def fingerprint_part(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_settings(paths: CasePaths, overrides: dict[str, Any] | None = None) -> Settings:
+    """Settings from the defaults, then `CASE/hudd.json`, then the command line (non-None values)."""
+    values: dict[str, Any] = {}
+    if paths.settings_file.is_file():
+        try:
+            values = json.loads(paths.settings_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise HuddError(f"{paths.settings_file}: not valid JSON ({exc}); fix the file or remove it")
+        if not isinstance(values, dict):
+            raise HuddError(f"{paths.settings_file}: must hold a JSON object of settings")
+        unknown = sorted(set(values) - set(Settings.keys()))
+        if unknown:
+            raise HuddError(f"{paths.settings_file}: unknown setting(s) {', '.join(unknown)}; "
+                            f"known ones are {', '.join(Settings.keys())}")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    settings = Settings(**values)
+    _validate_settings(settings, paths.settings_file)
+    return settings
+
+
+def _validate_settings(s: Settings, source: Path) -> None:
+    def bad(key: str, why: str) -> HuddError:
+        return HuddError(f"setting {key}={getattr(s, key)!r} (from {source} or the command line): {why}")
+
+    if s.task != "classification":
+        raise bad("task", "only 'classification' is supported in this version")
+    if s.resize not in ("resize", "center-crop", "none"):
+        raise bad("resize", "use 'resize', 'center-crop' or 'none'")
+    if s.channels not in (1, 3):
+        raise bad("channels", "use 3 (RGB) or 1 (grayscale)")
+    if len(s.mean) != s.channels or len(s.std) != s.channels or any(v <= 0 for v in s.std):
+        raise bad("std" if len(s.mean) == s.channels else "mean",
+                  f"mean and std need {s.channels} values each, std positive")
+    if s.input_size is not None:
+        if isinstance(s.input_size, int):
+            s.input_size = [s.input_size, s.input_size]
+        if len(s.input_size) != 2 or min(s.input_size) < 1:
+            raise bad("input_size", "use one size or [height, width]")
+    for key in ("epochs", "batch_size"):
+        if not isinstance(getattr(s, key), int) or getattr(s, key) < 1:
+            raise bad(key, "must be a positive whole number")
+    if not isinstance(s.workers, int) or s.workers < 0:
+        raise bad("workers", "must be 0 or a positive whole number")
+
+
+def resolve_input_size(settings: Settings) -> list[int]:
+    """[height, width] the model takes: the setting, else the built-in architecture's, else 224."""
+    if settings.input_size:
+        return list(settings.input_size)
+    from architectures import BUILTIN_ARCHITECTURES
+    arch = BUILTIN_ARCHITECTURES.get(settings.arch.lower())
+    size = getattr(arch, "input_size", 224)
+    return [size, size]
+
+
+def make_transform(settings: Settings):
+    """PIL image -> normalised float tensor, as the model was trained with."""
+    from torchvision import transforms
+    size = resolve_input_size(settings)
+    steps = []
+    if settings.resize == "resize":
+        steps.append(transforms.Resize(tuple(size)))
+    elif settings.resize == "center-crop":
+        steps.append(transforms.CenterCrop(tuple(size)))
+    steps += [transforms.ToTensor(), transforms.Normalize(settings.mean, settings.std)]
+    return transforms.Compose(steps)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images of one ImageSet as (tensor, label, index, error). A file that cannot be read yields
+    error text instead of raising inside a worker process, so the caller can name the file."""
+
+    def __init__(self, image_set: ImageSet, settings: Settings):
+        self.image_set = image_set
+        self.transform = make_transform(settings)
+        self.mode = "RGB" if settings.channels == 3 else "L"
+
+    def __len__(self) -> int:
+        return len(self.image_set)
+
+    def __getitem__(self, index: int):
+        path = self.image_set.paths[index]
+        try:
+            with Image.open(path) as image:
+                tensor = self.transform(image.convert(self.mode))
+            return tensor, self.image_set.labels[index], index, ""
+        except Exception as exc:  # any decoding problem is reported with the file's name
+            return None, self.image_set.labels[index], index, f"{type(exc).__name__}: {exc}"
+
+
+def collate_images(batch):
+    """Stacks the readable images; returns (inputs, labels, indices, [(index, error), ...])."""
+    good = [item for item in batch if not item[3]]
+    failed = [(item[2], item[3]) for item in batch if item[3]]
+    if good:
+        inputs = torch.stack([item[0] for item in good])
+    else:
+        inputs = torch.empty(0)
+    labels = torch.tensor([item[1] for item in good], dtype=torch.long)
+    indices = torch.tensor([item[2] for item in good], dtype=torch.long)
+    return inputs, labels, indices, failed
+
+
+def make_loader(image_set: ImageSet, settings: Settings, batch_size: int, workers: int,
+                shuffle: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        ImageDataset(image_set, settings), batch_size=batch_size, shuffle=shuffle,
+        num_workers=workers, collate_fn=collate_images, generator=generator,
+        persistent_workers=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+def build_architecture(arch: str, num_classes: int, channels: int = 3) -> nn.Module:
+    """An untrained network: a built-in architecture, a torchvision model name, or the user's own
+    class as `path/to/file.py:ClassName` (called with num_classes=...)."""
+    from architectures import BUILTIN_ARCHITECTURES
+    if arch.lower() in BUILTIN_ARCHITECTURES:
+        return BUILTIN_ARCHITECTURES[arch.lower()](num_classes=num_classes, in_channels=channels)
+    if ":" in arch and arch.split(":")[0].endswith(".py"):
+        return _user_class(arch)(num_classes=num_classes)
+    import torchvision
+    if arch in torchvision.models.list_models():
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    raise HuddError(
+        f"architecture {arch!r} is unknown: use one of {', '.join(BUILTIN_ARCHITECTURES)}, a torchvision "
+        "model name (e.g. resnet18), or your own class as path/to/file.py:ClassName")
+
+
+def _user_class(spec: str) -> type:
+    file_name, class_name = spec.rsplit(":", 1)
+    file_path = Path(file_name)
+    if not file_path.is_file():
+        raise HuddError(f"{file_path}: architecture file not found (from --arch {spec})")
+    module_spec = importlib.util.spec_from_file_location(f"hudd_user_{file_path.stem}", file_path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(file_path.parent.resolve()))
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    if not hasattr(module, class_name):
+        raise HuddError(f"{file_path}: has no class {class_name!r} (from --arch {spec})")
+    return getattr(module, class_name)
+
+
+def load_model(model_path: Path, settings: Settings, num_classes: int, trust_pickle: bool = False) -> nn.Module:
+    """Loads a state_dict into the configured architecture, or, only with trust_pickle, a whole
+    pickled model. The model is returned on the CPU in eval mode, its output size checked."""
+    if not model_path.is_file():
+        raise HuddError(f"{model_path}: model file not found; put it in the case's DNNModels folder")
+    try:
+        loaded = torch.load(model_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        loaded = _load_pickled_model(model_path, trust_pickle)
+    except Exception as exc:
+        raise HuddError(f"{model_path}: cannot be read as a PyTorch model file ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0]}); is it a .pth saved with torch.save?")
+    if isinstance(loaded, nn.Module):
+        model = loaded
+    else:
+        state = _state_dict_of(loaded, model_path)
+        model = build_architecture(settings.arch, num_classes, settings.channels)
+        _load_state_dict(model, state, model_path, settings.arch, num_classes)
+    model.eval()
+    check_output_size(model, settings, num_classes, model_path)
+    return model
+
+
+def _load_pickled_model(model_path: Path, trust_pickle: bool) -> nn.Module:
+    if not trust_pickle:
+        raise HuddError(
+            f"{model_path}: holds a whole pickled model, and unpickling runs code from the file. If you trust "
+            "it, pass --trust-pickle; better, save model.state_dict() and pass --arch")
+    loaded = torch.load(model_path, map_location="cpu", weights_only=False)
+    if not isinstance(loaded, nn.Module):
+        raise HuddError(f"{model_path}: the pickled object is a {type(loaded).__name__}, not a torch model")
+    return loaded
+
+
+def _state_dict_of(loaded: Any, model_path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict in a loaded file: a plain one, or one inside a training checkpoint."""
+    if isinstance(loaded, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(loaded.get(key), dict):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise HuddError(f"{model_path}: is not a state_dict (a dict of tensors); save model.state_dict()")
+    # Models saved from nn.DataParallel carry a 'module.' prefix on every key.
+    if loaded and all(k.startswith("module.") for k in loaded):
+        loaded = {k[len("module."):]: v for k, v in loaded.items()}
+    return loaded
+
+
+def _load_state_dict(model: nn.Module, state: dict, model_path: Path, arch: str, num_classes: int) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if not (missing or unexpected or wrong_shape):
+        model.load_state_dict(state)
+        return
+    last_weight = [k for k in expected if k.endswith("weight")][-1]
+    if not missing and not unexpected and wrong_shape in ([last_weight], [last_weight, last_weight[:-6] + "bias"]):
+        raise HuddError(
+            f"{model_path}: the model has {state[last_weight].shape[0]} outputs but the training set has "
+            f"{num_classes} classes; check the model file or the class folders of DataSets/TrainingSet")
+    parts = []
+    if missing:
+        parts.append("missing " + ", ".join(missing[:3]))
+    if unexpected:
+        parts.append("unexpected " + ", ".join(unexpected[:3]))
+    if wrong_shape:
+        k = wrong_shape[0]
+        parts.append(f"shape of {k} is {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the "
+                     "architecture")
+    raise HuddError(f"{model_path}: does not fit architecture {arch!r} ({'; '.join(parts)}); pass the right "
+                    "--arch or set \"arch\" in hudd.json")
+
+
+def check_output_size(model: nn.Module, settings: Settings, num_classes: int, model_path: Path) -> None:
+    height, width = resolve_input_size(settings)
+    probe = torch.zeros(1, settings.channels, height, width)
+    try:
+        with torch.no_grad():
+            output = model(probe)
+    except Exception as exc:
+        raise HuddError(f"{model_path}: the model fails on a {settings.channels}x{height}x{width} input "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0]}); set input_size/channels in "
+                        "hudd.json to what the model takes")
+    if output.ndim != 2 or output.shape[1] != num_classes:
+        raise HuddError(f"{model_path}: the model's output has shape {tuple(output.shape[1:])} but the training set "
+                        f"has {num_classes} classes; check the model or the class folders of DataSets/TrainingSet")
+
+
+# --------------------------------------------------------------------------------------------
+# Device, seed, logging
+# --------------------------------------------------------------------------------------------
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise HuddError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HuddError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def setup_logging(debug: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stdout)
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes and the run manifest
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yields a temporary path beside `final`; renames it to `final` only if the block succeeds,
+    so an interrupted run never leaves a half-written file under the real name."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.with_name(f".{final.name}.partial-{os.getpid()}{final.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, final)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as temporary:
+        frame.to_csv(temporary, index=False)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's contents (the model file: touching it without changing it keeps caches)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def image_set_digest(image_set: ImageSet, case_root: Path) -> str:
+    """Fingerprint of an image list: each image's relative path, label, size and modification time
+    (hashing every image's bytes would cost as much as reading the set)."""
+    digest = hashlib.sha256()
+    for path, label in zip(image_set.paths, image_set.labels):
+        stat = path.stat()
+        digest.update(f"{os.path.relpath(path, case_root)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    digest.update("|".join(image_set.classes).encode())
+    return digest.hexdigest()
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Manifest:
+    """`CASE/hudd_manifest.json`: for each step, the fingerprint of its inputs and its outputs.
+    A step is skipped only when its fingerprint matches and all its outputs still exist."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                self.entries = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                log.warning("%s is unreadable; every step will be recomputed", path)
+
+    def is_current(self, step: str, step_fingerprint: str) -> bool:
+        entry = self.entries.get(step)
+        return bool(entry) and entry["fingerprint"] == step_fingerprint and all(
+            (self.path.parent / output).exists() for output in entry["outputs"])
+
+    def record(self, step: str, step_fingerprint: str, outputs: list[str]) -> None:
+        self.entries[step] = {"fingerprint": step_fingerprint, "outputs": outputs,
+                              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        with atomic_path(self.path) as temporary:
+            temporary.write_text(json.dumps(self.entries, indent=2))
+
+    def forget(self, step: str) -> None:
+        if self.entries.pop(step, None) is not None:
+            with atomic_path(self.path) as temporary:
+                temporary.write_text(json.dumps(self.entries, indent=2))
+
+
+# --------------------------------------------------------------------------------------------
+# What one pipeline run shares between steps
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RunContext:
+    """The case, settings and options of one `HUDD.py` run; loads the image sets and the model once."""
+
+    paths: CasePaths
+    settings: Settings
+    model_path: Path
+    device: torch.device
+    seed: int = 0
+    force: bool = False
+    trust_pickle: bool = False
+    skip_bad_images: bool = False
+    _sets: dict[str, ImageSet] | None = None
+    _model: nn.Module | None = None
+    _model_digest: str | None = None
+
+    @property
+    def manifest(self) -> Manifest:
+        return Manifest(self.paths.manifest)
+
+    def sets(self) -> dict[str, ImageSet]:
+        if self._sets is None:
+            self._sets = load_case_sets(self.paths)
+        return self._sets
+
+    @property
+    def classes(self) -> list[str]:
+        return self.sets()["train"].classes
+
+    def model(self) -> nn.Module:
+        if self._model is None:
+            model = load_model(self.model_path, self.settings, len(self.classes), self.trust_pickle)
+            self._model = model.to(self.device)
+        return self._model
+
+    def model_digest(self) -> str:
+        if self._model_digest is None:
+            if not self.model_path.is_file():
+                raise HuddError(f"{self.model_path}: model file not found; put it in the case's DNNModels folder")
+            self._model_digest = file_digest(self.model_path)
+        return self._model_digest
+
+    def model_fingerprint_part(self) -> dict[str, Any]:
+        """What decides the model's outputs: its file's content and how inputs are prepared."""
+        s = self.settings
+        return {"model": self.model_digest(), "arch": s.arch, "task": s.task, "input_size": resolve_input_size(s),
+                "resize": s.resize, "channels": s.channels, "mean": s.mean, "std": s.std}

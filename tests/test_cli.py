@@ -1,0 +1,134 @@
+"""HUDD.py through the real command line: layouts, option parsing, every bad-input case."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import HUDD
+from conftest import REPO, save_model
+
+
+def hudd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "HUDD.py"), *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, timeout=300)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_original_package_layout_runs(make_case):
+    case = make_case(improvement="doubled", per_class=2)
+    result = hudd("-o", str(case), "-m", "OriginalModel.pth")
+    assert result.returncode == 0, result.stderr
+    assert "TestSet" in result.stdout and "accuracy" in result.stdout
+    improve = pd.read_csv(case / "improveResult.csv")
+    assert improve["image"].str.startswith("DataSets/ImprovementSet/ImprovementSet/").all()
+    assert len(improve) == 6
+    rerun = hudd("-o", str(case) + "/", "-m", str(case / "DNNModels" / "OriginalModel.pth"))  # trailing slash, path
+    assert rerun.returncode == 0 and "inputs unchanged" in rerun.stdout
+
+
+@pytest.mark.parametrize("text, value", [("True", True), ("yes", True), ("1", True), ("False", False),
+                                         ("no", False), ("0", False), ("OFF", False)])
+def test_yes_no_options_parse(text, value):
+    args = HUDD.build_parser().parse_args(["-o", "x", "-rq", text, "--force", text])
+    assert args.rq is value and args.force is value
+
+
+def test_flags_alone_mean_yes_and_numbers_are_numbers():
+    args = HUDD.build_parser().parse_args(["-o", "x", "--force", "--batch-size", "16", "--workers", "0"])
+    assert args.force is True and args.debug is False
+    assert args.batch_size == 16 and args.workers == 0
+    with pytest.raises(argparse.ArgumentTypeError, match="not a yes/no value"):
+        HUDD.parse_bool("maybe")
+
+
+def test_bad_option_values_exit_2():
+    for bad in (["--batch-size", "many"], ["-rq", "perhaps"], ["--steps", "dream"], ["-mode", "HUD"]):
+        result = hudd("-o", "x", *bad)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, bad
+
+
+def test_missing_case_directory(tmp_path):
+    assert_clean_error(hudd("-o", str(tmp_path / "nowhere")), str(tmp_path / "nowhere"), "not found")
+
+
+def test_missing_datasets(make_case):
+    case = make_case(per_class=1)
+    shutil.rmtree(case / "DataSets")
+    assert_clean_error(hudd("-o", str(case)), "DataSets", "not found")
+
+
+def test_missing_model_lists_the_available_ones(make_case):
+    case = make_case(per_class=1)
+    assert_clean_error(hudd("-o", str(case), "-m", "Other.pth"), "Other.pth", "OriginalModel.pth")
+
+
+def test_empty_set(make_case):
+    case = make_case(per_class=1)
+    for image in (case / "DataSets" / "ImprovementSet").rglob("*.png"):
+        image.unlink()
+    assert_clean_error(hudd("-o", str(case)), "ImprovementSet", "no images found")
+
+
+def test_truncated_image_stops_naming_it_then_can_be_skipped(make_case):
+    case = make_case(per_class=2)
+    image = sorted((case / "DataSets" / "TrainingSet" / "class_a").glob("*.png"))[0]
+    image.write_bytes(image.read_bytes()[:100])
+    assert_clean_error(hudd("-o", str(case)), image.name, "cannot read image", "--skip-bad-images")
+    skipped = hudd("-o", str(case), "--skip-bad-images")
+    assert skipped.returncode == 0, skipped.stderr
+    assert "skipped unreadable image" in skipped.stdout
+    assert len(pd.read_csv(case / "trainResult.csv")) == 5
+
+
+def test_output_size_mismatch(make_case):
+    case = make_case(per_class=1)
+    save_model(case / "DNNModels" / "Wide.pth", num_classes=7)
+    assert_clean_error(hudd("-o", str(case), "-m", "Wide.pth"), "7 outputs", "3 classes")
+
+
+def test_architecture_that_cannot_take_the_state_dict(make_case):
+    case = make_case(per_class=1)
+    assert_clean_error(hudd("-o", str(case), "--arch", "alexnet128"), "does not fit architecture 'alexnet128'",
+                       "shape of features.0.weight")
+
+
+def test_pickled_model_needs_trust(make_case):
+    case = make_case(per_class=1)
+    torch.manual_seed(0)
+    model = save_model(case / "DNNModels" / "sd.pth")
+    torch.save(model, case / "DNNModels" / "whole.pth")
+    assert_clean_error(hudd("-o", str(case), "-m", "whole.pth"), "whole.pth", "--trust-pickle")
+    trusted = hudd("-o", str(case), "-m", "whole.pth", "--trust-pickle", "yes")
+    assert trusted.returncode == 0, trusted.stderr
+
+
+def test_bad_settings_file(make_case):
+    case = make_case(per_class=1)
+    (case / "hudd.json").write_text('{"epochs": 0}')
+    assert_clean_error(hudd("-o", str(case)), "epochs=0", "positive whole number")
+
+
+def test_rq_is_refused_until_its_steps_exist(make_case):
+    case = make_case(per_class=1)
+    assert_clean_error(hudd("-o", str(case), "-rq", "True"), "-rq")
+    assert hudd("-o", str(case), "-rq", "False").returncode == 0
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = hudd("-o", str(tmp_path / "nowhere"), "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr

@@ -1,0 +1,200 @@
+"""Helper.py: layouts, names, settings, model loading, atomic writes, the manifest."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import Helper
+from Helper import CasePaths, HuddError
+from conftest import CLASSES, save_model, write_image
+
+import numpy as np
+
+
+@pytest.mark.parametrize("layout", ["plain", "doubled", "unlabelled"])
+def test_every_improvement_layout_is_listed(make_case, layout):
+    case = make_case(improvement=layout, per_class=2)
+    sets = Helper.load_case_sets(CasePaths(case))
+    improve = sets["improve"]
+    assert len(improve) == 2 * len(CLASSES)
+    expected_root = case / "DataSets" / "ImprovementSet"
+    if layout == "doubled":
+        expected_root = expected_root / "ImprovementSet"
+    assert improve.root == expected_root
+    assert improve.labelled == (layout != "unlabelled")
+    if layout != "unlabelled":
+        # labels come from the folder names, indexed in the training set's class list
+        assert [sets["train"].classes[label] for label in improve.labels] == [p.parent.name for p in improve.paths]
+
+
+def test_names_with_underscores_dots_and_spaces(case):
+    sets = Helper.load_case_sets(CasePaths(case))
+    train = sets["train"]
+    assert train.classes == sorted(CLASSES)
+    on_disk = sorted((case / "DataSets" / "TrainingSet").rglob("*.png"))
+    assert sorted(train.paths) == on_disk
+    assert all(" " in p.name and "_" in p.name and p.name.count(".") == 2 for p in train.paths)
+
+
+def test_a_class_folder_with_the_set_name_is_not_taken_for_the_doubled_layout(tmp_path):
+    # ImprovementSet/ImprovementSet beside another class folder is a class that shares the set's name
+    rng = np.random.default_rng(0)
+    root = tmp_path / "DataSets" / "ImprovementSet"
+    write_image(root / "ImprovementSet" / "a.png", rng)
+    write_image(root / "other" / "b.png", rng)
+    set_dir = CasePaths(tmp_path).set_dir("improve")
+    assert set_dir == root
+    assert Helper.list_image_set(set_dir).classes == ["ImprovementSet", "other"]
+
+
+def test_test_set_class_unknown_to_training_is_refused(case):
+    write_image(case / "DataSets" / "TestSet" / "zebra crossing" / "x.png", np.random.default_rng(0))
+    with pytest.raises(HuddError, match="zebra crossing.*not classes of the training set"):
+        Helper.load_case_sets(CasePaths(case))
+
+
+def test_empty_set_is_refused(case):
+    for image in (case / "DataSets" / "TestSet").rglob("*.png"):
+        image.unlink()
+    with pytest.raises(HuddError, match="TestSet: no images found"):
+        Helper.load_case_sets(CasePaths(case))
+
+
+def test_settings_precedence_defaults_json_command_line(case):
+    paths = CasePaths(case)
+    (case / "hudd.json").write_text(json.dumps({"arch": "demonet", "epochs": 3, "batch_size": 16}))
+    settings = Helper.load_settings(paths, {"batch_size": 8, "arch": None})
+    assert settings.arch == "demonet"          # from hudd.json
+    assert settings.epochs == 3                # from hudd.json
+    assert settings.batch_size == 8            # command line wins
+    assert settings.mean == list(Helper.IMAGENET_MEAN)  # the original's default
+    assert Helper.resolve_input_size(settings) == [32, 32]  # DemoNet's own input size
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"archh": "demonet"}), "unknown setting.*archh"),
+    (json.dumps({"resize": "stretch"}), "resize='stretch'"),
+    (json.dumps({"mean": [0.5]}), "mean and std need 3 values"),
+])
+def test_bad_settings_name_the_value(case, content, message):
+    (case / "hudd.json").write_text(content)
+    with pytest.raises(HuddError, match=message):
+        Helper.load_settings(CasePaths(case))
+
+
+def test_atomic_path_leaves_nothing_when_interrupted(tmp_path):
+    target = tmp_path / "out.csv"
+    with pytest.raises(RuntimeError):
+        with Helper.atomic_path(target) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with Helper.atomic_path(target) as temporary:
+        temporary.write_text("whole")
+    assert target.read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
+
+
+def _settings(case: Path, **overrides) -> Helper.Settings:
+    return Helper.load_settings(CasePaths(case), overrides)
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_state_dict_variants_load(case, tmp_path):
+    reference = save_model(tmp_path / "ref.pth", seed=3)
+    state = reference.state_dict()
+    variants = {
+        "plain.pth": state,
+        "dataparallel.pth": {f"module.{k}": v for k, v in state.items()},
+        "checkpoint.pth": {"epoch": 4, "state_dict": state},
+    }
+    for name, content in variants.items():
+        torch.save(content, tmp_path / name)
+        loaded = Helper.load_model(tmp_path / name, _settings(case), len(CLASSES))
+        assert _same_weights(loaded, reference), name
+        assert not loaded.training
+
+
+def test_pickled_model_needs_the_trust_flag(case, tmp_path):
+    reference = save_model(tmp_path / "ref.pth", seed=4)
+    torch.save(reference, tmp_path / "whole.pth")
+    with pytest.raises(HuddError, match="pickled model.*--trust-pickle"):
+        Helper.load_model(tmp_path / "whole.pth", _settings(case), len(CLASSES))
+    loaded = Helper.load_model(tmp_path / "whole.pth", _settings(case), len(CLASSES), trust_pickle=True)
+    assert _same_weights(loaded, reference)
+
+
+def test_user_architecture_from_a_file(case, tmp_path):
+    code = tmp_path / "my nets.py"
+    code.write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Tiny(nn.Module):\n"
+        "    def __init__(self, num_classes=2):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                                  nn.Linear(4, num_classes))\n"
+        "    def forward(self, x):\n"
+        "        return self.body(x)\n")
+    spec = f"{code}:Tiny"
+    model = Helper.build_architecture(spec, len(CLASSES))
+    torch.save(model.state_dict(), tmp_path / "tiny.pth")
+    loaded = Helper.load_model(tmp_path / "tiny.pth", _settings(case, arch=spec), len(CLASSES))
+    assert _same_weights(loaded, model)
+    with pytest.raises(HuddError, match="has no class 'Nope'"):
+        Helper.build_architecture(f"{code}:Nope", 3)
+
+
+def test_torchvision_architecture_by_name(case, tmp_path):
+    model = Helper.build_architecture("resnet18", len(CLASSES))
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    loaded = Helper.load_model(tmp_path / "r18.pth", _settings(case, arch="resnet18"), len(CLASSES))
+    assert _same_weights(loaded, model)
+    with pytest.raises(HuddError, match="architecture 'resnet19' is unknown"):
+        Helper.build_architecture("resnet19", 3)
+
+
+def test_architecture_mismatch_names_the_first_keys(case, tmp_path):
+    torch.save(Helper.build_architecture("resnet18", len(CLASSES)).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(HuddError, match=r"does not fit architecture 'demonet' \(missing features.0.weight"):
+        Helper.load_model(tmp_path / "r18.pth", _settings(case), len(CLASSES))
+
+
+def test_output_size_mismatch_is_named(case, tmp_path):
+    save_model(tmp_path / "five.pth", num_classes=5)
+    with pytest.raises(HuddError, match="has 5 outputs but the training set has 3 classes"):
+        Helper.load_model(tmp_path / "five.pth", _settings(case), len(CLASSES))
+
+
+def test_device_choice():
+    assert Helper.pick_device("cpu") == torch.device("cpu")
+    assert Helper.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(HuddError, match="CUDA is not available"):
+            Helper.pick_device("cuda")
+
+
+def test_seed_makes_python_numpy_torch_repeat():
+    import random
+    Helper.seed_everything(7)
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    Helper.seed_everything(7)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_manifest_needs_matching_fingerprint_and_existing_outputs(tmp_path):
+    (tmp_path / "a.csv").write_text("x")
+    manifest = Helper.Manifest(tmp_path / "m.json")
+    manifest.record("test", "abc", ["a.csv"])
+    reread = Helper.Manifest(tmp_path / "m.json")
+    assert reread.is_current("test", "abc")
+    assert not reread.is_current("test", "abd")
+    os.remove(tmp_path / "a.csv")
+    assert not reread.is_current("test", "abc")
