@@ -21,7 +21,7 @@ log = logging.getLogger("hudd")
 
 # The pipeline's steps in order; later steps (heatmaps, clusters, assignment, retraining) join here
 # as their modules are built.
-STEP_NAMES = ("test",)
+STEP_NAMES = ("test", "heatmaps")
 DEFAULT_DEMO_DIR = "HUDD_demo"
 
 
@@ -127,12 +127,16 @@ def make_context(args: argparse.Namespace, case: Path) -> RunContext:
 
 
 def run_pipeline(ctx: RunContext, steps: list[str]) -> dict:
+    import heatmapModule
     import testModule
-    modules = {"test": testModule}
+    modules = {"test": testModule, "heatmaps": heatmapModule}
     results = {}
     for name in STEP_NAMES:
         if name in steps:
             results[name] = modules[name].run(ctx)
+            if "stop" in results[name]:  # nothing for the later steps to do; say why and stop cleanly
+                results.setdefault("notes", []).append(results[name]["stop"])
+                break
     return results
 
 
@@ -164,6 +168,10 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
             for set_name, table in scenarios.groupby("set", sort=False):
                 cells = ", ".join(f"{r.scenario} {r.accuracy:.1f}% ({r.images})" for r in table.itertuples())
                 print(f"    {set_name}: {cells}")
+    heatmaps = results.get("heatmaps")
+    if heatmaps and "stop" not in heatmaps:
+        print(f"  heatmaps: {heatmaps['images']} error images x {heatmaps['layers']} layers "
+              f"({heatmaps['megabytes']:.1f} MB) -> {heatmaps['folder']}")
     for note in results.get("notes", []):
         print(f"  note: {note}")
 
@@ -184,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx = make_context(args, case)
         results = run_pipeline(ctx, args.steps)
         if args.mode:
-            results["notes"] = [f"-mode {args.mode}: the retraining step is not available yet; ran "
-                                f"{', '.join(args.steps)}"]
+            results.setdefault("notes", []).append(f"-mode {args.mode}: the retraining step is not available yet; ran "
+                                f"{', '.join(args.steps)}")
         print_summary(ctx, results, time.perf_counter() - start)
         return 0
     except HuddError as exc:

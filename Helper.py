@@ -215,8 +215,9 @@ class Settings:
     epochs: int = 10
     batch_size: int = 128
     workers: int = 2
-    rules: str = "hudd"
-    layers: list[str] | None = None
+    rules: str = "hudd"                   # LRP rule preset of the heatmap step
+    layers: list[str] | None = None       # module paths to explain; None = every conv, linear and pooling layer
+    explain: str = "predicted"            # class whose relevance is explained: "predicted" (original) or "expected"
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -252,6 +253,8 @@ def _validate_settings(s: Settings, source: Path) -> None:
 
     if s.task != "classification":
         raise bad("task", "only 'classification' is supported in this version")
+    if s.explain not in ("predicted", "expected"):
+        raise bad("explain", "use 'predicted' (the class the model chose) or 'expected' (the true class)")
     if s.resize not in ("resize", "center-crop", "none"):
         raise bad("resize", "use 'resize', 'center-crop' or 'none'")
     if s.channels not in (1, 3):

@@ -42,7 +42,7 @@ def predict_set(model: torch.nn.Module, image_set: ImageSet, ctx: RunContext) ->
     indices, logits, failures = [], [], []
     with torch.no_grad():
         for inputs, _labels, batch_indices, batch_failures in tqdm(
-                loader, desc=f"testing {image_set.name}", unit="batch", leave=False):
+                loader, desc=f"testing {image_set.name}", unit="batch", leave=False, disable=None):
             if batch_failures and not ctx.skip_bad_images:
                 index, error = batch_failures[0]
                 raise HuddError(f"{image_set.paths[index]}: cannot read image ({error}); replace or remove the "

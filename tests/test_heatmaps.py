@@ -1,0 +1,129 @@
+"""The heatmap step: files read back, rows match index.csv, reruns skip, changes recompute, resume."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import Helper
+import heatmapModule
+import testModule
+from architectures import DemoNet
+from conftest import build_case
+from test_cli import hudd
+from test_testmodule import context
+
+
+def run_both(case, **overrides):
+    ctx = context(case, **overrides)
+    testModule.run(ctx)
+    return ctx, heatmapModule.run(ctx)
+
+
+def test_heatmap_files_read_back_and_match_the_engine(make_case):
+    case = make_case(per_class=4)
+    ctx, summary = run_both(case)
+    folder = case / "T" / "Heatmaps"
+    results = pd.read_csv(case / "testResult.csv")
+    wrong = results[results["result"] == "Wrong"].reset_index(drop=True)
+    index = pd.read_csv(folder / "index.csv")
+    assert len(wrong) > 2
+    pd.testing.assert_frame_equal(index, wrong[["image", "expected", "predicted"]])
+    layers = pd.read_csv(folder / "layers.csv")
+    assert layers["layer"].iloc[0] == "Layer0" and layers["module"].iloc[0] == "input"
+    assert list(layers["layer"]) == [f"Layer{k}" for k in range(len(layers))]
+    assert summary["images"] == len(wrong) and summary["layers"] == len(layers)
+
+    # The engine on the same images, one at a time, outside the step's batching and files.
+    model = ctx.model()
+    transform = Helper.make_transform(ctx.settings)
+    from PIL import Image
+    inputs = torch.stack([transform(Image.open(case / p).convert("RGB")) for p in index["image"]])
+    targets = torch.tensor([ctx.classes.index(c) for c in index["predicted"]])
+    for row in layers.itertuples():
+        stored = np.load(folder / f"{row.layer}.npy")
+        assert stored.dtype == np.float32
+        assert stored.shape == (len(index), *map(int, row.shape.split("x")))
+        for i in (0, len(index) - 1):
+            direct = heatmapModule.relevance(model, inputs[i:i + 1], target=int(targets[i]), rules="hudd",
+                                             layers=[m for m in layers["module"][1:]])
+            np.testing.assert_allclose(stored[i], direct[row.module][0].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_rerun_skips_and_a_changed_model_recomputes(make_case):
+    case = make_case(per_class=3)
+    run_both(case)
+    folder = case / "T" / "Heatmaps"
+    first = np.load(folder / "Layer1.npy")
+    ctx = context(case)
+    assert ctx.manifest.is_current(heatmapModule.STEP, heatmapModule.step_fingerprint(ctx, heatmapModule.error_images(ctx)))
+    torch.manual_seed(123)
+    torch.save(DemoNet(num_classes=3).state_dict(), case / "DNNModels" / "OriginalModel.pth")
+    ctx = context(case)
+    testModule.run(ctx)
+    index = heatmapModule.error_images(ctx)
+    assert not ctx.manifest.is_current(heatmapModule.STEP, heatmapModule.step_fingerprint(ctx, index))
+    heatmapModule.run(ctx)
+    second = np.load(folder / "Layer1.npy")
+    assert second.shape[0] == len(index)
+    assert first.shape != second.shape or not np.allclose(first, second)
+
+
+def test_an_interrupted_run_resumes_and_matches_a_clean_run(make_case, monkeypatch):
+    case = make_case(per_class=4, settings=None)
+    clean_ctx, _ = run_both(case, batch_size=2)
+    clean = {p.name: np.load(p) for p in (case / "T" / "Heatmaps").glob("*.npy")}
+    import shutil
+    shutil.rmtree(case / "T")
+    (case / "hudd_manifest.json").unlink()
+
+    calls = {"n": 0}
+    original_call = heatmapModule.LRPExplainer.__call__
+
+    def failing_call(self, inputs, target=None):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the probe, then two batches, then "power cut"
+            raise KeyboardInterrupt
+        return original_call(self, inputs, target=target)
+
+    monkeypatch.setattr(heatmapModule.LRPExplainer, "__call__", failing_call)
+    ctx = context(case, batch_size=2)
+    testModule.run(ctx)
+    with pytest.raises(KeyboardInterrupt):
+        heatmapModule.run(ctx)
+    folder = case / "T" / "Heatmaps"
+    assert not list(folder.glob("*.npy"))  # no half file under a real name
+    progress = heatmapModule.Progress(folder, heatmapModule.step_fingerprint(ctx, heatmapModule.error_images(ctx)))
+    assert progress.rows_done() == 4
+
+    seen_rows = []
+    def counting_call(self, inputs, target=None):
+        seen_rows.append(len(inputs))
+        return original_call(self, inputs, target=target)
+    monkeypatch.setattr(heatmapModule.LRPExplainer, "__call__", counting_call)
+    heatmapModule.run(context(case, batch_size=2))
+    errors = len(pd.read_csv(folder / "index.csv"))
+    assert sum(seen_rows) == 1 + errors - 4  # the probe image plus only the rows not yet on disk
+    for name, array in clean.items():
+        np.testing.assert_array_equal(np.load(folder / name), array)
+    assert not (folder / ".progress.json").exists()
+
+
+def test_no_error_images_stops_cleanly(tmp_path):
+    case = build_case(tmp_path / "case", per_class=2)
+    # A model that always says the test image's own class: a constant-logit net can't, so relabel
+    # the test set to what the model predicts.
+    ctx = context(case)
+    testModule.run(ctx)
+    results = pd.read_csv(case / "testResult.csv")
+    for row in results.itertuples():
+        source = case / row.image
+        target = case / "DataSets" / "TestSet" / row.predicted / source.name
+        target.parent.mkdir(exist_ok=True)
+        if source != target:
+            source.rename(target)
+    result = hudd("-o", str(case))
+    assert result.returncode == 0, result.stderr
+    assert "no error-inducing test images" in result.stdout
+    assert not (case / "T" / "Heatmaps").exists()
