@@ -147,8 +147,7 @@ def prepare_demo(args: argparse.Namespace) -> Path:
     if not (case / "DataSets").is_dir():
         log.info("building the demo case study in %s (seed %d)", case, args.seed)
         demoCase.build_demo_case(case, seed=args.seed)
-    model_path = case / "DNNModels" / args.model
-    if not model_path.is_file():
+    if args.model == "OriginalModel.pth" and not (case / "DNNModels" / args.model).is_file():
         log.info("training the demo's original model")
         demoCase.train_demo_model(case, seed=args.seed, device=Helper.pick_device(args.device))
     return case
