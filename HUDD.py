@@ -21,7 +21,7 @@ log = logging.getLogger("hudd")
 
 # The pipeline's steps in order; later steps (heatmaps, clusters, assignment, retraining) join here
 # as their modules are built.
-STEP_NAMES = ("test", "heatmaps")
+STEP_NAMES = ("test", "heatmaps", "clusters")
 DEFAULT_DEMO_DIR = "HUDD_demo"
 
 
@@ -127,9 +127,10 @@ def make_context(args: argparse.Namespace, case: Path) -> RunContext:
 
 
 def run_pipeline(ctx: RunContext, steps: list[str]) -> dict:
+    import clusterModule
     import heatmapModule
     import testModule
-    modules = {"test": testModule, "heatmaps": heatmapModule}
+    modules = {"test": testModule, "heatmaps": heatmapModule, "clusters": clusterModule}
     results = {}
     for name in STEP_NAMES:
         if name in steps:
@@ -171,6 +172,12 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
     if heatmaps and "stop" not in heatmaps:
         print(f"  heatmaps: {heatmaps['images']} error images x {heatmaps['layers']} layers "
               f"({heatmaps['megabytes']:.1f} MB) -> {heatmaps['folder']}")
+    clusters = results.get("clusters")
+    if clusters:
+        quality = (f"; purity {clusters['purity']:.2f}, coverage {clusters['coverage']:.2f} (from metadata.csv)"
+                   if "purity" in clusters else "")
+        print(f"  root-cause clusters: {clusters['k']} RCCs ({clusters['multi']} of 2+ images) in {clusters['layer']}"
+              f"{quality} -> {clusters['folder']}")
     for note in results.get("notes", []):
         print(f"  note: {note}")
 

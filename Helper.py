@@ -218,6 +218,11 @@ class Settings:
     rules: str = "hudd"                   # LRP rule preset of the heatmap step
     layers: list[str] | None = None       # module paths to explain; None = every conv, linear and pooling layer
     explain: str = "predicted"            # class whose relevance is explained: "predicted" (original) or "expected"
+    # Clustering; defaults chosen on the demo by RCC purity/coverage (README, "Choosing the clustering").
+    cluster_space: str = "direct"         # Ward on heatmap distances ("direct") or the original's "profiles"
+    normalisation: str = "l2"             # per-heatmap scaling before distances: "l2", "max" or "none" (original)
+    k_criterion: str = "silhouette"       # number of RCCs: best "silhouette", or the WICD "knee" (original)
+    layer_criterion: str = "wicd"         # layer: smallest "wicd" (original) or best "silhouette"
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -255,6 +260,10 @@ def _validate_settings(s: Settings, source: Path) -> None:
         raise bad("task", "only 'classification' is supported in this version")
     if s.explain not in ("predicted", "expected"):
         raise bad("explain", "use 'predicted' (the class the model chose) or 'expected' (the true class)")
+    for key, allowed in (("cluster_space", ("direct", "profiles")), ("normalisation", ("none", "l2", "max")),
+                         ("k_criterion", ("knee", "silhouette")), ("layer_criterion", ("wicd", "silhouette"))):
+        if getattr(s, key) not in allowed:
+            raise bad(key, f"use {' or '.join(repr(a) for a in allowed)}")
     if s.resize not in ("resize", "center-crop", "none"):
         raise bad("resize", "use 'resize', 'center-crop' or 'none'")
     if s.channels not in (1, 3):

@@ -1,0 +1,102 @@
+"""Clustering benchmark (a script, not a test): prints times, ratios and peak memory.
+
+    python bench/bench_cluster.py            # full sizes (several minutes on 2 cores)
+    python bench/bench_cluster.py --quick    # small sizes, to check it runs
+
+1. pairwise distances of 2,000 heatmaps of 50,000 dimensions: ours (float64 matrix products, in
+   chunks) vs scipy's pdist, in the same run, with the largest difference between them;
+2. full clustering of one layer (distances, Ward, WICD and silhouette for every k = 2..500, knee)
+   for 5,000 and 10,000 heatmaps: time per part and peak memory (each size in its own process);
+3. the two-stage path for 30,000 heatmaps (exact on a 20,000 sample, the rest by nearest member).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import clusterModule as C  # noqa: E402
+
+
+def heatmaps(n: int, dims: int, groups: int = 12, seed: int = 0) -> np.ndarray:
+    """Sparse-ish, clustered non-negative 'relevance' vectors, float32 like the heatmap files."""
+    rng = np.random.default_rng(seed)
+    centres = rng.gamma(0.3, 1.0, size=(groups, dims)).astype(np.float32)
+    members = rng.integers(0, groups, size=n)
+    noise = rng.normal(0.0, 0.3, size=(n, dims)).astype(np.float32)
+    return np.abs(centres[members] + noise)
+
+
+def timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def distances_vs_pdist(n: int, dims: int) -> None:
+    from scipy.spatial.distance import pdist, squareform
+    x = heatmaps(n, dims)
+    ours, ours_s = timed(C.pairwise_distances, x)
+    theirs, theirs_s = timed(lambda: squareform(pdist(x.astype(np.float64))))
+    print(f"distances {n} x {dims}: ours {ours_s:.1f} s, scipy pdist {theirs_s:.1f} s, "
+          f"pdist/ours {theirs_s / ours_s:.1f}x, max |difference| {np.abs(ours - theirs).max():.2e}")
+
+
+def one_layer(n: int, dims: int) -> dict:
+    """Runs in a child process so its peak memory is its own."""
+    x = heatmaps(n, dims)
+    parts = {}
+    distances, parts["distances"] = timed(C.pairwise_distances, x)
+    tree, parts["ward"] = timed(C.ward_tree, distances)
+    ks = C.k_range(n)
+    wicd, parts["wicd_all_k"] = timed(C.wicd_curve, tree, distances)
+    silhouette, parts["silhouette_all_k"] = timed(C.silhouette_curve, tree, distances, ks)
+    k, parts["knee"] = timed(C.knee_k, ks, wicd)
+    parts["total"] = sum(parts.values())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    return {"n": n, "dims": dims, "k_knee": k, "k_silhouette": C.silhouette_k(ks, silhouette),
+            "peak_gib": peak, **parts}
+
+
+def two_stage(n: int, dims: int, limit: int) -> dict:
+    x = heatmaps(n, dims)
+    (result, sample, _d), seconds = timed(C.cluster_two_stage, "bench", x, limit=limit)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return {"n": n, "dims": dims, "sample": len(sample), "k": result.k, "seconds": seconds, "peak_gib": peak}
+
+
+def in_child(kind: str, **kwargs) -> dict:
+    code = (f"import sys, json; sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'bench')!r}); "
+            f"import bench_cluster as b; print(json.dumps(b.{kind}(**{kwargs!r})))")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    scale = 10 if args.quick else 1
+    distances_vs_pdist(2000 // scale, 50000 // scale)
+    for n in (5000 // scale, 10000 // scale):
+        r = in_child("one_layer", n=n, dims=2048)
+        print(f"one layer, n={r['n']} dims={r['dims']}: total {r['total']:.1f} s (distances {r['distances']:.1f}, "
+              f"Ward {r['ward']:.1f}, WICD every k {r['wicd_all_k']:.2f}, silhouette every k "
+              f"{r['silhouette_all_k']:.2f}, knee {r['knee']:.2f}); k knee {r['k_knee']}, "
+              f"k silhouette {r['k_silhouette']}; peak memory {r['peak_gib']:.2f} GiB")
+    r = in_child("two_stage", n=30000 // scale, dims=512, limit=20000 // scale)
+    print(f"two-stage, n={r['n']} dims={r['dims']} (exact on {r['sample']}): {r['seconds']:.1f} s, k {r['k']}, "
+          f"peak memory {r['peak_gib']:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

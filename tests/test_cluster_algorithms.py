@@ -1,0 +1,147 @@
+"""clusterModule's algorithms against plain, independent computations."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.cluster.hierarchy import fcluster
+from scipy.spatial.distance import cdist
+
+import clusterModule as C
+
+
+def blobs(seed=0, per=25, dims=12, centres=(0, 6, 12)):
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.normal(c, 1.0, size=(per, dims)) for c in centres])
+
+
+def brute_wicd(distances, labels):
+    n, k, total = len(labels), labels.max() + 1, 0.0
+    for c in range(k):
+        members = np.flatnonzero(labels == c)
+        if len(members) > 1:
+            inner = distances[np.ix_(members, members)][np.triu_indices(len(members), 1)]
+            total += inner.mean() * len(members) / n
+    return total / k
+
+
+def brute_silhouette(distances, labels):
+    scores = []
+    for i in range(len(labels)):
+        same = labels == labels[i]
+        if same.sum() < 2:
+            scores.append(0.0)
+            continue
+        a = distances[i, same].sum() / (same.sum() - 1)
+        b = min(distances[i, labels == c].mean() for c in set(labels.tolist()) - {labels[i]})
+        scores.append((b - a) / max(a, b))
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize("normalisation", ["none", "l2", "max"])
+def test_distances_match_scipy_in_chunks(normalisation):
+    x = blobs(dims=40).reshape(75, 5, 8).astype(np.float32)  # the trailing shape is flattened
+    flat = x.reshape(75, -1).astype(np.float64)
+    if normalisation == "l2":
+        flat = flat / np.sqrt((flat ** 2).sum(axis=1, keepdims=True))
+    elif normalisation == "max":
+        flat = flat / np.abs(flat).max(axis=1, keepdims=True)
+    in_chunks = C.pairwise_distances(x, normalisation, chunk_bytes=8 * 40 * 7)  # 7 rows a block
+    np.testing.assert_allclose(in_chunks, cdist(flat, flat), rtol=1e-12, atol=1e-12)
+    assert np.array_equal(in_chunks, in_chunks.T) and not in_chunks.diagonal().any()
+
+
+def test_near_duplicates_are_exact():
+    rng = np.random.default_rng(1)
+    base = rng.normal(1000.0, 1.0, size=(1, 5000))
+    x = np.concatenate([base, base, base + 1e-6, rng.normal(1000.0, 1.0, size=(2, 5000))])
+    d = C.pairwise_distances(x)
+    assert d[0, 1] == 0.0
+    assert d[0, 2] == pytest.approx(np.sqrt(5000) * 1e-6, rel=1e-6)
+
+
+def test_labels_match_fcluster_partitions():
+    x = blobs()
+    d = C.pairwise_distances(x)
+    tree = C.ward_tree(d)
+    for k in (2, 3, 7, 30):
+        ours = C.labels_at(tree, len(x), k)
+        theirs = fcluster(tree, k, "maxclust")
+        assert len(set(ours.tolist())) == k
+        assert len(set(zip(ours.tolist(), theirs.tolist()))) == k  # the same partition
+        assert ours[0] == 0  # numbered by first member
+
+
+def test_wicd_and_silhouette_for_every_k_match_brute_force():
+    x = blobs(seed=2, per=12)
+    d = C.pairwise_distances(x)
+    tree = C.ward_tree(d)
+    n = len(x)
+    ks = C.k_range(n)
+    assert list(ks) == list(range(2, n // 2 + 1))
+    wicd = C.wicd_curve(tree, d)
+    silhouette = C.silhouette_curve(tree, d, ks)
+    for k in ks:
+        labels = C.labels_at(tree, n, k)
+        assert wicd[k] == pytest.approx(brute_wicd(d, labels), rel=1e-10, abs=1e-12)
+        assert silhouette[k] == pytest.approx(brute_silhouette(d, labels), rel=1e-10, abs=1e-12)
+
+
+def test_k_choice_on_three_blobs():
+    d = C.pairwise_distances(blobs(seed=3))
+    three = C.cluster_layer("Layer3", d, k_criterion="silhouette")
+    assert three.k == 3
+    assert sorted(np.bincount(three.labels)) == [25, 25, 25]
+    knee = C.cluster_layer("Layer3", d, k_criterion="knee")
+    assert 2 <= knee.k <= 6  # the elbow of WICD sits near the true 3
+
+
+def test_profiles_space_clusters_the_same_blobs():
+    d = C.pairwise_distances(blobs(seed=4))
+    result = C.cluster_layer("Layer2", d, space="profiles", k_criterion="silhouette")
+    assert result.k == 3 and sorted(np.bincount(result.labels)) == [25, 25, 25]
+
+
+def test_gradient_matches_the_five_point_formula():
+    y = np.array([10.0, 7.0, 5.0, 4.0, 3.5, 3.2, 3.0])
+    g = C.five_point_gradient(y)
+    assert g[3] == pytest.approx((y[1] - 8 * y[2] + 8 * y[4] - y[5]) / 12 / 4)
+    assert g[0] == pytest.approx((y[1] - y[0]) / 4)
+    assert g[-1] == pytest.approx((y[-1] - y[-2]) / 4)
+
+
+def test_knee_falls_back_when_kneed_finds_none():
+    ks = range(2, 12)
+    flat = np.zeros(20)
+    flat[2:12] = 1.0  # a flat curve has no knee; the fallback still returns a k in range
+    assert C.knee_k(ks, flat) in ks
+
+
+def test_layer_selection_never_takes_the_input_layer():
+    make = lambda name, wicd, sil: C.LayerClustering(name, 2, np.zeros(4, int), wicd, sil, range(2, 3),
+                                                     np.zeros(5), np.zeros(5))
+    layers = [make("Layer0", 0.1, 0.9), make("Layer1", 5.0, 0.2), make("Layer2", 3.0, 0.1)]
+    assert C.select_layer(layers, "wicd").layer == "Layer2"
+    assert C.select_layer(layers, "silhouette").layer == "Layer1"
+
+
+def test_purity_and_coverage():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 3])
+    scenarios = np.array(["fog", "fog", "fog", "night", "night", "night", "night", "tilt", "tilt", "fog"])
+    result = C.purity_coverage(labels, scenarios, min_scenario_errors=2)
+    assert result["purity"] == pytest.approx((0.75 + 1.0 + 1.0) / 3)  # singleton RCC 3 not averaged
+    assert result["coverage"] == 1.0 and result["rccs"] == 3
+    merged = C.purity_coverage(np.zeros(10, int), scenarios, min_scenario_errors=2)
+    assert merged["coverage"] == pytest.approx(1 / 3)
+
+
+def test_two_stage_path_for_many_heatmaps():
+    x = blobs(seed=5, per=40).astype(np.float32)              # 120 heatmaps, three blobs
+    result, sample, distances = C.cluster_two_stage("Layer1", x, k_criterion="silhouette", limit=30, seed=0)
+    assert len(sample) == 30 and len(np.unique(sample)) == 30 and distances.shape == (30, 30)
+    assert result.k == 3 and len(result.labels) == 120
+    truth = np.repeat([0, 1, 2], 40)
+    assert len(set(zip(result.labels.tolist(), truth.tolist()))) == 3   # the same partition as the blobs
+    # every unsampled heatmap carries the RCC of its nearest sampled heatmap
+    rest = np.setdiff1d(np.arange(120), sample)
+    nearest = sample[cdist(x[rest], x[sample]).argmin(axis=1)]
+    assert np.array_equal(result.labels[rest], result.labels[nearest])

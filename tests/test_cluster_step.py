@@ -1,0 +1,151 @@
+"""The cluster step: files read back, RCC folders, the selected layer, characterisation, edge cases."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import clusterModule
+import heatmapModule
+import testModule
+from test_testmodule import context
+
+
+def run_steps(case, **overrides):
+    ctx = context(case, **overrides)
+    testModule.run(ctx)
+    heatmapModule.run(ctx)
+    return ctx, clusterModule.run(ctx)
+
+
+def add_scenarios(case: Path) -> None:
+    test_dir = case / "DataSets" / "TestSet"
+    images = sorted(Path(os.path.relpath(p, test_dir)).as_posix() for p in test_dir.rglob("*.png"))
+    pd.DataFrame({"image": images,
+                  "scenario": ["fog" if i % 2 else "night" for i in range(len(images))],
+                  "brightness": [float(i % 2) + 0.01 * i for i in range(len(images))],
+                  "angle": [float(i * 7 % 13) for i in range(len(images))]}).to_csv(test_dir / "metadata.csv",
+                                                                                     index=False)
+
+
+def test_outputs_read_back(make_case):
+    case = make_case(per_class=8)
+    add_scenarios(case)
+    ctx, summary = run_steps(case)
+    analysis = case / "T" / "ClusterAnalysis"
+    index = pd.read_csv(case / "T" / "Heatmaps" / "index.csv")
+    table = pd.read_csv(analysis / "summary.csv")
+    layers = pd.read_csv(case / "T" / "Heatmaps" / "layers.csv")
+    assert list(table["layer"]) == list(layers["layer"])
+    assert table["selected"].sum() == 1 and summary["layer"] != "Layer0"
+    for layer in layers["layer"]:
+        folder = analysis / layer
+        labels = pd.read_csv(folder / "labels.csv")
+        assert list(labels["image"]) == list(index["image"])
+        distances = np.load(folder / "distances.npy")
+        assert distances.shape == (len(index), len(index))
+        stats = pd.read_csv(folder / "rcc_stats.csv")
+        assert stats["size"].sum() == len(index)
+        for rcc in stats.itertuples():
+            members = labels.index[labels["rcc"] == rcc.rcc].to_numpy()
+            assert len(list((folder / rcc.rcc).iterdir())) == rcc.size
+            pairs = distances[np.ix_(members, members)][np.triu_indices(len(members), 1)]
+            assert rcc.icd == pytest.approx(pairs.mean() if len(pairs) else 0.0)
+        row = table[table["layer"] == layer].iloc[0]
+        assert row["k"] == len(stats)
+        assert (folder / "knee.png").read_bytes()[:4] == b"\x89PNG"
+        assert pd.read_excel(analysis / f"{layer}HMDistance.xlsx", index_col=0).shape == distances.shape
+    # The selected layer's RCCs are published under T/<layer>/, images included.
+    published = case / "T" / summary["layer"]
+    assert sorted(p.name for p in published.glob("RCC*")) == sorted(
+        pd.read_csv(analysis / summary["layer"] / "rcc_stats.csv")["rcc"])
+    copied = next(published.glob("RCC*/*.png"))
+    expected_class, file_name = copied.name.split("__")
+    assert copied.read_bytes() == (case / "DataSets" / "TestSet" / expected_class / file_name).read_bytes()
+
+
+def test_characterisation_matches_the_labels(make_case):
+    case = make_case(per_class=8)
+    add_scenarios(case)
+    ctx, summary = run_steps(case)
+    folder = case / "T" / "ClusterAnalysis" / summary["layer"]
+    labels = pd.read_csv(folder / "labels.csv")
+    book = pd.read_excel(folder / "characterisation.xlsx", sheet_name=None)
+    rccs = book["RCCs"].set_index("rcc")
+    for rcc, group in labels.groupby("rcc"):
+        assert rccs.loc[rcc, "size"] == len(group)
+        assert rccs.loc[rcc, "purity"] == pytest.approx(group["scenario"].value_counts().iloc[0] / len(group))
+    quality = clusterModule.purity_coverage(pd.Categorical(labels["rcc"]).codes, labels["scenario"].to_numpy())
+    assert book["Summary"]["purity"].iloc[0] == pytest.approx(quality["purity"])
+    assert summary["purity"] == pytest.approx(quality["purity"])
+    metadata = pd.read_csv(case / "DataSets" / "TestSet" / "metadata.csv")
+    metadata["image"] = "DataSets/TestSet/" + metadata["image"]
+    values = metadata.set_index("image").loc[labels["image"]]
+    for row in book["Parameters"].itertuples():
+        members = labels.loc[labels["rcc"] == row.rcc, "image"]
+        ratio = values.loc[members, row.parameter].var() / values[row.parameter].var()
+        assert ratio < 0.5 and row._3 == pytest.approx(100 * (1 - ratio))
+
+
+def test_rerun_skips_and_a_changed_option_recomputes(make_case):
+    case = make_case(per_class=6)
+    run_steps(case)
+    ctx = context(case)
+    summary_file = case / "T" / "ClusterAnalysis" / "summary.csv"
+    before = summary_file.stat().st_mtime_ns
+    clusterModule.run(ctx)
+    assert summary_file.stat().st_mtime_ns == before
+    clusterModule.run(context(case, k_criterion="knee"))
+    assert summary_file.stat().st_mtime_ns != before
+
+
+@pytest.mark.parametrize("errors", [1, 2, 3])
+def test_one_to_three_error_images(make_case, errors):
+    case = make_case(per_class=6)
+    ctx = context(case)
+    testModule.run(ctx)
+    results = pd.read_csv(case / "testResult.csv")
+    wrong = results.index[results["result"] == "Wrong"]
+    results.loc[wrong[errors:], "result"] = "Correct"  # keep only the first few errors
+    results.to_csv(case / "testResult.csv", index=False)
+    heatmapModule.run(ctx)
+    summary = clusterModule.run(ctx)
+    labels = pd.read_csv(case / "T" / "ClusterAnalysis" / summary["layer"] / "labels.csv")
+    assert len(labels) == errors
+    assert summary["k"] == min(errors, 2)
+
+
+def test_identical_heatmaps_and_a_nan_layer(make_case):
+    case = make_case(per_class=6)
+    ctx = context(case)
+    testModule.run(ctx)
+    heatmapModule.run(ctx)
+    folder = case / "T" / "Heatmaps"
+    same = np.load(folder / "Layer2.npy")
+    np.save(folder / "Layer2.npy", np.repeat(same[:1], len(same), axis=0))
+    broken = np.load(folder / "Layer3.npy")
+    broken[1].flat[0] = np.nan
+    np.save(folder / "Layer3.npy", broken)
+    clusterModule.run(ctx)
+    table = pd.read_csv(case / "T" / "ClusterAnalysis" / "summary.csv").set_index("layer")
+    assert "NaN" in table.loc["Layer3", "skipped"] and table.loc["Layer3", "selected"] is not True
+    assert table.loc["Layer2", "wicd"] == 0.0
+    assert not np.load(case / "T" / "ClusterAnalysis" / "Layer2" / "distances.npy").any()
+
+
+def test_the_step_takes_the_two_stage_path_beyond_the_limit(make_case, monkeypatch):
+    case = make_case(per_class=8)
+    ctx = context(case)
+    testModule.run(ctx)
+    heatmapModule.run(ctx)
+    errors = len(pd.read_csv(case / "T" / "Heatmaps" / "index.csv"))
+    monkeypatch.setattr(clusterModule, "EXACT_LIMIT", errors - 3)
+    summary = clusterModule.run(ctx)
+    folder = case / "T" / "ClusterAnalysis" / summary["layer"]
+    assert len(pd.read_csv(folder / "labels.csv")) == errors
+    assert len(np.load(folder / "sample.npy")) == errors - 3
+    assert np.load(folder / "distances.npy").shape == (errors - 3, errors - 3)
+    assert pd.read_csv(folder / "rcc_stats.csv")["size"].sum() == errors
