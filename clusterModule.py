@@ -19,7 +19,7 @@ from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 from tqdm import tqdm
 
-from Helper import HuddError, atomic_path, read_metadata, write_csv
+from Helper import HuddError, atomic_path, fingerprint, read_metadata, write_csv
 
 log = logging.getLogger("hudd")
 
@@ -385,8 +385,9 @@ EXCEL_MAX_IMAGES = 16383          # Excel's 16,384 columns, one taken by the row
 
 
 def run(ctx) -> dict:
-    from Helper import fingerprint
     heatmaps = ctx.paths.t_dir / "Heatmaps"
+    if not (heatmaps / "layers.csv").is_file():
+        raise HuddError(f"{heatmaps}: no heatmaps yet; run the heatmap step first (--steps heatmaps,clusters)")
     index = pd.read_csv(heatmaps / "index.csv")
     layers = pd.read_csv(heatmaps / "layers.csv")
     s = ctx.settings

@@ -132,3 +132,9 @@ def test_rq_is_refused_until_its_steps_exist(make_case):
 def test_debug_shows_the_traceback(tmp_path):
     result = hudd("-o", str(tmp_path / "nowhere"), "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_clustering_without_heatmaps_says_what_to_run(make_case):
+    case = make_case(per_class=1)
+    assert hudd("-o", str(case), "--steps", "test").returncode == 0
+    assert_clean_error(hudd("-o", str(case), "--steps", "clusters"), "run the heatmap step first")
