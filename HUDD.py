@@ -21,7 +21,7 @@ log = logging.getLogger("hudd")
 
 # The pipeline's steps in order; later steps (heatmaps, clusters, assignment, retraining) join here
 # as their modules are built.
-STEP_NAMES = ("test", "heatmaps", "clusters")
+STEP_NAMES = ("test", "heatmaps", "clusters", "assign")
 DEFAULT_DEMO_DIR = "HUDD_demo"
 
 
@@ -124,10 +124,11 @@ def make_context(args: argparse.Namespace, case: Path) -> RunContext:
 
 
 def run_pipeline(ctx: RunContext, steps: list[str]) -> dict:
+    import assignModule
     import clusterModule
     import heatmapModule
     import testModule
-    modules = {"test": testModule, "heatmaps": heatmapModule, "clusters": clusterModule}
+    modules = {"test": testModule, "heatmaps": heatmapModule, "clusters": clusterModule, "assign": assignModule}
     results = {}
     for name in STEP_NAMES:
         if name in steps:
@@ -175,6 +176,10 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
                    if "purity" in clusters else "")
         print(f"  root-cause clusters: {clusters['k']} RCCs ({clusters['multi']} of 2+ images) in {clusters['layer']}"
               f"{quality} -> {clusters['folder']}")
+    unsafe = results.get("assign")
+    if unsafe and "stop" not in unsafe:
+        print(f"  unsafe set: {unsafe['images']} improvement images assigned to {unsafe['rccs']} RCCs "
+              f"-> {unsafe['folder']}")
     for note in results.get("notes", []):
         print(f"  note: {note}")
 

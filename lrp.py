@@ -1329,11 +1329,15 @@ class LRPExplainer:
     def _module(self) -> nn.Module:
         return self._gm if self.mode == "fx" else self._net
 
-    def __call__(self, inputs: torch.Tensor, target=None) -> dict[str, torch.Tensor]:
+    def __call__(self, inputs: torch.Tensor, target=None, input_relevance: bool = True
+                 ) -> dict[str, torch.Tensor]:
         """Relevance of every selected layer's output and of the input for one batch.
 
         Returns ``{layer path: tensor, ..., "input": tensor}``; each tensor has the shape of that
-        layer's output (batch first), is detached and lives on the device of ``inputs``.
+        layer's output (batch first), is detached and lives on the device of ``inputs``. With
+        ``input_relevance=False`` the backward pass stops at the deepest point it needs for the
+        selected layers (autograd runs only the part of the graph above them) and ``"input"`` is
+        left out: the assignment step needs one layer's relevance only.
         """
         if not isinstance(inputs, torch.Tensor):
             raise TypeError("LRP: inputs must be a tensor (batch first)")
@@ -1358,8 +1362,8 @@ class LRPExplainer:
                 if not isinstance(c, torch.Tensor):
                     raise ValueError(f"LRP: module '{p}' does not return a single tensor")
             seed = _make_seed(out, target)
-            wrt: list[torch.Tensor] = [x]
-            index: dict[int, int] = {id(x): 0}
+            wrt: list[torch.Tensor] = [x] if input_relevance or not caps else []
+            index: dict[int, int] = {id(x): 0} if wrt else {}
             for c in caps:
                 if c.requires_grad and id(c) not in index:
                     index[id(c)] = len(wrt)
@@ -1369,8 +1373,9 @@ class LRPExplainer:
         for p, c in zip(self.layers, caps):
             g = grads[index[id(c)]] if id(c) in index else None
             result[p] = g.detach() if g is not None else torch.zeros_like(c).detach()
-        g = grads[0]
-        result["input"] = g.detach() if g is not None else torch.zeros_like(inputs)
+        if id(x) in index:
+            g = grads[index[id(x)]]
+            result["input"] = g.detach() if g is not None else torch.zeros_like(inputs)
         return result
 
     @property

@@ -904,3 +904,16 @@ def test_cuda_matches_cpu():
     ex = lrp.LRPExplainer(model, rules="epsilon")
     gpu = ex(x.cuda())
     assert all(v.device.type == "cuda" for v in gpu.values())
+
+
+def test_input_relevance_can_be_left_out_and_the_layer_is_unchanged():
+    """The assignment step asks for one layer only: the backward stops there, the values are equal."""
+    from architectures import DemoNet
+    torch.manual_seed(0)
+    model = DemoNet(num_classes=4).eval()
+    x = torch.randn(3, 3, 32, 32)
+    explainer = lrp.LRPExplainer(model, rules="hudd", layers=["features.5"])
+    full = explainer(x)
+    short = explainer(x, input_relevance=False)
+    assert set(short) == {"features.5"}
+    torch.testing.assert_close(short["features.5"], full["features.5"], rtol=0, atol=0)
