@@ -401,10 +401,11 @@ def run(ctx) -> dict:
     if not ctx.force and manifest.is_current(STEP, step_print):
         log.info("cluster step: inputs unchanged, reusing %s", ctx.paths.relative(analysis))
         return summarise(ctx)
-    scenarios = error_scenarios(ctx, index)
+    metadata = error_metadata(ctx, index)
+    scenarios = scenarios_of(metadata)
     results, skipped = [], []
     for row in tqdm(list(layers.itertuples()), desc="clustering layers", unit="layer", leave=False, disable=None):
-        outcome = cluster_one_layer(ctx, row.layer, heatmaps / f"{row.layer}.npy", index, scenarios, analysis)
+        outcome = cluster_one_layer(ctx, row.layer, heatmaps / f"{row.layer}.npy", index, metadata, analysis)
         (results if isinstance(outcome, LayerClustering) else skipped).append(outcome)
     if not results:
         raise HuddError(f"{heatmaps}: no layer could be clustered ({'; '.join(skipped)})")
@@ -416,13 +417,25 @@ def run(ctx) -> dict:
     return summarise(ctx)
 
 
+def error_metadata(ctx, index: pd.DataFrame) -> pd.DataFrame | None:
+    """The test set's metadata.csv rows of the error images, in index order; None where the test set
+    has no metadata.csv or some error image has no row."""
+    metadata = read_metadata(ctx.paths.set_dir("test"), ctx.paths.root)
+    if metadata is None:
+        return None
+    rows = metadata.reindex(index["image"])
+    return None if rows.isna().all(axis=1).any() else rows
+
+
+def scenarios_of(metadata: pd.DataFrame | None) -> np.ndarray | None:
+    if metadata is None or "scenario" not in metadata.columns or metadata["scenario"].isna().any():
+        return None
+    return metadata["scenario"].astype(str).to_numpy()
+
+
 def error_scenarios(ctx, index: pd.DataFrame) -> np.ndarray | None:
     """The `scenario` of every error image from the test set's metadata.csv, where there is one."""
-    metadata = read_metadata(ctx.paths.set_dir("test"), ctx.paths.root)
-    if metadata is None or "scenario" not in metadata.columns:
-        return None
-    scenarios = metadata["scenario"].reindex(index["image"])
-    return None if scenarios.isna().any() else scenarios.astype(str).to_numpy()
+    return scenarios_of(error_metadata(ctx, index))
 
 
 def finite_rows(path: Path) -> tuple[np.ndarray, str]:
@@ -436,7 +449,7 @@ def finite_rows(path: Path) -> tuple[np.ndarray, str]:
     return heatmaps, ""
 
 
-def cluster_one_layer(ctx, layer: str, path: Path, index: pd.DataFrame, scenarios, analysis: Path):
+def cluster_one_layer(ctx, layer: str, path: Path, index: pd.DataFrame, metadata, analysis: Path):
     """Distances, clustering and the files of one layer; a reason string where it is skipped."""
     heatmaps, problem = finite_rows(path)
     if problem:
@@ -463,7 +476,7 @@ def cluster_one_layer(ctx, layer: str, path: Path, index: pd.DataFrame, scenario
     save_npy(distances, folder / "distances.npy")
     sample_index = index if measured is None else index.iloc[measured]
     write_distance_xlsx(distances, sample_index, analysis / f"{layer}HMDistance.xlsx")
-    write_layer_files(ctx, result, distances, index, scenarios, folder, measured)
+    write_layer_files(result, distances, index, metadata, folder, ctx.paths.root, measured)
     return result
 
 
@@ -490,19 +503,20 @@ def rcc_name(label: int) -> str:
     return f"RCC{label + 1:02d}"
 
 
-def write_layer_files(ctx, result: LayerClustering, distances, index, scenarios, folder: Path,
+def write_layer_files(result: LayerClustering, distances, index, metadata, folder: Path, case_root: Path,
                       measured: np.ndarray | None = None) -> None:
+    scenarios = scenarios_of(metadata)
     labels = pd.DataFrame({"image": index["image"], "expected": index["expected"],
                            "predicted": index["predicted"], "rcc": [rcc_name(l) for l in result.labels]})
     if scenarios is not None:
         labels["scenario"] = scenarios
     write_csv(labels, folder / "labels.csv")
     write_csv(rcc_statistics(result.labels, distances, scenarios, measured), folder / "rcc_stats.csv")
-    copy_rcc_images(ctx, labels, folder)
+    copy_rcc_images(case_root, labels, folder)
     if len(result.ks) > 1:
         plot_k_choice(result, folder / "knee.png")
     if scenarios is not None:
-        write_characterisation(ctx, labels, folder / "characterisation.xlsx")
+        write_characterisation(labels, metadata, folder / "characterisation.xlsx")
 
 
 def rcc_statistics(labels: np.ndarray, distances: np.ndarray, scenarios, measured: np.ndarray | None = None
@@ -523,13 +537,13 @@ def rcc_statistics(labels: np.ndarray, distances: np.ndarray, scenarios, measure
     return pd.DataFrame(rows)
 
 
-def copy_rcc_images(ctx, labels: pd.DataFrame, folder: Path) -> None:
+def copy_rcc_images(case_root: Path, labels: pd.DataFrame, folder: Path) -> None:
     """One folder per RCC holding copies of its images (copies, so they open on any OS), named
     `<expected class>__<file name>` so files of different class folders cannot collide."""
     for old in folder.glob("RCC*"):
         shutil.rmtree(old)
     for row in labels.itertuples():
-        source = ctx.paths.root / row.image
+        source = case_root / row.image
         target = folder / row.rcc / f"{row.expected}__{source.name}"
         target.parent.mkdir(exist_ok=True)
         shutil.copy2(source, target)
@@ -558,12 +572,11 @@ def plot_k_choice(result: LayerClustering, path: Path) -> None:
     plt.close(figure)
 
 
-def write_characterisation(ctx, labels: pd.DataFrame, path: Path) -> None:
+def write_characterisation(labels: pd.DataFrame, metadata: pd.DataFrame, path: Path) -> None:
     """The original's RQ1 analysis (reference §10.1): per RCC, its purity and majority scenario, and
     the numeric parameters whose variance inside the RCC is below half their variance over all
     error images."""
-    metadata = read_metadata(ctx.paths.set_dir("test"), ctx.paths.root)
-    params = metadata.reindex(labels["image"]).select_dtypes("number")
+    params = metadata.set_axis(labels["image"].to_numpy()).select_dtypes("number")
     params = params.loc[:, params.var() > 0]
     overall = params.var()
     per_rcc, reduced = [], []
