@@ -601,10 +601,14 @@ class RunContext:
     _sets: dict[str, ImageSet] | None = None
     _model: nn.Module | None = None
     _model_digest: str | None = None
+    _manifest: Manifest | None = None
 
     @property
     def manifest(self) -> Manifest:
-        return Manifest(self.paths.manifest)
+        """The run's one manifest: read once, written through by every step's record()."""
+        if self._manifest is None:
+            self._manifest = Manifest(self.paths.manifest)
+        return self._manifest
 
     def sets(self) -> dict[str, ImageSet]:
         if self._sets is None:

@@ -410,7 +410,7 @@ def run(ctx) -> dict:
     if not results:
         raise HuddError(f"{heatmaps}: no layer could be clustered ({'; '.join(skipped)})")
     chosen = select_layer(results, s.layer_criterion)
-    write_summary(ctx, results, skipped, chosen, scenarios, analysis)
+    write_summary(results, skipped, chosen, scenarios, analysis)
     publish_selected_layer(ctx, chosen, analysis)
     outputs = [ctx.paths.relative(analysis / "summary.csv"), ctx.paths.relative(ctx.paths.t_dir / f"{chosen.layer}")]
     manifest.record(STEP, step_print, outputs)
@@ -605,7 +605,7 @@ def write_characterisation(labels: pd.DataFrame, metadata: pd.DataFrame, path: P
                                            "median", "std"]).to_excel(book, sheet_name="Parameters", index=False)
 
 
-def write_summary(ctx, results, skipped, chosen, scenarios, analysis: Path) -> None:
+def write_summary(results, skipped, chosen, scenarios, analysis: Path) -> None:
     rows = []
     for r in results:
         row = {"layer": r.layer, "k": r.k, "wicd": r.wicd, "silhouette": r.silhouette,

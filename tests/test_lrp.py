@@ -204,6 +204,16 @@ def test_conservation_bias_free(net_cls, shape, preset):
 # ------------------------------------------------------------------------------------------------
 # against zennit
 # ------------------------------------------------------------------------------------------------
+def assert_matches_zennit(model, x, preset, canonizer, layers, tolerance, label):
+    """Our relevance and zennit's at every given layer and the input, compared element-wise;
+    returns our result so a caller can check more."""
+    ours = lrp.relevance(model, x, rules=preset, layers=layers)
+    ref = zennit_relevance(model, x, zennit_composite(preset, canonizer), layers, model(x).argmax(1))
+    for name in ref:
+        assert_close(ours[name], ref[name], tolerance, f"{label}/{preset}/{name}")
+    return ours, ref
+
+
 def zennit_relevance(model, x, composite, layers, target):
     """zennit's all-layer relevance: retain every layer output, one backward, plus the input."""
     caps = {}
@@ -262,12 +272,8 @@ def test_matches_zennit_every_layer(arch, preset):
     torch.manual_seed(1)
     x = torch.randn(2, *shape, dtype=torch.float64)
     layers = [p for _, p in lrp.default_layers(model)] + extra
-    target = model(x).argmax(1)
-    ours = lrp.relevance(model, x, rules=preset, layers=layers)
-    ref = zennit_relevance(model, x, zennit_composite(preset, canon), layers, target)
+    ours, ref = assert_matches_zennit(model, x, preset, canon, layers, 1e-4, arch)
     assert set(ours) == set(ref) == set(layers) | {"input"}
-    for name in ref:
-        assert_close(ours[name], ref[name], 1e-4, f"{arch}/{preset}/{name}")
 
 
 class ConvZoo(nn.Module):
@@ -315,11 +321,7 @@ def test_matches_zennit_conv_variants(net_cls, shape, preset):
     model = randomise_bn(net_cls()).double().eval()
     x = torch.randn(2, *shape, dtype=torch.float64)
     layers = [p for _, p in lrp.default_layers(model)]
-    ours = lrp.relevance(model, x, rules=preset, layers=layers)
-    ref = zennit_relevance(model, x, zennit_composite(preset, SequentialMergeBatchNorm()), layers,
-                           model(x).argmax(1))
-    for name in ref:
-        assert_close(ours[name], ref[name], 1e-4, f"{net_cls.__name__}/{preset}/{name}")
+    assert_matches_zennit(model, x, preset, SequentialMergeBatchNorm(), layers, 1e-4, net_cls.__name__)
 
 
 @pytest.mark.parametrize("preset", ["epsilon", "epsilon-plus"])
@@ -334,11 +336,7 @@ def test_matches_zennit_float32(preset):
     torch.manual_seed(2)
     x = torch.randn(2, 3, 32, 32)
     layers = [p for _, p in lrp.default_layers(model)]
-    ours = lrp.relevance(model, x, rules=preset, layers=layers)
-    ref = zennit_relevance(model, x, zennit_composite(preset, ResNetCanonizer()), layers,
-                           model(x).argmax(1))
-    for name in ref:
-        assert_close(ours[name], ref[name], 1e-2, f"float32/{preset}/{name}")
+    assert_matches_zennit(model, x, preset, ResNetCanonizer(), layers, 1e-2, "float32")
 
 
 def test_zennit_merged_batchnorm_keeps_eps():

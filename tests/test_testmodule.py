@@ -15,7 +15,7 @@ from PIL import Image
 import Helper
 import testModule
 from architectures import DemoNet
-from conftest import SETTINGS, build_case, write_image
+from conftest import SETTINGS, write_image
 
 
 def context(case: Path, **settings_overrides) -> Helper.RunContext:
