@@ -1,6 +1,7 @@
-"""HUDD command line: finds why an image DNN fails (and, in later steps, fixes it).
+"""HUDD command line: finds why an image DNN fails, and retrains it with the images that fix it.
 
-    python HUDD.py -o CASE -m MODEL [-mode HUDD|BL1|BL2]
+    python HUDD.py -o CASE -m MODEL [-mode HUDD|BL1|BL2] [--runs N]
+    python HUDD.py -o CASE -m RETRAINED_MODEL -rq True
     python HUDD.py --demo [DIR]
 
 Runs the pipeline's steps in order over a case-study directory (see README.md). Each step records a
@@ -19,9 +20,9 @@ from Helper import HuddError, RunContext
 
 log = logging.getLogger("hudd")
 
-# The pipeline's steps in order; later steps (heatmaps, clusters, assignment, retraining) join here
-# as their modules are built.
-STEP_NAMES = ("test", "heatmaps", "clusters", "assign")
+# The pipeline's steps in order; "retrain" runs for the modes given with -mode (the demo: all three).
+STEP_NAMES = ("test", "heatmaps", "clusters", "assign", "retrain")
+MODES = ("HUDD", "BL1", "BL2")
 DEFAULT_DEMO_DIR = "HUDD_demo"
 
 
@@ -72,10 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="case-study directory (holds DataSets/ and DNNModels/)")
     case.add_argument("-m", "--modelName", dest="model", metavar="MODEL", default="OriginalModel.pth",
                       help="model file in CASE/DNNModels/ or a path to one (default: OriginalModel.pth)")
-    case.add_argument("-mode", "--retrainMode", dest="mode", choices=("HUDD", "BL1", "BL2"),
-                      help="retraining mode (the retraining step is not available yet)")
+    case.add_argument("-mode", "--retrainMode", dest="mode", choices=MODES,
+                      help="after finding the root causes, retrain with HUDD's unsafe set, BL1 (random misclassified "
+                           "improvement images) or BL2 (random improvement images), at the same labelling budget")
+    case.add_argument("--runs", type=positive_int, metavar="N",
+                      help="retraining runs per mode, each seeded (default: the case's 'runs' setting, 1)")
     case.add_argument("-rq", "--RQ1A", dest="rq", metavar="BOOL", **flag,
-                      help="regenerate RQ1 raw results for MODEL (not available yet)")
+                      help="write the RQ1 raw results of MODEL (a retrained model) against the original's results "
+                           "into CASE/RQ1/; runs no pipeline step")
     case.add_argument("--demo", nargs="?", const=DEFAULT_DEMO_DIR, metavar="DIR",
                       help=f"build the demo case study in DIR (default ./{DEFAULT_DEMO_DIR}) where missing, "
                            "train its model and run the pipeline on it")
@@ -116,27 +121,43 @@ def make_context(args: argparse.Namespace, case: Path) -> RunContext:
         raise HuddError(f"{case}: case-study directory not found; pass the folder holding DataSets/ and DNNModels/")
     paths = Helper.CasePaths(case)
     settings = Helper.load_settings(paths, {
-        "arch": args.arch, "batch_size": args.batch_size, "workers": args.workers,
+        "arch": args.arch, "batch_size": args.batch_size, "workers": args.workers, "runs": args.runs,
         "input_size": [args.input_size, args.input_size] if args.input_size else None})
     return RunContext(paths=paths, settings=settings, model_path=resolve_model_path(case, args.model),
                       device=Helper.pick_device(args.device), seed=args.seed, force=args.force,
                       trust_pickle=args.trust_pickle, skip_bad_images=args.skip_bad_images)
 
 
-def run_pipeline(ctx: RunContext, steps: list[str]) -> dict:
+def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
     import assignModule
     import clusterModule
     import heatmapModule
     import testModule
     modules = {"test": testModule, "heatmaps": heatmapModule, "clusters": clusterModule, "assign": assignModule}
     results = {}
-    for name in STEP_NAMES:
+    for name in STEP_NAMES[:-1]:
         if name in steps:
             results[name] = modules[name].run(ctx)
             if "stop" in results[name]:  # nothing for the later steps to do; say why and stop cleanly
                 results.setdefault("notes", []).append(results[name]["stop"])
-                break
+                return results
+    if "retrain" in steps and modes:
+        results["retrain"] = retrain(ctx, modes)
+    elif "retrain" in steps:
+        results.setdefault("notes", []).append("to retrain the model, add -mode HUDD (or BL1, BL2 for the baselines)")
     return results
+
+
+def retrain(ctx: RunContext, modes: list[str]) -> list[dict]:
+    """Retrains with each mode in turn; the modes share the images decoded for training."""
+    import retrainModule
+    data = None
+    summaries = []
+    for mode in modes:
+        if data is None and not (not ctx.force and retrainModule.is_current(ctx, mode, ctx.settings.runs)):
+            data = retrainModule.training_data(ctx)
+        summaries.append(retrainModule.run(ctx, mode, ctx.settings.runs, data))
+    return summaries
 
 
 def prepare_demo(args: argparse.Namespace) -> Path:
@@ -180,8 +201,38 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
     if unsafe and "stop" not in unsafe:
         print(f"  unsafe set: {unsafe['images']} improvement images assigned to {unsafe['rccs']} RCCs "
               f"-> {unsafe['folder']}")
+    if results.get("retrain"):
+        print_retraining(results["retrain"])
     for note in results.get("notes", []):
         print(f"  note: {note}")
+
+
+def print_retraining(summaries: list[dict]) -> None:
+    first = summaries[0]
+    print(f"  retraining at one budget: {first['labelled']} improvement images labelled per mode, "
+          f"{first['bag']} training samples drawn from them; {first['runs']} run(s) per mode; "
+          f"original test accuracy {first['original']:.2f}%")
+    scenarios = [s["scenarios"] for s in summaries if s["scenarios"] is not None]
+    names = list(scenarios[0]["scenario"]) if scenarios else []
+    header = "".join(f"{n[:10]:>11s}" for n in names)
+    print(f"    {'mode':5s} {'accuracy (min-max)':>22s} {'gain':>6s} {'improved':>8s} {'worsened':>8s}"
+          + (f"   gain per scenario (points):{header}" if names else ""))
+    for s in summaries:
+        acc = s["accuracy"]
+        cells = ""
+        if s["scenarios"] is not None:
+            gains = s["scenarios"].set_index("scenario")["gain"].reindex(names)
+            cells = " " * 30 + "".join(f"{g:+11.1f}" for g in gains)
+        print(f"    {s['mode']:5s} {acc['mean']:7.2f}% ({acc['min']:.2f}-{acc['max']:.2f}) "
+              f"{acc['mean'] - s['original']:+6.2f} {s['improved']:8.1f} {s['worsened']:8.1f}{cells}")
+    print(f"    models -> {summaries[0]['folder'].parent.parent / 'DNNModels'}; tables -> {summaries[0]['folder']}")
+
+
+def run_rq1(args: argparse.Namespace, case: Path) -> None:
+    import rqModule
+    ctx = make_context(args, case)
+    rqModule.check_has_run(ctx)
+    rqModule.print_rq1(rqModule.rq1(ctx))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,15 +244,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give a case study with -o CASE, or --demo")
         Helper.seed_everything(args.seed)
         start = time.perf_counter()
-        case = prepare_demo(args) if args.demo is not None else Path(args.case)
         if args.rq:
-            raise HuddError("-rq (RQ1 raw results) needs the clustering and retraining steps, which this "
-                            "version does not have yet")
+            if args.demo is not None or args.case is None:
+                raise HuddError("-rq True needs -o CASE and -m MODEL (a retrained model), not --demo")
+            run_rq1(args, Path(args.case))
+            return 0
+        modes = [args.mode] if args.mode else (list(MODES) if args.demo is not None else [])
+        if args.steps == ["retrain"] and not modes:
+            raise HuddError("--steps retrain needs -mode HUDD, BL1 or BL2")
+        case = prepare_demo(args) if args.demo is not None else Path(args.case)
         ctx = make_context(args, case)
-        results = run_pipeline(ctx, args.steps)
-        if args.mode:
-            results.setdefault("notes", []).append(f"-mode {args.mode}: the retraining step is not available yet; ran "
-                                f"{', '.join(args.steps)}")
+        results = run_pipeline(ctx, args.steps, modes)
         print_summary(ctx, results, time.perf_counter() - start)
         return 0
     except HuddError as exc:

@@ -223,6 +223,13 @@ class Settings:
     normalisation: str = "l2"             # per-heatmap scaling before distances: "l2", "max" or "none" (original)
     k_criterion: str = "silhouette"       # number of RCCs: best "silhouette", or the WICD "knee" (original)
     layer_criterion: str = "wicd"         # layer: smallest "wicd" (original) or best "silhouette"
+    # Retraining (the original's optimiser, reference §9.1); epochs and batch_size above apply too.
+    learning_rate: float = 1e-3           # SGD
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epoch_choice: str = "last"            # epoch kept: "last", best "validation" (10% of TrainingSet) or "training" accuracy (original)
+    budget_factor: float = 1.0            # labelled improvement images per RCC = ceil(factor x RCC size), equal for every mode
+    runs: int = 1                         # retraining runs per mode (seeded)
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -276,7 +283,15 @@ def _validate_settings(s: Settings, source: Path) -> None:
             s.input_size = [s.input_size, s.input_size]
         if len(s.input_size) != 2 or min(s.input_size) < 1:
             raise bad("input_size", "use one size or [height, width]")
-    for key in ("epochs", "batch_size"):
+    if s.epoch_choice not in ("last", "validation", "training"):
+        raise bad("epoch_choice", "use 'last', 'validation' or 'training'")
+    for key in ("learning_rate", "budget_factor"):
+        if not isinstance(getattr(s, key), (int, float)) or not getattr(s, key) > 0:
+            raise bad(key, "must be a positive number")
+    for key in ("momentum", "weight_decay"):
+        if not isinstance(getattr(s, key), (int, float)) or not getattr(s, key) >= 0:
+            raise bad(key, "must be a number of at least 0")
+    for key in ("epochs", "batch_size", "runs"):
         if not isinstance(getattr(s, key), int) or getattr(s, key) < 1:
             raise bad(key, "must be a positive whole number")
     if not isinstance(s.workers, int) or s.workers < 0:

@@ -123,10 +123,26 @@ def test_bad_settings_file(make_case):
     assert_clean_error(hudd("-o", str(case)), "epochs=0", "positive whole number")
 
 
-def test_rq_is_refused_until_its_steps_exist(make_case):
+def test_rq_needs_the_pipeline_to_have_run(make_case):
     case = make_case(per_class=1)
-    assert_clean_error(hudd("-o", str(case), "-rq", "True"), "-rq")
+    assert_clean_error(hudd("-o", str(case), "-rq", "True"), "no clustering results", "OriginalModel.pth")
+    assert_clean_error(hudd("--demo", str(case), "-rq", "True"), "-rq True needs -o CASE")
     assert hudd("-o", str(case), "-rq", "False").returncode == 0
+
+
+def test_retraining_needs_a_mode_and_labelled_improvement_images(make_case):
+    case = make_case(per_class=2)
+    assert_clean_error(hudd("-o", str(case), "--steps", "retrain"), "--steps retrain needs -mode")
+    unlabelled = make_case("unlabelled", improvement="unlabelled", per_class=4)
+    assert_clean_error(hudd("-o", str(unlabelled), "-mode", "HUDD"), "ImprovementSet", "labelled")
+    assert sorted(p.name for p in (unlabelled / "DNNModels").iterdir()) == ["OriginalModel.pth"]
+
+
+def test_rq2_names_a_missing_model(make_case):
+    case = make_case(per_class=1)
+    result = subprocess.run([sys.executable, str(REPO / "RQ2.py"), "-o", str(case), "-m", "Nope.pth"],
+                            capture_output=True, text=True, timeout=300)
+    assert_clean_error(result, "Nope.pth", "not found", "OriginalModel.pth")
 
 
 def test_debug_shows_the_traceback(tmp_path):

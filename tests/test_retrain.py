@@ -1,0 +1,218 @@
+"""retrainModule: budgets and selections, the training data, fine-tuning, saved models, the step's tables."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import assignModule
+import clusterModule
+import heatmapModule
+import retrainModule
+import testModule
+from architectures import DemoNet
+from conftest import CLASSES
+from test_testmodule import context
+
+
+def random_instance(seed: int, images: int = 80, rccs: int = 5):
+    rng = np.random.default_rng(seed)
+    distances = rng.gamma(2.0, 1.0, size=(images, rccs))
+    sizes = rng.integers(2, 9, size=rccs)
+    wrong = rng.random(images) < 0.4
+    return distances, sizes, wrong
+
+
+# --------------------------------------------------------------------------------------------
+# Budget and selection
+# --------------------------------------------------------------------------------------------
+
+def test_budget_is_the_rcc_sizes_rounded_up_times_the_factor():
+    np.testing.assert_array_equal(retrainModule.budget_quotas([2, 3, 7]), [2, 3, 7])
+    np.testing.assert_array_equal(retrainModule.budget_quotas([2, 3, 7], 0.5), [1, 2, 4])
+    np.testing.assert_array_equal(retrainModule.budget_quotas([10], 0.3), [3])  # 0.3 x 10 is not 3.0000000000000004
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_mode_labels_as_many_distinct_images_and_trains_on_as_many_samples(seed):
+    distances, sizes, wrong = random_instance(seed)
+    quota = retrainModule.budget_quotas(sizes)
+    selections = {mode: retrainModule.select(mode, distances, quota, wrong, np.random.default_rng(seed))
+                  for mode in retrainModule.MODES}
+    hudd = selections["HUDD"]
+    assert len(hudd.chosen) == min(quota.sum(), len(distances))
+    for mode, selection in selections.items():
+        assert len(np.unique(selection.chosen)) == len(selection.chosen) == len(hudd.chosen), mode
+        assert len(selection.bag) == len(hudd.bag), mode
+        assert set(selection.bag) == set(selection.chosen), mode  # every labelled image is trained on, no other
+    assert wrong[selections["BL1"].chosen].all()
+
+
+def test_hudd_takes_the_closest_images_per_rcc_and_balances_the_bag():
+    distances, sizes, wrong = random_instance(7)
+    quota = retrainModule.budget_quotas(sizes)
+    selection = retrainModule.hudd_selection(distances, quota, np.random.default_rng(0))
+    assigned, _ = assignModule.closest_u(distances, quota)
+    np.testing.assert_array_equal(selection.chosen, np.flatnonzero(assigned >= 0))
+    bag_rcc = assigned[selection.bag]
+    counts = np.bincount(bag_rcc, minlength=len(quota))
+    assert (counts[counts > 0] == quota.max()).all()  # every RCC brought up to the largest quota
+
+
+def test_closer_images_are_drawn_more_often():
+    distances = np.array([[1.0], [3.0]])
+    selection = retrainModule.hudd_selection(distances, np.array([2]), np.random.default_rng(0))
+    assert sorted(selection.bag) == [0, 1]  # the quota is the largest: nothing to draw
+    big = retrainModule.hudd_selection(np.array([[1.0, 9.0], [3.0, 9.0], [9.0, 0.5]]), np.array([2, 4000]),
+                                       np.random.default_rng(0))
+    first_rcc = big.bag[np.isin(big.bag, [0, 1])]
+    draws = np.bincount(first_rcc, minlength=2) - 1     # less the one copy of each member
+    assert draws.sum() == 4000 - 2
+    assert draws[0] / draws[1] == pytest.approx(3.0, rel=0.1)  # weights 1/1 : 1/3
+
+
+def test_selection_is_deterministic_for_a_seed_and_changes_with_it():
+    distances, sizes, wrong = random_instance(3)
+    quota = retrainModule.budget_quotas(sizes)
+    for mode in retrainModule.MODES:
+        a = retrainModule.select(mode, distances, quota, wrong, np.random.default_rng([0, 1]))
+        b = retrainModule.select(mode, distances, quota, wrong, np.random.default_rng([0, 1]))
+        c = retrainModule.select(mode, distances, quota, wrong, np.random.default_rng([0, 2]))
+        np.testing.assert_array_equal(a.bag, b.bag)
+        assert not np.array_equal(a.bag, c.bag), mode
+
+
+def test_bl1_with_too_few_misclassified_images_takes_them_all_and_warns(caplog):
+    distances, sizes, _ = random_instance(4)
+    wrong = np.zeros(len(distances), bool)
+    wrong[[3, 10, 11]] = True
+    with caplog.at_level(logging.WARNING, logger="hudd"):
+        selection = retrainModule.select("BL1", distances, retrainModule.budget_quotas(sizes), wrong,
+                                         np.random.default_rng(0))
+    np.testing.assert_array_equal(selection.chosen, [3, 10, 11])
+    assert "only 3 improvement images" in caplog.text
+
+
+def test_validation_split_is_stratified_and_disjoint():
+    labels = np.repeat([0, 1, 2, 3], [40, 20, 1, 9])
+    train, validation = retrainModule.split_validation(labels, np.random.default_rng(0))
+    assert not set(train) & set(validation) and len(train) + len(validation) == len(labels)
+    np.testing.assert_array_equal(np.bincount(labels[validation], minlength=4), [4, 2, 0, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# Training data, fine-tuning, saving
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def pipeline_case(make_case):
+    case = make_case(per_class=8)
+    ctx = context(case)
+    for module in (testModule, heatmapModule, clusterModule, assignModule):
+        module.run(ctx)
+    return case
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_an_epoch_passes_over_the_training_rows_and_the_bag_once(pipeline_case, monkeypatch, cached):
+    if not cached:
+        monkeypatch.setattr(retrainModule, "CACHE_BYTES", 0)
+    ctx = context(pipeline_case, epoch_choice="validation")
+    data = retrainModule.training_data(ctx)
+    assert (data.train.tensor is not None) == cached
+    bag = np.array([0, 0, 5, 7, 7, 7])
+    seen = [(x, y) for x, y in retrainModule.epoch_batches(data, bag, 5, ctx, torch.Generator().manual_seed(0))]
+    inputs = torch.cat([x for x, _ in seen])
+    labels = torch.cat([y for _, y in seen])
+    loader = retrainModule.ImageSource(ctx.sets()["train"], ctx), retrainModule.ImageSource(ctx.sets()["improve"], ctx)
+    expected = torch.cat([next(loader[0].batches(data.train_rows, 10 ** 6))[0], next(loader[1].batches(bag, 10 ** 6))[0]])
+    # the same multiset of images: compare sorted per-image sums (exact: same decoding path)
+    assert len(inputs) == len(data.train_rows) + len(bag)
+    torch.testing.assert_close(inputs.flatten(1).sum(1).sort().values, expected.flatten(1).sum(1).sort().values)
+    train_labels = np.asarray(ctx.sets()["train"].labels)[data.train_rows]
+    improve_labels = np.asarray(ctx.sets()["improve"].labels)[bag]
+    assert sorted(labels.tolist()) == sorted(np.concatenate([train_labels, improve_labels]).tolist())
+
+
+def test_validation_choice_keeps_the_best_validation_epoch(pipeline_case):
+    ctx = context(pipeline_case, epoch_choice="validation", epochs=4, learning_rate=0.05)
+    data = retrainModule.training_data(ctx)
+    model, epoch, history = retrainModule.fine_tune(ctx, data, np.arange(6), seed=0, desc="test")
+    scores = [h["validation_accuracy"] for h in history]
+    assert epoch == max(e for e, s in zip(range(1, 5), scores) if s == max(scores))  # ties: the later epoch
+    # the returned weights are that epoch's: their validation accuracy is the recorded one
+    assert 100 * retrainModule.accuracy_on(model, data.train, data.validation_rows, ctx) == pytest.approx(
+        history[epoch - 1]["validation_accuracy"])
+
+
+def test_last_choice_trains_on_the_whole_training_set_and_changes_the_weights(pipeline_case):
+    ctx = context(pipeline_case, epochs=2, learning_rate=0.05)
+    data = retrainModule.training_data(ctx)
+    assert len(data.validation_rows) == 0 and len(data.train_rows) == len(ctx.sets()["train"])
+    model, epoch, _ = retrainModule.fine_tune(ctx, data, np.arange(4), seed=0, desc="test")
+    assert epoch == 2
+    original = ctx.model().state_dict()
+    assert any(not torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_saving_never_overwrites_a_model(pipeline_case):
+    ctx = context(pipeline_case)
+    taken = ctx.paths.models / "HUDD_1_50.00.pth"
+    taken.write_bytes(b"keep me")
+    model = DemoNet(num_classes=len(CLASSES))
+    first = retrainModule.save_model(model, ctx, "HUDD", 1, 50.0)
+    second = retrainModule.save_model(model, ctx, "HUDD", 1, 50.0)
+    assert taken.read_bytes() == b"keep me"
+    assert (first.name, second.name) == ("HUDD_1_50.00_2.pth", "HUDD_1_50.00_3.pth")
+    loaded = DemoNet(num_classes=len(CLASSES))
+    loaded.load_state_dict(torch.load(second, weights_only=True))
+
+
+# --------------------------------------------------------------------------------------------
+# The step's tables, checked against the saved models
+# --------------------------------------------------------------------------------------------
+
+def test_the_step_tables_agree_with_the_saved_models(pipeline_case):
+    ctx = context(pipeline_case, epochs=1, learning_rate=0.05)
+    summary = retrainModule.run(ctx, "BL2", runs=2)
+    folder = pipeline_case / "T" / "Retrain"
+    runs = pd.read_csv(folder / "BL2_runs.csv")
+    assert list(runs["run"]) == [1, 2] and summary["runs"] == 2
+    original = pd.read_csv(pipeline_case / "testResult.csv").set_index("image")
+    labels = pd.read_csv(pipeline_case / "T" / "ClusterAnalysis" / summary_layer(pipeline_case) / "labels.csv")
+    per_rcc = pd.read_csv(folder / "BL2_rcc.csv").set_index("rcc")
+    test = ctx.sets()["test"]
+    for row in runs.itertuples():
+        model = DemoNet(num_classes=len(CLASSES)).eval()
+        model.load_state_dict(torch.load(pipeline_case / row.model, weights_only=True))
+        correct = recomputed_correct(model, ctx, test)
+        assert row.accuracy == pytest.approx(100 * np.mean(list(correct.values())))
+        before = {image: original.loc[image, "result"] == "Correct" for image in correct}
+        assert row.improved == sum(correct[i] and not before[i] for i in correct)
+        assert row.worsened == sum(before[i] and not correct[i] for i in correct)
+        for rcc, group in labels[labels["rcc"].isin(per_rcc.index)].groupby("rcc"):
+            assert per_rcc.loc[rcc, f"run{row.run}"] == sum(correct[i] for i in group["image"])
+    xlsx = pd.read_excel(folder / "BL2_results.xlsx", sheet_name="runs")
+    assert list(xlsx["accuracy"]) == pytest.approx(list(runs["accuracy"]))
+
+
+def summary_layer(case) -> str:
+    summary = pd.read_csv(case / "T" / "ClusterAnalysis" / "summary.csv")
+    return summary.loc[summary["selected"], "layer"].iloc[0]
+
+
+def recomputed_correct(model, ctx, test) -> dict[str, bool]:
+    """Per test image, whether `model` gets it right, read with PIL and numpy (not Helper's loader)."""
+    from PIL import Image
+    s = ctx.settings
+    result = {}
+    for path, label in zip(test.paths, test.labels):
+        pixels = np.asarray(Image.open(path).convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.float32) / 255
+        pixels = (pixels - np.array(s.mean, np.float32)) / np.array(s.std, np.float32)
+        with torch.no_grad():
+            predicted = model(torch.from_numpy(pixels.transpose(2, 0, 1))[None]).argmax(1).item()
+        result[ctx.paths.relative(path)] = predicted == label
+    return result

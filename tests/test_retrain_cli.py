@@ -1,0 +1,78 @@
+"""Retraining, RQ1 and RQ2 through the real command line on a tiny case: outputs read back and checked."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, SETTINGS
+from test_cli import hudd
+
+
+@pytest.fixture(scope="module")
+def retrained_case(tmp_path_factory):
+    from conftest import build_case
+    case = build_case(tmp_path_factory.mktemp("retrain") / "case", per_class=8,
+                      settings={**SETTINGS, "epochs": 2, "learning_rate": 0.05})
+    results = {mode: hudd("-o", str(case), "-mode", mode, "--runs", "2") for mode in ("HUDD", "BL1", "BL2")}
+    return case, results
+
+
+def test_each_mode_runs_the_whole_pipeline_and_prints_the_budget(retrained_case):
+    case, results = retrained_case
+    budgets = set()
+    for mode, result in results.items():
+        assert result.returncode == 0, result.stderr
+        assert "retraining at one budget" in result.stdout and f"    {mode} " in result.stdout
+        runs = pd.read_csv(case / "T" / "Retrain" / f"{mode}_runs.csv")
+        assert len(runs) == 2 and all((case / m).is_file() for m in runs["model"])
+        budgets.add((int(runs["labelled"].iloc[0]), int(runs["bag"].iloc[0])))
+        labelled = runs["labelled"].iloc[0]
+        assert f"{labelled} improvement images labelled per mode" in result.stdout
+    assert len(budgets) == 1  # one budget for the three modes
+    bl1 = pd.read_csv(case / "T" / "Retrain" / "BL1_runs.csv")
+    assert (bl1["labelled_misclassified"] == bl1["labelled"]).all()
+
+
+def test_a_rerun_reuses_the_results_and_more_runs_recompute(retrained_case):
+    case, _ = retrained_case
+    models = sorted(p.name for p in (case / "DNNModels").iterdir())
+    again = hudd("-o", str(case), "-mode", "HUDD", "--runs", "2")
+    assert again.returncode == 0 and "retraining HUDD: inputs unchanged" in again.stdout
+    assert sorted(p.name for p in (case / "DNNModels").iterdir()) == models
+
+
+def test_rq1_results_match_the_retraining_tables(retrained_case):
+    case, _ = retrained_case
+    runs = pd.read_csv(case / "T" / "Retrain" / "HUDD_runs.csv")
+    model = runs["model"].iloc[1].split("/")[-1]
+    result = hudd("-o", str(case), "-m", model, "-rq", "True")
+    assert result.returncode == 0, result.stderr
+    folder = case / "RQ1" / model.removesuffix(".pth")
+    summary = pd.read_csv(folder / "summary.csv").iloc[0]
+    assert summary["accuracy"] == pytest.approx(runs["accuracy"].iloc[1])
+    assert (summary["improved"], summary["worsened"]) == (runs["improved"].iloc[1], runs["worsened"].iloc[1])
+    fixed = pd.read_csv(folder / "errors_fixed_per_RCC.csv").set_index("rcc")["fixed"]
+    from_step = pd.read_csv(case / "T" / "Retrain" / "HUDD_rcc.csv").set_index("rcc")["run2"]
+    pd.testing.assert_series_equal(fixed, from_step, check_names=False)
+    assert set(pd.ExcelFile(folder / "RQ1.xlsx").sheet_names) >= {"summary", "errors fixed per RCC"}
+    assert f"{summary['accuracy']:.2f}%" in result.stdout
+
+
+def test_rq2_gives_every_model_its_accuracy(retrained_case):
+    case, _ = retrained_case
+    result = subprocess.run([sys.executable, str(REPO / "RQ2.py"), "-o", str(case), "--all"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(case / "RQ2" / "accuracy.csv")
+    overall = table[table["class"] == "all"].set_index("model")["accuracy"]
+    original = pd.read_csv(case / "testResult.csv")
+    assert overall["OriginalModel.pth"] == pytest.approx(100 * (original["result"] == "Correct").mean())
+    for mode in ("HUDD", "BL1", "BL2"):
+        for row in pd.read_csv(case / "T" / "Retrain" / f"{mode}_runs.csv").itertuples():
+            assert overall[row.model.split("/")[-1]] == pytest.approx(row.accuracy)
+    per_class = table[(table["model"] == "OriginalModel.pth") & (table["class"] != "all")].set_index("class")
+    by_class = original.groupby("expected")["result"].apply(lambda r: 100 * (r == "Correct").mean())
+    pd.testing.assert_series_equal(per_class["accuracy"].sort_index(), by_class.sort_index(), check_names=False)
