@@ -212,20 +212,20 @@ def print_retraining(summaries: list[dict]) -> None:
     print(f"  retraining at one budget: {first['labelled']} improvement images labelled per mode, "
           f"{first['bag']} training samples drawn from them; {first['runs']} run(s) per mode; "
           f"original test accuracy {first['original']:.2f}%")
-    scenarios = [s["scenarios"] for s in summaries if s["scenarios"] is not None]
-    names = list(scenarios[0]["scenario"]) if scenarios else []
-    header = "".join(f"{n[:10]:>11s}" for n in names)
-    print(f"    {'mode':5s} {'accuracy (min-max)':>22s} {'gain':>6s} {'improved':>8s} {'worsened':>8s}"
-          + (f"   gain per scenario (points):{header}" if names else ""))
+    print(f"    {'mode':5s} {'test accuracy: mean (min-max)':>30s} {'gain':>7s} {'improved':>9s} {'worsened':>9s}")
     for s in summaries:
         acc = s["accuracy"]
-        cells = ""
-        if s["scenarios"] is not None:
-            gains = s["scenarios"].set_index("scenario")["gain"].reindex(names)
-            cells = " " * 30 + "".join(f"{g:+11.1f}" for g in gains)
-        print(f"    {s['mode']:5s} {acc['mean']:7.2f}% ({acc['min']:.2f}-{acc['max']:.2f}) "
-              f"{acc['mean'] - s['original']:+6.2f} {s['improved']:8.1f} {s['worsened']:8.1f}{cells}")
-    print(f"    models -> {summaries[0]['folder'].parent.parent / 'DNNModels'}; tables -> {summaries[0]['folder']}")
+        print(f"    {s['mode']:5s} {acc['mean']:13.2f}% ({acc['min']:.2f}-{acc['max']:.2f}) "
+              f"{acc['mean'] - s['original']:+7.2f} {s['improved']:9.1f} {s['worsened']:9.1f}")
+    tables = {s["mode"]: s["scenarios"].set_index("scenario")["gain"] for s in summaries if s["scenarios"] is not None}
+    if tables:
+        names = list(next(iter(tables.values())).index)
+        widths = [max(len(n), 6) for n in names]
+        print("    gain per scenario (accuracy points, mean of the runs):")
+        print(f"    {'mode':5s} " + " ".join(f"{n:>{w}s}" for n, w in zip(names, widths)))
+        for mode, gains in tables.items():
+            print(f"    {mode:5s} " + " ".join(f"{g:>+{w}.1f}" for g, w in zip(gains.reindex(names), widths)))
+    print(f"    models -> {first['folder'].parent.parent / 'DNNModels'}; tables -> {first['folder']}")
 
 
 def run_rq1(args: argparse.Namespace, case: Path) -> None:

@@ -82,6 +82,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "std": [0.5, 0.5, 0.5],
     "epochs": 10,
     "batch_size": 64,
+    "runs": 3,
 }
 
 # Training of the original model.
