@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     case.add_argument("-rq", "--RQ1A", dest="rq", metavar="BOOL", **flag,
                       help="write the RQ1 raw results of MODEL (a retrained model) against the original's results "
                            "into CASE/RQ1/; runs no pipeline step")
+    case.add_argument("--report", metavar="BOOL", **flag,
+                      help="only (re)write CASE/T/report.html from the outputs on disk; runs no step")
     case.add_argument("--demo", nargs="?", const=DEFAULT_DEMO_DIR, metavar="DIR",
                       help=f"build the demo case study in DIR (default ./{DEFAULT_DEMO_DIR}) where missing, "
                            "train its model and run the pipeline on it")
@@ -205,6 +207,8 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
         print_retraining(results["retrain"])
     for note in results.get("notes", []):
         print(f"  note: {note}")
+    if results.get("report"):
+        print(f"\nreport: {results['report']}  (open it in a browser)")
 
 
 def print_retraining(summaries: list[dict]) -> None:
@@ -226,6 +230,14 @@ def print_retraining(summaries: list[dict]) -> None:
         for mode, gains in tables.items():
             print(f"    {mode:5s} " + " ".join(f"{g:>+{w}.1f}" for g, w in zip(gains.reindex(names), widths)))
     print(f"    models -> {first['folder'].parent.parent / 'DNNModels'}; tables -> {first['folder']}")
+
+
+def write_report(ctx: RunContext, required: bool = False) -> Path | None:
+    import reportModule
+    path = reportModule.write_report(ctx)
+    if path is None and required:
+        raise HuddError(f"{ctx.paths.root}: has no clustering results to report; run the pipeline first")
+    return path
 
 
 def run_rq1(args: argparse.Namespace, case: Path) -> None:
@@ -254,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
             raise HuddError("--steps retrain needs -mode HUDD, BL1 or BL2")
         case = prepare_demo(args) if args.demo is not None else Path(args.case)
         ctx = make_context(args, case)
+        if args.report:
+            print(f"report: {write_report(ctx, required=True)}")
+            return 0
         results = run_pipeline(ctx, args.steps, modes)
+        results["report"] = write_report(ctx)
         print_summary(ctx, results, time.perf_counter() - start)
         return 0
     except HuddError as exc:

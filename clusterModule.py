@@ -531,10 +531,15 @@ def rcc_statistics(labels: np.ndarray, distances: np.ndarray, scenarios, measure
         row = {"rcc": rcc_name(label), "size": int((labels == label).sum()),
                "icd": float(inner.mean()) if len(inner) else 0.0}
         if scenarios is not None:
-            values, counts = np.unique(scenarios[labels == label], return_counts=True)
-            row.update(majority_scenario=values[np.argmax(counts)], purity=counts.max() / counts.sum())
+            row.update(zip(("majority_scenario", "purity"), majority(scenarios[labels == label])))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def majority(scenarios: np.ndarray) -> tuple[str, float]:
+    """The most common scenario (ties: the first in alphabetical order) and its share."""
+    values, counts = np.unique(scenarios, return_counts=True)
+    return values[np.argmax(counts)], counts.max() / counts.sum()
 
 
 def copy_rcc_images(case_root: Path, labels: pd.DataFrame, folder: Path) -> None:
@@ -581,9 +586,8 @@ def write_characterisation(labels: pd.DataFrame, metadata: pd.DataFrame, path: P
     overall = params.var()
     per_rcc, reduced = [], []
     for rcc, group in labels.groupby("rcc"):
-        counts = group["scenario"].value_counts()
-        per_rcc.append({"rcc": rcc, "size": len(group), "majority_scenario": counts.index[0],
-                        "purity": counts.iloc[0] / len(group)})
+        scenario, purity = majority(group["scenario"].to_numpy())
+        per_rcc.append({"rcc": rcc, "size": len(group), "majority_scenario": scenario, "purity": purity})
         if len(group) < 2:
             continue
         ratios = params.loc[group["image"].to_numpy()].var().to_numpy() / overall.to_numpy()

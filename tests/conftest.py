@@ -75,3 +75,16 @@ def make_case(tmp_path: Path):
     def make(name: str = "case", **kwargs) -> Path:
         return build_case(tmp_path / name, **kwargs)
     return make
+
+
+@pytest.fixture(scope="session")
+def retrained_case(tmp_path_factory):
+    """A tiny case run through the whole pipeline with each retraining mode (2 runs, 2 epochs) by the
+    real command line; returns the case and each mode's CompletedProcess."""
+    import subprocess
+    case = build_case(tmp_path_factory.mktemp("retrain") / "case", per_class=8,
+                      settings={**SETTINGS, "epochs": 2, "learning_rate": 0.05})
+    results = {mode: subprocess.run([sys.executable, str(REPO / "HUDD.py"), "-o", str(case), "-mode", mode,
+                                     "--runs", "2"], capture_output=True, text=True, timeout=600)
+               for mode in ("HUDD", "BL1", "BL2")}
+    return case, results

@@ -149,3 +149,10 @@ def test_the_step_takes_the_two_stage_path_beyond_the_limit(make_case, monkeypat
     assert len(np.load(folder / "sample.npy")) == errors - 3
     assert np.load(folder / "distances.npy").shape == (errors - 3, errors - 3)
     assert pd.read_csv(folder / "rcc_stats.csv")["size"].sum() == errors
+
+
+def test_majority_scenario_ties_are_broken_the_same_way_in_every_table():
+    assert clusterModule.majority(np.array(["tilt", "occlusion"])) == ("occlusion", 0.5)
+    assert clusterModule.majority(np.array(["fog", "night", "night"])) == ("night", pytest.approx(2 / 3))
+    stats = clusterModule.rcc_statistics(np.array([0, 0]), np.zeros((2, 2)), np.array(["tilt", "occlusion"]))
+    assert stats.loc[0, "majority_scenario"] == "occlusion"

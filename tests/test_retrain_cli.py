@@ -7,17 +7,8 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import REPO, SETTINGS
+from conftest import REPO
 from test_cli import hudd
-
-
-@pytest.fixture(scope="module")
-def retrained_case(tmp_path_factory):
-    from conftest import build_case
-    case = build_case(tmp_path_factory.mktemp("retrain") / "case", per_class=8,
-                      settings={**SETTINGS, "epochs": 2, "learning_rate": 0.05})
-    results = {mode: hudd("-o", str(case), "-mode", mode, "--runs", "2") for mode in ("HUDD", "BL1", "BL2")}
-    return case, results
 
 
 def test_each_mode_runs_the_whole_pipeline_and_prints_the_budget(retrained_case):

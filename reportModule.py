@@ -1,0 +1,356 @@
+"""The engineers' report: T/report.html, a static page that opens from disk in any browser.
+
+It shows the run (model, sets, accuracies, the per-layer clustering summary and why the layer was
+chosen, the k plot), every root-cause cluster (RCC) of the selected layer as a card (size, ICD,
+majority scenario, purity and characterising parameters where metadata.csv exists, thumbnails with the
+input-level LRP heatmap overlaid, the RCC's unsafe-set images) and the retraining comparison (table and
+chart). Images are referenced by relative path, so the page stays small; the overlay PNGs are written
+next to each RCC's images in T/<Layer>/RCCxx/ (`<file>_heatmap.png`), so a file browser shows them too.
+Everything is read from the steps' output files; the report computes no figure of its own.
+"""
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from Helper import RESULT_FILES, SET_FOLDERS, RunContext, atomic_path
+
+log = logging.getLogger("hudd")
+
+THUMBNAILS_PER_RCC = 12     # larger RCCs show a sample and link to their folder
+UNSAFE_PER_RCC = 8
+TILE = 96                   # pixels per thumbnail half (image | overlay)
+MODES = ("HUDD", "BL1", "BL2")
+
+
+# --------------------------------------------------------------------------------------------
+# Heatmap overlays
+# --------------------------------------------------------------------------------------------
+
+def relevance_colours(relevance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) relevance -> RGB colours of a diverging map (red positive, blue negative, white zero,
+    scaled by the largest magnitude) and an opacity growing with the magnitude."""
+    from matplotlib import colormaps
+    scale = float(np.abs(relevance).max()) or 1.0
+    scaled = relevance / scale
+    rgb = colormaps["bwr"]((scaled + 1) / 2)[..., :3]
+    return rgb, np.clip(np.abs(scaled) * 1.5, 0, 1)
+
+
+def overlay_tile(image_path: Path, relevance: np.ndarray, tile: int = TILE) -> Image.Image:
+    """The image and, beside it, the image with its pixel relevance (summed over channels) overlaid."""
+    heat = relevance.sum(axis=0) if relevance.ndim == 3 else relevance
+    with Image.open(image_path) as source:
+        picture = source.convert("RGB").resize((tile, tile), Image.BILINEAR)
+    rgb, alpha = relevance_colours(heat.astype(np.float64))
+    colour = Image.fromarray((rgb * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
+    opacity = Image.fromarray((alpha * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
+    grey = picture.convert("L").convert("RGB")
+    blended = Image.composite(colour, grey, opacity)
+    tile_image = Image.new("RGB", (2 * tile + 2, tile), "white")
+    tile_image.paste(picture, (0, 0))
+    tile_image.paste(blended, (tile + 2, 0))
+    return tile_image
+
+
+def write_overlays(ctx: RunContext, layer: str, labels: pd.DataFrame) -> dict[str, Path]:
+    """`<file>_heatmap.png` beside each copy in T/<Layer>/RCCxx/; returns image -> overlay path."""
+    index = pd.read_csv(ctx.paths.t_dir / "Heatmaps" / "index.csv")
+    row_of = {image: row for row, image in enumerate(index["image"])}
+    pixels = np.load(ctx.paths.t_dir / "Heatmaps" / "Layer0.npy", mmap_mode="r")
+    overlays = {}
+    for item in labels.itertuples():
+        source = ctx.paths.root / item.image
+        target = ctx.paths.t_dir / layer / item.rcc / f"{item.expected}__{source.stem}_heatmap.png"
+        if item.image not in row_of or not target.parent.is_dir():
+            continue
+        with atomic_path(target) as temporary:
+            overlay_tile(source, np.asarray(pixels[row_of[item.image]])).save(temporary, format="PNG")
+        overlays[item.image] = target
+    return overlays
+
+
+# --------------------------------------------------------------------------------------------
+# What the page shows, read from the steps' files
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ReportData:
+    layer: str
+    summary: pd.DataFrame          # per layer: k, wicd, silhouette, selected (, purity, coverage)
+    labels: pd.DataFrame           # selected layer: image, expected, predicted, rcc (, scenario)
+    stats: pd.DataFrame            # per RCC: size, icd (, majority_scenario, purity)
+    parameters: pd.DataFrame | None  # per RCC: characterising parameters
+    unsafe: pd.DataFrame | None    # image, rcc, distance, rank
+    retrain: dict[str, dict]       # mode -> runs, scenarios, rcc tables
+
+
+def read_data(ctx: RunContext) -> ReportData:
+    analysis = ctx.paths.t_dir / "ClusterAnalysis"
+    summary = pd.read_csv(analysis / "summary.csv")
+    layer = summary.loc[summary["selected"] == True, "layer"].iloc[0]  # noqa: E712
+    characterisation = analysis / layer / "characterisation.xlsx"
+    parameters = (pd.read_excel(characterisation, sheet_name="Parameters") if characterisation.is_file() else None)
+    unsafe_file = ctx.paths.t_dir / "UnsafeSet" / "assignments.csv"
+    retrain = {}
+    for mode in MODES:
+        folder = ctx.paths.t_dir / "Retrain"
+        if (folder / f"{mode}_runs.csv").is_file():
+            retrain[mode] = {name: pd.read_csv(folder / f"{mode}_{name}.csv")
+                             for name in ("runs", "scenarios", "rcc") if (folder / f"{mode}_{name}.csv").is_file()}
+    return ReportData(layer=layer, summary=summary, labels=pd.read_csv(analysis / layer / "labels.csv"),
+                      stats=pd.read_csv(analysis / layer / "rcc_stats.csv"), parameters=parameters,
+                      unsafe=pd.read_csv(unsafe_file) if unsafe_file.is_file() else None, retrain=retrain)
+
+
+def set_accuracies(ctx: RunContext) -> list[dict]:
+    rows = []
+    for key, file_name in RESULT_FILES.items():
+        path = ctx.paths.root / file_name
+        if path.is_file():
+            frame = pd.read_csv(path)
+            row = {"set": SET_FOLDERS[key], "images": len(frame), "file": file_name}
+            if "result" in frame.columns:
+                row.update(wrong=int(frame["result"].eq("Wrong").sum()),
+                           accuracy=100.0 * frame["result"].eq("Correct").mean())
+            rows.append(row)
+    return rows
+
+
+def original_test_accuracy(ctx: RunContext) -> float:
+    frame = pd.read_csv(ctx.paths.result_csv("test"))
+    return 100.0 * frame["result"].eq("Correct").mean()
+
+
+# --------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{margin-bottom:4px} h2{margin-top:32px;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f2f2f2} td.l,th.l{text-align:left} tr.sel td{background:#fff6d5;font-weight:600}
+.cards{display:flex;flex-wrap:wrap;gap:14px}
+.card{border:1px solid #bbb;border-radius:6px;padding:10px;width:640px;background:#fafafa}
+.card h3{margin:0 0 6px 0;font-size:16px} .meta{font-size:13px;margin:2px 0}
+.grid{display:flex;flex-wrap:wrap;gap:6px;margin-top:6px}
+figure{margin:0;font-size:11px;text-align:center} figure img{display:block;image-rendering:pixelated}
+.unsafe img{width:64px;height:64px} .muted{color:#777} .pos{color:#0a0} .neg{color:#c00}
+"""
+
+
+def esc(value) -> str:
+    return html.escape(str(value))
+
+
+def rel(path: Path, base: Path) -> str:
+    return Path(path).relative_to(base).as_posix()
+
+
+def run_section(ctx: RunContext, data: ReportData) -> str:
+    s = ctx.settings
+    sets = "".join(
+        f"<tr><td class=l>{esc(r['set'])}</td><td>{r['images']}</td>"
+        + (f"<td data-accuracy='{r['accuracy']:.4f}'>{r['accuracy']:.2f}%</td><td>{r['wrong']}</td>"
+           if "accuracy" in r else "<td class=muted>unlabelled</td><td></td>") + "</tr>"
+        for r in set_accuracies(ctx))
+    why = ("the smallest weighted intra-cluster distance (WICD)" if s.layer_criterion == "wicd"
+           else "the best silhouette")
+    columns = [c for c in ("layer", "k", "rccs", "wicd", "silhouette", "purity", "coverage") if c in data.summary]
+    layer_rows = "".join(
+        f"<tr class='{'sel' if row['layer'] == data.layer else ''}'>"
+        + "".join(f"<td>{format_cell(row[c])}</td>" for c in columns) + "</tr>"
+        for _, row in data.summary.iterrows())
+    errors = len(pd.read_csv(ctx.paths.t_dir / "Heatmaps" / "index.csv"))
+    knee = ctx.paths.t_dir / "ClusterAnalysis" / data.layer / "knee.png"
+    return f"""
+<h2>The run</h2>
+<p>Model <b>{esc(ctx.model_path.name)}</b> ({esc(s.arch)}), case <code>{esc(ctx.paths.root)}</code>.
+<b id=errors data-value={errors}>{errors}</b> error-inducing test images explained with the
+<b>{esc(s.rules)}</b> LRP rules (class explained: {esc(s.explain)}).</p>
+<table><tr><th class=l>set</th><th>images</th><th>accuracy</th><th>wrong</th></tr>{sets}</table>
+{scenario_table(ctx)}
+<h3>Layer selection</h3>
+<p>Selected layer: <b id=layer>{esc(data.layer)}</b>, the layer with {why} (setting <code>layer_criterion</code>);
+k per layer by {esc(s.k_criterion)} (setting <code>k_criterion</code>).</p>
+<table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>{layer_rows}</table>
+<p><img src="{rel(knee, ctx.paths.t_dir)}" alt="choice of k for {esc(data.layer)}" width=640></p>
+"""
+
+
+def sign_class(value: float) -> str:
+    """CSS class of a gain: green above zero, red below, plain at zero (as printed, one decimal)."""
+    return "pos" if round(value, 1) > 0 else "neg" if round(value, 1) < 0 else ""
+
+
+def format_cell(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    return esc(value)
+
+
+def scenario_table(ctx: RunContext) -> str:
+    path = ctx.paths.root / "scenarioAccuracy.csv"
+    if not path.is_file():
+        return ""
+    table = pd.read_csv(path)
+    pivot = table.pivot(index="scenario", columns="set", values="accuracy")
+    sets = [c for c in ("TrainingSet", "TestSet", "ImprovementSet") if c in pivot.columns]
+    rows = "".join(f"<tr><td class=l>{esc(name)}</td>" + "".join(f"<td>{pivot.loc[name, c]:.1f}%</td>" for c in sets)
+                   + "</tr>" for name in pivot.index)
+    return ("<p>Accuracy per scenario (from metadata.csv):</p><table><tr><th class=l>scenario</th>"
+            + "".join(f"<th>{c}</th>" for c in sets) + f"</tr>{rows}</table>")
+
+
+def rcc_cards(ctx: RunContext, data: ReportData, overlays: dict[str, Path]) -> str:
+    t_dir = ctx.paths.t_dir
+    stats = data.stats.sort_values(["size", "rcc"], ascending=[False, True])
+    fixed = {mode: tables["rcc"].set_index("rcc") for mode, tables in data.retrain.items() if "rcc" in tables}
+    cards = []
+    for _, rcc in stats.iterrows():
+        name = rcc["rcc"]
+        members = data.labels[data.labels["rcc"] == name]
+        meta = [f"size <b class=size>{int(rcc['size'])}</b>", f"ICD {rcc['icd']:.3f}"]
+        if "majority_scenario" in rcc:
+            meta.append(f"majority scenario <b class=scenario>{esc(rcc['majority_scenario'])}</b> "
+                        f"(purity <span class=purity>{rcc['purity']:.2f}</span>)")
+        lines = [f"<div class=meta>{' · '.join(meta)}</div>"]
+        if data.parameters is not None:
+            params = data.parameters[data.parameters["rcc"] == name].nlargest(4, "variance_reduction_%")
+            if len(params):
+                lines.append("<div class=meta>characterised by: " + ", ".join(
+                    f"{esc(p['parameter'])} {p['min']:.3g}..{p['max']:.3g} (variance -{p['variance_reduction_%']:.0f}%)"
+                    for _, p in params.iterrows()) + "</div>")
+        if fixed:
+            cells = ", ".join(f"{mode} {t.loc[name, 'mean_fixed']:.1f}" for mode, t in fixed.items() if name in t.index)
+            if cells:
+                lines.append(f"<div class=meta>errors fixed by retraining (mean of runs): {cells}</div>")
+        figures = []
+        for item in members.head(THUMBNAILS_PER_RCC).itertuples():
+            if item.image in overlays:
+                caption = f"{esc(item.expected)} → {esc(item.predicted)}"
+                figures.append(f"<figure><img loading=lazy src='{rel(overlays[item.image], t_dir)}' "
+                               f"width={2 * TILE + 2} height={TILE} alt='{caption}'><figcaption>{caption}"
+                               "</figcaption></figure>")
+        more = len(members) - THUMBNAILS_PER_RCC
+        folder = f"{data.layer}/{name}/"
+        lines.append(f"<div class=grid>{''.join(figures)}</div>")
+        lines.append(f"<div class=meta><a href='{folder}'>all {len(members)} images</a>"
+                     + (f" ({more} more than shown)" if more > 0 else "") + "</div>")
+        lines.append(unsafe_strip(ctx, data, name))
+        cards.append(f"<div class=card id='{esc(name)}' data-rcc='{esc(name)}' data-size='{int(rcc['size'])}'>"
+                     f"<h3>{esc(name)}</h3>{''.join(lines)}</div>")
+    return (f"<h2>Root-cause clusters of {esc(data.layer)}</h2><p>{len(stats)} RCCs, largest first. Each thumbnail: "
+            "the image, then where the model looked (input-level LRP relevance of the predicted class: red "
+            "for evidence for it, blue against). Caption: expected → predicted class.</p>"
+            f"<div class=cards>{''.join(cards)}</div>")
+
+
+def unsafe_strip(ctx: RunContext, data: ReportData, rcc: str) -> str:
+    if data.unsafe is None:
+        return ""
+    chosen = data.unsafe[data.unsafe["rcc"] == rcc]
+    if not len(chosen):
+        return "<div class='meta muted'>no unsafe-set images (RCCs of one image get none)</div>"
+    images = []
+    for item in chosen.head(UNSAFE_PER_RCC).itertuples():
+        source = ctx.paths.root / item.image
+        copy = ctx.paths.t_dir / "UnsafeSet" / rcc / f"{source.parent.name}__{source.name}"
+        if copy.is_file():
+            images.append(f"<img loading=lazy src='{rel(copy, ctx.paths.t_dir)}' title='distance {item.distance:.3f}' "
+                          f"alt='{esc(source.name)}'>")
+    return (f"<div class=meta>unsafe set: <span class=unsafe-count>{len(chosen)}</span> improvement images "
+            f"(<a href='UnsafeSet/{esc(rcc)}/'>folder</a>)</div><div class='grid unsafe'>{''.join(images)}</div>")
+
+
+def retrain_section(ctx: RunContext, data: ReportData) -> str:
+    if not data.retrain:
+        return ("<h2>Retraining</h2><p class=muted>Not run yet: <code>python HUDD.py -o CASE -mode HUDD</code> "
+                "(and BL1, BL2) retrains at one labelling budget.</p>")
+    original = original_test_accuracy(ctx)
+    rows = []
+    for mode, tables in data.retrain.items():
+        runs = tables["runs"]
+        gain = runs["accuracy"].mean() - original
+        rows.append(f"<tr data-mode={mode}><td class=l>{mode}</td><td>{int(runs['labelled'].iloc[0])}</td>"
+                    f"<td>{int(runs['bag'].iloc[0])}</td><td>{len(runs)}</td>"
+                    f"<td class=acc data-value='{runs['accuracy'].mean():.4f}'>{runs['accuracy'].mean():.2f}%</td>"
+                    f"<td>{runs['accuracy'].min():.2f}–{runs['accuracy'].max():.2f}%</td>"
+                    f"<td class='gain {sign_class(gain)}' data-value='{gain:.4f}'>{gain:+.2f}</td>"
+                    f"<td>{runs['improved'].mean():.1f}</td><td>{runs['worsened'].mean():.1f}</td></tr>")
+    chart = comparison_chart(ctx, data, original)
+    scenario_rows = scenario_gain_rows(data)
+    return f"""
+<h2>Retraining: HUDD vs BL1 vs BL2 at one labelling budget</h2>
+<p>Original test accuracy <b>{original:.2f}%</b>. Every mode labels the same number of distinct improvement
+images and trains on as many samples. BL1: random misclassified improvement images; BL2: random ones.</p>
+<table id=retrain><tr><th class=l>mode</th><th>labelled</th><th>training samples</th><th>runs</th>
+<th>accuracy (mean)</th><th>min–max</th><th>gain (points)</th><th>improved</th><th>worsened</th></tr>
+{''.join(rows)}</table>
+{scenario_rows}
+{f'<p><img src="{rel(chart, ctx.paths.t_dir)}" alt="accuracy gain per mode" width=720></p>' if chart else ''}
+"""
+
+
+def scenario_gain_rows(data: ReportData) -> str:
+    tables = {m: t["scenarios"].set_index("scenario")["gain"] for m, t in data.retrain.items() if "scenarios" in t}
+    if not tables:
+        return ""
+    names = list(next(iter(tables.values())).index)
+    body = "".join(f"<tr><td class=l>{m}</td>" + "".join(
+        f"<td class='{sign_class(g)}'>{g:+.1f}</td>" for g in gains.reindex(names)) + "</tr>"
+        for m, gains in tables.items())
+    return ("<p>Gain per scenario (accuracy points, mean of the runs):</p><table id=scenario-gains><tr><th class=l>mode</th>"
+            + "".join(f"<th>{esc(n)}</th>" for n in names) + f"</tr>{body}</table>")
+
+
+def comparison_chart(ctx: RunContext, data: ReportData, original: float) -> Path | None:
+    """T/Retrain/comparison.png: gain per mode, overall and per scenario (grouped bars)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = {"overall": {m: t["runs"]["accuracy"].mean() - original for m, t in data.retrain.items()}}
+    for mode, tables in data.retrain.items():
+        if "scenarios" in tables:
+            for row in tables["scenarios"].itertuples():
+                groups.setdefault(row.scenario, {})[mode] = row.gain
+    modes = list(data.retrain)
+    figure, axes = plt.subplots(figsize=(9, 3.6))
+    width = 0.8 / len(modes)
+    for number, mode in enumerate(modes):
+        values = [groups[g].get(mode, np.nan) for g in groups]
+        axes.bar(np.arange(len(groups)) + number * width - 0.4 + width / 2, values, width, label=mode)
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.set_xticks(np.arange(len(groups)), list(groups))
+    axes.set_ylabel("test accuracy gain (points)")
+    axes.set_title("Retraining at one labelling budget: gain over the original model")
+    axes.legend()
+    figure.tight_layout()
+    path = ctx.paths.t_dir / "Retrain" / "comparison.png"
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_report(ctx: RunContext) -> Path | None:
+    """Writes T/report.html from the outputs on disk; None where there are no clusters yet."""
+    if not (ctx.paths.t_dir / "ClusterAnalysis" / "summary.csv").is_file():
+        return None
+    data = read_data(ctx)
+    overlays = write_overlays(ctx, data.layer, data.labels)
+    page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>HUDD report: {esc(ctx.paths.root.name)}"
+            f"</title><style>{STYLE}</style></head><body><h1>HUDD report</h1>"
+            f"<p class=muted>Root causes of the model's errors, found by clustering LRP heatmaps.</p>"
+            f"{run_section(ctx, data)}{retrain_section(ctx, data)}{rcc_cards(ctx, data, overlays)}</body></html>")
+    path = ctx.paths.t_dir / "report.html"
+    with atomic_path(path) as temporary:
+        temporary.write_text(page, encoding="utf-8")
+    return path

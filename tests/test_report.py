@@ -1,0 +1,141 @@
+"""reportModule: T/report.html parses, every image it references exists, its numbers are the CSVs',
+the overlays show relevance in the right colours, and (where Chromium is installed) it renders."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import reportModule
+from test_cli import hudd
+
+
+class PageParser(HTMLParser):
+    """Collects image sources, links, elements with data-* attributes, and the text of the page."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources, self.links, self.data, self.text = [], [], [], []
+        self.open_tags = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.sources.append(attrs["src"])
+        if tag == "a":
+            self.links.append(attrs["href"])
+        if any(k.startswith("data-") for k in attrs) or "id" in attrs:
+            self.data.append((tag, attrs))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(path: Path) -> PageParser:
+    parser = PageParser()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    return parser
+
+
+def selected_layer(case: Path) -> str:
+    summary = pd.read_csv(case / "T" / "ClusterAnalysis" / "summary.csv")
+    return summary.loc[summary["selected"], "layer"].iloc[0]
+
+
+def test_every_pipeline_run_writes_the_report_and_says_where(retrained_case):
+    case, results = retrained_case
+    report = case / "T" / "report.html"
+    assert report.is_file()
+    assert f"report: {report}" in results["BL2"].stdout
+
+
+def test_every_referenced_file_exists(retrained_case):
+    case, _ = retrained_case
+    page = parse(case / "T" / "report.html")
+    assert page.sources and page.links
+    for reference in page.sources + page.links:
+        assert not reference.startswith(("/", "http")), reference   # relative: the page opens from disk anywhere
+        assert (case / "T" / reference).exists(), reference
+
+
+def test_the_numbers_are_those_of_the_output_files(retrained_case):
+    case, _ = retrained_case
+    page = parse(case / "T" / "report.html")
+    layer = selected_layer(case)
+    stats = pd.read_csv(case / "T" / "ClusterAnalysis" / layer / "rcc_stats.csv").set_index("rcc")["size"]
+    cards = {attrs["data-rcc"]: int(attrs["data-size"]) for tag, attrs in page.data if "data-rcc" in attrs}
+    assert cards == stats.to_dict()                     # every RCC of the selected layer, with its size
+    ids = {attrs["id"]: attrs for tag, attrs in page.data if "id" in attrs}
+    assert int(ids["errors"]["data-value"]) == len(pd.read_csv(case / "T" / "Heatmaps" / "index.csv"))
+    accuracies = [float(attrs["data-accuracy"]) for tag, attrs in page.data if "data-accuracy" in attrs]
+    test = pd.read_csv(case / "testResult.csv")
+    assert 100 * (test["result"] == "Correct").mean() == pytest.approx(accuracies[1], abs=1e-4)
+    original = 100 * (test["result"] == "Correct").mean()
+    shown = {attrs["data-mode"] for tag, attrs in page.data if "data-mode" in attrs}
+    assert shown == {"HUDD", "BL1", "BL2"}
+    values = [float(attrs["data-value"]) for tag, attrs in page.data if attrs.get("class", "").startswith("acc")]
+    gains = [float(attrs["data-value"]) for tag, attrs in page.data if attrs.get("class", "").startswith("gain")]
+    for mode, accuracy, gain in zip(("HUDD", "BL1", "BL2"), values, gains):
+        runs = pd.read_csv(case / "T" / "Retrain" / f"{mode}_runs.csv")
+        assert accuracy == pytest.approx(runs["accuracy"].mean(), abs=1e-4)
+        assert gain == pytest.approx(runs["accuracy"].mean() - original, abs=1e-4)
+    assert (case / "T" / "Retrain" / "comparison.png").is_file()
+
+
+def test_overlays_lie_beside_the_rcc_images_and_show_positive_relevance_in_red(retrained_case):
+    case, _ = retrained_case
+    layer = selected_layer(case)
+    labels = pd.read_csv(case / "T" / "ClusterAnalysis" / layer / "labels.csv")
+    index = pd.read_csv(case / "T" / "Heatmaps" / "index.csv")
+    pixels = np.load(case / "T" / "Heatmaps" / "Layer0.npy")
+    for item in labels.itertuples():
+        source = case / item.image
+        overlay = case / "T" / layer / item.rcc / f"{item.expected}__{source.stem}_heatmap.png"
+        assert overlay.is_file(), overlay
+    # One overlay checked pixel by pixel against its heatmap: the strongest positive pixel is red, the
+    # strongest negative one blue (tile coordinates: the heatmap is upscaled without smoothing).
+    item = labels.iloc[0]
+    heat = pixels[int(np.flatnonzero(index["image"] == item.image)[0])].sum(axis=0)
+    tile = np.asarray(Image.open(case / "T" / layer / item.rcc /
+                                 f"{item.expected}__{Path(item.image).stem}_heatmap.png").convert("RGB")).astype(int)
+    size = reportModule.TILE
+    assert tile.shape == (size, 2 * size + 2, 3)
+    scale = size / heat.shape[0]
+    for row, col, colour in ((*np.unravel_index(heat.argmax(), heat.shape), "red"),
+                             (*np.unravel_index(heat.argmin(), heat.shape), "blue")):
+        r, g, b = tile[int((row + 0.5) * scale), size + 2 + int((col + 0.5) * scale)]
+        assert (r > b + 60) if colour == "red" else (b > r + 60), (colour, r, g, b)
+
+
+def test_report_command_on_an_existing_case_and_on_one_without_clusters(retrained_case, make_case):
+    case, _ = retrained_case
+    report = case / "T" / "report.html"
+    report.unlink()
+    result = hudd("-o", str(case), "--report")
+    assert result.returncode == 0 and report.is_file() and "report:" in result.stdout
+    bare = make_case("bare", per_class=1)
+    result = hudd("-o", str(bare), "--report")
+    assert result.returncode == 2 and "no clustering results" in result.stderr
+
+
+def test_the_page_renders_in_headless_chromium(retrained_case, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Chromium is not installed (Debian package: chromium)")
+    case, _ = retrained_case
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1400,2000",
+                    f"--screenshot={shot}", (case / "T" / "report.html").as_uri()],
+                   capture_output=True, timeout=120)
+    picture = np.asarray(Image.open(shot).convert("RGB"))
+    assert picture.shape[:2] == (2000, 1400)
+    assert picture.std() > 20 and (picture < 100).any()   # text and thumbnails, not a blank page
