@@ -105,9 +105,54 @@ class DemoNet(nn.Module):
         return self.classifier(x)
 
 
+class KPNet(nn.Module):
+    """The original tool's facial keypoint network (reference §5): 1 x 128 x 128 grey input, six
+    convolutions with two max pools, then two 2x2 stride-2 transposed convolutions (no bias) back to one
+    output map per keypoint at the input resolution. `freeze_early()` freezes conv1-conv4, as the
+    original's retraining did."""
+
+    input_size = 128
+    widths = (96, 96, 192, 192, 224, 224, 128)
+
+    def __init__(self, num_classes: int = 27, in_channels: int = 1):
+        super().__init__()
+        w = self.widths
+        self.conv1 = nn.Conv2d(in_channels, w[0], 3, padding=1)
+        self.conv2 = nn.Conv2d(w[0], w[1], 3, padding=1)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(w[1], w[2], 3, padding=1)
+        self.conv4 = nn.Conv2d(w[2], w[3], 3, padding=1)
+        self.pool2 = nn.MaxPool2d(2)
+        self.conv5 = nn.Conv2d(w[3], w[4], 3, padding=1)
+        self.conv6 = nn.Conv2d(w[4], w[5], 1)
+        self.convT1 = nn.ConvTranspose2d(w[5], w[6], 2, stride=2, bias=False)
+        self.convT2 = nn.ConvTranspose2d(w[6], num_classes, 2, stride=2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu = torch.relu  # functional, as in the original (and never in-place)
+        x = self.pool1(relu(self.conv2(relu(self.conv1(x)))))
+        x = self.pool2(relu(self.conv4(relu(self.conv3(x)))))
+        x = relu(self.conv6(relu(self.conv5(x))))
+        return self.convT2(relu(self.convT1(x)))
+
+    def freeze_early(self) -> None:
+        for layer in (self.conv1, self.conv2, self.conv3, self.conv4):
+            layer.requires_grad_(False)
+
+
+class KPNetSmall(KPNet):
+    """KPNet's layout with about 1/6 of its channels, for 64 x 64 inputs: the keypoint demo's network,
+    sized to train on a CPU."""
+
+    input_size = 64
+    widths = (16, 16, 32, 32, 48, 48, 32)
+
+
 # Lower-case names as the user types them with --arch or in hudd.json.
 BUILTIN_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "alexnet256": AlexNet256,
     "alexnet128": AlexNet128,
     "demonet": DemoNet,
+    "kpnet": KPNet,
+    "kpnet-small": KPNetSmall,
 }
