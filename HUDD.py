@@ -119,8 +119,10 @@ def resolve_model_path(case: Path, model: str) -> Path:
 
 
 def make_context(args: argparse.Namespace, case: Path) -> RunContext:
+    import fldPackage
     if not case.is_dir():
         raise HuddError(f"{case}: case-study directory not found; pass the folder holding DataSets/ and DNNModels/")
+    fldPackage.import_package(case, args.trust_pickle)  # the original FLD package, once, when DataSets/ is missing
     paths = Helper.CasePaths(case)
     settings = Helper.load_settings(paths, {
         "arch": args.arch, "batch_size": args.batch_size, "workers": args.workers, "runs": args.runs,

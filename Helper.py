@@ -122,6 +122,7 @@ class ImageSet:
     paths: list[Path]
     labels: list[int]
     classes: list[str]
+    targets: np.ndarray | None = None   # keypoint sets: (images, keypoints, 2) pixel (x, y); None when unlabelled
 
     @property
     def labelled(self) -> bool:
@@ -162,11 +163,65 @@ def list_image_set(set_root: Path, classes: list[str] | None = None, name: str =
     return ImageSet(name=name, root=set_root, paths=paths, labels=labels, classes=classes)
 
 
-def load_case_sets(paths: CasePaths, set_keys=("train", "test", "improve")) -> dict[str, ImageSet]:
-    """The case's image sets; classes are the training set's class folders."""
+KEYPOINT_LABELS = "labels.csv"
+
+
+def list_keypoint_set(set_root: Path, name: str = "", keypoints: list[str] | None = None) -> ImageSet:
+    """A keypoint set: images anywhere under the set folder and, when labelled, `labels.csv` with
+    `image` (path relative to the set folder) then `<kp>_x, <kp>_y` per keypoint (0 or -1: missing).
+    Without labels.csv the set is unlabelled (allowed for the improvement set only)."""
+    name = name or set_root.name
+    if not set_root.is_dir():
+        raise HuddError(f"{set_root}: image set folder not found")
+    label_file = set_root / KEYPOINT_LABELS
+    if not label_file.is_file():
+        images = sorted(p for p in set_root.rglob("*") if _is_image(p))
+        if not images:
+            raise HuddError(f"{set_root}: no images found")
+        return ImageSet(name=name, root=set_root, paths=images, labels=[UNLABELLED] * len(images),
+                        classes=list(keypoints or []))
+    table = pd.read_csv(label_file)
+    columns = list(table.columns)
+    if not columns or columns[0] != "image" or len(columns) < 3 or len(columns) % 2 == 0:
+        raise HuddError(f"{label_file}: needs an 'image' column, then an x and a y column per keypoint "
+                        "(kp0_x, kp0_y, kp1_x, ...)")
+    names = [c[:-2] if c.endswith("_x") else c for c in columns[1::2]]
+    if keypoints is not None and names != keypoints:
+        raise HuddError(f"{label_file}: its keypoints ({', '.join(names[:4])}...) differ from the training set's "
+                        f"({', '.join(keypoints[:4])}...); use the same columns in every labels.csv")
+    paths = [set_root / p for p in table["image"]]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise HuddError(f"{label_file}: lists {missing[0].relative_to(set_root)}, which is not in {set_root}; "
+                        "fix the file or add the image")
+    targets = table[columns[1:]].to_numpy(dtype=np.float64)
+    if not np.isfinite(targets).all():
+        row = int(np.flatnonzero(~np.isfinite(targets).all(axis=1))[0])
+        raise HuddError(f"{label_file}: row for {table['image'].iloc[row]!r} has an empty or non-numeric "
+                        "coordinate; mark a missing keypoint with 0 or -1")
+    return ImageSet(name=name, root=set_root, paths=paths, labels=[0] * len(paths), classes=names,
+                    targets=targets.reshape(len(paths), len(names), 2))
+
+
+def load_case_sets(paths: CasePaths, set_keys=("train", "test", "improve"), task: str = "classification"
+                   ) -> dict[str, ImageSet]:
+    """The case's image sets; classes are the training set's class folders (keypoint tasks: its
+    keypoint names)."""
     if not paths.datasets.is_dir():
         raise HuddError(f"{paths.datasets}: DataSets folder not found; put TrainingSet, TestSet and "
                         "ImprovementSet folders there")
+    if task == "keypoints":
+        train = list_keypoint_set(paths.set_dir("train"), name="TrainingSet")
+        if not train.labelled:
+            raise HuddError(f"{train.root}: the training set needs a {KEYPOINT_LABELS} with the keypoints")
+        sets = {"train": train}
+        for key in set_keys:
+            if key != "train":
+                sets[key] = list_keypoint_set(paths.set_dir(key), name=SET_FOLDERS[key], keypoints=train.classes)
+        if not sets.get("test", train).labelled:
+            raise HuddError(f"{sets['test'].root}: the test set needs a {KEYPOINT_LABELS} (labels are needed to "
+                            "find the error-inducing images)")
+        return sets
     train = list_image_set(paths.set_dir("train"), name="TrainingSet")
     if not train.labelled:
         raise HuddError(f"{train.root}: the training set needs one sub-folder per class")
@@ -263,10 +318,12 @@ def _validate_settings(s: Settings, source: Path) -> None:
     def bad(key: str, why: str) -> HuddError:
         return HuddError(f"setting {key}={getattr(s, key)!r} (from {source} or the command line): {why}")
 
-    if s.task != "classification":
-        raise bad("task", "only 'classification' is supported in this version")
-    if s.explain not in ("predicted", "expected"):
+    if s.task not in ("classification", "keypoints"):
+        raise bad("task", "use 'classification' or 'keypoints' (regression of keypoint maps)")
+    if s.task == "classification" and s.explain not in ("predicted", "expected"):
         raise bad("explain", "use 'predicted' (the class the model chose) or 'expected' (the true class)")
+    if s.task == "keypoints" and s.explain not in ("predicted", "worst", "all"):
+        raise bad("explain", "for keypoints use 'worst' (the worst keypoint's map, the original's choice) or 'all'")
     for key, allowed in (("cluster_space", ("direct", "profiles")), ("normalisation", ("none", "l2", "max")),
                          ("k_criterion", ("knee", "silhouette")), ("layer_criterion", ("wicd", "silhouette"))):
         if getattr(s, key) not in allowed:
@@ -487,6 +544,11 @@ def check_output_size(model: nn.Module, settings: Settings, num_classes: int, mo
         raise HuddError(f"{model_path}: the model fails on a {settings.channels}x{height}x{width} input "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0]}); set input_size/channels in "
                         "hudd.json to what the model takes")
+    if settings.task == "keypoints":
+        if output.ndim != 4 or output.shape[1] != num_classes:
+            raise HuddError(f"{model_path}: the model's output has shape {tuple(output.shape[1:])} but a keypoint "
+                            f"model must give one map per keypoint ({num_classes} in labels.csv of the training set)")
+        return
     if output.ndim != 2 or output.shape[1] != num_classes:
         raise HuddError(f"{model_path}: the model's output has shape {tuple(output.shape[1:])} but the training set "
                         f"has {num_classes} classes; check the model or the class folders of DataSets/TrainingSet")
@@ -560,6 +622,8 @@ def image_set_digest(image_set: ImageSet, case_root: Path) -> str:
         stat = path.stat()
         digest.update(f"{os.path.relpath(path, case_root)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     digest.update("|".join(image_set.classes).encode())
+    if image_set.targets is not None:  # keypoint labels live in labels.csv, not in folder names
+        digest.update(np.ascontiguousarray(image_set.targets).tobytes())
     return digest.hexdigest()
 
 
@@ -627,7 +691,7 @@ class RunContext:
 
     def sets(self) -> dict[str, ImageSet]:
         if self._sets is None:
-            self._sets = load_case_sets(self.paths)
+            self._sets = load_case_sets(self.paths, task=self.settings.task)
         return self._sets
 
     @property

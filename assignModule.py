@@ -99,24 +99,41 @@ def improvement_distances(ctx: RunContext, module: str, members: np.ndarray, mem
     """Nearest-member distance of every improvement image to every RCC, batch by batch: relevance
     at the selected layer only (explaining the predicted class; no labels needed), normalised as
     the cluster step normalised the members."""
+    from heatmapModule import lrp_target
     improve = ctx.sets()["improve"]
-    results = pd.read_csv(ctx.paths.result_csv("improve"))
-    predicted = dict(zip(results["image"], results["predicted"]))
-    targets = torch.tensor([ctx.classes.index(predicted[ctx.paths.relative(p)]) for p in improve.paths])
+    targets = improvement_targets(ctx)
     explainer = LRPExplainer(ctx.model(), rules=ctx.settings.rules,
                              layers=None if module == "input" else [module])
     loader = make_loader(improve, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
     distances = np.empty((len(improve), rccs))
+    output_shape = None
     for inputs, _labels, rows, failures in tqdm(loader, desc="assigning improvement images", unit="batch",
                                                 leave=False, disable=None):
         if failures:
             raise HuddError(f"{improve.paths[failures[0][0]]}: cannot read image ({failures[0][1]})")
-        relevance = explainer(inputs.to(ctx.device), target=targets[rows].to(ctx.device),
+        if output_shape is None:
+            with torch.no_grad():
+                output_shape = tuple(ctx.model()(inputs[:1].to(ctx.device)).shape[1:])
+        relevance = explainer(inputs.to(ctx.device), target=lrp_target(targets[rows], ctx, output_shape),
                               input_relevance=module == "input")[module].float().cpu().numpy()
         queries = normalise_rows(relevance.reshape(len(relevance), -1).astype(np.float64), ctx.settings.normalisation)
         distances[rows.numpy()] = nearest_member_distances(queries, members, member_rcc, rccs)
     images = pd.DataFrame({"image": [ctx.paths.relative(p) for p in improve.paths]})
     return distances, images
+
+
+def improvement_targets(ctx: RunContext) -> torch.Tensor:
+    """Per improvement image, the output channel explained, as for the error images: the predicted
+    class; for keypoint models the worst keypoint, which needs labels (an unlabelled keypoint set is
+    explained over all its maps: channel -1 with `"explain": "all"` semantics)."""
+    improve = ctx.sets()["improve"]
+    results = pd.read_csv(ctx.paths.result_csv("improve"), keep_default_na=False).set_index("image")
+    rows = results.loc[[ctx.paths.relative(p) for p in improve.paths]]
+    if ctx.settings.task == "keypoints":
+        if "worst_keypoint" not in rows.columns or ctx.settings.explain == "all":
+            return torch.full((len(rows),), -1, dtype=torch.long)
+        return torch.tensor([ctx.classes.index(k) if k else -1 for k in rows["worst_keypoint"]], dtype=torch.long)
+    return torch.tensor([ctx.classes.index(c) for c in rows["predicted"]], dtype=torch.long)
 
 
 def step_fingerprint(ctx: RunContext) -> str:

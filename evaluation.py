@@ -3,6 +3,9 @@
 Shared by the retraining step, `-rq True` (RQ1 raw results) and `RQ2.py`: test accuracy overall, per
 class and per scenario, the test images improved (Wrong -> Correct) and worsened (Correct -> Wrong)
 against the original model's `testResult.csv`, and the error images of each RCC that are now right.
+For keypoint models "correct" means a mean keypoint error within `error_threshold`, "per class" is per
+face component (share of images whose component has no keypoint above the threshold), and the mean
+keypoint error is measured too.
 """
 from __future__ import annotations
 
@@ -22,14 +25,21 @@ class TestMeasures:
     """One model's results on the test set; `correct` is indexed by image path relative to the case."""
 
     correct: pd.Series          # bool per test image
-    predicted: pd.Series        # predicted class name per test image
-    expected: pd.Series         # true class name per test image
+    predicted: pd.Series        # predicted class name per test image (keypoints: worst component)
+    expected: pd.Series         # true class name per test image (keypoints: unused, "")
+    mean_error: pd.Series | None = None       # keypoints: mean error over the visible keypoints, px
+    component_ok: pd.DataFrame | None = None  # keypoints: per image and component, no keypoint above the threshold
 
     @property
     def accuracy(self) -> float:
         return 100.0 * float(self.correct.mean())
 
     def per_class(self) -> pd.DataFrame:
+        if self.component_ok is not None:
+            table = pd.DataFrame({"class": self.component_ok.columns, "images": len(self.component_ok),
+                                  "correct": self.component_ok.sum().to_numpy()})
+            table["accuracy"] = 100.0 * table["correct"] / table["images"]
+            return table
         table = (pd.DataFrame({"class": self.expected.to_numpy(), "correct": self.correct.to_numpy()})
                  .groupby("class", sort=True)["correct"].agg(images="size", correct="sum").reset_index())
         table["accuracy"] = 100.0 * table["correct"] / table["images"]
@@ -51,7 +61,40 @@ def predict_classes(model: nn.Module, image_set: ImageSet, ctx: RunContext, desc
     return predicted
 
 
+def predict_keypoints(model: nn.Module, image_set: ImageSet, ctx: RunContext, desc: str = "") -> np.ndarray:
+    """(images, keypoints, 2) decoded predictions, in set order."""
+    import keypoints
+    model.eval()
+    loader = make_loader(image_set, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
+    predicted = np.empty((len(image_set), len(ctx.classes), 2))
+    with torch.no_grad():
+        for inputs, _labels, rows, failures in tqdm(loader, desc=desc or f"testing {image_set.name}", unit="batch",
+                                                    leave=False, disable=None):
+            if failures:
+                raise HuddError(f"{image_set.paths[failures[0][0]]}: cannot read image ({failures[0][1]}); "
+                                "replace or remove the file")
+            predicted[rows.numpy()] = keypoints.decode(model(inputs.to(ctx.device))).cpu().numpy()
+    return predicted
+
+
+def measure_keypoints(model: nn.Module, ctx: RunContext, desc: str = "") -> TestMeasures:
+    import keypoints
+    test = ctx.sets()["test"]
+    errors = keypoints.keypoint_errors(predict_keypoints(model, test, ctx, desc), test.targets)
+    threshold = ctx.settings.error_threshold
+    images = [ctx.paths.relative(p) for p in test.paths]
+    flags = keypoints.component_flags(errors, threshold)
+    return TestMeasures(correct=pd.Series(~keypoints.is_wrong(errors, threshold), index=images),
+                        predicted=pd.Series(keypoints.component_of(keypoints.worst_keypoints(errors), errors.shape[1]),
+                                            index=images),
+                        expected=pd.Series("", index=images),
+                        mean_error=pd.Series(keypoints.mean_errors(errors), index=images),
+                        component_ok=pd.DataFrame({c: ~f for c, f in flags.items()}, index=images))
+
+
 def measure_on_test(model: nn.Module, ctx: RunContext, desc: str = "") -> TestMeasures:
+    if ctx.settings.task == "keypoints":
+        return measure_keypoints(model, ctx, desc)
     test = ctx.sets()["test"]
     predicted = predict_classes(model, test, ctx, desc)
     expected = np.asarray(test.labels)

@@ -77,18 +77,37 @@ class NpyRowWriter:
 
 
 def error_images(ctx: RunContext) -> pd.DataFrame:
-    """The Wrong rows of testResult.csv: image, expected, predicted (in the file's order)."""
+    """The Wrong rows of testResult.csv: image, expected, predicted (in the file's order). For keypoint
+    models `expected` is the worst keypoint's face component and `predicted` the worst keypoint."""
     results_path = ctx.paths.result_csv("test")
     if not results_path.is_file():
         raise HuddError(f"{results_path}: not found; run the test step first (--steps test,heatmaps)")
-    results = pd.read_csv(results_path)
+    results = pd.read_csv(results_path, keep_default_na=False)
     wrong = results[results["result"] == "Wrong"]
+    if ctx.settings.task == "keypoints":
+        wrong = wrong.rename(columns={"worst_component": "expected", "worst_keypoint": "predicted"})
     return wrong[["image", "expected", "predicted"]].reset_index(drop=True)
 
 
 def explained_classes(index: pd.DataFrame, ctx: RunContext) -> torch.Tensor:
-    column = "predicted" if ctx.settings.explain == "predicted" else "expected"
+    """Per image, the output channel whose relevance is explained: the predicted or expected class,
+    or for keypoint models the worst keypoint (the `predicted` column of the index)."""
+    column = "expected" if ctx.settings.explain == "expected" else "predicted"
     return torch.tensor([ctx.classes.index(c) for c in index[column]], dtype=torch.long)
+
+
+def lrp_target(channels: torch.Tensor, ctx: RunContext, output_shape: tuple[int, ...] | None = None):
+    """What LRPExplainer takes as `target`: class indices, or for keypoint models a mask over the
+    output maps (the explained keypoint's map, or every map with `"explain": "all"`)."""
+    if ctx.settings.task != "keypoints":
+        return channels.to(ctx.device)
+    channels = channels.to(ctx.device)
+    mask = torch.zeros((len(channels), *output_shape), device=ctx.device)
+    every_map = channels < 0 if ctx.settings.explain != "all" else torch.ones_like(channels, dtype=torch.bool)
+    mask[every_map] = 1.0     # -1: no worst keypoint known (unlabelled image): every map
+    one = torch.nonzero(~every_map).flatten()
+    mask[one, channels[one]] = 1.0
+    return mask
 
 
 def selected_layers(model: torch.nn.Module, ctx: RunContext, example: torch.Tensor) -> list[tuple[str, str]]:
@@ -160,8 +179,8 @@ def compute_heatmaps(ctx: RunContext, index: pd.DataFrame, folder: Path, step_pr
     model = ctx.model()
     targets = explained_classes(index, ctx)
     image_set = ImageSet(name="error images", root=ctx.paths.set_dir("test"),
-                         paths=[ctx.paths.root / p for p in index["image"]],
-                         labels=[ctx.classes.index(c) for c in index["expected"]], classes=ctx.classes)
+                         paths=[ctx.paths.root / p for p in index["image"]], labels=[0] * len(index),
+                         classes=ctx.classes)
     loader = make_loader(image_set, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
     progress = Progress(folder, step_print)
     start_row = 0 if ctx.force else progress.rows_done()
@@ -177,13 +196,16 @@ def compute_heatmaps(ctx: RunContext, index: pd.DataFrame, folder: Path, step_pr
             if not layers:  # first batch: choose the layers, learn their shapes from one image
                 layers = selected_layers(model, ctx, inputs[:1].to(ctx.device))
                 explainer = LRPExplainer(model, rules=ctx.settings.rules, layers=[p for _n, p in layers[1:]])
-                probe = explainer(inputs[:1].to(ctx.device), target=targets[rows[:1]].to(ctx.device))
+                with torch.no_grad():
+                    output_shape = tuple(model(inputs[:1].to(ctx.device)).shape[1:])
+                probe = explainer(inputs[:1].to(ctx.device), target=lrp_target(targets[rows[:1]], ctx, output_shape))
                 writers = {name: NpyRowWriter(folder / f"{name}.npy", len(index), tuple(probe[path].shape[1:]),
                                               start_row) for name, path in layers}
             keep = rows >= start_row
             if not keep.any():
                 continue  # already on disk from an interrupted run
-            batch_relevance = explainer(inputs[keep].to(ctx.device), target=targets[rows[keep]].to(ctx.device))
+            batch_relevance = explainer(inputs[keep].to(ctx.device),
+                                        target=lrp_target(targets[rows[keep]], ctx, output_shape))
             for name, path in layers:
                 writers[name].write(batch_relevance[path].float().cpu().numpy())
             for writer in writers.values():

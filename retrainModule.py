@@ -106,7 +106,7 @@ class ImageSource:
 
     def __init__(self, image_set: ImageSet, ctx: RunContext):
         self.image_set, self.ctx = image_set, ctx
-        self.labels = torch.as_tensor(image_set.labels, dtype=torch.long)
+        self.labels = truth_of(image_set)
         self.tensor = self._decode_all() if self._fits() else None
 
     def _fits(self) -> bool:
@@ -132,8 +132,16 @@ class ImageSource:
             return
         subset = ImageSet(name=self.image_set.name, root=self.image_set.root, classes=self.image_set.classes,
                           paths=[self.image_set.paths[i] for i in rows],
-                          labels=[self.image_set.labels[i] for i in rows])
+                          labels=[self.image_set.labels[i] for i in rows],
+                          targets=None if self.image_set.targets is None else self.image_set.targets[rows])
         yield from combined_batches(subset, batch_size, self.ctx)
+
+
+def truth_of(image_set: ImageSet) -> torch.Tensor:
+    """What training compares the output with: class indices, or (N, K, 2) keypoint coordinates."""
+    if image_set.targets is not None:
+        return torch.as_tensor(image_set.targets, dtype=torch.float32)
+    return torch.as_tensor(image_set.labels, dtype=torch.long)
 
 
 def _stop_on_unreadable(image_set: ImageSet, failures) -> None:
@@ -174,7 +182,7 @@ def accuracy_on(model: nn.Module, source: ImageSource, rows: np.ndarray, ctx: Ru
     correct = 0
     with torch.no_grad():
         for inputs, labels in source.batches(rows, ctx.settings.batch_size):
-            correct += int((model(inputs.to(ctx.device)).argmax(1).cpu() == labels).sum())
+            correct += count_correct(model(inputs.to(ctx.device)), labels.to(ctx.device), ctx)
     return correct / len(rows)
 
 
@@ -189,7 +197,7 @@ def epoch_batches(data: TrainingData, bag: np.ndarray, batch_size: int, ctx: Run
         for start in range(0, len(rows), batch_size):
             part_source, part_rows = source[start:start + batch_size], rows[start:start + batch_size]
             inputs = torch.empty((len(part_rows), *data.train.tensor.shape[1:]))
-            labels = torch.empty(len(part_rows), dtype=torch.long)
+            labels = torch.empty((len(part_rows), *data.train.labels.shape[1:]), dtype=data.train.labels.dtype)
             for s, images in ((0, data.train), (1, data.improve)):
                 mask = torch.as_tensor(part_source == s)
                 picked = torch.as_tensor(part_rows[part_source == s], dtype=torch.long)
@@ -199,29 +207,60 @@ def epoch_batches(data: TrainingData, bag: np.ndarray, batch_size: int, ctx: Run
     sets = (data.train.image_set, data.improve.image_set)  # too large to keep: read from disk, in that order
     combined = ImageSet(name="retraining set", root=sets[0].root, classes=sets[0].classes,
                         paths=[sets[s].paths[r] for s, r in zip(source, rows)],
-                        labels=[sets[s].labels[r] for s, r in zip(source, rows)])
+                        labels=[sets[s].labels[r] for s, r in zip(source, rows)],
+                        targets=None if sets[0].targets is None else
+                        np.stack([sets[s].targets[r] for s, r in zip(source, rows)]))
     yield from combined_batches(combined, batch_size, ctx)
 
 
 def combined_batches(image_set: ImageSet, batch_size: int, ctx: RunContext):
-    for inputs, labels, _rows, failures in make_loader(image_set, ctx.settings, batch_size, ctx.settings.workers):
+    truth = truth_of(image_set)
+    for inputs, _labels, rows, failures in make_loader(image_set, ctx.settings, batch_size, ctx.settings.workers):
         _stop_on_unreadable(image_set, failures)
-        yield inputs, labels
+        yield inputs, truth[rows]
+
+
+def loss(outputs: torch.Tensor, truth: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+    """Cross-entropy for classes; for keypoints the MSE against Gaussian target maps (sigma 5, x10;
+    reference §9.4)."""
+    if ctx.settings.task == "keypoints":
+        import keypoints
+        return nn.functional.mse_loss(outputs, keypoints.target_maps(truth, *outputs.shape[2:]).to(outputs.device))
+    return nn.functional.cross_entropy(outputs, truth)
+
+
+def count_correct(outputs: torch.Tensor, truth: torch.Tensor, ctx: RunContext) -> int:
+    """Images right: the class, or for keypoints a mean error within the threshold."""
+    if ctx.settings.task == "keypoints":
+        import keypoints
+        errors = keypoints.keypoint_errors(keypoints.decode(outputs).cpu().numpy(), truth.cpu().numpy())
+        return int((~keypoints.is_wrong(errors, ctx.settings.error_threshold)).sum())
+    return int((outputs.argmax(1) == truth).sum())
+
+
+def make_optimiser(model: nn.Module, ctx: RunContext) -> torch.optim.Optimizer:
+    """The original's: SGD for classifiers; RMSprop with the early layers frozen for keypoint models
+    (reference §9.1, §9.4)."""
+    s = ctx.settings
+    if s.task == "keypoints":
+        if hasattr(model, "freeze_early"):
+            model.freeze_early()
+        return torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate)
+    return torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
 def train_epoch(model, optimiser, data: TrainingData, bag: np.ndarray, ctx: RunContext,
                 generator: torch.Generator) -> float:
     """One pass over the training rows and the bag; returns the training accuracy."""
     model.train()
-    loss_function = nn.CrossEntropyLoss()
     correct = seen = 0
     for inputs, labels in epoch_batches(data, bag, ctx.settings.batch_size, ctx, generator):
         inputs, labels = inputs.to(ctx.device), labels.to(ctx.device)
         optimiser.zero_grad()
         outputs = model(inputs)
-        loss_function(outputs, labels).backward()
+        loss(outputs, labels, ctx).backward()
         optimiser.step()
-        correct += int((outputs.argmax(1) == labels).sum())
+        correct += count_correct(outputs.detach(), labels, ctx)
         seen += len(labels)
     return correct / max(seen, 1)
 
@@ -234,8 +273,7 @@ def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, d
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(ctx.model()).to(ctx.device)
-    optimiser = torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum,
-                                weight_decay=s.weight_decay)
+    optimiser = make_optimiser(model, ctx)
     history, best_state, best_score = [], None, -np.inf
     for epoch in tqdm(range(1, s.epochs + 1), desc=desc, unit="epoch", leave=False, disable=None):
         train_accuracy = train_epoch(model, optimiser, data, bag, ctx, generator)
@@ -285,8 +323,10 @@ def unsafe_inputs(ctx: RunContext) -> UnsafeInputs:
     from assignModule import selected_clusters
     improve = ctx.sets()["improve"]
     if not improve.labelled:
+        how = ("add a labels.csv with their keypoints" if ctx.settings.task == "keypoints"
+               else "put them in one folder per class")
         raise HuddError(f"{improve.root}: retraining needs the improvement images labelled (BL1 needs to know which "
-                        "ones the model gets wrong, and every mode trains on labels); put them in one folder per class")
+                        f"ones the model gets wrong, and every mode trains on labels); {how}")
     layer, _module, labels, eligible = selected_clusters(ctx)
     distance_path = ctx.paths.t_dir / "UnsafeSet" / "rcc_distances.csv"
     if not distance_path.is_file():
@@ -342,7 +382,8 @@ def run(ctx: RunContext, mode: str, runs: int = 1, data: TrainingData | None = N
         rows.append({"run": run_index, "accuracy": measures.accuracy, "improved": improved, "worsened": worsened,
                      "epoch": epoch, "labelled": len(selection.chosen), "bag": len(selection.bag),
                      "labelled_misclassified": int(unsafe.wrong[selection.chosen].sum()),
-                     "model": ctx.paths.relative(path)})
+                     "model": ctx.paths.relative(path),
+                     **({} if measures.mean_error is None else {"mean_error": float(measures.mean_error.mean())})})
         fixed[f"run{run_index}"] = evaluation.fixed_per_rcc(measures, unsafe.rcc_errors)
         scenarios[f"run{run_index}"] = evaluation.per_scenario(measures, ctx)
         histories += [{"run": run_index, **h} for h in history]

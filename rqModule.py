@@ -34,7 +34,8 @@ def rq1(ctx: RunContext) -> dict:
     summary = pd.DataFrame([{"model": ctx.model_path.name, "accuracy": measures.accuracy,
                              "original_accuracy": 100.0 * original.mean(),
                              "gain": measures.accuracy - 100.0 * original.mean(),
-                             "improved": improved, "worsened": worsened, "layer": layer}])
+                             "improved": improved, "worsened": worsened, "layer": layer,
+                             **({} if measures.mean_error is None else {"mean_error": measures.mean_error.mean()})}])
     rcc_errors = labels[labels["rcc"].isin(eligible)]
     per_rcc = pd.DataFrame({"errors": rcc_errors["rcc"].value_counts().sort_index(),
                             "fixed": evaluation.fixed_per_rcc(measures, rcc_errors)}).rename_axis("rcc").reset_index()

@@ -5,6 +5,11 @@ image: `image` (path relative to the case directory), `result` (Correct/Wrong), 
 `predicted` class, then one `score_<class>` column per class holding the model's raw output (logit).
 An unlabelled improvement set has no `result`/`expected` columns. Where a set has a `metadata.csv`
 with a `scenario` column, accuracy per scenario goes to `scenarioAccuracy.csv`.
+
+Keypoint models (`"task": "keypoints"`): each output map is decoded into (x, y) (keypoints.py) and the
+rows hold `image`, `result` (Wrong when the mean error over the visible keypoints exceeds
+`error_threshold`), `mean_error`, `worst_keypoint`, `worst_component`, one Error/OK column per face
+component, `error_<kp>` per keypoint (empty where the keypoint is missing) and `pred_<kp>_x/_y`.
 """
 from __future__ import annotations
 
@@ -16,8 +21,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+import keypoints
 from Helper import (RESULT_FILES, SET_FOLDERS, HuddError, ImageSet, RunContext, fingerprint, image_set_digest,
-                    make_loader, read_metadata, write_csv)
+                    make_loader, read_metadata, resolve_input_size, write_csv)
 
 log = logging.getLogger("hudd")
 
@@ -49,7 +55,7 @@ def predict_set(model: torch.nn.Module, image_set: ImageSet, ctx: RunContext) ->
                                 "file, or pass --skip-bad-images to leave unreadable images out")
             failures += batch_failures
             if len(batch_indices):
-                logits.append(model(inputs.to(ctx.device)).float().cpu().numpy())
+                logits.append(output_rows(model(inputs.to(ctx.device)), ctx))
                 indices.append(batch_indices.numpy())
     for index, error in failures:
         log.warning("skipped unreadable image %s (%s)", image_set.paths[index], error)
@@ -58,7 +64,46 @@ def predict_set(model: torch.nn.Module, image_set: ImageSet, ctx: RunContext) ->
     return SetPredictions(np.concatenate(indices), np.concatenate(logits), failures)
 
 
+def output_rows(outputs: torch.Tensor, ctx: RunContext) -> np.ndarray:
+    """A batch's outputs as rows: logits, or for keypoint models the decoded x0, y0, x1, y1..."""
+    if ctx.settings.task == "keypoints":
+        return keypoints.decode(outputs).reshape(len(outputs), -1).cpu().numpy()
+    return outputs.float().cpu().numpy()
+
+
+def keypoint_frame(image_set: ImageSet, predictions: SetPredictions, ctx: RunContext) -> pd.DataFrame:
+    names = ctx.classes
+    predicted = predictions.logits.reshape(len(predictions.indices), len(names), 2)
+    frame = pd.DataFrame({"image": [ctx.paths.relative(image_set.paths[i]) for i in predictions.indices]})
+    if image_set.targets is not None:
+        errors = keypoints.keypoint_errors(predicted, image_set.targets[predictions.indices])
+        worst = keypoints.worst_keypoints(errors)
+        frame["result"] = np.where(keypoints.is_wrong(errors, ctx.settings.error_threshold), "Wrong", "Correct")
+        frame["mean_error"] = keypoints.mean_errors(errors)
+        frame["worst_keypoint"] = [names[k] if k >= 0 else "" for k in worst]
+        frame["worst_component"] = keypoints.component_of(worst, len(names))
+        for component, flagged in keypoints.component_flags(errors, ctx.settings.error_threshold).items():
+            frame[component] = np.where(flagged, "Error", "OK")
+        frame = pd.concat([frame, pd.DataFrame(errors, columns=[f"error_{n}" for n in names])], axis=1)
+    coords = pd.DataFrame(predicted.reshape(len(predicted), -1),
+                          columns=[f"pred_{n}_{axis}" for n in names for axis in ("x", "y")])
+    return pd.concat([frame, coords], axis=1)
+
+
+def check_keypoint_image_size(image_set: ImageSet, ctx: RunContext) -> None:
+    """Keypoint labels are pixels of the stored image and the model's maps are at its input size, so
+    the two must agree (checked on the set's first image)."""
+    from PIL import Image
+    height, width = resolve_input_size(ctx.settings)
+    with Image.open(image_set.paths[0]) as image:
+        if image.size != (width, height):
+            raise HuddError(f"{image_set.paths[0]}: is {image.size[0]}x{image.size[1]} pixels but the keypoint model "
+                            f"takes {width}x{height}; keypoint images must have the model's input size")
+
+
 def result_frame(image_set: ImageSet, predictions: SetPredictions, ctx: RunContext) -> pd.DataFrame:
+    if ctx.settings.task == "keypoints":
+        return keypoint_frame(image_set, predictions, ctx)
     classes = ctx.classes
     predicted = predictions.logits.argmax(axis=1)
     frame = pd.DataFrame({"image": [ctx.paths.relative(image_set.paths[i]) for i in predictions.indices]})
@@ -93,7 +138,7 @@ def step_fingerprint(ctx: RunContext) -> str:
     sets = ctx.sets()
     return fingerprint({"step": STEP, "version": STEP_VERSION, **ctx.model_fingerprint_part(),
                         "sets": {k: image_set_digest(s, ctx.paths.root) for k, s in sets.items()},
-                        "skip_bad_images": ctx.skip_bad_images})
+                        "skip_bad_images": ctx.skip_bad_images, "error_threshold": ctx.settings.error_threshold})
 
 
 def run(ctx: RunContext) -> dict:
@@ -107,6 +152,8 @@ def run(ctx: RunContext) -> dict:
     model = ctx.model()
     scenario_tables = []
     for set_key, image_set in ctx.sets().items():
+        if ctx.settings.task == "keypoints":
+            check_keypoint_image_size(image_set, ctx)
         predictions = predict_set(model, image_set, ctx)
         frame = result_frame(image_set, predictions, ctx)
         write_csv(frame, ctx.paths.result_csv(set_key))
