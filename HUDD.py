@@ -24,6 +24,7 @@ log = logging.getLogger("hudd")
 STEP_NAMES = ("test", "heatmaps", "clusters", "assign", "retrain")
 MODES = ("HUDD", "BL1", "BL2")
 DEFAULT_DEMO_DIR = "HUDD_demo"
+DEMO_KINDS = {"signs": DEFAULT_DEMO_DIR, "fld": "HUDD_demo_fld"}   # demo case study -> default folder
 
 
 def parse_bool(text: str) -> bool:
@@ -83,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "into CASE/RQ1/; runs no pipeline step")
     case.add_argument("--report", metavar="BOOL", **flag,
                       help="only (re)write CASE/T/report.html from the outputs on disk; runs no step")
-    case.add_argument("--demo", nargs="?", const=DEFAULT_DEMO_DIR, metavar="DIR",
-                      help=f"build the demo case study in DIR (default ./{DEFAULT_DEMO_DIR}) where missing, "
+    case.add_argument("--demo", nargs="*", metavar="[fld] [DIR]",
+                      help=f"build the demo case study in DIR (default ./{DEFAULT_DEMO_DIR}; with 'fld', the facial "
+                           f"keypoint demo, default ./{DEMO_KINDS['fld']}) where missing, "
                            "train its model and run the pipeline on it")
     model = parser.add_argument_group("model and data (override CASE/hudd.json)")
     model.add_argument("--arch", help="architecture of a state_dict: alexnet256, alexnet128, demonet, a torchvision "
@@ -164,16 +166,30 @@ def retrain(ctx: RunContext, modes: list[str]) -> list[dict]:
     return summaries
 
 
+def demo_kind_and_folder(values: list[str]) -> tuple[str, Path]:
+    """`--demo`, `--demo DIR`, `--demo fld`, `--demo fld DIR` (or `signs`)."""
+    kind = values[0] if values and values[0] in DEMO_KINDS else "signs"
+    rest = values[1:] if values and values[0] in DEMO_KINDS else values
+    if len(rest) > 1:
+        raise HuddError(f"--demo {' '.join(values)}: give at most a kind (signs or fld) and one folder")
+    return kind, Path(rest[0] if rest else DEMO_KINDS[kind])
+
+
 def prepare_demo(args: argparse.Namespace) -> Path:
     """Builds the demo case study and trains its model where they are missing."""
-    import demoCase
-    case = Path(args.demo)
+    kind, case = demo_kind_and_folder(args.demo)
+    if kind == "fld":
+        import demoFace as demo
+        build, train = demo.build_face_case, demo.train_face_model
+    else:
+        import demoCase as demo
+        build, train = demo.build_demo_case, demo.train_demo_model
     if not (case / "DataSets").is_dir():
-        log.info("building the demo case study in %s (seed %d)", case, args.seed)
-        demoCase.build_demo_case(case, seed=args.seed)
+        log.info("building the %s demo case study in %s (seed %d)", kind, case, args.seed)
+        build(case, seed=args.seed)
     if args.model == "OriginalModel.pth" and not (case / "DNNModels" / args.model).is_file():
         log.info("training the demo's original model")
-        demoCase.train_demo_model(case, seed=args.seed, device=Helper.pick_device(args.device))
+        train(case, seed=args.seed, device=Helper.pick_device(args.device))
     return case
 
 

@@ -247,9 +247,14 @@ def rcc_cards(ctx: RunContext, data: ReportData, overlays: dict[str, Path]) -> s
         lines.append(unsafe_strip(ctx, data, name))
         cards.append(f"<div class=card id='{esc(name)}' data-rcc='{esc(name)}' data-size='{int(rcc['size'])}'>"
                      f"<h3>{esc(name)}</h3>{''.join(lines)}</div>")
+    if ctx.settings.task == "keypoints":
+        explained = "the worst keypoint's output map"
+        caption = "the worst keypoint's face component → the worst keypoint"
+    else:
+        explained, caption = "the predicted class", "expected → predicted class"
     return (f"<h2>Root-cause clusters of {esc(data.layer)}</h2><p>{len(stats)} RCCs, largest first. Each thumbnail: "
-            "the image, then where the model looked (input-level LRP relevance of the predicted class: red "
-            "for evidence for it, blue against). Caption: expected → predicted class.</p>"
+            f"the image, then where the model looked (input-level LRP relevance of {explained}: red "
+            f"for evidence for it, blue against). Caption: {caption}.</p>"
             f"<div class=cards>{''.join(cards)}</div>")
 
 

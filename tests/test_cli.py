@@ -154,3 +154,13 @@ def test_clustering_without_heatmaps_says_what_to_run(make_case):
     case = make_case(per_class=1)
     assert hudd("-o", str(case), "--steps", "test").returncode == 0
     assert_clean_error(hudd("-o", str(case), "--steps", "clusters"), "run the heatmap step first")
+
+
+def test_demo_takes_a_kind_and_a_folder():
+    assert HUDD.demo_kind_and_folder([]) == ("signs", Path("HUDD_demo"))
+    assert HUDD.demo_kind_and_folder(["here"]) == ("signs", Path("here"))
+    assert HUDD.demo_kind_and_folder(["fld"]) == ("fld", Path("HUDD_demo_fld"))
+    assert HUDD.demo_kind_and_folder(["fld", "x/y"]) == ("fld", Path("x/y"))
+    with pytest.raises(HUDD.HuddError, match="at most a kind"):
+        HUDD.demo_kind_and_folder(["a", "b"])
+    assert HUDD.build_parser().parse_args(["--demo"]).demo == []
