@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -598,6 +599,33 @@ def atomic_path(final: Path) -> Iterator[Path]:
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+@contextlib.contextmanager
+def staged_datasets(paths: CasePaths) -> Iterator[Path]:
+    """A staging folder that becomes CASE/DataSets when the block completes (replacing an empty
+    DataSets folder), so a failed or interrupted build never leaves a half DataSets behind."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    staging = paths.root / f".DataSets.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        yield staging
+        if paths.datasets.exists():
+            paths.datasets.rmdir()  # callers refuse a non-empty one before building
+        os.replace(staging, paths.datasets)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def write_settings_if_absent(paths: CasePaths, settings: dict[str, Any]) -> None:
+    """A generated case's hudd.json; a user's own file is left as it is."""
+    if paths.settings_file.exists():
+        log.info("%s exists; left as it is", paths.settings_file)
+        return
+    with atomic_path(paths.settings_file) as temporary:
+        temporary.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:

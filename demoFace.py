@@ -54,7 +54,6 @@ import logging
 import math
 import multiprocessing
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -64,7 +63,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from Helper import SET_FOLDERS, CasePaths, HuddError, atomic_path
+from Helper import SET_FOLDERS, CasePaths, HuddError, atomic_path, staged_datasets, write_settings_if_absent
 
 log = logging.getLogger("hudd")
 
@@ -637,12 +636,8 @@ def build_face_case(case_dir: Path, seed: int = 0, sizes: dict[str, int] | None 
     plan = plan_face_case(seed, sizes)
     workers = _default_workers() if workers is None else max(1, int(workers))
 
-    case_dir.mkdir(parents=True, exist_ok=True)
-    staging = case_dir / f".DataSets.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
     started = time.perf_counter()
-    try:
+    with staged_datasets(paths) as staging:
         jobs = []
         for set_key, records in plan.items():
             set_dir = staging / SET_FOLDERS[set_key]
@@ -661,18 +656,8 @@ def build_face_case(case_dir: Path, seed: int = 0, sizes: dict[str, int] | None 
             with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
                 for _ in pool.map(_draw_chunk, jobs):
                     pass
-        if paths.datasets.exists():
-            paths.datasets.rmdir()  # checked empty above
-        os.replace(staging, paths.datasets)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
-    if not paths.settings_file.exists():
-        with atomic_path(paths.settings_file) as temporary:
-            temporary.write_text(json.dumps(FACE_SETTINGS, indent=2) + "\n")
-    else:
-        log.info("%s exists; left as it is", paths.settings_file)
+    write_settings_if_absent(paths, FACE_SETTINGS)
 
     counts = {set_key: {s: sum(1 for p in records if p["scenario"] == s) for s in SCENARIOS}
               for set_key, records in plan.items()}

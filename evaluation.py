@@ -46,35 +46,33 @@ class TestMeasures:
         return table
 
 
-def predict_classes(model: nn.Module, image_set: ImageSet, ctx: RunContext, desc: str = "") -> np.ndarray:
-    """Predicted class index of every image of the set, in set order; an unreadable image stops."""
+def predict(model: nn.Module, image_set: ImageSet, ctx: RunContext, decode, desc: str = "") -> np.ndarray:
+    """decode(outputs) of every image of the set, in set order; an unreadable image stops."""
     model.eval()
     loader = make_loader(image_set, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
-    predicted = np.empty(len(image_set), dtype=np.int64)
+    rows_out = []
     with torch.no_grad():
         for inputs, _labels, rows, failures in tqdm(loader, desc=desc or f"testing {image_set.name}", unit="batch",
                                                     leave=False, disable=None):
             if failures:
                 raise HuddError(f"{image_set.paths[failures[0][0]]}: cannot read image ({failures[0][1]}); "
                                 "replace or remove the file")
-            predicted[rows.numpy()] = model(inputs.to(ctx.device)).argmax(1).cpu().numpy()
-    return predicted
+            rows_out.append((rows.numpy(), decode(model(inputs.to(ctx.device))).cpu().numpy()))
+    result = np.empty((len(image_set), *rows_out[0][1].shape[1:]), dtype=rows_out[0][1].dtype)
+    for rows, values in rows_out:
+        result[rows] = values
+    return result
+
+
+def predict_classes(model: nn.Module, image_set: ImageSet, ctx: RunContext, desc: str = "") -> np.ndarray:
+    """Predicted class index of every image of the set, in set order."""
+    return predict(model, image_set, ctx, lambda outputs: outputs.argmax(1), desc)
 
 
 def predict_keypoints(model: nn.Module, image_set: ImageSet, ctx: RunContext, desc: str = "") -> np.ndarray:
     """(images, keypoints, 2) decoded predictions, in set order."""
     import keypoints
-    model.eval()
-    loader = make_loader(image_set, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
-    predicted = np.empty((len(image_set), len(ctx.classes), 2))
-    with torch.no_grad():
-        for inputs, _labels, rows, failures in tqdm(loader, desc=desc or f"testing {image_set.name}", unit="batch",
-                                                    leave=False, disable=None):
-            if failures:
-                raise HuddError(f"{image_set.paths[failures[0][0]]}: cannot read image ({failures[0][1]}); "
-                                "replace or remove the file")
-            predicted[rows.numpy()] = keypoints.decode(model(inputs.to(ctx.device))).cpu().numpy()
-    return predicted
+    return predict(model, image_set, ctx, keypoints.decode, desc).astype(np.float64)
 
 
 def measure_keypoints(model: nn.Module, ctx: RunContext, desc: str = "") -> TestMeasures:

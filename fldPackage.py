@@ -9,17 +9,14 @@ and, where there is a config, metadata.csv (every numeric parameter; vectors spl
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from Helper import SET_FOLDERS, CasePaths, HuddError, atomic_path
+from Helper import SET_FOLDERS, CasePaths, HuddError, staged_datasets, write_settings_if_absent
 
 log = logging.getLogger("hudd")
 
@@ -47,19 +44,10 @@ def import_package(case: Path, trust_pickle: bool) -> bool:
         raise HuddError(f"{files['train']}: is a pickled numpy file, and unpickling runs code from the file. If you "
                         "trust it, pass --trust-pickle to import the package once into DataSets/ (PNG images and "
                         "labels.csv, which later runs read without unpickling)")
-    staging = case / f".DataSets.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
+    with staged_datasets(paths) as staging:
         for key, path in files.items():
             write_set(load_package_file(path), staging / SET_FOLDERS[key])
-        os.replace(staging, paths.datasets)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    if not paths.settings_file.exists():
-        with atomic_path(paths.settings_file) as temporary:
-            temporary.write_text(json.dumps(FLD_SETTINGS, indent=2) + "\n")
+    write_settings_if_absent(paths, FLD_SETTINGS)
     log.info("imported the FLD package %s into %s", case / PACKAGE_FOLDER, paths.datasets)
     return True
 

@@ -215,7 +215,8 @@ def assert_matches_zennit(model, x, preset, canonizer, layers, tolerance, label)
 
 
 def zennit_relevance(model, x, composite, layers, target):
-    """zennit's all-layer relevance: retain every layer output, one backward, plus the input."""
+    """zennit's all-layer relevance: retain every layer output, one backward, plus the input.
+    `target`: class indices, or a callable giving the seed from the output (regression)."""
     caps = {}
     with composite.context(model) as modified:
         handles = [modified.get_submodule(p).register_forward_hook(
@@ -223,8 +224,8 @@ def zennit_relevance(model, x, composite, layers, target):
         try:
             xx = x.clone().requires_grad_(True)
             out = modified(xx)
-            grads = torch.autograd.grad(out, [xx] + [caps[p] for p in layers],
-                                        seed_of(out, target))
+            seed = target(out) if callable(target) else seed_of(out, target)
+            grads = torch.autograd.grad(out, [xx] + [caps[p] for p in layers], seed)
         finally:
             for h in handles:
                 h.remove()
