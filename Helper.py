@@ -212,27 +212,23 @@ def load_case_sets(paths: CasePaths, set_keys=("train", "test", "improve"), task
         raise HuddError(f"{paths.datasets}: DataSets folder not found; put TrainingSet, TestSet and "
                         "ImprovementSet folders there")
     if task == "keypoints":
-        train = list_keypoint_set(paths.set_dir("train"), name="TrainingSet")
-        if not train.labelled:
-            raise HuddError(f"{train.root}: the training set needs a {KEYPOINT_LABELS} with the keypoints")
-        sets = {"train": train}
-        for key in set_keys:
-            if key != "train":
-                sets[key] = list_keypoint_set(paths.set_dir(key), name=SET_FOLDERS[key], keypoints=train.classes)
-        if not sets.get("test", train).labelled:
-            raise HuddError(f"{sets['test'].root}: the test set needs a {KEYPOINT_LABELS} (labels are needed to "
-                            "find the error-inducing images)")
-        return sets
-    train = list_image_set(paths.set_dir("train"), name="TrainingSet")
+        def lister(key, known=None):
+            return list_keypoint_set(paths.set_dir(key), name=SET_FOLDERS[key], keypoints=known)
+        needs = f"a {KEYPOINT_LABELS} with the keypoints"
+    else:
+        def lister(key, known=None):
+            return list_image_set(paths.set_dir(key), classes=known, name=SET_FOLDERS[key])
+        needs = "one sub-folder per class"
+    train = lister("train")
     if not train.labelled:
-        raise HuddError(f"{train.root}: the training set needs one sub-folder per class")
+        raise HuddError(f"{train.root}: the training set needs {needs}")
     sets = {"train": train}
     for key in set_keys:
         if key != "train":
-            sets[key] = list_image_set(paths.set_dir(key), classes=train.classes, name=SET_FOLDERS[key])
+            sets[key] = lister(key, train.classes)
     if not sets.get("test", train).labelled:
-        raise HuddError(f"{sets['test'].root}: the test set needs one sub-folder per class (labels are "
-                        "needed to find the error-inducing images)")
+        raise HuddError(f"{sets['test'].root}: the test set needs {needs} (labels are needed to find the "
+                        "error-inducing images)")
     return sets
 
 

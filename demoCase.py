@@ -34,10 +34,7 @@ import functools
 import json
 import logging
 import math
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +42,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from demoCommon import check_seed, chunk_jobs, default_workers, draw_all
 from Helper import SET_FOLDERS, CasePaths, HuddError, atomic_path, staged_datasets, write_settings_if_absent
 
 log = logging.getLogger("hudd")
@@ -66,7 +64,6 @@ DEFAULT_SIZES = {"train": 3000, "test": 1500, "improve": 2000}
 # Share of each set taken by EACH rare condition.
 RARE_SHARE = {"train": 0.015, "test": 0.07, "improve": 0.07}
 
-_POOL_MIN_IMAGES = 300     # smaller builds are drawn in this process (a pool costs more than it saves)
 IMAGE_SIZE = 64            # images are written at 64x64; the model reads them resized to 32x32
 BACKGROUNDS = ("sky", "foliage", "road", "building", "street")
 OCCLUDERS = ("post", "leaves", "vehicle")
@@ -126,17 +123,13 @@ def _resolve_sizes(sizes: dict[str, int] | None) -> dict[str, int]:
     return resolved
 
 
-def _check_seed(seed: int) -> int:
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise HuddError(f"demo seed {seed!r} must be a whole number >= 0")
-    return int(seed)
 
 
 def plan_demo_case(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, list[dict[str, Any]]]:
     """The parameters of every image of every set, keyed by set ("train", "test", "improve"); each
     record holds the METADATA_COLUMNS. Classes are balanced (a shuffled round robin); each rare
     condition gets exactly `rare_count` images of a set, spread at random over classes."""
-    seed = _check_seed(seed)
+    seed = check_seed(seed, "demo")
     sizes = _resolve_sizes(sizes)
     plan = {}
     for set_key in SET_KEYS:
@@ -584,11 +577,6 @@ def _draw_chunk(job: tuple[str, list[dict[str, Any]]]) -> int:
 # Building the case study
 # --------------------------------------------------------------------------------------------
 
-def _default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def build_demo_case(case_dir: Path, seed: int = 0, sizes: dict[str, int] | None = None,
@@ -608,7 +596,7 @@ def build_demo_case(case_dir: Path, seed: int = 0, sizes: dict[str, int] | None 
             raise HuddError(f"{paths.datasets}: already exists and is not empty; the demo case study is built "
                             "only into a new or empty folder (choose another folder or remove this one)")
     plan = plan_demo_case(seed, sizes)
-    workers = _default_workers() if workers is None else max(1, int(workers))
+    workers = default_workers() if workers is None else max(1, int(workers))
 
     started = time.perf_counter()
     with staged_datasets(paths) as staging:
@@ -617,20 +605,11 @@ def build_demo_case(case_dir: Path, seed: int = 0, sizes: dict[str, int] | None 
             set_dir = staging / SET_FOLDERS[set_key]
             for cls in CLASSES:
                 (set_dir / cls).mkdir(parents=True)
-            chunk = 100
-            jobs += [(str(set_dir), records[i:i + chunk]) for i in range(0, len(records), chunk)]
+            jobs += chunk_jobs(str(set_dir), records)
             frame = pd.DataFrame(records, columns=list(METADATA_COLUMNS))
             frame.to_csv(set_dir / "metadata.csv", index=False)
         total = sum(len(records) for records in plan.values())
-        if workers == 1 or total < _POOL_MIN_IMAGES:
-            for job in jobs:
-                _draw_chunk(job)
-        else:
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                for _ in pool.map(_draw_chunk, jobs):
-                    pass
+        draw_all(jobs, _draw_chunk, workers)
 
     write_settings_if_absent(paths, DEMO_SETTINGS)
 
@@ -681,7 +660,7 @@ def train_demo_model(case_dir: Path, seed: int = 0, device="cpu", epochs: int | 
     device = pick_device(device) if isinstance(device, str) else torch.device(device)
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(_default_workers() if threads is None else max(1, int(threads)))
+    torch.set_num_threads(default_workers() if threads is None else max(1, int(threads)))
     try:
         inputs, labels = _load_tensors(train_set, make_transform(settings))
         seed_everything(seed)

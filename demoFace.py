@@ -52,10 +52,7 @@ import argparse
 import json
 import logging
 import math
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +60,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from demoCommon import check_seed, chunk_jobs, default_workers, draw_all
 from Helper import SET_FOLDERS, CasePaths, HuddError, atomic_path, staged_datasets, write_settings_if_absent
 
 log = logging.getLogger("hudd")
@@ -82,7 +80,6 @@ RARE_SHARE = {"train": 0.02, "test": 0.08, "improve": 0.08}
 
 IMAGE_SIZE = 64
 NUM_KEYPOINTS = 27
-_POOL_MIN_IMAGES = 300     # smaller builds are drawn in this process (a pool costs more than it saves)
 _SUPERSAMPLE = 4           # faces are drawn at 4x and reduced (anti-aliasing)
 
 # An image is Wrong when its mean keypoint error exceeds this many pixels. The original used 4 px on
@@ -158,17 +155,13 @@ def _resolve_sizes(sizes: dict[str, int] | None) -> dict[str, int]:
     return resolved
 
 
-def _check_seed(seed: int) -> int:
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise HuddError(f"face demo seed {seed!r} must be a whole number >= 0")
-    return int(seed)
 
 
 def plan_face_case(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, list[dict[str, Any]]]:
     """The parameters of every image of every set, keyed by set ("train", "test", "improve"); each
     record holds the METADATA_COLUMNS. Each rare condition gets exactly `rare_count` images of a set,
     at random positions."""
-    seed = _check_seed(seed)
+    seed = check_seed(seed, "face demo")
     sizes = _resolve_sizes(sizes)
     plan = {}
     for set_key in SET_KEYS:
@@ -603,11 +596,6 @@ def _draw_chunk(job: tuple[str, list[dict[str, Any]]]) -> int:
 # Building the case study
 # --------------------------------------------------------------------------------------------
 
-def _default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def labels_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -634,7 +622,7 @@ def build_face_case(case_dir: Path, seed: int = 0, sizes: dict[str, int] | None 
             raise HuddError(f"{paths.datasets}: already exists and is not empty; the face case study is built "
                             "only into a new or empty folder (choose another folder or remove this one)")
     plan = plan_face_case(seed, sizes)
-    workers = _default_workers() if workers is None else max(1, int(workers))
+    workers = default_workers() if workers is None else max(1, int(workers))
 
     started = time.perf_counter()
     with staged_datasets(paths) as staging:
@@ -642,20 +630,11 @@ def build_face_case(case_dir: Path, seed: int = 0, sizes: dict[str, int] | None 
         for set_key, records in plan.items():
             set_dir = staging / SET_FOLDERS[set_key]
             set_dir.mkdir(parents=True)
-            chunk = 100
-            jobs += [(str(set_dir), records[i:i + chunk]) for i in range(0, len(records), chunk)]
+            jobs += chunk_jobs(str(set_dir), records)
             labels_frame(records).to_csv(set_dir / "labels.csv", index=False)
             pd.DataFrame(records, columns=list(METADATA_COLUMNS)).to_csv(set_dir / "metadata.csv", index=False)
         total = sum(len(records) for records in plan.values())
-        if workers == 1 or total < _POOL_MIN_IMAGES:
-            for job in jobs:
-                _draw_chunk(job)
-        else:
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                for _ in pool.map(_draw_chunk, jobs):
-                    pass
+        draw_all(jobs, _draw_chunk, workers)
 
     write_settings_if_absent(paths, FACE_SETTINGS)
 
@@ -725,7 +704,7 @@ def train_face_model(case_dir: Path, seed: int = 0, device="cpu", epochs: int | 
     device = pick_device(device) if isinstance(device, str) else torch.device(device)
 
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(_default_workers() if threads is None else max(1, int(threads)))
+    torch.set_num_threads(default_workers() if threads is None else max(1, int(threads)))
     started = time.perf_counter()
     try:
         inputs, truth, _ = load_face_set(paths.set_dir("train"))
@@ -783,7 +762,7 @@ def evaluate_face_model(case_dir: Path, set_key: str = "test", threshold: float 
     model.eval()
     inputs, truth, metadata = load_face_set(paths.set_dir(set_key))
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(_default_workers() if threads is None else max(1, int(threads)))
+    torch.set_num_threads(default_workers() if threads is None else max(1, int(threads)))
     try:
         with torch.no_grad():
             predicted = torch.cat([keypoints.decode(model(inputs[i:i + 128])) for i in range(0, len(inputs), 128)])

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import demoCase
+import demoCommon
 import Helper
 from Helper import CasePaths, HuddError
 
@@ -106,7 +107,7 @@ def test_bad_sizes_and_seeds_are_refused(tmp_path):
 
 def test_same_seed_gives_byte_identical_files_whatever_the_workers(tmp_path, monkeypatch):
     a, _ = build(tmp_path / "a", seed=0, workers=1)
-    monkeypatch.setattr(demoCase, "_POOL_MIN_IMAGES", 0)  # force the process pool
+    monkeypatch.setattr(demoCommon, "POOL_MIN_IMAGES", 0)  # force the process pool
     b, _ = build(tmp_path / "b", seed=0, workers=2)
     files_a, files_b = files_of(a), files_of(b)
     assert len(files_a) == sum(SMALL.values()) + 3 + 1  # images, three metadata.csv, hudd.json
