@@ -160,7 +160,7 @@ def retrain(ctx: RunContext, modes: list[str]) -> list[dict]:
     data = None
     summaries = []
     for mode in modes:
-        if data is None and not (not ctx.force and retrainModule.is_current(ctx, mode, ctx.settings.runs)):
+        if data is None and (ctx.force or not retrainModule.is_current(ctx, mode, ctx.settings.runs)):
             data = retrainModule.training_data(ctx)
         summaries.append(retrainModule.run(ctx, mode, ctx.settings.runs, data))
     return summaries
@@ -269,42 +269,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     Helper.setup_logging(args.debug)
-    try:
-        if args.demo is None and args.case is None:
-            parser.error("give a case study with -o CASE, or --demo")
-        Helper.seed_everything(args.seed)
-        start = time.perf_counter()
-        if args.rq:
-            if args.demo is not None or args.case is None:
-                raise HuddError("-rq True needs -o CASE and -m MODEL (a retrained model), not --demo")
-            run_rq1(args, Path(args.case))
-            return 0
-        modes = [args.mode] if args.mode else (list(MODES) if args.demo is not None else [])
-        if args.steps == ["retrain"] and not modes:
-            raise HuddError("--steps retrain needs -mode HUDD, BL1 or BL2")
-        case = prepare_demo(args) if args.demo is not None else Path(args.case)
-        ctx = make_context(args, case)
-        if args.report:
-            print(f"report: {write_report(ctx, required=True)}")
-            return 0
-        results = run_pipeline(ctx, args.steps, modes)
-        results["report"] = write_report(ctx)
-        print_summary(ctx, results, time.perf_counter() - start)
+    return Helper.run_guarded(lambda: run(args, parser), args.debug)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.demo is None and args.case is None:
+        parser.error("give a case study with -o CASE, or --demo")
+    Helper.seed_everything(args.seed)
+    start = time.perf_counter()
+    if args.rq:
+        if args.demo is not None or args.case is None:
+            raise HuddError("-rq True needs -o CASE and -m MODEL (a retrained model), not --demo")
+        run_rq1(args, Path(args.case))
         return 0
-    except HuddError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished steps are kept and a rerun resumes", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug of ours, not the user's input: say so, keep the trace for --debug
-        if args.debug:
-            raise
-        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and "
-              "please report it)", file=sys.stderr)
-        return 1
+    modes = [args.mode] if args.mode else (list(MODES) if args.demo is not None else [])
+    if args.steps == ["retrain"] and not modes:
+        raise HuddError("--steps retrain needs -mode HUDD, BL1 or BL2")
+    case = prepare_demo(args) if args.demo is not None else Path(args.case)
+    ctx = make_context(args, case)
+    if args.report:
+        print(f"report: {write_report(ctx, required=True)}")
+        return 0
+    results = run_pipeline(ctx, args.steps, modes)
+    results["report"] = write_report(ctx)
+    print_summary(ctx, results, time.perf_counter() - start)
+    return 0
 
 
 if __name__ == "__main__":

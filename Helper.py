@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -410,6 +410,13 @@ def collate_images(batch):
     return inputs, labels, indices, failed
 
 
+def stop_on_unreadable(image_set: ImageSet, failures: list[tuple[int, str]]) -> None:
+    """Raises, naming the first file a loader batch could not read (collate_images lists them)."""
+    if failures:
+        index, error = failures[0]
+        raise HuddError(f"{image_set.paths[index]}: cannot read image ({error}); replace or remove the file")
+
+
 def make_loader(image_set: ImageSet, settings: Settings, batch_size: int, workers: int,
                 shuffle: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(seed)
@@ -573,6 +580,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def run_guarded(body: Callable[[], int], debug: bool) -> int:
+    """A command's exit status: body()'s; 2 with one `error:` line for bad input (HuddError); 130 when
+    interrupted; 1 with an `internal error:` line for a bug of ours. --debug re-raises with the trace."""
+    try:
+        return body()
+    except HuddError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished steps are kept and a rerun resumes", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours, not the user's input: say so, keep the trace for --debug
+        if debug:
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and "
+              "please report it)", file=sys.stderr)
+        return 1
 
 
 def setup_logging(debug: bool = False) -> None:

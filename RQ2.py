@@ -35,35 +35,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import HUDD
-    import rqModule
     args = build_parser().parse_args(argv)
     Helper.setup_logging(args.debug)
-    try:
-        case = Path(args.case)
-        if not case.is_dir():
-            raise HuddError(f"{case}: case-study directory not found; pass the folder holding DataSets/ and DNNModels/")
-        paths = Helper.CasePaths(case)
-        settings = Helper.load_settings(paths, {"arch": args.arch})
-        device = Helper.pick_device(args.device)
-        models = rqModule.models_in(case) if args.all else [HUDD.resolve_model_path(case, args.model)]
-        sets = Helper.load_case_sets(paths, ("train", "test"))
+    return Helper.run_guarded(lambda: measure(args), args.debug)
 
-        def context_for(model_path: Path) -> Helper.RunContext:
-            ctx = Helper.RunContext(paths=paths, settings=settings, model_path=model_path, device=device,
-                                    trust_pickle=args.trust_pickle)
-            ctx._sets = sets  # one listing of the sets for every model
-            return ctx
 
-        table = rqModule.rq2(context_for, models, case)
-        print_table(table)
-        print(f"saved to {case / 'RQ2' / 'accuracy.csv'}")
-        return 0
-    except HuddError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def measure(args: argparse.Namespace) -> int:
+    import HUDD
+    import rqModule
+    case = Path(args.case)
+    if not case.is_dir():
+        raise HuddError(f"{case}: case-study directory not found; pass the folder holding DataSets/ and DNNModels/")
+    paths = Helper.CasePaths(case)
+    settings = Helper.load_settings(paths, {"arch": args.arch})
+    device = Helper.pick_device(args.device)
+    models = rqModule.models_in(case) if args.all else [HUDD.resolve_model_path(case, args.model)]
+    sets = Helper.load_case_sets(paths, ("train", "test"), task=settings.task)
+
+    def context_for(model_path: Path) -> Helper.RunContext:
+        ctx = Helper.RunContext(paths=paths, settings=settings, model_path=model_path, device=device,
+                                trust_pickle=args.trust_pickle)
+        ctx._sets = sets  # one listing of the sets for every model
+        return ctx
+
+    table = rqModule.rq2(context_for, models, case)
+    print_table(table)
+    print(f"saved to {case / 'RQ2' / 'accuracy.csv'}")
+    return 0
 
 
 def print_table(table) -> None:

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from Helper import HuddError, RunContext, fingerprint, image_set_digest, make_loader, write_csv
+from Helper import HuddError, RunContext, fingerprint, image_set_digest, make_loader, stop_on_unreadable, write_csv
 from clusterModule import CHUNK_BYTES, normalise_rows
 from lrp import LRPExplainer
 
@@ -99,21 +99,19 @@ def improvement_distances(ctx: RunContext, module: str, members: np.ndarray, mem
     """Nearest-member distance of every improvement image to every RCC, batch by batch: relevance
     at the selected layer only (explaining the predicted class; no labels needed), normalised as
     the cluster step normalised the members."""
-    from heatmapModule import lrp_target
+    from heatmapModule import lrp_target, output_shape_for_targets
     improve = ctx.sets()["improve"]
     targets = improvement_targets(ctx)
     explainer = LRPExplainer(ctx.model(), rules=ctx.settings.rules,
                              layers=None if module == "input" else [module])
     loader = make_loader(improve, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
     distances = np.empty((len(improve), rccs))
-    output_shape = None
+    output_shape = ()  # learnt from the first batch
     for inputs, _labels, rows, failures in tqdm(loader, desc="assigning improvement images", unit="batch",
                                                 leave=False, disable=None):
-        if failures:
-            raise HuddError(f"{improve.paths[failures[0][0]]}: cannot read image ({failures[0][1]})")
-        if output_shape is None:
-            with torch.no_grad():
-                output_shape = tuple(ctx.model()(inputs[:1].to(ctx.device)).shape[1:])
+        stop_on_unreadable(improve, failures)
+        if output_shape == ():
+            output_shape = output_shape_for_targets(ctx.model(), inputs, ctx)
         relevance = explainer(inputs.to(ctx.device), target=lrp_target(targets[rows], ctx, output_shape),
                               input_relevance=module == "input")[module].float().cpu().numpy()
         queries = normalise_rows(relevance.reshape(len(relevance), -1).astype(np.float64), ctx.settings.normalisation)

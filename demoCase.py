@@ -34,7 +34,6 @@ import functools
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +41,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from demoCommon import check_seed, chunk_jobs, default_workers, draw_all
-from Helper import SET_FOLDERS, CasePaths, HuddError, atomic_path, staged_datasets, write_settings_if_absent
+from demoCommon import build_case, check_seed, default_workers, refuse_filled_datasets
+from Helper import CasePaths, HuddError, atomic_path
 
 log = logging.getLogger("hudd")
 
@@ -591,34 +590,21 @@ def build_demo_case(case_dir: Path, seed: int = 0, sizes: dict[str, int] | None 
     scenario."""
     case_dir = Path(case_dir)
     paths = CasePaths(case_dir)
-    if paths.datasets.exists():
-        if not paths.datasets.is_dir() or any(paths.datasets.iterdir()):
-            raise HuddError(f"{paths.datasets}: already exists and is not empty; the demo case study is built "
-                            "only into a new or empty folder (choose another folder or remove this one)")
+    refuse_filled_datasets(paths, "demo case study")
     plan = plan_demo_case(seed, sizes)
     workers = default_workers() if workers is None else max(1, int(workers))
 
-    started = time.perf_counter()
-    with staged_datasets(paths) as staging:
-        jobs = []
-        for set_key, records in plan.items():
-            set_dir = staging / SET_FOLDERS[set_key]
-            for cls in CLASSES:
-                (set_dir / cls).mkdir(parents=True)
-            jobs += chunk_jobs(str(set_dir), records)
-            frame = pd.DataFrame(records, columns=list(METADATA_COLUMNS))
-            frame.to_csv(set_dir / "metadata.csv", index=False)
-        total = sum(len(records) for records in plan.values())
-        draw_all(jobs, _draw_chunk, workers)
+    built = build_case(paths, plan, _prepare_set, _draw_chunk, workers, DEMO_SETTINGS, "demo case study")
+    counts = {key: {s: built["counts"][key].get(s, 0) for s in SCENARIOS} for key in plan}
+    return {"case_dir": str(case_dir), "seed": int(seed), "classes": list(CLASSES), "sizes": built["sizes"],
+            "counts": counts}
 
-    write_settings_if_absent(paths, DEMO_SETTINGS)
 
-    counts = {set_key: {s: sum(1 for p in records if p["scenario"] == s) for s in SCENARIOS}
-              for set_key, records in plan.items()}
-    log.info("demo case study: %d images drawn in %.1f s into %s", total, time.perf_counter() - started,
-             paths.datasets)
-    return {"case_dir": str(case_dir), "seed": int(seed), "classes": list(CLASSES),
-            "sizes": {k: len(v) for k, v in plan.items()}, "counts": counts}
+def _prepare_set(set_dir: Path, records: list[dict[str, Any]]) -> None:
+    """A set's class folders and its metadata.csv (the images are drawn into them afterwards)."""
+    for cls in CLASSES:
+        (set_dir / cls).mkdir(parents=True)
+    pd.DataFrame(records, columns=list(METADATA_COLUMNS)).to_csv(set_dir / "metadata.csv", index=False)
 
 
 # --------------------------------------------------------------------------------------------

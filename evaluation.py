@@ -13,11 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import nn
-from tqdm import tqdm
 
-from Helper import HuddError, ImageSet, RunContext, make_loader, read_metadata
+from Helper import HuddError, RunContext, read_metadata
 
 
 @dataclass
@@ -46,61 +44,45 @@ class TestMeasures:
         return table
 
 
-def predict(model: nn.Module, image_set: ImageSet, ctx: RunContext, decode, desc: str = "") -> np.ndarray:
-    """decode(outputs) of every image of the set, in set order; an unreadable image stops."""
+def test_outputs(model: nn.Module, ctx: RunContext) -> np.ndarray:
+    """The model's output rows for every test image, in set order: the test step's own inference
+    (testModule.predict_set: logits, or decoded keypoints x0, y0, x1, ...)."""
+    from testModule import predict_set
+    test = ctx.sets()["test"]
     model.eval()
-    loader = make_loader(image_set, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
-    rows_out = []
-    with torch.no_grad():
-        for inputs, _labels, rows, failures in tqdm(loader, desc=desc or f"testing {image_set.name}", unit="batch",
-                                                    leave=False, disable=None):
-            if failures:
-                raise HuddError(f"{image_set.paths[failures[0][0]]}: cannot read image ({failures[0][1]}); "
-                                "replace or remove the file")
-            rows_out.append((rows.numpy(), decode(model(inputs.to(ctx.device))).cpu().numpy()))
-    result = np.empty((len(image_set), *rows_out[0][1].shape[1:]), dtype=rows_out[0][1].dtype)
-    for rows, values in rows_out:
-        result[rows] = values
-    return result
+    predictions = predict_set(model, test, ctx)
+    if predictions.failures:  # left out under --skip-bad-images; a measure needs every test image
+        index, error = predictions.failures[0]
+        raise HuddError(f"{test.paths[index]}: cannot read image ({error}); measuring a model needs every test image")
+    outputs = np.empty_like(predictions.logits)
+    outputs[predictions.indices] = predictions.logits
+    return outputs
 
 
-def predict_classes(model: nn.Module, image_set: ImageSet, ctx: RunContext, desc: str = "") -> np.ndarray:
-    """Predicted class index of every image of the set, in set order."""
-    return predict(model, image_set, ctx, lambda outputs: outputs.argmax(1), desc)
-
-
-def predict_keypoints(model: nn.Module, image_set: ImageSet, ctx: RunContext, desc: str = "") -> np.ndarray:
-    """(images, keypoints, 2) decoded predictions, in set order."""
-    import keypoints
-    return predict(model, image_set, ctx, keypoints.decode, desc).astype(np.float64)
-
-
-def measure_keypoints(model: nn.Module, ctx: RunContext, desc: str = "") -> TestMeasures:
+def measures_from_outputs(outputs: np.ndarray, ctx: RunContext) -> TestMeasures:
+    """TestMeasures from output rows in test-set order (see test_outputs)."""
     import keypoints
     test = ctx.sets()["test"]
-    errors = keypoints.keypoint_errors(predict_keypoints(model, test, ctx, desc), test.targets)
-    threshold = ctx.settings.error_threshold
     images = [ctx.paths.relative(p) for p in test.paths]
-    flags = keypoints.component_flags(errors, threshold)
-    return TestMeasures(correct=pd.Series(~keypoints.is_wrong(errors, threshold), index=images),
-                        predicted=pd.Series(keypoints.component_of(keypoints.worst_keypoints(errors), errors.shape[1]),
-                                            index=images),
-                        expected=pd.Series("", index=images),
-                        mean_error=pd.Series(keypoints.mean_errors(errors), index=images),
-                        component_ok=pd.DataFrame({c: ~f for c, f in flags.items()}, index=images))
-
-
-def measure_on_test(model: nn.Module, ctx: RunContext, desc: str = "") -> TestMeasures:
     if ctx.settings.task == "keypoints":
-        return measure_keypoints(model, ctx, desc)
-    test = ctx.sets()["test"]
-    predicted = predict_classes(model, test, ctx, desc)
+        errors = keypoints.keypoint_errors(outputs.reshape(len(outputs), -1, 2), test.targets)
+        threshold = ctx.settings.error_threshold
+        flags = keypoints.component_flags(errors, threshold)
+        worst = keypoints.component_of(keypoints.worst_keypoints(errors), errors.shape[1])
+        return TestMeasures(correct=pd.Series(~keypoints.is_wrong(errors, threshold), index=images),
+                            predicted=pd.Series(worst, index=images), expected=pd.Series("", index=images),
+                            mean_error=pd.Series(keypoints.mean_errors(errors), index=images),
+                            component_ok=pd.DataFrame({c: ~f for c, f in flags.items()}, index=images))
+    predicted = outputs.argmax(axis=1)
     expected = np.asarray(test.labels)
-    images = [ctx.paths.relative(p) for p in test.paths]
     classes = np.asarray(ctx.classes, dtype=object)
     return TestMeasures(correct=pd.Series(predicted == expected, index=images),
                         predicted=pd.Series(classes[predicted], index=images),
                         expected=pd.Series(classes[expected], index=images))
+
+
+def measure_on_test(model: nn.Module, ctx: RunContext) -> TestMeasures:
+    return measures_from_outputs(test_outputs(model, ctx), ctx)
 
 
 def original_correct(ctx: RunContext, images: pd.Index) -> pd.Series:
@@ -137,3 +119,13 @@ def per_scenario(measures: TestMeasures, ctx: RunContext) -> pd.Series:
         return pd.Series(dtype=float)
     scenarios = metadata["scenario"].reindex(measures.correct.index).to_numpy()
     return measures.correct.groupby(scenarios, sort=True).mean().mul(100.0)
+
+
+def original_per_scenario(ctx: RunContext) -> pd.Series:
+    """The original model's test accuracy (%) per scenario, as the test step wrote it
+    (scenarioAccuracy.csv); empty where the test set has no scenarios."""
+    path = ctx.paths.root / "scenarioAccuracy.csv"
+    if not path.is_file():
+        return pd.Series(dtype=float)
+    table = pd.read_csv(path)
+    return table[table["set"] == "TestSet"].set_index("scenario")["accuracy"]

@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from Helper import HuddError, ImageSet, RunContext, atomic_path, fingerprint, make_loader, write_csv
+from Helper import (HuddError, ImageSet, RunContext, atomic_path, fingerprint, make_loader, stop_on_unreadable,
+                    write_csv)
 from lrp import RULE_PRESETS, LRPExplainer, default_layers, relevance  # noqa: F401  (public API)
 
 log = logging.getLogger("hudd")
@@ -94,6 +95,15 @@ def explained_classes(index: pd.DataFrame, ctx: RunContext) -> torch.Tensor:
     or for keypoint models the worst keypoint (the `predicted` column of the index)."""
     column = "expected" if ctx.settings.explain == "expected" else "predicted"
     return torch.tensor([ctx.classes.index(c) for c in index[column]], dtype=torch.long)
+
+
+def output_shape_for_targets(model: torch.nn.Module, example: torch.Tensor, ctx: RunContext):
+    """The output shape a keypoint mask needs (one forward of one image); None for classifiers,
+    whose targets are class indices."""
+    if ctx.settings.task != "keypoints":
+        return None
+    with torch.no_grad():
+        return tuple(model(example[:1].to(ctx.device)).shape[1:])
 
 
 def lrp_target(channels: torch.Tensor, ctx: RunContext, output_shape: tuple[int, ...] | None = None):
@@ -191,13 +201,11 @@ def compute_heatmaps(ctx: RunContext, index: pd.DataFrame, folder: Path, step_pr
     layers: list[tuple[str, str]] = []
     try:
         for inputs, _labels, rows, failures in tqdm(loader, desc="heatmaps", unit="batch", leave=False, disable=None):
-            if failures:
-                raise HuddError(f"{image_set.paths[failures[0][0]]}: cannot read image ({failures[0][1]})")
+            stop_on_unreadable(image_set, failures)
             if not layers:  # first batch: choose the layers, learn their shapes from one image
                 layers = selected_layers(model, ctx, inputs[:1].to(ctx.device))
                 explainer = LRPExplainer(model, rules=ctx.settings.rules, layers=[p for _n, p in layers[1:]])
-                with torch.no_grad():
-                    output_shape = tuple(model(inputs[:1].to(ctx.device)).shape[1:])
+                output_shape = output_shape_for_targets(model, inputs, ctx)
                 probe = explainer(inputs[:1].to(ctx.device), target=lrp_target(targets[rows[:1]], ctx, output_shape))
                 writers = {name: NpyRowWriter(folder / f"{name}.npy", len(index), tuple(probe[path].shape[1:]),
                                               start_row) for name, path in layers}

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from Helper import RESULT_FILES, SET_FOLDERS, RunContext, atomic_path
+from Helper import RunContext, atomic_path
 
 log = logging.getLogger("hudd")
 
@@ -89,6 +89,7 @@ class ReportData:
     parameters: pd.DataFrame | None  # per RCC: characterising parameters
     unsafe: pd.DataFrame | None    # image, rcc, distance, rank
     retrain: dict[str, dict]       # mode -> runs, scenarios, rcc tables
+    sets: dict[str, dict]          # set folder -> images, wrong, accuracy (the test step's summary)
 
 
 def read_data(ctx: RunContext) -> ReportData:
@@ -97,35 +98,18 @@ def read_data(ctx: RunContext) -> ReportData:
     layer = summary.loc[summary["selected"] == True, "layer"].iloc[0]  # noqa: E712
     characterisation = analysis / layer / "characterisation.xlsx"
     parameters = (pd.read_excel(characterisation, sheet_name="Parameters") if characterisation.is_file() else None)
+    from testModule import summarise
     unsafe_file = ctx.paths.t_dir / "UnsafeSet" / "assignments.csv"
+    folder = ctx.paths.t_dir / "Retrain"
     retrain = {}
     for mode in MODES:
-        folder = ctx.paths.t_dir / "Retrain"
         if (folder / f"{mode}_runs.csv").is_file():
             retrain[mode] = {name: pd.read_csv(folder / f"{mode}_{name}.csv")
                              for name in ("runs", "scenarios", "rcc") if (folder / f"{mode}_{name}.csv").is_file()}
     return ReportData(layer=layer, summary=summary, labels=pd.read_csv(analysis / layer / "labels.csv"),
                       stats=pd.read_csv(analysis / layer / "rcc_stats.csv"), parameters=parameters,
-                      unsafe=pd.read_csv(unsafe_file) if unsafe_file.is_file() else None, retrain=retrain)
-
-
-def set_accuracies(ctx: RunContext) -> list[dict]:
-    rows = []
-    for key, file_name in RESULT_FILES.items():
-        path = ctx.paths.root / file_name
-        if path.is_file():
-            frame = pd.read_csv(path)
-            row = {"set": SET_FOLDERS[key], "images": len(frame), "file": file_name}
-            if "result" in frame.columns:
-                row.update(wrong=int(frame["result"].eq("Wrong").sum()),
-                           accuracy=100.0 * frame["result"].eq("Correct").mean())
-            rows.append(row)
-    return rows
-
-
-def original_test_accuracy(ctx: RunContext) -> float:
-    frame = pd.read_csv(ctx.paths.result_csv("test"))
-    return 100.0 * frame["result"].eq("Correct").mean()
+                      unsafe=pd.read_csv(unsafe_file) if unsafe_file.is_file() else None, retrain=retrain,
+                      sets=summarise(ctx, skipped=False)["sets"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,10 +141,10 @@ def rel(path: Path, base: Path) -> str:
 def run_section(ctx: RunContext, data: ReportData) -> str:
     s = ctx.settings
     sets = "".join(
-        f"<tr><td class=l>{esc(r['set'])}</td><td>{r['images']}</td>"
+        f"<tr><td class=l>{esc(name)}</td><td>{r['images']}</td>"
         + (f"<td data-accuracy='{r['accuracy']:.4f}'>{r['accuracy']:.2f}%</td><td>{r['wrong']}</td>"
            if "accuracy" in r else "<td class=muted>unlabelled</td><td></td>") + "</tr>"
-        for r in set_accuracies(ctx))
+        for name, r in data.sets.items())
     why = ("the smallest weighted intra-cluster distance (WICD)" if s.layer_criterion == "wicd"
            else "the best silhouette")
     columns = [c for c in ("layer", "k", "rccs", "wicd", "silhouette", "purity", "coverage") if c in data.summary]
@@ -279,7 +263,7 @@ def retrain_section(ctx: RunContext, data: ReportData) -> str:
     if not data.retrain:
         return ("<h2>Retraining</h2><p class=muted>Not run yet: <code>python HUDD.py -o CASE -mode HUDD</code> "
                 "(and BL1, BL2) retrains at one labelling budget.</p>")
-    original = original_test_accuracy(ctx)
+    original = data.sets["TestSet"]["accuracy"]
     rows = []
     for mode, tables in data.retrain.items():
         runs = tables["runs"]

@@ -29,7 +29,8 @@ from torch import nn
 from tqdm import tqdm
 
 import evaluation
-from Helper import HuddError, ImageSet, RunContext, atomic_path, fingerprint, image_set_digest, make_loader, write_csv
+from Helper import (HuddError, ImageSet, RunContext, atomic_path, fingerprint, image_set_digest, make_loader,
+                    stop_on_unreadable, write_csv)
 
 log = logging.getLogger("hudd")
 
@@ -119,7 +120,7 @@ class ImageSource:
         parts = [None] * len(loader)
         for number, (inputs, _labels, rows, failures) in enumerate(
                 tqdm(loader, desc=f"reading {self.image_set.name}", unit="batch", leave=False, disable=None)):
-            _stop_on_unreadable(self.image_set, failures)
+            stop_on_unreadable(self.image_set, failures)
             parts[number] = inputs
         return torch.cat(parts)
 
@@ -144,12 +145,6 @@ def truth_of(image_set: ImageSet) -> torch.Tensor:
     return torch.as_tensor(image_set.labels, dtype=torch.long)
 
 
-def _stop_on_unreadable(image_set: ImageSet, failures) -> None:
-    if failures:
-        index, error = failures[0]
-        raise HuddError(f"{image_set.paths[index]}: cannot read image ({error}); replace or remove the file")
-
-
 # --------------------------------------------------------------------------------------------
 # Fine-tuning
 # --------------------------------------------------------------------------------------------
@@ -171,8 +166,18 @@ def split_validation(labels: np.ndarray, rng: np.random.Generator, share: float 
 class TrainingData:
     train: ImageSource
     improve: ImageSource
+    test: ImageSource            # measured after every run: decoded once too
     train_rows: np.ndarray
     validation_rows: np.ndarray
+
+
+def cached_test_outputs(model: nn.Module, test: ImageSource, ctx: RunContext) -> np.ndarray:
+    """The test step's output rows (testModule.output_rows) for every test image, from the decoded set."""
+    from testModule import output_rows
+    model.eval()
+    with torch.no_grad():
+        return np.concatenate([output_rows(model(inputs.to(ctx.device)), ctx)
+                               for inputs, _ in test.batches(np.arange(len(test.image_set)), ctx.settings.batch_size)])
 
 
 def accuracy_on(model: nn.Module, source: ImageSource, rows: np.ndarray, ctx: RunContext) -> float:
@@ -216,7 +221,7 @@ def epoch_batches(data: TrainingData, bag: np.ndarray, batch_size: int, ctx: Run
 def combined_batches(image_set: ImageSet, batch_size: int, ctx: RunContext):
     truth = truth_of(image_set)
     for inputs, _labels, rows, failures in make_loader(image_set, ctx.settings, batch_size, ctx.settings.workers):
-        _stop_on_unreadable(image_set, failures)
+        stop_on_unreadable(image_set, failures)
         yield inputs, truth[rows]
 
 
@@ -298,8 +303,6 @@ def save_model(model: nn.Module, ctx: RunContext, mode: str, run: int, accuracy:
         suffix += 1
     with atomic_path(path) as temporary:
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, temporary)
-    if path.exists() and path.stat().st_size == 0:
-        raise HuddError(f"{path}: could not be written")
     return path
 
 
@@ -376,7 +379,7 @@ def run(ctx: RunContext, mode: str, runs: int = 1, data: TrainingData | None = N
                            np.random.default_rng([ctx.seed, run_index]))
         model, epoch, history = fine_tune(ctx, data, selection.bag, seed=ctx.seed * 1000 + run_index,
                                           desc=f"retraining {mode} run {run_index}/{runs}")
-        measures = evaluation.measure_on_test(model, ctx, desc=f"testing {mode} run {run_index}")
+        measures = evaluation.measures_from_outputs(cached_test_outputs(model, data.test, ctx), ctx)
         improved, worsened = evaluation.improved_worsened(measures, ctx)
         path = save_model(model, ctx, mode, run_index, measures.accuracy)
         rows.append({"run": run_index, "accuracy": measures.accuracy, "improved": improved, "worsened": worsened,
@@ -397,8 +400,9 @@ def training_data(ctx: RunContext) -> TrainingData:
                                                    np.random.default_rng(ctx.seed))
     if ctx.settings.epoch_choice != "validation":  # no split needed: train on the whole training set
         train_rows, validation_rows = np.arange(len(ctx.sets()["train"])), np.empty(0, dtype=np.int64)
-    return TrainingData(train=ImageSource(ctx.sets()["train"], ctx), improve=ImageSource(ctx.sets()["improve"], ctx),
-                        train_rows=train_rows, validation_rows=validation_rows)
+    sets = ctx.sets()
+    return TrainingData(train=ImageSource(sets["train"], ctx), improve=ImageSource(sets["improve"], ctx),
+                        test=ImageSource(sets["test"], ctx), train_rows=train_rows, validation_rows=validation_rows)
 
 
 def write_tables(ctx, folder, mode, rows, fixed, scenarios, histories, unsafe: UnsafeInputs) -> None:
@@ -412,9 +416,7 @@ def write_tables(ctx, folder, mode, rows, fixed, scenarios, histories, unsafe: U
     per_scenario = pd.DataFrame(scenarios)
     tables = {"runs": runs, "rcc": per_rcc, "epochs": pd.DataFrame(histories)}
     if len(per_scenario):
-        original = pd.read_csv(ctx.paths.root / "scenarioAccuracy.csv")
-        original = original[original["set"] == "TestSet"].set_index("scenario")["accuracy"]
-        per_scenario.insert(0, "original", original.reindex(per_scenario.index))
+        per_scenario.insert(0, "original", evaluation.original_per_scenario(ctx).reindex(per_scenario.index))
         per_scenario["mean"] = per_scenario.filter(like="run").mean(axis=1)
         per_scenario["gain"] = per_scenario["mean"] - per_scenario["original"]
         tables["scenarios"] = per_scenario.rename_axis("scenario").reset_index()

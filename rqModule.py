@@ -25,7 +25,7 @@ def rq1(ctx: RunContext) -> dict:
     """Writes CASE/RQ1/<model stem>/ and returns what print_rq1 shows."""
     from assignModule import selected_clusters
     layer, _module, labels, eligible = selected_clusters(ctx)
-    measures = evaluation.measure_on_test(ctx.model(), ctx, desc=f"testing {ctx.model_path.name}")
+    measures = evaluation.measure_on_test(ctx.model(), ctx)
     improved, worsened = evaluation.improved_worsened(measures, ctx)
     original = evaluation.original_correct(ctx, measures.correct.index)
     if improved == 0 and worsened == 0:
@@ -42,7 +42,7 @@ def rq1(ctx: RunContext) -> dict:
     scenarios = evaluation.per_scenario(measures, ctx)
     tables = {"summary": summary, "errors fixed per RCC": per_rcc, "accuracy per class": measures.per_class()}
     if len(scenarios):
-        before = original.groupby(scenarios_of(ctx, original.index)).mean().mul(100.0)
+        before = evaluation.original_per_scenario(ctx).reindex(scenarios.index)
         tables["accuracy per scenario"] = pd.DataFrame(
             {"original": before, "model": scenarios, "gain": scenarios - before}).rename_axis("scenario").reset_index()
     folder = ctx.paths.root / "RQ1" / ctx.model_path.stem
@@ -52,11 +52,6 @@ def rq1(ctx: RunContext) -> dict:
         shutil.copy2(characterisation, folder / "characterisation.xlsx")
     return {"folder": folder, **{k: v for k, v in summary.iloc[0].items()}, "tables": tables}
 
-
-def scenarios_of(ctx: RunContext, images: pd.Index):
-    from Helper import read_metadata
-    metadata = read_metadata(ctx.sets()["test"].root, ctx.paths.root)
-    return metadata["scenario"].reindex(images).to_numpy()
 
 
 def write_tables(tables: dict[str, pd.DataFrame], folder: Path, workbook: str) -> None:
@@ -89,7 +84,7 @@ def rq2(ctx_for, model_paths: list[Path], case_root: Path) -> pd.DataFrame:
     rows = []
     for path in model_paths:
         ctx = ctx_for(path)
-        measures = evaluation.measure_on_test(ctx.model(), ctx, desc=f"testing {path.name}")
+        measures = evaluation.measure_on_test(ctx.model(), ctx)
         per_class = measures.per_class()
         rows.append({"model": path.name, "class": "all", "images": len(measures.correct),
                      "correct": int(measures.correct.sum()), "accuracy": measures.accuracy})
