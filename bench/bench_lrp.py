@@ -1,4 +1,4 @@
-"""Benchmark of the LRP engine (lrp.py): all-layer relevance vs a plain gradient pass, vs zennit,
+"""Benchmark of the LRP engine (the lrp package): all-layer relevance vs a plain gradient pass, vs zennit,
 and batched vs a batch-1 loop.
 
 Run: ``python bench/bench_lrp.py`` (under a minute on 2 idle CPU cores; several minutes when other

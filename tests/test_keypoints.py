@@ -11,7 +11,7 @@ import torch
 import keypoints
 import lrp
 from architectures import KPNet, KPNetSmall
-from test_lrp import assert_close, zennit_composite, zennit_relevance
+from zennit_oracle import assert_close, zennit_composite, zennit_relevance
 
 
 def hand_decode(single_map: np.ndarray, top: int = 64) -> tuple[float, float]:

@@ -1,4 +1,4 @@
-"""Tests of the LRP engine (lrp.py).
+"""Tests of the LRP engine (the lrp package).
 
 Independent oracles: conservation (a property of the epsilon rule on bias-free ReLU nets), zennit
 (an independent LRP implementation, compared at EVERY layer), and a plain layer-by-layer
@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lrp  # noqa: E402
 from architectures import AlexNet256, DemoNet  # noqa: E402
+from zennit_oracle import assert_close, seed_of, zennit_composite, zennit_relevance  # noqa: E402
 
 PRESETS = ["hudd", "epsilon", "epsilon-plus"]
 
@@ -41,16 +42,6 @@ def _one_thread():
 # ------------------------------------------------------------------------------------------------
 # helpers and small models
 # ------------------------------------------------------------------------------------------------
-def assert_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4, what: str = ""):
-    """Element-wise: |a - b| <= rel * max|b| + rel * |b|."""
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    scale = b.abs().max().item()
-    assert scale > 0 or a.abs().max().item() == 0, f"{what}: reference is all zero"
-    ok = torch.allclose(a, b, rtol=rel, atol=rel * scale)
-    err = ((a - b).abs().max() / max(scale, 1e-300)).item()
-    assert ok, f"{what}: max error {err:.3g} of max|R| = {scale:.3g}"
-
-
 def randomise_bn(model: nn.Module, eps: float | None = 0.0) -> nn.Module:
     g = torch.Generator().manual_seed(1)
     for m in model.modules():
@@ -143,13 +134,6 @@ def resnet18(num_classes=10):
     return randomise_bn(torchvision.models.resnet18(num_classes=num_classes)).eval()
 
 
-def seed_of(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    seed = torch.zeros_like(out)
-    rows = torch.arange(len(out))
-    seed[rows, target] = out.detach()[rows, target]
-    return seed
-
-
 def module_state(model: nn.Module):
     return {
         "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -212,45 +196,6 @@ def assert_matches_zennit(model, x, preset, canonizer, layers, tolerance, label)
     for name in ref:
         assert_close(ours[name], ref[name], tolerance, f"{label}/{preset}/{name}")
     return ours, ref
-
-
-def zennit_relevance(model, x, composite, layers, target):
-    """zennit's all-layer relevance: retain every layer output, one backward, plus the input.
-    `target`: class indices, or a callable giving the seed from the output (regression)."""
-    caps = {}
-    with composite.context(model) as modified:
-        handles = [modified.get_submodule(p).register_forward_hook(
-            lambda m, i, o, p=p: caps.__setitem__(p, o)) for p in layers]
-        try:
-            xx = x.clone().requires_grad_(True)
-            out = modified(xx)
-            seed = target(out) if callable(target) else seed_of(out, target)
-            grads = torch.autograd.grad(out, [xx] + [caps[p] for p in layers], seed)
-        finally:
-            for h in handles:
-                h.remove()
-    result = dict(zip(layers, grads[1:]))
-    result["input"] = grads[0]
-    return result
-
-
-def zennit_composite(preset, canonizer):
-    pytest.importorskip("zennit")
-    from zennit.composites import EpsilonPlus, LayerMapComposite, layer_map_base
-    from zennit.rules import Epsilon, ZPlus
-    from zennit.types import Convolution
-    if preset == "epsilon":
-        return LayerMapComposite(
-            layer_map=layer_map_base() + [(Convolution, Epsilon()), (nn.Linear, Epsilon())],
-            canonizers=[canonizer])
-    if preset == "epsilon-plus":
-        return EpsilonPlus(canonizers=[canonizer])
-    if preset == "hudd":  # zennit's spelling of the hudd preset
-        return LayerMapComposite(
-            layer_map=layer_map_base() + [(Convolution, Epsilon()),
-                                          (nn.Linear, ZPlus(zero_params=["bias"]))],
-            canonizers=[canonizer])
-    raise KeyError(preset)
 
 
 def _vgg():
