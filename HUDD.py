@@ -16,15 +16,13 @@ import time
 from pathlib import Path
 
 import Helper
-from Helper import HuddError, RunContext
+from Helper import HuddError, PipelineStop, RunContext
 
 log = logging.getLogger("hudd")
 
 # The pipeline's steps in order; "retrain" runs for the modes given with -mode (the demo: all three).
 STEP_NAMES = ("test", "heatmaps", "clusters", "assign", "retrain")
 MODES = ("HUDD", "BL1", "BL2")
-DEFAULT_DEMO_DIR = "HUDD_demo"
-DEMO_KINDS = {"signs": DEFAULT_DEMO_DIR, "fld": "HUDD_demo_fld"}   # demo case study -> default folder
 
 
 def parse_bool(text: str) -> bool:
@@ -85,9 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     case.add_argument("--report", metavar="BOOL", **flag,
                       help="only (re)write CASE/T/report.html from the outputs on disk; runs no step")
     case.add_argument("--demo", nargs="*", metavar="[fld] [DIR]",
-                      help=f"build the demo case study in DIR (default ./{DEFAULT_DEMO_DIR}; with 'fld', the facial "
-                           f"keypoint demo, default ./{DEMO_KINDS['fld']}) where missing, "
-                           "train its model and run the pipeline on it")
+                      help="build the demo case study in DIR (default ./HUDD_demo; with 'fld', the facial keypoint "
+                           "demo, default ./HUDD_demo_fld) where missing, train its model and run the pipeline on it")
     model = parser.add_argument_group("model and data (override CASE/hudd.json)")
     model.add_argument("--arch", help="architecture of a state_dict: alexnet256, alexnet128, demonet, a torchvision "
                                       "model name, or path/to/file.py:ClassName")
@@ -112,10 +109,11 @@ def resolve_model_path(case: Path, model: str) -> Path:
     given = Path(model)
     if given.is_file():
         return given
-    in_case = case / "DNNModels" / model
+    models = Helper.CasePaths(case).models
+    in_case = models / model
     if in_case.is_file():
         return in_case
-    available = sorted(p.name for p in (case / "DNNModels").glob("*")) if (case / "DNNModels").is_dir() else []
+    available = sorted(p.name for p in models.glob("*")) if models.is_dir() else []
     hint = f" (DNNModels holds: {', '.join(available[:8])})" if available else ""
     raise HuddError(f"{in_case}: model file not found{hint}; pass its name with -m")
 
@@ -134,62 +132,66 @@ def make_context(args: argparse.Namespace, case: Path) -> RunContext:
                       trust_pickle=args.trust_pickle, skip_bad_images=args.skip_bad_images)
 
 
-def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
+def analysis_steps() -> list:
+    """The four analysis steps in order; retraining follows, once per mode."""
     import assignModule
     import clusterModule
     import heatmapModule
     import testModule
-    modules = {"test": testModule, "heatmaps": heatmapModule, "clusters": clusterModule, "assign": assignModule}
-    results = {}
-    for name in STEP_NAMES[:-1]:
-        if name in steps:
-            results[name] = modules[name].run(ctx)
-            if "stop" in results[name]:  # nothing for the later steps to do; say why and stop cleanly
-                results.setdefault("notes", []).append(results[name]["stop"])
-                return results
-    if "retrain" in steps and modes:
-        results["retrain"] = retrain(ctx, modes)
-    elif "retrain" in steps:
-        results.setdefault("notes", []).append("to retrain the model, add -mode HUDD (or BL1, BL2 for the baselines)")
-    return results
+    return [testModule.STEP, heatmapModule.STEP, clusterModule.STEP, assignModule.STEP]
 
 
-def retrain(ctx: RunContext, modes: list[str]) -> list[dict]:
-    """Retrains with each mode in turn; the modes share the images decoded for training."""
+def run_step(step, ctx: RunContext) -> dict:
+    """The step protocol: reuse a step whose recorded fingerprint matches and whose outputs exist,
+    else compute it and record its fingerprint and outputs. Returns its summary, and whether it was
+    reused ("skipped")."""
+    step_print = step.fingerprint(ctx)
+    skipped = not ctx.force and ctx.manifest.is_current(step.name, step_print)
+    if skipped:
+        log.info("%s: inputs unchanged, reusing its outputs", step.title)
+    else:
+        step.compute(ctx)
+        ctx.manifest.record(step.name, step_print, [ctx.paths.relative(p) for p in step.outputs(ctx)])
+    return {**step.summary(ctx), "skipped": skipped}
+
+
+def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
+    """Runs the chosen steps in order; a step with nothing to pass on ends the run with a note."""
     import retrainModule
-    data = None
-    summaries = []
-    for mode in modes:
-        if data is None and (ctx.force or not retrainModule.is_current(ctx, mode, ctx.settings.runs)):
-            data = retrainModule.training_data(ctx)
-        summaries.append(retrainModule.run(ctx, mode, ctx.settings.runs, data))
-    return summaries
+    results = {"notes": []}
+    chosen = [step for step in analysis_steps() if step.name in steps]
+    if "retrain" in steps:
+        chosen += [retrainModule.RetrainStep(mode) for mode in modes]
+        if not modes:
+            results["notes"].append("to retrain the model, add -mode HUDD (or BL1, BL2 for the baselines)")
+    for step in chosen:
+        try:
+            summary = run_step(step, ctx)
+        except PipelineStop as stop:
+            results["notes"].append(str(stop))
+            break
+        if step.name.startswith("retrain-"):
+            results.setdefault("retrain", []).append(summary)
+        else:
+            results[step.name] = summary
+    return results
 
 
 def demo_kind_and_folder(values: list[str]) -> tuple[str, Path]:
     """`--demo`, `--demo DIR`, `--demo fld`, `--demo fld DIR` (or `signs`)."""
-    kind = values[0] if values and values[0] in DEMO_KINDS else "signs"
-    rest = values[1:] if values and values[0] in DEMO_KINDS else values
+    from demo import KINDS
+    kind = values[0] if values and values[0] in KINDS else "signs"
+    rest = values[1:] if values and values[0] in KINDS else values
     if len(rest) > 1:
         raise HuddError(f"--demo {' '.join(values)}: give at most a kind (signs or fld) and one folder")
-    return kind, Path(rest[0] if rest else DEMO_KINDS[kind])
+    return kind, Path(rest[0] if rest else KINDS[kind])
 
 
 def prepare_demo(args: argparse.Namespace) -> Path:
-    """Builds the demo case study and trains its model where they are missing."""
+    """Builds the demo case study, trains its model and checks it, where they are missing."""
+    import demo
     kind, case = demo_kind_and_folder(args.demo)
-    if kind == "fld":
-        import demoFace as demo
-        build, train = demo.build_face_case, demo.train_face_model
-    else:
-        import demoCase as demo
-        build, train = demo.build_demo_case, demo.train_demo_model
-    if not (case / "DataSets").is_dir():
-        log.info("building the %s demo case study in %s (seed %d)", kind, case, args.seed)
-        build(case, seed=args.seed)
-    if args.model == "OriginalModel.pth" and not (case / "DNNModels" / args.model).is_file():
-        log.info("training the demo's original model")
-        train(case, seed=args.seed, device=Helper.pick_device(args.device))
+    demo.prepare(kind, case, seed=args.seed, device=Helper.pick_device(args.device))
     return case
 
 
@@ -208,7 +210,7 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
                 cells = ", ".join(f"{r.scenario} {r.accuracy:.1f}% ({r.images})" for r in table.itertuples())
                 print(f"    {set_name}: {cells}")
     heatmaps = results.get("heatmaps")
-    if heatmaps and "stop" not in heatmaps:
+    if heatmaps:
         print(f"  heatmaps: {heatmaps['images']} error images x {heatmaps['layers']} layers "
               f"({heatmaps['megabytes']:.1f} MB) -> {heatmaps['folder']}")
     clusters = results.get("clusters")
@@ -218,18 +220,18 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
         print(f"  root-cause clusters: {clusters['k']} RCCs ({clusters['multi']} of 2+ images) in {clusters['layer']}"
               f"{quality} -> {clusters['folder']}")
     unsafe = results.get("assign")
-    if unsafe and "stop" not in unsafe:
+    if unsafe:
         print(f"  unsafe set: {unsafe['images']} improvement images assigned to {unsafe['rccs']} RCCs "
               f"-> {unsafe['folder']}")
     if results.get("retrain"):
-        print_retraining(results["retrain"])
+        print_retraining(results["retrain"], ctx.paths.models)
     for note in results.get("notes", []):
         print(f"  note: {note}")
     if results.get("report"):
         print(f"\nreport: {results['report']}  (open it in a browser)")
 
 
-def print_retraining(summaries: list[dict]) -> None:
+def print_retraining(summaries: list[dict], models: Path) -> None:
     first = summaries[0]
     print(f"  retraining at one budget: {first['labelled']} improvement images labelled per mode, "
           f"{first['bag']} training samples drawn from them; {first['runs']} run(s) per mode; "
@@ -247,7 +249,7 @@ def print_retraining(summaries: list[dict]) -> None:
         print(f"    {'mode':5s} " + " ".join(f"{n:>{w}s}" for n, w in zip(names, widths)))
         for mode, gains in tables.items():
             print(f"    {mode:5s} " + " ".join(f"{g:>+{w}.1f}" for g, w in zip(gains.reindex(names), widths)))
-    print(f"    models -> {first['folder'].parent.parent / 'DNNModels'}; tables -> {first['folder']}")
+    print(f"    models -> {models}; tables -> {first['folder']}")
 
 
 def write_report(ctx: RunContext, required: bool = False) -> Path | None:

@@ -16,6 +16,7 @@ import pickle
 import random
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,8 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch import nn
+
+from lrp import RULE_PRESETS
 
 log = logging.getLogger("hudd")
 
@@ -44,37 +47,23 @@ class HuddError(Exception):
 # --------------------------------------------------------------------------------------------
 
 SET_FOLDERS = {"train": "TrainingSet", "test": "TestSet", "improve": "ImprovementSet"}
-RESULT_FILES = {"train": "trainResult.csv", "test": "testResult.csv", "improve": "improveResult.csv"}
+
+
+def _under_root(name: str) -> property:
+    return property(lambda self: self.root / name, doc=f"CASE/{name}")
 
 
 @dataclass(frozen=True)
 class CasePaths:
-    """Where a case study's inputs and outputs live (see design.md, 'The case-study directory')."""
+    """Where a case study's inputs live, and the folder T/ that holds what the steps derive from the
+    test set's errors (design.md, 'The case-study directory'). Each step names its own outputs."""
 
     root: Path
-
-    @property
-    def datasets(self) -> Path:
-        return self.root / "DataSets"
-
-    @property
-    def models(self) -> Path:
-        return self.root / "DNNModels"
-
-    @property
-    def settings_file(self) -> Path:
-        return self.root / "hudd.json"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "hudd_manifest.json"
-
-    @property
-    def t_dir(self) -> Path:
-        return self.root / "T"
-
-    def result_csv(self, set_key: str) -> Path:
-        return self.root / RESULT_FILES[set_key]
+    datasets = _under_root("DataSets")
+    models = _under_root("DNNModels")
+    settings_file = _under_root("hudd.json")
+    manifest = _under_root("hudd_manifest.json")
+    t_dir = _under_root("T")
 
     def set_dir(self, set_key: str) -> Path:
         """The folder that holds a set's class folders (or its images, when unlabelled).
@@ -204,31 +193,23 @@ def list_keypoint_set(set_root: Path, name: str = "", keypoints: list[str] | Non
                     targets=targets.reshape(len(paths), len(names), 2))
 
 
-def load_case_sets(paths: CasePaths, set_keys=("train", "test", "improve"), task: str = "classification"
-                   ) -> dict[str, ImageSet]:
-    """The case's image sets; classes are the training set's class folders (keypoint tasks: its
-    keypoint names)."""
+def load_case_sets(paths: CasePaths, task=None, set_keys=("train", "test", "improve")) -> dict[str, ImageSet]:
+    """The case's image sets, listed as the task reads labels (tasks.py; default: classification);
+    classes are the training set's class folders (keypoint tasks: its keypoint names)."""
+    task = task or task_class("classification")()
     if not paths.datasets.is_dir():
         raise HuddError(f"{paths.datasets}: DataSets folder not found; put TrainingSet, TestSet and "
                         "ImprovementSet folders there")
-    if task == "keypoints":
-        def lister(key, known=None):
-            return list_keypoint_set(paths.set_dir(key), name=SET_FOLDERS[key], keypoints=known)
-        needs = f"a {KEYPOINT_LABELS} with the keypoints"
-    else:
-        def lister(key, known=None):
-            return list_image_set(paths.set_dir(key), classes=known, name=SET_FOLDERS[key])
-        needs = "one sub-folder per class"
-    train = lister("train")
+    train = task.list_set(paths.set_dir("train"), SET_FOLDERS["train"])
     if not train.labelled:
-        raise HuddError(f"{train.root}: the training set needs {needs}")
+        raise HuddError(f"{train.root}: the training set needs {task.label_layout}")
     sets = {"train": train}
     for key in set_keys:
         if key != "train":
-            sets[key] = lister(key, train.classes)
+            sets[key] = task.list_set(paths.set_dir(key), SET_FOLDERS[key], train.classes)
     if not sets.get("test", train).labelled:
-        raise HuddError(f"{sets['test'].root}: the test set needs {needs} (labels are needed to find the "
-                        "error-inducing images)")
+        raise HuddError(f"{sets['test'].root}: the test set needs {task.label_layout} (labels are needed to find "
+                        "the error-inducing images)")
     return sets
 
 
@@ -311,22 +292,37 @@ def load_settings(paths: CasePaths, overrides: dict[str, Any] | None = None) -> 
     return settings
 
 
+# Every enumerated setting and what its values mean; checked once, when the settings are read, so a
+# typo in hudd.json never reaches a step. (`explain` depends on the task: tasks.py lists its values.)
+SETTING_CHOICES: dict[str, dict[str, str]] = {
+    "task": {"classification": "class folders", "keypoints": "regression of keypoint maps"},
+    "resize": {"resize": "to input_size", "center-crop": "the original's GD/OC/OD preprocessing", "none": ""},
+    "rules": {name: "" for name in RULE_PRESETS},
+    "cluster_space": {"direct": "Ward on the heatmap distances", "profiles": "the original's distance profiles"},
+    "normalisation": {"l2": "", "max": "", "none": "the original's"},
+    "k_criterion": {"silhouette": "", "knee": "the original's WICD knee"},
+    "layer_criterion": {"wicd": "the original's", "silhouette": ""},
+    "epoch_choice": {"last": "", "validation": "best on 10% of the training set", "training": "the original's"},
+}
+POSITIVE_NUMBERS = ("learning_rate", "budget_factor")
+NON_NEGATIVE_NUMBERS = ("momentum", "weight_decay")
+POSITIVE_WHOLE_NUMBERS = ("epochs", "batch_size", "runs")
+
+
+def _choice_list(choices) -> str:
+    return ", ".join(f"'{value}'" + (f" ({meaning})" if meaning else "") for value, meaning in choices.items())
+
+
 def _validate_settings(s: Settings, source: Path) -> None:
     def bad(key: str, why: str) -> HuddError:
         return HuddError(f"setting {key}={getattr(s, key)!r} (from {source} or the command line): {why}")
 
-    if s.task not in ("classification", "keypoints"):
-        raise bad("task", "use 'classification' or 'keypoints' (regression of keypoint maps)")
-    if s.task == "classification" and s.explain not in ("predicted", "expected"):
-        raise bad("explain", "use 'predicted' (the class the model chose) or 'expected' (the true class)")
-    if s.task == "keypoints" and s.explain not in ("predicted", "worst", "all"):
-        raise bad("explain", "for keypoints use 'worst' (the worst keypoint's map, the original's choice) or 'all'")
-    for key, allowed in (("cluster_space", ("direct", "profiles")), ("normalisation", ("none", "l2", "max")),
-                         ("k_criterion", ("knee", "silhouette")), ("layer_criterion", ("wicd", "silhouette"))):
-        if getattr(s, key) not in allowed:
-            raise bad(key, f"use {' or '.join(repr(a) for a in allowed)}")
-    if s.resize not in ("resize", "center-crop", "none"):
-        raise bad("resize", "use 'resize', 'center-crop' or 'none'")
+    for key, choices in SETTING_CHOICES.items():
+        if getattr(s, key) not in choices:
+            raise bad(key, f"use one of {_choice_list(choices)}")
+    explain_choices = task_class(s.task).explain_choices
+    if s.explain not in explain_choices:
+        raise bad("explain", f"for {s.task} models use one of {', '.join(repr(c) for c in explain_choices)}")
     if s.channels not in (1, 3):
         raise bad("channels", "use 3 (RGB) or 1 (grayscale)")
     if len(s.mean) != s.channels or len(s.std) != s.channels or any(v <= 0 for v in s.std):
@@ -337,19 +333,39 @@ def _validate_settings(s: Settings, source: Path) -> None:
             s.input_size = [s.input_size, s.input_size]
         if len(s.input_size) != 2 or min(s.input_size) < 1:
             raise bad("input_size", "use one size or [height, width]")
-    if s.epoch_choice not in ("last", "validation", "training"):
-        raise bad("epoch_choice", "use 'last', 'validation' or 'training'")
-    for key in ("learning_rate", "budget_factor"):
-        if not isinstance(getattr(s, key), (int, float)) or not getattr(s, key) > 0:
+    if s.layers is not None and (not isinstance(s.layers, list) or not all(isinstance(p, str) for p in s.layers)):
+        raise bad("layers", "use a list of module paths, e.g. [\"features.0\", \"classifier.1\"]")
+    _validate_numbers(s, bad)
+
+
+def _validate_numbers(s: Settings, bad) -> None:
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for key in POSITIVE_NUMBERS:
+        if not number(getattr(s, key)) or not getattr(s, key) > 0:
             raise bad(key, "must be a positive number")
-    for key in ("momentum", "weight_decay"):
-        if not isinstance(getattr(s, key), (int, float)) or not getattr(s, key) >= 0:
+    for key in NON_NEGATIVE_NUMBERS:
+        if not number(getattr(s, key)) or not getattr(s, key) >= 0:
             raise bad(key, "must be a number of at least 0")
-    for key in ("epochs", "batch_size", "runs"):
-        if not isinstance(getattr(s, key), int) or getattr(s, key) < 1:
+    if not number(s.error_threshold) or not s.error_threshold > 0:
+        raise bad("error_threshold", "must be a positive number (pixels for keypoints)")
+    for key in POSITIVE_WHOLE_NUMBERS:
+        if not isinstance(getattr(s, key), int) or isinstance(getattr(s, key), bool) or getattr(s, key) < 1:
             raise bad(key, "must be a positive whole number")
     if not isinstance(s.workers, int) or s.workers < 0:
         raise bad("workers", "must be 0 or a positive whole number")
+
+
+def task_class(name: str):
+    """The task object class of a task name (tasks.py imports this module, hence the late import)."""
+    import tasks
+    return tasks.TASKS[name]
+
+
+def make_task(settings: Settings):
+    """The run's task object (tasks.py): what the task decides, asked by every step."""
+    return task_class(settings.task)(explain=settings.explain, error_threshold=settings.error_threshold)
 
 
 def resolve_input_size(settings: Settings) -> list[int]:
@@ -468,6 +484,7 @@ def load_model(model_path: Path, settings: Settings, num_classes: int, trust_pic
     pickled model. The model is returned on the CPU in eval mode, its output size checked."""
     if not model_path.is_file():
         raise HuddError(f"{model_path}: model file not found; put it in the case's DNNModels folder")
+    _check_is_torch_file(model_path)
     try:
         loaded = torch.load(model_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -484,6 +501,16 @@ def load_model(model_path: Path, settings: Settings, num_classes: int, trust_pic
     model.eval()
     check_output_size(model, settings, num_classes, model_path)
     return model
+
+
+def _check_is_torch_file(model_path: Path) -> None:
+    """torch.save writes a zip archive (or, before PyTorch 1.6, a pickle stream): anything else is
+    not a model file, whatever unpickling would say about it."""
+    with open(model_path, "rb") as stream:
+        head = stream.read(2)
+    if not zipfile.is_zipfile(model_path) and head[:1] != b"\x80":
+        raise HuddError(f"{model_path}: is not a PyTorch model file (torch.save writes a zip archive); "
+                        "pass the .pth file saved with torch.save(model.state_dict(), path)")
 
 
 def _load_pickled_model(model_path: Path, trust_pickle: bool) -> nn.Module:
@@ -539,6 +566,7 @@ def _load_state_dict(model: nn.Module, state: dict, model_path: Path, arch: str,
 
 
 def check_output_size(model: nn.Module, settings: Settings, num_classes: int, model_path: Path) -> None:
+    """The model takes the configured input and gives what its task needs (tasks.py)."""
     height, width = resolve_input_size(settings)
     probe = torch.zeros(1, settings.channels, height, width)
     try:
@@ -548,14 +576,9 @@ def check_output_size(model: nn.Module, settings: Settings, num_classes: int, mo
         raise HuddError(f"{model_path}: the model fails on a {settings.channels}x{height}x{width} input "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0]}); set input_size/channels in "
                         "hudd.json to what the model takes")
-    if settings.task == "keypoints":
-        if output.ndim != 4 or output.shape[1] != num_classes:
-            raise HuddError(f"{model_path}: the model's output has shape {tuple(output.shape[1:])} but a keypoint "
-                            f"model must give one map per keypoint ({num_classes} in labels.csv of the training set)")
-        return
-    if output.ndim != 2 or output.shape[1] != num_classes:
-        raise HuddError(f"{model_path}: the model's output has shape {tuple(output.shape[1:])} but the training set "
-                        f"has {num_classes} classes; check the model or the class folders of DataSets/TrainingSet")
+    problem = make_task(settings).check_output(output, num_classes)
+    if problem:
+        raise HuddError(f"{model_path}: {problem}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -733,6 +756,8 @@ class RunContext:
     _model: nn.Module | None = None
     _model_digest: str | None = None
     _manifest: Manifest | None = None
+    _task: Any = None
+    _memo: dict[str, Any] = field(default_factory=dict)
 
     @property
     def manifest(self) -> Manifest:
@@ -741,9 +766,16 @@ class RunContext:
             self._manifest = Manifest(self.paths.manifest)
         return self._manifest
 
+    @property
+    def task(self):
+        """What the model's task decides (tasks.py): classification or keypoints."""
+        if self._task is None:
+            self._task = make_task(self.settings)
+        return self._task
+
     def sets(self) -> dict[str, ImageSet]:
         if self._sets is None:
-            self._sets = load_case_sets(self.paths, task=self.settings.task)
+            self._sets = load_case_sets(self.paths, self.task)
         return self._sets
 
     @property
@@ -755,6 +787,12 @@ class RunContext:
             model = load_model(self.model_path, self.settings, len(self.classes), self.trust_pickle)
             self._model = model.to(self.device)
         return self._model
+
+    def memo(self, key: str, make: Callable[[], Any]) -> Any:
+        """A value computed once per run and shared by the steps (e.g. decoded training images)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def model_digest(self) -> str:
         if self._model_digest is None:
@@ -768,3 +806,42 @@ class RunContext:
         s = self.settings
         return {"model": self.model_digest(), "arch": s.arch, "task": s.task, "input_size": resolve_input_size(s),
                 "resize": s.resize, "channels": s.channels, "mean": s.mean, "std": s.std}
+
+
+# --------------------------------------------------------------------------------------------
+# The step contract
+# --------------------------------------------------------------------------------------------
+
+class PipelineStop(Exception):
+    """Raised by a step when the later steps have nothing to work on (e.g. no error image); the
+    message says why, and the run ends cleanly after that step."""
+
+
+class Step:
+    """One pipeline step: what decides its outputs (`inputs`), the files that show it is done
+    (`outputs`), the computation that writes them (`compute`), and a summary read back from them.
+    HUDD.run_step applies the protocol: skip when the fingerprint of the inputs is recorded and the
+    outputs exist, else compute and record. A step never writes another step's files."""
+
+    name = ""       # key in the manifest
+    title = ""      # how the log names it
+    version = 1     # bump when the step's results change for the same inputs
+
+    def inputs(self, ctx: RunContext) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def outputs(self, ctx: RunContext) -> list[Path]:
+        raise NotImplementedError
+
+    def compute(self, ctx: RunContext) -> None:
+        raise NotImplementedError
+
+    def summary(self, ctx: RunContext) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def fingerprint(self, ctx: RunContext) -> str:
+        return fingerprint({"step": self.name, "version": self.version, **self.inputs(ctx)})
+
+    def recorded_fingerprint(self, ctx: RunContext) -> str | None:
+        """The fingerprint this step last recorded (later steps include it in their inputs)."""
+        return ctx.manifest.entries.get(self.name, {}).get("fingerprint")

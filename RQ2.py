@@ -50,7 +50,7 @@ def measure(args: argparse.Namespace) -> int:
     settings = Helper.load_settings(paths, {"arch": args.arch})
     device = Helper.pick_device(args.device)
     models = rqModule.models_in(case) if args.all else [HUDD.resolve_model_path(case, args.model)]
-    sets = Helper.load_case_sets(paths, ("train", "test"), task=settings.task)
+    sets = Helper.load_case_sets(paths, Helper.make_task(settings), ("train", "test"))
 
     def context_for(model_path: Path) -> Helper.RunContext:
         ctx = Helper.RunContext(paths=paths, settings=settings, model_path=model_path, device=device,

@@ -30,7 +30,19 @@ def _alexnet_features() -> nn.Sequential:
     )
 
 
-class _AlexNetNoAdaptivePool(nn.Module):
+class _FeaturesThenClassifier(nn.Module):
+    """`features`, flattened, then `classifier` (torchvision's AlexNet/VGG layout)."""
+
+    features: nn.Sequential
+    classifier: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+class _AlexNetNoAdaptivePool(_FeaturesThenClassifier):
     """The original tool's AlexNet: torchvision's layout without the adaptive pool, so the
     flattened size is fixed by the input size."""
 
@@ -53,11 +65,6 @@ class _AlexNetNoAdaptivePool(nn.Module):
             nn.Linear(4096, num_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
-
 
 class AlexNet256(_AlexNetNoAdaptivePool):
     """AlexNet for 256x256 inputs (the original's GD, OC, OD and TS models): 256*7*7 features."""
@@ -73,7 +80,7 @@ class AlexNet128(_AlexNetNoAdaptivePool):
     flat_spatial = 3
 
 
-class DemoNet(nn.Module):
+class DemoNet(_FeaturesThenClassifier):
     """A small VGG-style classifier for the demo case study's 32x32 images; trains in about a
     minute on two CPU cores."""
 
@@ -98,11 +105,6 @@ class DemoNet(nn.Module):
             nn.ReLU(),
             nn.Linear(128, num_classes),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
 
 class KPNet(nn.Module):

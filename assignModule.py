@@ -4,31 +4,37 @@ For every improvement image (labels are not needed), the relevance at the select
 nearest-member distance to each RCC of two or more images, then the original's "ClosestU" greedy
 assignment with per-RCC quotas (reference §8.1): images are taken by ascending distance to their
 closest RCC, then to their second closest, and so on, each image at most once and each RCC up to
-its quota of ceil(2 x its size). Writes `T/UnsafeSet/<RCC>/` (copies of the images) and
-`T/UnsafeSet/assignments.csv` (image, rcc, distance, rank; rank 0 = its closest RCC).
+its quota of ceil(`budget_factor` x its size). The unsafe set is what an engineer labels, and what
+HUDD's retraining trains on (the original built a 2x set here and retrained with a 1x one).
+
+Writes `T/UnsafeSet/<RCC>/` (copies of the images), `T/UnsafeSet/assignments.csv` (image, rcc,
+distance, rank; rank 0 = its closest RCC) and `T/UnsafeSet/rcc_distances.csv` (every improvement
+image's distance to every eligible RCC).
 """
 from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from Helper import HuddError, RunContext, fingerprint, image_set_digest, make_loader, stop_on_unreadable, write_csv
-from clusterModule import CHUNK_BYTES, normalise_rows
+import clusterModule
+import heatmapModule
+import testModule
+from clustering import CHUNK_BYTES, normalise_rows
+from Helper import (CasePaths, HuddError, PipelineStop, RunContext, Step, image_set_digest, make_loader,
+                    stop_on_unreadable, write_csv)
 from lrp import LRPExplainer
 
 log = logging.getLogger("hudd")
 
-STEP = "assign"
-STEP_VERSION = 1
-QUOTA_FACTOR = 2.0   # the original's assignment quota: ceil(2 x RCC size)
 
-
-def quotas(sizes: np.ndarray, factor: float = QUOTA_FACTOR) -> np.ndarray:
+def quotas(sizes: np.ndarray, factor: float) -> np.ndarray:
     """ceil(factor x size); the 1e-9 keeps float error from rounding up (0.3 x 10 = 3.0000000000000004)."""
     return np.ceil(factor * np.asarray(sizes, dtype=float) - 1e-9).astype(np.int64)
 
@@ -79,112 +85,151 @@ def nearest_member_distances(queries: np.ndarray, members: np.ndarray, member_rc
     return result
 
 
-def selected_clusters(ctx: RunContext):
-    """The selected layer, its module path, and its RCCs of two or more images."""
-    analysis = ctx.paths.t_dir / "ClusterAnalysis"
-    summary_path = analysis / "summary.csv"
-    if not summary_path.is_file():
-        raise HuddError(f"{summary_path}: not found; run the cluster step first (--steps clusters,assign)")
-    summary = pd.read_csv(summary_path)
-    layer = summary.loc[summary["selected"] == True, "layer"].iloc[0]  # noqa: E712
-    layers = pd.read_csv(ctx.paths.t_dir / "Heatmaps" / "layers.csv").set_index("layer")
-    labels = pd.read_csv(analysis / layer / "labels.csv")
+# --------------------------------------------------------------------------------------------
+# The files, and their one reader
+# --------------------------------------------------------------------------------------------
+
+FOLDER = "UnsafeSet"
+ASSIGNMENTS_FILE = "assignments.csv"
+DISTANCES_FILE = "rcc_distances.csv"
+
+
+def unsafe_dir(paths: CasePaths) -> Path:
+    return paths.t_dir / FOLDER
+
+
+def unsafe_copy(paths: CasePaths, rcc: str, image: str) -> Path:
+    """The copy of an assigned improvement image in its RCC's folder: `<its folder>__<file>`."""
+    source = Path(image)
+    return unsafe_dir(paths) / rcc / f"{source.parent.name}__{source.name}"
+
+
+def read_assignments(paths: CasePaths) -> pd.DataFrame | None:
+    """image, rcc, distance, rank of every improvement image in the unsafe set; None before the step ran."""
+    path = unsafe_dir(paths) / ASSIGNMENTS_FILE
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def read_rcc_distances(paths: CasePaths) -> pd.DataFrame:
+    """image, then one column per eligible RCC: every improvement image's nearest-member distance."""
+    path = unsafe_dir(paths) / DISTANCES_FILE
+    if not path.is_file():
+        raise HuddError(f"{path}: not found; run the assignment step first (--steps assign)")
+    return pd.read_csv(path)
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SelectedClusters:
+    """The selected layer's RCCs of two or more images: what improvement images are assigned to."""
+
+    layer: str
+    module: str              # its module path, whose output relevance the layer holds
+    labels: pd.DataFrame     # every error image's RCC (clusterModule.read_labels)
+    eligible: list[str]      # the RCCs of two or more images, sorted
+
+    @property
+    def member_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.labels["rcc"].isin(self.eligible).to_numpy())
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self.labels["rcc"].value_counts().reindex(self.eligible).to_numpy()
+
+
+def selected_clusters(ctx: RunContext) -> SelectedClusters:
+    layer = clusterModule.selected_layer(ctx.paths)
+    labels = clusterModule.read_labels(ctx.paths, layer)
     sizes = labels["rcc"].value_counts()
-    eligible = sorted(sizes.index[sizes >= 2])
-    return layer, layers.loc[layer, "module"], labels, eligible
+    return SelectedClusters(layer, heatmapModule.module_of(ctx.paths, layer), labels,
+                            sorted(sizes.index[sizes >= 2]))
 
 
-def improvement_distances(ctx: RunContext, module: str, members: np.ndarray, member_rcc: np.ndarray,
-                          rccs: int) -> tuple[np.ndarray, pd.DataFrame]:
-    """Nearest-member distance of every improvement image to every RCC, batch by batch: relevance
-    at the selected layer only (explaining the predicted class; no labels needed), normalised as
-    the cluster step normalised the members."""
-    from heatmapModule import lrp_target, output_shape_for_targets
-    improve = ctx.sets()["improve"]
-    targets = improvement_targets(ctx)
-    explainer = LRPExplainer(ctx.model(), rules=ctx.settings.rules,
-                             layers=None if module == "input" else [module])
-    loader = make_loader(improve, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
-    distances = np.empty((len(improve), rccs))
-    output_shape = ()  # learnt from the first batch
-    for inputs, _labels, rows, failures in tqdm(loader, desc="assigning improvement images", unit="batch",
-                                                leave=False, disable=None):
-        stop_on_unreadable(improve, failures)
-        if output_shape == ():
-            output_shape = output_shape_for_targets(ctx.model(), inputs, ctx)
-        relevance = explainer(inputs.to(ctx.device), target=lrp_target(targets[rows], ctx, output_shape),
-                              input_relevance=module == "input")[module].float().cpu().numpy()
-        queries = normalise_rows(relevance.reshape(len(relevance), -1).astype(np.float64), ctx.settings.normalisation)
-        distances[rows.numpy()] = nearest_member_distances(queries, members, member_rcc, rccs)
-    images = pd.DataFrame({"image": [ctx.paths.relative(p) for p in improve.paths]})
-    return distances, images
-
-
-def improvement_targets(ctx: RunContext) -> torch.Tensor:
-    """Per improvement image, the output channel explained, as for the error images: the predicted
-    class; for keypoint models the worst keypoint, which needs labels (an unlabelled keypoint set is
-    explained over all its maps: channel -1 with `"explain": "all"` semantics)."""
-    improve = ctx.sets()["improve"]
-    results = pd.read_csv(ctx.paths.result_csv("improve"), keep_default_na=False).set_index("image")
-    rows = results.loc[[ctx.paths.relative(p) for p in improve.paths]]
-    if ctx.settings.task == "keypoints":
-        if "worst_keypoint" not in rows.columns or ctx.settings.explain == "all":
-            return torch.full((len(rows),), -1, dtype=torch.long)
-        return torch.tensor([ctx.classes.index(k) if k else -1 for k in rows["worst_keypoint"]], dtype=torch.long)
-    return torch.tensor([ctx.classes.index(c) for c in rows["predicted"]], dtype=torch.long)
-
-
-def step_fingerprint(ctx: RunContext) -> str:
-    cluster_entry = ctx.manifest.entries.get("clusters", {})
-    return fingerprint({"step": STEP, "version": STEP_VERSION, **ctx.model_fingerprint_part(),
-                        "clusters": cluster_entry.get("fingerprint"), "rules": ctx.settings.rules,
-                        "improve": image_set_digest(ctx.sets()["improve"], ctx.paths.root)})
-
-
-def run(ctx: RunContext) -> dict:
-    step_print = step_fingerprint(ctx)
-    folder = ctx.paths.t_dir / "UnsafeSet"
-    manifest = ctx.manifest
-    if not ctx.force and manifest.is_current(STEP, step_print):
-        log.info("assignment step: inputs unchanged, reusing %s", ctx.paths.relative(folder))
-        return summarise(ctx)
-    layer, module, labels, eligible = selected_clusters(ctx)
-    if not eligible:
-        return {"stop": f"no RCC of {layer} has two or more images, so no improvement image can be assigned"}
-    heatmaps = np.load(ctx.paths.t_dir / "Heatmaps" / f"{layer}.npy", mmap_mode="r")
-    member_rows = np.flatnonzero(labels["rcc"].isin(eligible).to_numpy())
-    members = normalise_rows(np.asarray(heatmaps[member_rows], dtype=np.float64).reshape(len(member_rows), -1),
+def improvement_distances(ctx: RunContext, clusters: SelectedClusters) -> np.ndarray:
+    """Nearest-member distance of every improvement image to every eligible RCC, batch by batch:
+    relevance at the selected layer only (explaining the predicted class; no labels needed),
+    normalised as the cluster step normalised the members."""
+    rows = clusters.member_rows
+    heatmaps = heatmapModule.open_layer(ctx.paths, clusters.layer)
+    members = normalise_rows(np.asarray(heatmaps[rows], dtype=np.float64).reshape(len(rows), -1),
                              ctx.settings.normalisation)
-    member_rcc = np.array([eligible.index(r) for r in labels["rcc"].iloc[member_rows]])
-    distances, images = improvement_distances(ctx, module, members, member_rcc, len(eligible))
-    quota = quotas(np.bincount(member_rcc, minlength=len(eligible)))
-    assigned, rank = closest_u(distances, quota)
-    write_outputs(ctx, folder, images, eligible, distances, assigned, rank)
-    manifest.record(STEP, step_print, [ctx.paths.relative(folder / "assignments.csv")])
-    return summarise(ctx)
+    member_rcc = np.array([clusters.eligible.index(r) for r in clusters.labels["rcc"].iloc[rows]])
+    improve = ctx.sets()["improve"]
+    channels = improvement_channels(ctx)
+    module = clusters.module
+    explainer = LRPExplainer(ctx.model(), rules=ctx.settings.rules, layers=None if module == "input" else [module])
+    loader = make_loader(improve, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
+    distances = np.empty((len(improve), len(clusters.eligible)))
+    output_shape = ()  # learnt from the first batch
+    for inputs, _labels, batch_rows, failures in tqdm(loader, desc="assigning improvement images", unit="batch",
+                                                      leave=False, disable=None):
+        stop_on_unreadable(improve, failures)
+        inputs = inputs.to(ctx.device)
+        if output_shape == ():
+            output_shape = ctx.task.output_shape(ctx.model(), inputs)
+        target = ctx.task.lrp_target(channels[batch_rows], output_shape, ctx.device)
+        relevance = explainer(inputs, target=target, input_relevance=module == "input")[module].float().cpu().numpy()
+        queries = normalise_rows(relevance.reshape(len(relevance), -1).astype(np.float64), ctx.settings.normalisation)
+        distances[batch_rows.numpy()] = nearest_member_distances(queries, members, member_rcc, len(clusters.eligible))
+    return distances
 
 
-def write_outputs(ctx, folder, images, eligible, distances, assigned, rank) -> None:
+def improvement_channels(ctx: RunContext) -> torch.Tensor:
+    """Per improvement image, the output channel explained, as for the error images (tasks.py)."""
+    improve = ctx.sets()["improve"]
+    results = testModule.read_results(ctx.paths, "improve").set_index("image")
+    rows = results.loc[[ctx.paths.relative(p) for p in improve.paths]]
+    return ctx.task.improvement_channels(rows, ctx.classes)
+
+
+class AssignStep(Step):
+    name, title = "assign", "assignment step"
+
+    def inputs(self, ctx: RunContext) -> dict:
+        return {**ctx.model_fingerprint_part(), "clusters": clusterModule.STEP.recorded_fingerprint(ctx),
+                "rules": ctx.settings.rules, "budget_factor": ctx.settings.budget_factor,
+                "improve": image_set_digest(ctx.sets()["improve"], ctx.paths.root)}
+
+    def outputs(self, ctx: RunContext) -> list[Path]:
+        return [unsafe_dir(ctx.paths) / ASSIGNMENTS_FILE, unsafe_dir(ctx.paths) / DISTANCES_FILE]
+
+    def compute(self, ctx: RunContext) -> None:
+        clusters = selected_clusters(ctx)
+        if not clusters.eligible:
+            raise PipelineStop(f"no RCC of {clusters.layer} has two or more images, so no improvement image can "
+                               "be assigned")
+        distances = improvement_distances(ctx, clusters)
+        assigned, rank = closest_u(distances, quotas(clusters.sizes, ctx.settings.budget_factor))
+        images = [ctx.paths.relative(p) for p in ctx.sets()["improve"].paths]
+        write_outputs(ctx, images, clusters.eligible, distances, assigned, rank)
+
+    def summary(self, ctx: RunContext) -> dict:
+        table = read_assignments(ctx.paths)
+        return {"images": len(table), "rccs": table["rcc"].nunique(), "folder": unsafe_dir(ctx.paths)}
+
+
+def write_outputs(ctx: RunContext, images: list[str], eligible: list[str], distances: np.ndarray,
+                  assigned: np.ndarray, rank: np.ndarray) -> None:
     chosen = np.flatnonzero(assigned >= 0)
-    table = pd.DataFrame({"image": images["image"].to_numpy()[chosen],
+    table = pd.DataFrame({"image": np.asarray(images, dtype=object)[chosen],
                           "rcc": [eligible[c] for c in assigned[chosen]],
                           "distance": distances[chosen, assigned[chosen]], "rank": rank[chosen]})
     table = table.sort_values(["rcc", "distance"], kind="stable").reset_index(drop=True)
+    folder = unsafe_dir(ctx.paths)
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for row in table.itertuples():
-        source = ctx.paths.root / row.image
-        target = folder / row.rcc / f"{source.parent.name}__{source.name}"
+        target = unsafe_copy(ctx.paths, row.rcc, row.image)
         target.parent.mkdir(exist_ok=True)
-        shutil.copy2(source, target)
-    write_csv(table, folder / "assignments.csv")
+        shutil.copy2(ctx.paths.root / row.image, target)
+    write_csv(table, folder / ASSIGNMENTS_FILE)
     distance_table = pd.DataFrame(distances, columns=eligible)
-    distance_table.insert(0, "image", images["image"])
-    write_csv(distance_table, folder / "rcc_distances.csv")
+    distance_table.insert(0, "image", images)
+    write_csv(distance_table, folder / DISTANCES_FILE)
 
 
-def summarise(ctx: RunContext) -> dict:
-    folder = ctx.paths.t_dir / "UnsafeSet"
-    table = pd.read_csv(folder / "assignments.csv")
-    return {"images": len(table), "rccs": table["rcc"].nunique(), "folder": folder}
+STEP = AssignStep()

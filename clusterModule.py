@@ -1,423 +1,133 @@
-"""Step 3: root-cause clusters (RCCs) of the error images' heatmaps.
+"""Step 3: root-cause clusters (RCCs) of the error images' heatmaps, laid out for people.
 
-Per layer: pairwise Euclidean distances between heatmaps (float64 matrix products, in chunks), Ward
-hierarchical clustering, the number of clusters chosen automatically, then the layer chosen
-automatically. The merge tree is walked once to get the weighted intra-cluster distance (WICD) and the
-silhouette for every k, so sweeping k = 2..500 costs about as much as one clustering.
+Per layer (the algorithms are in clustering.py): distances between heatmaps, Ward clustering, k chosen
+automatically; then one layer chosen. Writes under `CASE/T/ClusterAnalysis/`:
+- `<Layer>/rcc_labels.csv`: image, expected, predicted, rcc (and scenario, where metadata.csv has it);
+- `<Layer>/rcc_stats.csv`: rcc, size, icd (mean distance between members), majority scenario, purity;
+- `<Layer>/RCC01/`, ...: copies of each RCC's images, named `<expected class>__<file>`;
+- `<Layer>/knee.png`, `<Layer>/distances.npy`, `<Layer>/characterisation.xlsx` (where metadata exists);
+- `<Layer>HMDistance.xlsx` (the distance matrix for people) and `summary.csv`/`summary.xlsx` (per layer:
+  k, WICD, silhouette, purity, coverage, selected);
+and publishes the selected layer's RCC folders under `CASE/T/<Layer>/` (what an engineer inspects, HUDD
+step 2), each image with `<file>_heatmap.png` beside it: the image and its pixel relevance overlaid.
+
+This module owns those files: the other steps and the report read them through the readers below.
 """
 from __future__ import annotations
 
 import logging
 import shutil
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.cluster.hierarchy import linkage
-from scipy.spatial.distance import squareform
+from PIL import Image
 from tqdm import tqdm
 
-from Helper import HuddError, atomic_path, fingerprint, read_metadata, write_csv
+import heatmapModule
+from clustering import (EXACT_LIMIT, LayerClustering, cluster_layer, cluster_two_stage, five_point_gradient,
+                        pairwise_distances, purity_coverage, select_layer)
+from Helper import CasePaths, HuddError, RunContext, Step, atomic_path, read_metadata, write_csv
 
 log = logging.getLogger("hudd")
 
-K_LIMIT = 500                      # the original's cap on the number of clusters
-NORMALISATIONS = ("none", "l2", "max")
-K_CRITERIA = ("knee", "silhouette")
-LAYER_CRITERIA = ("wicd", "silhouette")
-SPACES = ("direct", "profiles")
-CHUNK_BYTES = 256 * 2 ** 20        # float64 working block of the distance computation
-
+EXCEL_MAX_IMAGES = 16383          # Excel's 16,384 columns, one taken by the row names
+OVERLAY_TILE = 96                 # pixels per overlay half (image | image with relevance)
 
 # --------------------------------------------------------------------------------------------
-# Distances
+# The files, and their one reader
 # --------------------------------------------------------------------------------------------
 
-def normalise_rows(block: np.ndarray, how: str) -> np.ndarray:
-    """Per-heatmap scaling: 'l2' to unit length, 'max' to unit largest magnitude; zero rows stay zero."""
-    if how == "none":
-        return block
-    scale = np.linalg.norm(block, axis=1) if how == "l2" else np.abs(block).max(axis=1)
-    scale[scale == 0] = 1.0
-    return block / scale[:, None]
+ANALYSIS = "ClusterAnalysis"
 
 
-def _rows(heatmaps: np.ndarray, start: int, stop: int, how: str) -> np.ndarray:
-    block = np.asarray(heatmaps[start:stop], dtype=np.float64).reshape(stop - start, -1)
-    return normalise_rows(block, how)
+def analysis_dir(paths: CasePaths) -> Path:
+    """T/ClusterAnalysis/: every layer's clustering, and the summary across layers."""
+    return paths.t_dir / ANALYSIS
 
 
-def pairwise_distances(heatmaps: np.ndarray, normalisation: str = "none",
-                       chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
-    """(n, n) float64 Euclidean distances between the rows of `heatmaps` (any trailing shape; a
-    memory-mapped .npy works and is read block by block).
-
-    |a-b|^2 = |a|^2 + |b|^2 - 2 a.b in float64; pairs where that difference cancels badly (near
-    duplicates) are recomputed directly, so identical heatmaps are at distance exactly 0."""
-    n = len(heatmaps)
-    dims = int(np.prod(heatmaps.shape[1:]))
-    step = max(1, min(n, chunk_bytes // (8 * max(dims, 1))))
-    starts = list(range(0, n, step))
-    squared = np.concatenate([np.einsum("ij,ij->i", b, b) for b in
-                              (_rows(heatmaps, s, min(s + step, n), normalisation) for s in starts)])
-    distances = np.zeros((n, n))
-    for i in starts:
-        rows_i = _rows(heatmaps, i, min(i + step, n), normalisation)
-        for j in starts:
-            if j < i:
-                continue
-            rows_j = rows_i if j == i else _rows(heatmaps, j, min(j + step, n), normalisation)
-            block = squared[i:i + len(rows_i), None] + squared[None, j:j + len(rows_j)] - 2.0 * rows_i @ rows_j.T
-            _repair_cancellation(block, rows_i, rows_j, squared[i:i + len(rows_i)], squared[j:j + len(rows_j)])
-            np.sqrt(np.maximum(block, 0.0), out=block)
-            distances[i:i + len(rows_i), j:j + len(rows_j)] = block
-            distances[j:j + len(rows_j), i:i + len(rows_i)] = block.T
-    np.fill_diagonal(distances, 0.0)
-    return distances
+SUMMARY_FILE = "summary.csv"
+LABELS_FILE = "rcc_labels.csv"
+STATS_FILE = "rcc_stats.csv"
+DISTANCES_FILE = "distances.npy"
+SAMPLE_FILE = "sample.npy"
+KNEE_PLOT = "knee.png"
+CHARACTERISATION_FILE = "characterisation.xlsx"
+OVERLAY_SUFFIX = "_heatmap.png"
 
 
-def _repair_cancellation(block, rows_i, rows_j, sq_i, sq_j, relative: float = 1e-8) -> None:
-    """Where |a-b|^2 is tiny next to |a|^2 + |b|^2, the product formula has lost its digits:
-    compute those squared distances directly."""
-    suspect = np.argwhere(block <= relative * (sq_i[:, None] + sq_j[None, :]))
-    for start in range(0, len(suspect), 4096):
-        pairs = suspect[start:start + 4096]
-        diff = rows_i[pairs[:, 0]] - rows_j[pairs[:, 1]]
-        block[pairs[:, 0], pairs[:, 1]] = np.einsum("ij,ij->i", diff, diff)
+def layer_dir(paths: CasePaths, layer: str) -> Path:
+    return analysis_dir(paths) / layer
 
 
-def distance_profiles(distances: np.ndarray) -> np.ndarray:
-    """The original's clustering space: each row of D divided by its largest entry, then Euclidean
-    distances between those rows ("distance profiles"; reference §7.3)."""
-    peak = distances.max(axis=1)
-    peak[peak == 0] = 1.0
-    return pairwise_distances(distances / peak[:, None])
+def published_dir(paths: CasePaths, layer: str) -> Path:
+    """T/<Layer>/: the selected layer's RCC folders, as the seed README promises (T/LayerX/)."""
+    return paths.t_dir / layer
 
 
-# --------------------------------------------------------------------------------------------
-# The merge tree and what it gives for every k
-# --------------------------------------------------------------------------------------------
-
-def ward_tree(distances: np.ndarray) -> np.ndarray:
-    """Ward linkage of a Euclidean distance matrix (scipy's (n-1) x 4 merge list)."""
-    return linkage(squareform(distances, checks=False), method="ward")
+def has_run(paths: CasePaths) -> bool:
+    return (analysis_dir(paths) / SUMMARY_FILE).is_file()
 
 
-def labels_at(tree: np.ndarray, n: int, k: int) -> np.ndarray:
-    """Cluster labels 0..k-1 after the first n-k merges (the k-cluster cut of the tree), numbered
-    in order of each cluster's first member, so labels are stable for a given tree."""
-    roots = _roots_at(tree, n, n - k)
-    _, first, inverse = np.unique(roots, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first)] = np.arange(len(first))
-    return rank[inverse]
+def read_summary(paths: CasePaths) -> pd.DataFrame:
+    """Per layer: k, wicd, silhouette, selected (and purity, coverage, rccs where scenarios exist)."""
+    if not has_run(paths):
+        raise HuddError(f"{analysis_dir(paths) / SUMMARY_FILE}: not found; run the cluster step first "
+                        "(--steps clusters)")
+    table = pd.read_csv(analysis_dir(paths) / SUMMARY_FILE)
+    table["selected"] = table["selected"].astype(str).eq("True")  # skipped layers leave the cell empty
+    return table
 
 
-def _roots_at(tree: np.ndarray, n: int, merges: int) -> np.ndarray:
-    """The tree node each image belongs to after `merges` merges (pointer jumping: log-depth passes)."""
-    parent = np.arange(2 * n - 1)
-    steps = np.arange(merges)
-    parent[tree[:merges, 0].astype(np.int64)] = n + steps
-    parent[tree[:merges, 1].astype(np.int64)] = n + steps
-    while True:
-        jumped = parent[parent]
-        if np.array_equal(jumped, parent):
-            return parent[:n]
-        parent = jumped
+def selected_layer(paths: CasePaths) -> str:
+    table = read_summary(paths)
+    return str(table.loc[table["selected"], "layer"].iloc[0])
 
 
-def k_range(n: int) -> range:
-    """Candidate numbers of clusters: 2 .. min(500, n/2), as the original (at least k=2)."""
-    return range(2, max(2, min(K_LIMIT, n // 2)) + 1)
+def read_labels(paths: CasePaths, layer: str) -> pd.DataFrame:
+    """image, expected, predicted, rcc (, scenario) of every error image, in heatmap row order."""
+    return pd.read_csv(layer_dir(paths, layer) / LABELS_FILE, keep_default_na=False)
 
 
-def wicd_curve(tree: np.ndarray, distances: np.ndarray) -> np.ndarray:
-    """WICD(k) for every k = 1..n (index k; index 0 unused) in one pass over the merge tree.
-
-    WICD(k) = [sum over clusters C with |C|>1 of ICD(C) |C| / n] / k, where ICD(C) is the mean
-    distance over C's member pairs and k counts every cluster, singletons included (reference §7.3).
-    Each merge adds the distances between the two merged clusters, so the pass costs O(n^2) overall."""
-    n = len(distances)
-    members: dict[int, np.ndarray] = {i: np.array([i]) for i in range(n)}
-    pair_sum = np.zeros(2 * n - 1)
-    weighted = 0.0  # sum over non-singleton clusters of ICD(C) * |C|
-    curve = np.full(n + 1, np.nan)
-    curve[n] = 0.0
-
-    def contribution(node: int, size: int) -> float:
-        return 0.0 if size < 2 else pair_sum[node] / (size * (size - 1) / 2) * size
-
-    for step, (a, b, _height, _size) in enumerate(tree):
-        a, b = int(a), int(b)
-        left, right = members.pop(a), members.pop(b)
-        node = n + step
-        pair_sum[node] = pair_sum[a] + pair_sum[b] + distances[np.ix_(left, right)].sum()
-        weighted += contribution(node, len(left) + len(right)) - contribution(a, len(left)) - contribution(b, len(right))
-        members[node] = np.concatenate([left, right])
-        k = n - step - 1
-        curve[k] = weighted / n / k
-    return curve
+def read_rcc_stats(paths: CasePaths, layer: str) -> pd.DataFrame:
+    return pd.read_csv(layer_dir(paths, layer) / STATS_FILE)
 
 
-def silhouette_curve(tree: np.ndarray, distances: np.ndarray, ks: range) -> np.ndarray:
-    """Mean silhouette for every k in `ks` (index k), updated merge by merge.
-
-    Starting from the largest k, a merge only changes the merged clusters' columns of the per-image
-    mean distance to each cluster, so each k costs O(n) plus O(k) for the few images whose nearest
-    other cluster was one of the two merged ones, instead of O(n^2)."""
-    n = len(distances)
-    curve = np.full(n + 1, np.nan)
-    k_max = max(ks)
-    own = labels_at(tree, n, k_max)
-    order = np.argsort(own, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, np.diff(own[order]) != 0])
-    sums = np.add.reduceat(distances[:, order], bounds, axis=1)          # (n, k_max) distance sums
-    sizes = np.bincount(own, minlength=k_max).astype(float)
-    rows = np.arange(n)
-    mean_to = sums / sizes
-    mean_to[rows, own] = np.inf                                           # b excludes one's own cluster
-    nearest = mean_to.argmin(axis=1)
-    column_of = {int(root): int(label) for root, label in zip(_roots_at(tree, n, n - k_max), own)}
-    for k in range(k_max, min(ks) - 1, -1):
-        curve[k] = _mean_silhouette(sums[rows, own], sizes[own], mean_to[rows, nearest])
-        if k == min(ks):
-            break
-        step = n - k
-        keep, gone = column_of.pop(int(tree[step, 0])), column_of.pop(int(tree[step, 1]))
-        column_of[n + step] = keep
-        sums[:, keep] += sums[:, gone]
-        sizes[keep] += sizes[gone]
-        own[own == gone] = keep
-        merged = mean_to[:, keep] = sums[:, keep] / sizes[keep]
-        mean_to[own == keep, keep] = np.inf
-        mean_to[:, gone] = np.inf
-        stale = (nearest == keep) | (nearest == gone) | (own == keep)
-        nearest[stale] = mean_to[stale].argmin(axis=1)
-        closer = ~stale & (merged < mean_to[rows, nearest])
-        nearest[closer] = keep
-    return curve
+def characterisation_file(paths: CasePaths, layer: str) -> Path:
+    return layer_dir(paths, layer) / CHARACTERISATION_FILE
 
 
-def _mean_silhouette(own_sums: np.ndarray, own_sizes: np.ndarray, b: np.ndarray) -> float:
-    """Mean over images of (b - a) / max(a, b), a = mean distance to the rest of one's cluster;
-    0 for images alone in their cluster (as sklearn)."""
-    alone = own_sizes < 2
-    a = own_sums / np.maximum(own_sizes - 1, 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = (b - a) / np.maximum(a, b)
-    s[alone] = 0.0
-    return float(np.nan_to_num(s, nan=0.0).mean())
+def read_characterising_parameters(paths: CasePaths, layer: str) -> pd.DataFrame | None:
+    """Per RCC, the parameters whose variance inside it is below half their overall variance; None
+    where the test set has no metadata."""
+    path = characterisation_file(paths, layer)
+    return pd.read_excel(path, sheet_name="Parameters") if path.is_file() else None
 
 
-# --------------------------------------------------------------------------------------------
-# Choosing k
-# --------------------------------------------------------------------------------------------
-
-def five_point_gradient(values: np.ndarray) -> np.ndarray:
-    """The original's 4th-order finite-difference gradient of the WICD curve: central 5-point
-    differences inside, first differences at the two ends of each side, all divided by 4."""
-    y = np.asarray(values, dtype=float)
-    g = np.empty_like(y)
-    if len(y) < 5:
-        return np.gradient(y) / 4 if len(y) > 1 else np.zeros_like(y)
-    g[2:-2] = (y[:-4] - 8 * y[1:-3] + 8 * y[3:-1] - y[4:]) / 12
-    g[:2] = y[1:3] - y[0:2]
-    g[-2:] = y[-2:] - y[-3:-1]
-    return g / 4
+def knee_plot(paths: CasePaths, layer: str) -> Path:
+    return layer_dir(paths, layer) / KNEE_PLOT
 
 
-def knee_k(ks: range, wicd: np.ndarray) -> int:
-    """The original's choice: the knee of the gradient of WICD(k) (kneed, concave, increasing), i.e.
-    the elbow where adding clusters stops paying. Where kneed finds none, the point of the WICD
-    curve farthest from the chord between its ends."""
-    ks_array = np.array(list(ks))
-    if len(ks_array) < 3:
-        return int(ks_array[0])
-    gradient = five_point_gradient(wicd[ks_array])
-    from kneed import KneeLocator
-    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-        warnings.simplefilter("ignore")  # kneed warns on flat curves; the fallback below handles them
-        knee = KneeLocator(ks_array, gradient, curve="concave", direction="increasing").knee
-    if knee is not None:
-        return int(knee)
-    return int(ks_array[_farthest_from_chord(ks_array, wicd[ks_array])])
+def member_copy(paths: CasePaths, layer: str, rcc: str, image: str, expected: str) -> Path:
+    """The copy of an error image in its published RCC folder."""
+    return published_dir(paths, layer) / rcc / _copy_name(image, expected)
 
 
-def _farthest_from_chord(x: np.ndarray, y: np.ndarray) -> int:
-    span_x, span_y = x[-1] - x[0], y[-1] - y[0]
-    if span_y == 0:
-        return 0
-    xn, yn = (x - x[0]) / span_x, (y - y[0]) / span_y
-    return int(np.argmax(np.abs(yn - xn)))
+def overlay_file(paths: CasePaths, layer: str, rcc: str, image: str, expected: str) -> Path:
+    copy = member_copy(paths, layer, rcc, image, expected)
+    return copy.with_name(copy.stem + OVERLAY_SUFFIX)
 
 
-def silhouette_k(ks: range, silhouette: np.ndarray) -> int:
-    """The k with the highest mean silhouette (the smallest such k on ties)."""
-    ks_array = np.array(list(ks))
-    return int(ks_array[np.nanargmax(silhouette[ks_array])])
+def _copy_name(image: str, expected: str) -> str:
+    """`<expected class>__<file name>`, so files of different class folders cannot collide."""
+    return f"{expected}__{Path(image).name}"
 
 
 # --------------------------------------------------------------------------------------------
 # One layer
 # --------------------------------------------------------------------------------------------
 
-@dataclass
-class LayerClustering:
-    layer: str
-    k: int
-    labels: np.ndarray          # 0..k-1 per image
-    wicd: float                 # on the heatmap distances, at k (the original's layer criterion)
-    silhouette: float           # on the heatmap distances, at k
-    ks: range
-    wicd_curve: np.ndarray      # of the clustered space, index k
-    silhouette_curve: np.ndarray
-
-
-def cluster_layer(layer: str, distances: np.ndarray, space: str = "direct",
-                  k_criterion: str = "knee") -> LayerClustering:
-    """Ward clustering of one layer's heatmap distances with k chosen automatically."""
-    n = len(distances)
-    if n < 2:
-        raise ValueError("at least two heatmaps are needed to cluster")
-    clustered = distances if space == "direct" else distance_profiles(distances)
-    tree = ward_tree(clustered)
-    ks = k_range(n)
-    curve = wicd_curve(tree, clustered)
-    direct_wicd = curve if space == "direct" else wicd_curve(tree, distances)
-    silhouettes = silhouette_curve(tree, distances, ks) if n > 2 else np.zeros(n + 1)
-    k = knee_k(ks, curve) if k_criterion == "knee" else silhouette_k(ks, silhouettes)
-    k = min(k, n)
-    return LayerClustering(layer=layer, k=k, labels=labels_at(tree, n, k), wicd=float(direct_wicd[k]),
-                           silhouette=float(silhouettes[k]), ks=ks, wicd_curve=curve, silhouette_curve=silhouettes)
-
-
-EXACT_LIMIT = 20000   # beyond this many error images a layer is clustered in two stages
-
-
-def nearest_rows(queries: np.ndarray, references: np.ndarray, normalisation: str = "none",
-                 chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
-    """For each query row, the index of its nearest reference row (Euclidean), block by block."""
-    dims = int(np.prod(references.shape[1:]))
-    refs = _rows(references, 0, len(references), normalisation)
-    ref_squared = np.einsum("ij,ij->i", refs, refs)
-    step = max(1, chunk_bytes // (8 * max(dims, len(references), 1)))
-    nearest = np.empty(len(queries), dtype=np.int64)
-    for start in range(0, len(queries), step):
-        block = _rows(queries, start, min(start + step, len(queries)), normalisation)
-        # |q|^2 is the same for every reference of a row, so it does not change the argmin
-        nearest[start:start + len(block)] = (ref_squared[None, :] - 2.0 * block @ refs.T).argmin(axis=1)
-    return nearest
-
-
-def cluster_two_stage(layer: str, heatmaps: np.ndarray, normalisation: str = "none", space: str = "direct",
-                      k_criterion: str = "knee", limit: int = EXACT_LIMIT, seed: int = 0
-                      ) -> tuple[LayerClustering, np.ndarray, np.ndarray]:
-    """For more error images than `limit`: cluster a seeded random sample of `limit` heatmaps exactly,
-    then give every other heatmap the RCC of its nearest sampled heatmap (the nearest-member rule the
-    assignment step uses). Returns the clustering (labels for all images; WICD and silhouette of the
-    sample), the sample's indices and the sample's distance matrix."""
-    n = len(heatmaps)
-    sample = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
-    sampled = np.asarray(heatmaps[sample])
-    distances = pairwise_distances(sampled, normalisation)
-    result = cluster_layer(layer, distances, space, k_criterion)
-    rest = np.setdiff1d(np.arange(n), sample)
-    labels = np.empty(n, dtype=np.int64)
-    labels[sample] = result.labels
-    labels[rest] = result.labels[nearest_rows(_Subset(heatmaps, rest), sampled, normalisation)]
-    result.labels = labels
-    return result, sample, distances
-
-
-class _Subset:
-    """Rows `index` of an array (e.g. a memory-mapped .npy), read a slice at a time."""
-
-    def __init__(self, array: np.ndarray, index: np.ndarray):
-        self.array, self.index, self.shape = array, index, (len(index), *array.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        return np.asarray(self.array[self.index[rows]])
-
-
-def select_layer(results: list[LayerClustering], criterion: str = "wicd") -> LayerClustering:
-    """The original's choice: the smallest WICD (raw distances; never the input layer). The
-    alternative compares layers on a common, scale-free footing: the highest silhouette."""
-    candidates = [r for r in results if r.layer != "Layer0"] or results
-    if criterion == "wicd":
-        return min(candidates, key=lambda r: r.wicd)
-    return max(candidates, key=lambda r: r.silhouette)
-
-
-# --------------------------------------------------------------------------------------------
-# Root-cause quality where scenarios are known
-# --------------------------------------------------------------------------------------------
-
-def purity_coverage(labels: np.ndarray, scenarios: np.ndarray, min_scenario_errors: int = 5) -> dict:
-    """design.md's measures: purity of an RCC = share of its most common scenario, averaged over
-    RCCs with at least two members; coverage = share of the scenarios with at least 5 error images
-    that are the most common scenario of at least one RCC."""
-    purities, majorities = [], set()
-    for rcc in np.unique(labels):
-        values, counts = np.unique(scenarios[labels == rcc], return_counts=True)
-        majority = values[np.argmax(counts)]
-        if counts.sum() >= 2:
-            purities.append(counts.max() / counts.sum())
-            majorities.add(majority)
-    values, counts = np.unique(scenarios, return_counts=True)
-    frequent = set(values[counts >= min_scenario_errors])
-    return {"purity": float(np.mean(purities)) if purities else float("nan"),
-            "coverage": len(frequent & majorities) / len(frequent) if frequent else float("nan"),
-            "rccs": int(len(purities))}
-
-
-# --------------------------------------------------------------------------------------------
-# The step: every layer, the selected layer, files for people
-# --------------------------------------------------------------------------------------------
-
-STEP = "clusters"
-STEP_VERSION = 1
-EXCEL_MAX_IMAGES = 16383          # Excel's 16,384 columns, one taken by the row names
-
-
-def run(ctx) -> dict:
-    heatmaps = ctx.paths.t_dir / "Heatmaps"
-    if not (heatmaps / "layers.csv").is_file():
-        raise HuddError(f"{heatmaps}: no heatmaps yet; run the heatmap step first (--steps heatmaps,clusters)")
-    index = pd.read_csv(heatmaps / "index.csv")
-    layers = pd.read_csv(heatmaps / "layers.csv")
-    s = ctx.settings
-    options = {"space": s.cluster_space, "normalisation": s.normalisation, "k": s.k_criterion,
-               "layer": s.layer_criterion}
-    heatmap_entry = ctx.manifest.entries.get("heatmaps", {})
-    step_print = fingerprint({"step": STEP, "version": STEP_VERSION, "heatmaps": heatmap_entry.get("fingerprint"),
-                              **options})
-    analysis = ctx.paths.t_dir / "ClusterAnalysis"
-    manifest = ctx.manifest
-    if not ctx.force and manifest.is_current(STEP, step_print):
-        log.info("cluster step: inputs unchanged, reusing %s", ctx.paths.relative(analysis))
-        return summarise(ctx)
-    metadata = error_metadata(ctx, index)
-    scenarios = scenarios_of(metadata)
-    results, skipped = [], []
-    for row in tqdm(list(layers.itertuples()), desc="clustering layers", unit="layer", leave=False, disable=None):
-        outcome = cluster_one_layer(ctx, row.layer, heatmaps / f"{row.layer}.npy", index, metadata, analysis)
-        (results if isinstance(outcome, LayerClustering) else skipped).append(outcome)
-    if not results:
-        raise HuddError(f"{heatmaps}: no layer could be clustered ({'; '.join(skipped)})")
-    chosen = select_layer(results, s.layer_criterion)
-    write_summary(results, skipped, chosen, scenarios, analysis)
-    publish_selected_layer(ctx, chosen, analysis)
-    outputs = [ctx.paths.relative(analysis / "summary.csv"), ctx.paths.relative(ctx.paths.t_dir / f"{chosen.layer}")]
-    manifest.record(STEP, step_print, outputs)
-    return summarise(ctx)
-
-
-def error_metadata(ctx, index: pd.DataFrame) -> pd.DataFrame | None:
+def error_metadata(ctx: RunContext, index: pd.DataFrame) -> pd.DataFrame | None:
     """The test set's metadata.csv rows of the error images, in index order; None where the test set
     has no metadata.csv or some error image has no row."""
     metadata = read_metadata(ctx.paths.set_dir("test"), ctx.paths.root)
@@ -433,50 +143,50 @@ def scenarios_of(metadata: pd.DataFrame | None) -> np.ndarray | None:
     return metadata["scenario"].astype(str).to_numpy()
 
 
-def error_scenarios(ctx, index: pd.DataFrame) -> np.ndarray | None:
-    """The `scenario` of every error image from the test set's metadata.csv, where there is one."""
-    return scenarios_of(error_metadata(ctx, index))
-
-
-def finite_rows(path: Path) -> tuple[np.ndarray, str]:
-    """The layer's heatmaps (memory-mapped) and, where some are NaN/inf, why the layer is unusable."""
-    heatmaps = np.load(path, mmap_mode="r")
+def finite_rows(heatmaps: np.ndarray) -> str:
+    """Why a layer's heatmaps are unusable ("" when every value is finite)."""
     flat = heatmaps.reshape(len(heatmaps), -1)
     for start in range(0, len(flat), 256):
         if not np.isfinite(flat[start:start + 256]).all():
             bad = start + int(np.flatnonzero(~np.isfinite(flat[start:start + 256]).all(axis=1))[0])
-            return heatmaps, f"heatmap row {bad} holds NaN or inf"
-    return heatmaps, ""
+            return f"heatmap row {bad} holds NaN or inf"
+    return ""
 
 
-def cluster_one_layer(ctx, layer: str, path: Path, index: pd.DataFrame, metadata, analysis: Path):
+def cluster_heatmaps(ctx: RunContext, layer: str, heatmaps: np.ndarray):
+    """(clustering, distances, sample): exact up to EXACT_LIMIT images, else in two stages (the
+    distances then cover a seeded random sample, whose rows `sample` lists)."""
+    s, n = ctx.settings, len(heatmaps)
+    if n > EXACT_LIMIT:
+        log.info("%s: %d error images, more than %d: clustering a random sample exactly and the rest by "
+                 "nearest sampled heatmap", layer, n, EXACT_LIMIT)
+        result, sample, distances = cluster_two_stage(layer, heatmaps, s.normalisation, s.cluster_space,
+                                                      s.k_criterion, EXACT_LIMIT, ctx.seed)
+        return result, distances, sample
+    distances = pairwise_distances(heatmaps, s.normalisation)
+    if n < 2:
+        return LayerClustering(layer, 1, np.zeros(1, dtype=np.int64), 0.0, 0.0, range(1, 2), np.zeros(2),
+                               np.zeros(2)), distances, None
+    return cluster_layer(layer, distances, s.cluster_space, s.k_criterion), distances, None
+
+
+def cluster_one_layer(ctx: RunContext, layer: str, index: pd.DataFrame, metadata):
     """Distances, clustering and the files of one layer; a reason string where it is skipped."""
-    heatmaps, problem = finite_rows(path)
+    heatmaps = heatmapModule.open_layer(ctx.paths, layer)
+    problem = finite_rows(heatmaps)
     if problem:
         log.warning("%s skipped: %s (the LRP rules divide by small activations; try another rules preset)",
                     layer, problem)
         return f"{layer}: {problem}"
-    folder = analysis / layer
+    folder = layer_dir(ctx.paths, layer)
     folder.mkdir(parents=True, exist_ok=True)
-    s = ctx.settings
-    measured = None  # images whose distances are known: all, or the sample of a two-stage clustering
-    if len(index) > EXACT_LIMIT:
-        log.info("%s: %d error images, more than %d: clustering a random sample exactly and the rest by "
-                 "nearest sampled heatmap", layer, len(index), EXACT_LIMIT)
-        result, measured, distances = cluster_two_stage(layer, heatmaps, s.normalisation, s.cluster_space,
-                                                        s.k_criterion, EXACT_LIMIT, ctx.seed)
-        save_npy(measured, folder / "sample.npy")
-    else:
-        distances = pairwise_distances(heatmaps, s.normalisation)
-        if len(index) < 2:
-            result = LayerClustering(layer, 1, np.zeros(1, dtype=np.int64), 0.0, 0.0, range(1, 2), np.zeros(2),
-                                     np.zeros(2))
-        else:
-            result = cluster_layer(layer, distances, s.cluster_space, s.k_criterion)
-    save_npy(distances, folder / "distances.npy")
-    sample_index = index if measured is None else index.iloc[measured]
-    write_distance_xlsx(distances, sample_index, analysis / f"{layer}HMDistance.xlsx")
-    write_layer_files(result, distances, index, metadata, folder, ctx.paths.root, measured)
+    result, distances, sample = cluster_heatmaps(ctx, layer, heatmaps)
+    if sample is not None:
+        save_npy(sample, folder / SAMPLE_FILE)
+    save_npy(distances, folder / DISTANCES_FILE)
+    write_distance_xlsx(distances, index if sample is None else index.iloc[sample],
+                        analysis_dir(ctx.paths) / f"{layer}HMDistance.xlsx")
+    write_layer_files(result, distances, index, metadata, folder, ctx.paths.root, sample)
     return result
 
 
@@ -510,13 +220,13 @@ def write_layer_files(result: LayerClustering, distances, index, metadata, folde
                            "predicted": index["predicted"], "rcc": [rcc_name(l) for l in result.labels]})
     if scenarios is not None:
         labels["scenario"] = scenarios
-    write_csv(labels, folder / "labels.csv")
-    write_csv(rcc_statistics(result.labels, distances, scenarios, measured), folder / "rcc_stats.csv")
+    write_csv(labels, folder / LABELS_FILE)
+    write_csv(rcc_statistics(result.labels, distances, scenarios, measured), folder / STATS_FILE)
     copy_rcc_images(case_root, labels, folder)
     if len(result.ks) > 1:
-        plot_k_choice(result, folder / "knee.png")
+        plot_k_choice(result, folder / KNEE_PLOT)
     if scenarios is not None:
-        write_characterisation(labels, metadata, folder / "characterisation.xlsx")
+        write_characterisation(labels, metadata, folder / CHARACTERISATION_FILE)
 
 
 def rcc_statistics(labels: np.ndarray, distances: np.ndarray, scenarios, measured: np.ndarray | None = None
@@ -543,15 +253,13 @@ def majority(scenarios: np.ndarray) -> tuple[str, float]:
 
 
 def copy_rcc_images(case_root: Path, labels: pd.DataFrame, folder: Path) -> None:
-    """One folder per RCC holding copies of its images (copies, so they open on any OS), named
-    `<expected class>__<file name>` so files of different class folders cannot collide."""
+    """One folder per RCC holding copies of its images (copies, so they open on any OS)."""
     for old in folder.glob("RCC*"):
         shutil.rmtree(old)
     for row in labels.itertuples():
-        source = case_root / row.image
-        target = folder / row.rcc / f"{row.expected}__{source.name}"
+        target = folder / row.rcc / _copy_name(row.image, row.expected)
         target.parent.mkdir(exist_ok=True)
-        shutil.copy2(source, target)
+        shutil.copy2(case_root / row.image, target)
 
 
 def plot_k_choice(result: LayerClustering, path: Path) -> None:
@@ -583,21 +291,12 @@ def write_characterisation(labels: pd.DataFrame, metadata: pd.DataFrame, path: P
     error images."""
     params = metadata.set_axis(labels["image"].to_numpy()).select_dtypes("number")
     params = params.loc[:, params.var() > 0]
-    overall = params.var()
     per_rcc, reduced = [], []
     for rcc, group in labels.groupby("rcc"):
         scenario, purity = majority(group["scenario"].to_numpy())
         per_rcc.append({"rcc": rcc, "size": len(group), "majority_scenario": scenario, "purity": purity})
-        if len(group) < 2:
-            continue
-        ratios = params.loc[group["image"].to_numpy()].var().to_numpy() / overall.to_numpy()
-        values = params.loc[group["image"].to_numpy()]
-        for name, ratio in zip(params.columns, ratios):
-            if ratio < 0.5:
-                column = values[name]
-                reduced.append({"rcc": rcc, "parameter": name, "variance_reduction_%": 100 * (1 - ratio),
-                                "mean": column.mean(), "min": column.min(), "max": column.max(),
-                                "median": column.median(), "std": column.std()})
+        if len(group) >= 2:
+            reduced += reduced_parameters(rcc, params.loc[group["image"].to_numpy()], params.var())
     quality = purity_coverage(pd.Categorical(labels["rcc"]).codes, labels["scenario"].to_numpy())
     summary = pd.DataFrame([{"rccs_with_2+": quality["rccs"], "purity": quality["purity"],
                              "coverage": quality["coverage"]}])
@@ -607,6 +306,18 @@ def write_characterisation(labels: pd.DataFrame, metadata: pd.DataFrame, path: P
             pd.DataFrame(per_rcc).to_excel(book, sheet_name="RCCs", index=False)
             pd.DataFrame(reduced, columns=["rcc", "parameter", "variance_reduction_%", "mean", "min", "max",
                                            "median", "std"]).to_excel(book, sheet_name="Parameters", index=False)
+
+
+def reduced_parameters(rcc: str, values: pd.DataFrame, overall: pd.Series) -> list[dict]:
+    """The parameters of one RCC's members whose variance is below half the overall variance."""
+    rows = []
+    for name, ratio in zip(values.columns, values.var().to_numpy() / overall.to_numpy()):
+        if ratio < 0.5:
+            column = values[name]
+            rows.append({"rcc": rcc, "parameter": name, "variance_reduction_%": 100 * (1 - ratio),
+                         "mean": column.mean(), "min": column.min(), "max": column.max(),
+                         "median": column.median(), "std": column.std()})
+    return rows
 
 
 def write_summary(results, skipped, chosen, scenarios, analysis: Path) -> None:
@@ -620,27 +331,95 @@ def write_summary(results, skipped, chosen, scenarios, analysis: Path) -> None:
     for reason in skipped:
         rows.append({"layer": reason.split(":")[0], "skipped": reason.split(": ", 1)[1]})
     table = pd.DataFrame(rows)
-    write_csv(table, analysis / "summary.csv")
+    write_csv(table, analysis / SUMMARY_FILE)
     with atomic_path(analysis / "summary.xlsx") as temporary:
         table.to_excel(temporary, index=False, sheet_name="layers")
 
 
-def publish_selected_layer(ctx, chosen: LayerClustering, analysis: Path) -> None:
-    """The selected layer's RCCs under T/<Layer>/, as the seed README promises (T/LayerX/)."""
+# --------------------------------------------------------------------------------------------
+# The selected layer, published with heatmap overlays
+# --------------------------------------------------------------------------------------------
+
+def relevance_colours(relevance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) relevance -> RGB colours of a diverging map (red positive, blue negative, white zero,
+    scaled by the largest magnitude) and an opacity growing with the magnitude."""
+    from matplotlib import colormaps
+    scale = float(np.abs(relevance).max()) or 1.0
+    scaled = relevance / scale
+    rgb = colormaps["bwr"]((scaled + 1) / 2)[..., :3]
+    return rgb, np.clip(np.abs(scaled) * 1.5, 0, 1)
+
+
+def overlay_tile(image_path: Path, relevance: np.ndarray, tile: int = OVERLAY_TILE) -> Image.Image:
+    """The image and, beside it, the image in grey with its pixel relevance (summed over channels)
+    overlaid."""
+    heat = relevance.sum(axis=0) if relevance.ndim == 3 else relevance
+    with Image.open(image_path) as source:
+        picture = source.convert("RGB").resize((tile, tile), Image.BILINEAR)
+    rgb, alpha = relevance_colours(heat.astype(np.float64))
+    colour = Image.fromarray((rgb * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
+    opacity = Image.fromarray((alpha * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
+    grey = picture.convert("L").convert("RGB")
+    blended = Image.composite(colour, grey, opacity)
+    tile_image = Image.new("RGB", (2 * tile + 2, tile), "white")
+    tile_image.paste(picture, (0, 0))
+    tile_image.paste(blended, (tile + 2, 0))
+    return tile_image
+
+
+def publish_selected_layer(ctx: RunContext, layer: str) -> None:
+    """The selected layer's RCC folders under T/<Layer>/, each image with its heatmap overlay."""
     for old in ctx.paths.t_dir.glob("Layer*"):
         if old.is_dir():
             shutil.rmtree(old)
-    target = ctx.paths.t_dir / chosen.layer
-    shutil.copytree(analysis / chosen.layer, target, ignore=shutil.ignore_patterns("distances.npy"))
+    shutil.copytree(layer_dir(ctx.paths, layer), published_dir(ctx.paths, layer),
+                    ignore=shutil.ignore_patterns(DISTANCES_FILE, SAMPLE_FILE))
+    pixels = heatmapModule.open_layer(ctx.paths, heatmapModule.INPUT_LAYER)
+    labels = read_labels(ctx.paths, layer)
+    for row, item in enumerate(labels.itertuples()):  # labels rows are heatmap rows
+        with atomic_path(overlay_file(ctx.paths, layer, item.rcc, item.image, item.expected)) as temporary:
+            overlay_tile(ctx.paths.root / item.image, np.asarray(pixels[row])).save(temporary, format="PNG")
 
 
-def summarise(ctx) -> dict:
-    analysis = ctx.paths.t_dir / "ClusterAnalysis"
-    table = pd.read_csv(analysis / "summary.csv")
-    chosen = table[table["selected"] == True].iloc[0]  # noqa: E712 (pandas reads booleans back as objects)
-    sizes = pd.read_csv(analysis / chosen["layer"] / "rcc_stats.csv")["size"]
-    summary = {"layer": chosen["layer"], "k": int(chosen["k"]), "multi": int((sizes >= 2).sum()),
-               "folder": ctx.paths.t_dir / chosen["layer"], "table": table}
-    if "purity" in table.columns:
-        summary.update(purity=float(chosen["purity"]), coverage=float(chosen["coverage"]))
-    return summary
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+class ClusterStep(Step):
+    name, title = "clusters", "cluster step"
+
+    def inputs(self, ctx: RunContext) -> dict:
+        s = ctx.settings
+        return {"heatmaps": heatmapModule.STEP.recorded_fingerprint(ctx), "space": s.cluster_space,
+                "normalisation": s.normalisation, "k": s.k_criterion, "layer": s.layer_criterion}
+
+    def outputs(self, ctx: RunContext) -> list[Path]:
+        return [analysis_dir(ctx.paths) / SUMMARY_FILE, published_dir(ctx.paths, selected_layer(ctx.paths))]
+
+    def compute(self, ctx: RunContext) -> None:
+        index = heatmapModule.read_index(ctx.paths)
+        layers = heatmapModule.read_layers(ctx.paths)
+        metadata = error_metadata(ctx, index)
+        results, skipped = [], []
+        for layer in tqdm(list(layers["layer"]), desc="clustering layers", unit="layer", leave=False, disable=None):
+            outcome = cluster_one_layer(ctx, layer, index, metadata)
+            (results if isinstance(outcome, LayerClustering) else skipped).append(outcome)
+        if not results:
+            raise HuddError(f"{heatmapModule.heatmaps_dir(ctx.paths)}: no layer could be clustered "
+                            f"({'; '.join(skipped)})")
+        chosen = select_layer(results, ctx.settings.layer_criterion)
+        write_summary(results, skipped, chosen, scenarios_of(metadata), analysis_dir(ctx.paths))
+        publish_selected_layer(ctx, chosen.layer)
+
+    def summary(self, ctx: RunContext) -> dict:
+        table = read_summary(ctx.paths)
+        chosen = table[table["selected"]].iloc[0]
+        sizes = read_rcc_stats(ctx.paths, chosen["layer"])["size"]
+        summary = {"layer": chosen["layer"], "k": int(chosen["k"]), "multi": int((sizes >= 2).sum()),
+                   "folder": published_dir(ctx.paths, chosen["layer"]), "table": table}
+        if "purity" in table.columns:
+            summary.update(purity=float(chosen["purity"]), coverage=float(chosen["coverage"]))
+        return summary
+
+
+STEP = ClusterStep()

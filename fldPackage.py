@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from Helper import SET_FOLDERS, CasePaths, HuddError, staged_datasets, write_settings_if_absent
+from Helper import KEYPOINT_LABELS, SET_FOLDERS, CasePaths, HuddError, staged_datasets, write_settings_if_absent
 
 log = logging.getLogger("hudd")
 
@@ -76,7 +76,7 @@ def write_set(package: dict, folder: Path) -> None:
     columns = [f"kp{k}_{axis}" for k in range(label.shape[1]) for axis in ("x", "y")]
     table = pd.DataFrame(label.reshape(len(label), -1), columns=columns)
     table.insert(0, "image", names)
-    table.to_csv(folder / "labels.csv", index=False)
+    table.to_csv(folder / KEYPOINT_LABELS, index=False)
     if package["config"] is not None:
         metadata = pd.DataFrame([flatten_numbers(c) for c in package["config"]])
         metadata.insert(0, "image", names)

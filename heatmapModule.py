@@ -6,7 +6,7 @@ For the images that `testResult.csv` marks Wrong, writes under `CASE/T/Heatmaps/
 - `index.csv`: the rows' images (path relative to CASE), expected and predicted class;
 - `layers.csv`: layer name, module path, shape.
 Batches go straight to disk, so memory does not grow with the number of images, and an interrupted
-run resumes where it stopped. The LRP engine itself is `lrp.py`; `relevance` is re-exported here.
+run resumes where it stopped. The LRP engine itself is the `lrp` package; `relevance` is re-exported here.
 """
 from __future__ import annotations
 
@@ -21,14 +21,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from Helper import (HuddError, ImageSet, RunContext, atomic_path, fingerprint, make_loader, stop_on_unreadable,
-                    write_csv)
+from Helper import (CasePaths, HuddError, ImageSet, PipelineStop, RunContext, Step, atomic_path, make_loader,
+                    stop_on_unreadable, write_csv)
 from lrp import RULE_PRESETS, LRPExplainer, default_layers, relevance  # noqa: F401  (public API)
+from testModule import error_index
 
 log = logging.getLogger("hudd")
 
-STEP = "heatmaps"
-STEP_VERSION = 1
 INPUT_LAYER = "Layer0"
 
 
@@ -77,48 +76,54 @@ class NpyRowWriter:
             self.stream.close()
 
 
-def error_images(ctx: RunContext) -> pd.DataFrame:
-    """The Wrong rows of testResult.csv: image, expected, predicted (in the file's order). For keypoint
-    models `expected` is the worst keypoint's face component and `predicted` the worst keypoint."""
-    results_path = ctx.paths.result_csv("test")
-    if not results_path.is_file():
-        raise HuddError(f"{results_path}: not found; run the test step first (--steps test,heatmaps)")
-    results = pd.read_csv(results_path, keep_default_na=False)
-    wrong = results[results["result"] == "Wrong"]
-    if ctx.settings.task == "keypoints":
-        wrong = wrong.rename(columns={"worst_component": "expected", "worst_keypoint": "predicted"})
-    return wrong[["image", "expected", "predicted"]].reset_index(drop=True)
+# --------------------------------------------------------------------------------------------
+# The files, and their one reader
+# --------------------------------------------------------------------------------------------
+
+FOLDER = "Heatmaps"
+INDEX_FILE = "index.csv"
+LAYERS_FILE = "layers.csv"
+PROGRESS_FILE = ".progress.json"
 
 
-def explained_classes(index: pd.DataFrame, ctx: RunContext) -> torch.Tensor:
-    """Per image, the output channel whose relevance is explained: the predicted or expected class,
-    or for keypoint models the worst keypoint (the `predicted` column of the index)."""
-    column = "expected" if ctx.settings.explain == "expected" else "predicted"
-    return torch.tensor([ctx.classes.index(c) for c in index[column]], dtype=torch.long)
+def heatmaps_dir(paths: CasePaths) -> Path:
+    return paths.t_dir / FOLDER
 
 
-def output_shape_for_targets(model: torch.nn.Module, example: torch.Tensor, ctx: RunContext):
-    """The output shape a keypoint mask needs (one forward of one image); None for classifiers,
-    whose targets are class indices."""
-    if ctx.settings.task != "keypoints":
-        return None
-    with torch.no_grad():
-        return tuple(model(example[:1].to(ctx.device)).shape[1:])
+def layer_file(paths: CasePaths, layer: str) -> Path:
+    return heatmaps_dir(paths) / f"{layer}.npy"
 
 
-def lrp_target(channels: torch.Tensor, ctx: RunContext, output_shape: tuple[int, ...] | None = None):
-    """What LRPExplainer takes as `target`: class indices, or for keypoint models a mask over the
-    output maps (the explained keypoint's map, or every map with `"explain": "all"`)."""
-    if ctx.settings.task != "keypoints":
-        return channels.to(ctx.device)
-    channels = channels.to(ctx.device)
-    mask = torch.zeros((len(channels), *output_shape), device=ctx.device)
-    every_map = channels < 0 if ctx.settings.explain != "all" else torch.ones_like(channels, dtype=torch.bool)
-    mask[every_map] = 1.0     # -1: no worst keypoint known (unlabelled image): every map
-    one = torch.nonzero(~every_map).flatten()
-    mask[one, channels[one]] = 1.0
-    return mask
+def read_index(paths: CasePaths) -> pd.DataFrame:
+    """The heatmap rows' images: image, expected, predicted (row i of every <Layer>.npy)."""
+    return pd.read_csv(_existing(paths, INDEX_FILE), keep_default_na=False)
 
+
+def read_layers(paths: CasePaths) -> pd.DataFrame:
+    """layer, module, shape of every layer with heatmaps, Layer0 (the input) first."""
+    return pd.read_csv(_existing(paths, LAYERS_FILE))
+
+
+def open_layer(paths: CasePaths, layer: str) -> np.ndarray:
+    """A layer's heatmaps, memory-mapped: (error images, *layer shape) float32."""
+    return np.load(layer_file(paths, layer), mmap_mode="r")
+
+
+def module_of(paths: CasePaths, layer: str) -> str:
+    """The module path whose output relevance a layer holds ("input" for Layer0)."""
+    return str(read_layers(paths).set_index("layer").loc[layer, "module"])
+
+
+def _existing(paths: CasePaths, name: str) -> Path:
+    path = heatmaps_dir(paths) / name
+    if not path.is_file():
+        raise HuddError(f"{heatmaps_dir(paths)}: no heatmaps yet; run the heatmap step first (--steps heatmaps)")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Computing relevance
+# --------------------------------------------------------------------------------------------
 
 def selected_layers(model: torch.nn.Module, ctx: RunContext, example: torch.Tensor) -> list[tuple[str, str]]:
     """(layer name, module path): Layer0 for the input, then the configured or default layers."""
@@ -136,18 +141,11 @@ def selected_layers(model: torch.nn.Module, ctx: RunContext, example: torch.Tens
     return [(INPUT_LAYER, "input")] + layers
 
 
-def step_fingerprint(ctx: RunContext, index: pd.DataFrame) -> str:
-    images = hashlib.sha256(index.to_csv(index=False).encode()).hexdigest()
-    s = ctx.settings
-    return fingerprint({"step": STEP, "version": STEP_VERSION, **ctx.model_fingerprint_part(),
-                        "errors": images, "rules": s.rules, "layers": s.layers, "explain": s.explain})
-
-
 class Progress:
     """`T/Heatmaps/.progress.json`: how many rows of an unfinished run are safely on disk."""
 
     def __init__(self, folder: Path, step_print: str):
-        self.path = folder / ".progress.json"
+        self.path = folder / PROGRESS_FILE
         self.step_print = step_print
 
     def rows_done(self) -> int:
@@ -165,76 +163,119 @@ class Progress:
             self.path.unlink()
 
 
-def run(ctx: RunContext) -> dict:
-    index = error_images(ctx)
-    folder = ctx.paths.t_dir / "Heatmaps"
-    if index.empty:
-        return {"stop": "no error-inducing test images: the model gets every test image right, so there is "
-                        "nothing to explain; the pipeline stops after the test step"}
-    step_print = step_fingerprint(ctx, index)
-    manifest = ctx.manifest
-    if not ctx.force and manifest.is_current(STEP, step_print):
-        log.info("heatmap step: inputs unchanged, reusing %s", ctx.paths.relative(folder))
-        return summarise(ctx)
-    folder.mkdir(parents=True, exist_ok=True)
-    layers = compute_heatmaps(ctx, index, folder, step_print)
-    outputs = [ctx.paths.relative(folder / f"{name}.npy") for name, _path, _shape in layers]
-    outputs += [ctx.paths.relative(folder / n) for n in ("index.csv", "layers.csv")]
-    manifest.record(STEP, step_print, outputs)
-    return summarise(ctx)
+class LayerWriters:
+    """One NpyRowWriter per layer, opened on the first batch (when the layers' shapes are known)."""
+
+    def __init__(self, folder: Path, rows: int, start_row: int):
+        self.folder, self.rows, self.start_row = folder, rows, start_row
+        self.writers: dict[str, NpyRowWriter] = {}
+
+    def open(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.writers = {name: NpyRowWriter(self.folder / f"{name}.npy", self.rows, shape, self.start_row)
+                        for name, shape in shapes.items()}
+
+    def write(self, blocks: dict[str, np.ndarray]) -> None:
+        for name, block in blocks.items():
+            self.writers[name].write(block)
+        for writer in self.writers.values():
+            writer.flush()
+
+    def finish(self) -> None:
+        for writer in self.writers.values():
+            writer.finish()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: writer.row_shape for name, writer in self.writers.items()}
 
 
-def compute_heatmaps(ctx: RunContext, index: pd.DataFrame, folder: Path, step_print: str) -> list:
-    """Streams relevance to the per-layer files; resumes an interrupted run with the same inputs."""
-    model = ctx.model()
-    targets = explained_classes(index, ctx)
+class ErrorExplainer:
+    """The LRP explainer of the error images, set up on the first batch: the layers, their shapes and
+    the output shape a keypoint target mask needs."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.layers: list[tuple[str, str]] = []
+
+    def setup(self, example: torch.Tensor, channels: torch.Tensor) -> dict[str, tuple[int, ...]]:
+        ctx, model = self.ctx, self.ctx.model()
+        self.layers = selected_layers(model, ctx, example)
+        self.explainer = LRPExplainer(model, rules=ctx.settings.rules, layers=[p for _n, p in self.layers[1:]])
+        self.output_shape = ctx.task.output_shape(model, example)
+        probe = self(example, channels)
+        return {name: tuple(block.shape[1:]) for name, block in probe.items()}
+
+    def __call__(self, inputs: torch.Tensor, channels: torch.Tensor) -> dict[str, np.ndarray]:
+        target = self.ctx.task.lrp_target(channels, self.output_shape, self.ctx.device)
+        relevance = self.explainer(inputs, target=target)
+        return {name: relevance[path].float().cpu().numpy() for name, path in self.layers}
+
+
+def compute_heatmaps(ctx: RunContext, index: pd.DataFrame, folder: Path, step_print: str) -> dict:
+    """Streams relevance to the per-layer files; resumes an interrupted run with the same inputs.
+    Returns each layer's module path and row shape."""
+    channels = ctx.task.explained_channels(index, ctx.classes)
     image_set = ImageSet(name="error images", root=ctx.paths.set_dir("test"),
                          paths=[ctx.paths.root / p for p in index["image"]], labels=[0] * len(index),
                          classes=ctx.classes)
-    loader = make_loader(image_set, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
     progress = Progress(folder, step_print)
     start_row = 0 if ctx.force else progress.rows_done()
     if start_row == 0:  # a fresh run: drop files of an earlier layer selection
         for old in folder.glob("*.npy"):
             old.unlink()
-    writers: dict[str, NpyRowWriter] = {}
-    layers: list[tuple[str, str]] = []
+    writers, explain = LayerWriters(folder, len(index), start_row), ErrorExplainer(ctx)
+    loader = make_loader(image_set, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
     try:
         for inputs, _labels, rows, failures in tqdm(loader, desc="heatmaps", unit="batch", leave=False, disable=None):
             stop_on_unreadable(image_set, failures)
-            if not layers:  # first batch: choose the layers, learn their shapes from one image
-                layers = selected_layers(model, ctx, inputs[:1].to(ctx.device))
-                explainer = LRPExplainer(model, rules=ctx.settings.rules, layers=[p for _n, p in layers[1:]])
-                output_shape = output_shape_for_targets(model, inputs, ctx)
-                probe = explainer(inputs[:1].to(ctx.device), target=lrp_target(targets[rows[:1]], ctx, output_shape))
-                writers = {name: NpyRowWriter(folder / f"{name}.npy", len(index), tuple(probe[path].shape[1:]),
-                                              start_row) for name, path in layers}
+            inputs = inputs.to(ctx.device)
+            if not writers.writers:
+                writers.open(explain.setup(inputs[:1], channels[rows[:1]]))
             keep = rows >= start_row
-            if not keep.any():
-                continue  # already on disk from an interrupted run
-            batch_relevance = explainer(inputs[keep].to(ctx.device),
-                                        target=lrp_target(targets[rows[keep]], ctx, output_shape))
-            for name, path in layers:
-                writers[name].write(batch_relevance[path].float().cpu().numpy())
-            for writer in writers.values():
-                writer.flush()
-            progress.save(int(rows[-1]) + 1)
-        for writer in writers.values():
-            writer.finish()
+            if keep.any():  # rows below start_row are on disk from an interrupted run
+                writers.write(explain(inputs[keep.to(inputs.device)], channels[rows[keep]]))
+                progress.save(int(rows[-1]) + 1)
+        writers.finish()
     finally:
-        for writer in writers.values():
-            writer.close()
-    layer_rows = [(name, path, writers[name].row_shape) for name, path in layers]
-    write_csv(pd.DataFrame([(n, p, "x".join(map(str, s))) for n, p, s in layer_rows],
-                           columns=["layer", "module", "shape"]), folder / "layers.csv")
-    write_csv(index, folder / "index.csv")
+        writers.close()
     progress.clear()
-    return layer_rows
+    return {name: (path, writers.shapes()[name]) for name, path in explain.layers}
 
 
-def summarise(ctx: RunContext) -> dict:
-    folder = ctx.paths.t_dir / "Heatmaps"
-    layers = pd.read_csv(folder / "layers.csv")
-    images = len(pd.read_csv(folder / "index.csv"))
-    size = sum((folder / f"{name}.npy").stat().st_size for name in layers["layer"])
-    return {"images": images, "layers": len(layers), "folder": folder, "megabytes": size / 1e6}
+class HeatmapStep(Step):
+    name, title = "heatmaps", "heatmap step"
+
+    def inputs(self, ctx: RunContext) -> dict:
+        index = error_index(ctx)
+        if index.empty:
+            raise PipelineStop("no error-inducing test images: the model gets every test image right, so there is "
+                               "nothing to explain; the pipeline stops after the test step")
+        s = ctx.settings
+        return {**ctx.model_fingerprint_part(), "errors": hashlib.sha256(index.to_csv(index=False).encode()).hexdigest(),
+                "rules": s.rules, "layers": s.layers, "explain": s.explain}
+
+    def outputs(self, ctx: RunContext) -> list[Path]:
+        layers = read_layers(ctx.paths)
+        return ([layer_file(ctx.paths, name) for name in layers["layer"]]
+                + [heatmaps_dir(ctx.paths) / INDEX_FILE, heatmaps_dir(ctx.paths) / LAYERS_FILE])
+
+    def compute(self, ctx: RunContext) -> None:
+        index = error_index(ctx)
+        folder = heatmaps_dir(ctx.paths)
+        folder.mkdir(parents=True, exist_ok=True)
+        layers = compute_heatmaps(ctx, index, folder, self.fingerprint(ctx))
+        write_csv(pd.DataFrame([(name, path, "x".join(map(str, shape))) for name, (path, shape) in layers.items()],
+                               columns=["layer", "module", "shape"]), folder / LAYERS_FILE)
+        write_csv(index, folder / INDEX_FILE)
+
+    def summary(self, ctx: RunContext) -> dict:
+        layers = read_layers(ctx.paths)
+        size = sum(layer_file(ctx.paths, name).stat().st_size for name in layers["layer"])
+        return {"images": len(read_index(ctx.paths)), "layers": len(layers), "folder": heatmaps_dir(ctx.paths),
+                "megabytes": size / 1e6}
+
+
+STEP = HeatmapStep()

@@ -4,9 +4,10 @@ It shows the run (model, sets, accuracies, the per-layer clustering summary and 
 chosen, the k plot), every root-cause cluster (RCC) of the selected layer as a card (size, ICD,
 majority scenario, purity and characterising parameters where metadata.csv exists, thumbnails with the
 input-level LRP heatmap overlaid, the RCC's unsafe-set images) and the retraining comparison (table and
-chart). Images are referenced by relative path, so the page stays small; the overlay PNGs are written
-next to each RCC's images in T/<Layer>/RCCxx/ (`<file>_heatmap.png`), so a file browser shows them too.
-Everything is read from the steps' output files; the report computes no figure of its own.
+chart). Images are referenced by relative path, so the page stays small: the thumbnails are the cluster
+step's overlays (T/<Layer>/RCCxx/<file>_heatmap.png), the chart is T/Report/comparison.png. Every
+figure is read from the steps' output files through their readers; the report computes none of its own
+and writes nothing into a step's folders.
 """
 from __future__ import annotations
 
@@ -17,67 +18,29 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from Helper import RunContext, atomic_path
+import assignModule
+import clusterModule
+import heatmapModule
+import retrainModule
+import testModule
+from clusterModule import OVERLAY_TILE as TILE
+from Helper import CasePaths, RunContext, atomic_path
 
 log = logging.getLogger("hudd")
 
 THUMBNAILS_PER_RCC = 12     # larger RCCs show a sample and link to their folder
 UNSAFE_PER_RCC = 8
-TILE = 96                   # pixels per thumbnail half (image | overlay)
-MODES = ("HUDD", "BL1", "BL2")
+REPORT_FILE = "report.html"
+ASSETS = "Report"           # T/Report/: the report's own pictures (the retraining chart)
+
+
+def report_path(paths: CasePaths) -> Path:
+    return paths.t_dir / REPORT_FILE
 
 
 # --------------------------------------------------------------------------------------------
-# Heatmap overlays
-# --------------------------------------------------------------------------------------------
-
-def relevance_colours(relevance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W) relevance -> RGB colours of a diverging map (red positive, blue negative, white zero,
-    scaled by the largest magnitude) and an opacity growing with the magnitude."""
-    from matplotlib import colormaps
-    scale = float(np.abs(relevance).max()) or 1.0
-    scaled = relevance / scale
-    rgb = colormaps["bwr"]((scaled + 1) / 2)[..., :3]
-    return rgb, np.clip(np.abs(scaled) * 1.5, 0, 1)
-
-
-def overlay_tile(image_path: Path, relevance: np.ndarray, tile: int = TILE) -> Image.Image:
-    """The image and, beside it, the image with its pixel relevance (summed over channels) overlaid."""
-    heat = relevance.sum(axis=0) if relevance.ndim == 3 else relevance
-    with Image.open(image_path) as source:
-        picture = source.convert("RGB").resize((tile, tile), Image.BILINEAR)
-    rgb, alpha = relevance_colours(heat.astype(np.float64))
-    colour = Image.fromarray((rgb * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
-    opacity = Image.fromarray((alpha * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
-    grey = picture.convert("L").convert("RGB")
-    blended = Image.composite(colour, grey, opacity)
-    tile_image = Image.new("RGB", (2 * tile + 2, tile), "white")
-    tile_image.paste(picture, (0, 0))
-    tile_image.paste(blended, (tile + 2, 0))
-    return tile_image
-
-
-def write_overlays(ctx: RunContext, layer: str, labels: pd.DataFrame) -> dict[str, Path]:
-    """`<file>_heatmap.png` beside each copy in T/<Layer>/RCCxx/; returns image -> overlay path."""
-    index = pd.read_csv(ctx.paths.t_dir / "Heatmaps" / "index.csv")
-    row_of = {image: row for row, image in enumerate(index["image"])}
-    pixels = np.load(ctx.paths.t_dir / "Heatmaps" / "Layer0.npy", mmap_mode="r")
-    overlays = {}
-    for item in labels.itertuples():
-        source = ctx.paths.root / item.image
-        target = ctx.paths.t_dir / layer / item.rcc / f"{item.expected}__{source.stem}_heatmap.png"
-        if item.image not in row_of or not target.parent.is_dir():
-            continue
-        with atomic_path(target) as temporary:
-            overlay_tile(source, np.asarray(pixels[row_of[item.image]])).save(temporary, format="PNG")
-        overlays[item.image] = target
-    return overlays
-
-
-# --------------------------------------------------------------------------------------------
-# What the page shows, read from the steps' files
+# What the page shows, read from the steps' files through their readers
 # --------------------------------------------------------------------------------------------
 
 @dataclass
@@ -90,26 +53,19 @@ class ReportData:
     unsafe: pd.DataFrame | None    # image, rcc, distance, rank
     retrain: dict[str, dict]       # mode -> runs, scenarios, rcc tables
     sets: dict[str, dict]          # set folder -> images, wrong, accuracy (the test step's summary)
+    errors: int                    # error-inducing test images explained
 
 
 def read_data(ctx: RunContext) -> ReportData:
-    analysis = ctx.paths.t_dir / "ClusterAnalysis"
-    summary = pd.read_csv(analysis / "summary.csv")
-    layer = summary.loc[summary["selected"] == True, "layer"].iloc[0]  # noqa: E712
-    characterisation = analysis / layer / "characterisation.xlsx"
-    parameters = (pd.read_excel(characterisation, sheet_name="Parameters") if characterisation.is_file() else None)
-    from testModule import summarise
-    unsafe_file = ctx.paths.t_dir / "UnsafeSet" / "assignments.csv"
-    folder = ctx.paths.t_dir / "Retrain"
-    retrain = {}
-    for mode in MODES:
-        if (folder / f"{mode}_runs.csv").is_file():
-            retrain[mode] = {name: pd.read_csv(folder / f"{mode}_{name}.csv")
-                             for name in ("runs", "scenarios", "rcc") if (folder / f"{mode}_{name}.csv").is_file()}
-    return ReportData(layer=layer, summary=summary, labels=pd.read_csv(analysis / layer / "labels.csv"),
-                      stats=pd.read_csv(analysis / layer / "rcc_stats.csv"), parameters=parameters,
-                      unsafe=pd.read_csv(unsafe_file) if unsafe_file.is_file() else None, retrain=retrain,
-                      sets=summarise(ctx, skipped=False)["sets"])
+    layer = clusterModule.selected_layer(ctx.paths)
+    return ReportData(layer=layer, summary=clusterModule.read_summary(ctx.paths),
+                      labels=clusterModule.read_labels(ctx.paths, layer),
+                      stats=clusterModule.read_rcc_stats(ctx.paths, layer),
+                      parameters=clusterModule.read_characterising_parameters(ctx.paths, layer),
+                      unsafe=assignModule.read_assignments(ctx.paths),
+                      retrain={mode: retrainModule.read_tables(ctx.paths, mode)
+                               for mode in retrainModule.modes_run(ctx.paths)},
+                      sets=testModule.STEP.summary(ctx)["sets"], errors=len(heatmapModule.read_index(ctx.paths)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,8 +108,8 @@ def run_section(ctx: RunContext, data: ReportData) -> str:
         f"<tr class='{'sel' if row['layer'] == data.layer else ''}'>"
         + "".join(f"<td>{format_cell(row[c])}</td>" for c in columns) + "</tr>"
         for _, row in data.summary.iterrows())
-    errors = len(pd.read_csv(ctx.paths.t_dir / "Heatmaps" / "index.csv"))
-    knee = ctx.paths.t_dir / "ClusterAnalysis" / data.layer / "knee.png"
+    errors = data.errors
+    knee = clusterModule.knee_plot(ctx.paths, data.layer)
     return f"""
 <h2>The run</h2>
 <p>Model <b>{esc(ctx.model_path.name)}</b> ({esc(s.arch)}), case <code>{esc(ctx.paths.root)}</code>.
@@ -181,10 +137,9 @@ def format_cell(value) -> str:
 
 
 def scenario_table(ctx: RunContext) -> str:
-    path = ctx.paths.root / "scenarioAccuracy.csv"
-    if not path.is_file():
+    table = testModule.read_scenario_accuracy(ctx.paths)
+    if table is None:
         return ""
-    table = pd.read_csv(path)
     pivot = table.pivot(index="scenario", columns="set", values="accuracy")
     sets = [c for c in ("TrainingSet", "TestSet", "ImprovementSet") if c in pivot.columns]
     rows = "".join(f"<tr><td class=l>{esc(name)}</td>" + "".join(f"<td>{pivot.loc[name, c]:.1f}%</td>" for c in sets)
@@ -193,7 +148,7 @@ def scenario_table(ctx: RunContext) -> str:
             + "".join(f"<th>{c}</th>" for c in sets) + f"</tr>{rows}</table>")
 
 
-def rcc_cards(ctx: RunContext, data: ReportData, overlays: dict[str, Path]) -> str:
+def rcc_cards(ctx: RunContext, data: ReportData) -> str:
     t_dir = ctx.paths.t_dir
     stats = data.stats.sort_values(["size", "rcc"], ascending=[False, True])
     fixed = {mode: tables["rcc"].set_index("rcc") for mode, tables in data.retrain.items() if "rcc" in tables}
@@ -218,24 +173,19 @@ def rcc_cards(ctx: RunContext, data: ReportData, overlays: dict[str, Path]) -> s
                 lines.append(f"<div class=meta>errors fixed by retraining (mean of runs): {cells}</div>")
         figures = []
         for item in members.head(THUMBNAILS_PER_RCC).itertuples():
-            if item.image in overlays:
-                caption = f"{esc(item.expected)} → {esc(item.predicted)}"
-                figures.append(f"<figure><img loading=lazy src='{rel(overlays[item.image], t_dir)}' "
-                               f"width={2 * TILE + 2} height={TILE} alt='{caption}'><figcaption>{caption}"
-                               "</figcaption></figure>")
+            overlay = clusterModule.overlay_file(ctx.paths, data.layer, name, item.image, item.expected)
+            caption = f"{esc(item.expected)} → {esc(item.predicted)}"
+            figures.append(f"<figure><img loading=lazy src='{rel(overlay, t_dir)}' width={2 * TILE + 2} "
+                           f"height={TILE} alt='{caption}'><figcaption>{caption}</figcaption></figure>")
         more = len(members) - THUMBNAILS_PER_RCC
-        folder = f"{data.layer}/{name}/"
+        folder = rel(clusterModule.published_dir(ctx.paths, data.layer) / name, t_dir) + "/"
         lines.append(f"<div class=grid>{''.join(figures)}</div>")
         lines.append(f"<div class=meta><a href='{folder}'>all {len(members)} images</a>"
                      + (f" ({more} more than shown)" if more > 0 else "") + "</div>")
         lines.append(unsafe_strip(ctx, data, name))
         cards.append(f"<div class=card id='{esc(name)}' data-rcc='{esc(name)}' data-size='{int(rcc['size'])}'>"
                      f"<h3>{esc(name)}</h3>{''.join(lines)}</div>")
-    if ctx.settings.task == "keypoints":
-        explained = "the worst keypoint's output map"
-        caption = "the worst keypoint's face component → the worst keypoint"
-    else:
-        explained, caption = "the predicted class", "expected → predicted class"
+    explained, caption = ctx.task.explained_words
     return (f"<h2>Root-cause clusters of {esc(data.layer)}</h2><p>{len(stats)} RCCs, largest first. Each thumbnail: "
             f"the image, then where the model looked (input-level LRP relevance of {explained}: red "
             f"for evidence for it, blue against). Caption: {caption}.</p>"
@@ -250,13 +200,12 @@ def unsafe_strip(ctx: RunContext, data: ReportData, rcc: str) -> str:
         return "<div class='meta muted'>no unsafe-set images (RCCs of one image get none)</div>"
     images = []
     for item in chosen.head(UNSAFE_PER_RCC).itertuples():
-        source = ctx.paths.root / item.image
-        copy = ctx.paths.t_dir / "UnsafeSet" / rcc / f"{source.parent.name}__{source.name}"
-        if copy.is_file():
-            images.append(f"<img loading=lazy src='{rel(copy, ctx.paths.t_dir)}' title='distance {item.distance:.3f}' "
-                          f"alt='{esc(source.name)}'>")
+        copy = assignModule.unsafe_copy(ctx.paths, rcc, item.image)
+        images.append(f"<img loading=lazy src='{rel(copy, ctx.paths.t_dir)}' title='distance {item.distance:.3f}' "
+                      f"alt='{esc(Path(item.image).name)}'>")
+    folder = rel(assignModule.unsafe_dir(ctx.paths) / rcc, ctx.paths.t_dir)
     return (f"<div class=meta>unsafe set: <span class=unsafe-count>{len(chosen)}</span> improvement images "
-            f"(<a href='UnsafeSet/{esc(rcc)}/'>folder</a>)</div><div class='grid unsafe'>{''.join(images)}</div>")
+            f"(<a href='{esc(folder)}/'>folder</a>)</div><div class='grid unsafe'>{''.join(images)}</div>")
 
 
 def retrain_section(ctx: RunContext, data: ReportData) -> str:
@@ -322,7 +271,7 @@ def comparison_chart(ctx: RunContext, data: ReportData, original: float) -> Path
     axes.set_title("Retraining at one labelling budget: gain over the original model")
     axes.legend()
     figure.tight_layout()
-    path = ctx.paths.t_dir / "Retrain" / "comparison.png"
+    path = ctx.paths.t_dir / ASSETS / "comparison.png"
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=100)
     plt.close(figure)
@@ -331,15 +280,14 @@ def comparison_chart(ctx: RunContext, data: ReportData, original: float) -> Path
 
 def write_report(ctx: RunContext) -> Path | None:
     """Writes T/report.html from the outputs on disk; None where there are no clusters yet."""
-    if not (ctx.paths.t_dir / "ClusterAnalysis" / "summary.csv").is_file():
+    if not clusterModule.has_run(ctx.paths):
         return None
     data = read_data(ctx)
-    overlays = write_overlays(ctx, data.layer, data.labels)
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>HUDD report: {esc(ctx.paths.root.name)}"
             f"</title><style>{STYLE}</style></head><body><h1>HUDD report</h1>"
             f"<p class=muted>Root causes of the model's errors, found by clustering LRP heatmaps.</p>"
-            f"{run_section(ctx, data)}{retrain_section(ctx, data)}{rcc_cards(ctx, data, overlays)}</body></html>")
-    path = ctx.paths.t_dir / "report.html"
+            f"{run_section(ctx, data)}{retrain_section(ctx, data)}{rcc_cards(ctx, data)}</body></html>")
+    path = report_path(ctx.paths)
     with atomic_path(path) as temporary:
         temporary.write_text(page, encoding="utf-8")
     return path

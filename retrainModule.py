@@ -4,9 +4,10 @@ The budget is the number of distinct improvement images an engineer labels: the 
 two or more images of ceil(budget_factor x RCC size) (factor 1: the original's HUDD quota, reference
 §9.2). The original gave HUDD about 3.3x the baselines' images (§9.3); here every mode labels the
 same number of distinct images and trains on the same number of samples:
-- HUDD: the ClosestU greedy with those quotas, so each image is chosen once (the original could draw
-  the same image for several RCCs), then a balanced bag: every RCC drawn up to the largest quota,
-  with replacement, each image weighted by 1 / its distance to the RCC (closer images more often);
+- HUDD: the assignment step's unsafe set (the ClosestU greedy with those quotas, each image chosen
+  once; the original could draw the same image for several RCCs), then a balanced bag: every RCC drawn
+  up to the largest quota, with replacement, each image weighted by 1 / its distance to the RCC
+  (closer images more often);
 - BL1: random improvement images that the original model misclassifies;
 - BL2: random improvement images.
 The baselines' images are repeated uniformly to the size of HUDD's bag.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,14 +30,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import assignModule
 import evaluation
-from Helper import (HuddError, ImageSet, RunContext, atomic_path, fingerprint, image_set_digest, make_loader,
-                    stop_on_unreadable, write_csv)
+import testModule
+from Helper import (CasePaths, HuddError, ImageSet, RunContext, Step, atomic_path, image_set_digest, make_loader,
+                    resolve_input_size, stop_on_unreadable, write_csv)
 
 log = logging.getLogger("hudd")
 
-STEP = "retrain"
-STEP_VERSION = 1
 MODES = ("HUDD", "BL1", "BL2")
 VALIDATION_SHARE = 0.1
 CACHE_BYTES = 2 * 2 ** 30   # sets whose decoded tensors fit are read from disk once, not every epoch
@@ -51,18 +53,11 @@ class Selection:
     bag: np.ndarray      # the training samples drawn from them (indices, with repeats)
 
 
-def budget_quotas(rcc_sizes: np.ndarray, factor: float = 1.0) -> np.ndarray:
-    """Per-RCC labelling quotas ceil(factor x size); their sum is the budget of every mode."""
-    from assignModule import quotas
-    return quotas(rcc_sizes, factor)
-
-
-def hudd_selection(distances: np.ndarray, quota: np.ndarray, rng: np.random.Generator) -> Selection:
-    """ClosestU with the budget quotas (each image at most once), then the balanced bag: every RCC
-    that got images holds each of them once and is filled up to the largest quota by draws weighted
-    by 1 / distance (closer images more often)."""
-    from assignModule import closest_u
-    assigned, _rank = closest_u(distances, quota)
+def hudd_selection(assigned: np.ndarray, distances: np.ndarray, quota: np.ndarray,
+                   rng: np.random.Generator) -> Selection:
+    """The unsafe set (`assigned`: per improvement image its RCC, -1 for none; each image at most
+    once), then the balanced bag: every RCC that got images holds each of them once and is filled up
+    to the largest quota by draws weighted by 1 / distance (closer images more often)."""
     per_rcc = max(int(quota.max()), 1)
     bag = []
     for rcc in range(len(quota)):
@@ -84,11 +79,11 @@ def baseline_selection(pool: np.ndarray, budget: int, bag_size: int, rng: np.ran
     return Selection(chosen, np.concatenate([chosen, rng.permutation(extra)]))
 
 
-def select(mode: str, distances: np.ndarray, quota: np.ndarray, wrong: np.ndarray,
+def select(mode: str, assigned: np.ndarray, distances: np.ndarray, quota: np.ndarray, wrong: np.ndarray,
            rng: np.random.Generator) -> Selection:
     """The mode's selection at the common budget: HUDD's number of distinct images and bag size.
     HUDD's own draws come from a separate stream so that the baselines' draws do not depend on them."""
-    hudd = hudd_selection(distances, quota, np.random.default_rng(rng.integers(2 ** 63)))
+    hudd = hudd_selection(assigned, distances, quota, np.random.default_rng(rng.integers(2 ** 63)))
     if mode == "HUDD":
         return hudd
     pool = np.flatnonzero(wrong) if mode == "BL1" else np.arange(len(wrong))
@@ -107,11 +102,10 @@ class ImageSource:
 
     def __init__(self, image_set: ImageSet, ctx: RunContext):
         self.image_set, self.ctx = image_set, ctx
-        self.labels = truth_of(image_set)
+        self.labels = ctx.task.truth(image_set.labels, image_set.targets)
         self.tensor = self._decode_all() if self._fits() else None
 
     def _fits(self) -> bool:
-        from Helper import resolve_input_size
         height, width = resolve_input_size(self.ctx.settings)
         return len(self.image_set) * self.ctx.settings.channels * height * width * 4 <= CACHE_BYTES
 
@@ -136,13 +130,6 @@ class ImageSource:
                           labels=[self.image_set.labels[i] for i in rows],
                           targets=None if self.image_set.targets is None else self.image_set.targets[rows])
         yield from combined_batches(subset, batch_size, self.ctx)
-
-
-def truth_of(image_set: ImageSet) -> torch.Tensor:
-    """What training compares the output with: class indices, or (N, K, 2) keypoint coordinates."""
-    if image_set.targets is not None:
-        return torch.as_tensor(image_set.targets, dtype=torch.float32)
-    return torch.as_tensor(image_set.labels, dtype=torch.long)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,11 +159,10 @@ class TrainingData:
 
 
 def cached_test_outputs(model: nn.Module, test: ImageSource, ctx: RunContext) -> np.ndarray:
-    """The test step's output rows (testModule.output_rows) for every test image, from the decoded set."""
-    from testModule import output_rows
+    """The test step's output rows (the task's output_rows) for every test image, from the decoded set."""
     model.eval()
     with torch.no_grad():
-        return np.concatenate([output_rows(model(inputs.to(ctx.device)), ctx)
+        return np.concatenate([ctx.task.output_rows(model(inputs.to(ctx.device)))
                                for inputs, _ in test.batches(np.arange(len(test.image_set)), ctx.settings.batch_size)])
 
 
@@ -187,7 +173,7 @@ def accuracy_on(model: nn.Module, source: ImageSource, rows: np.ndarray, ctx: Ru
     correct = 0
     with torch.no_grad():
         for inputs, labels in source.batches(rows, ctx.settings.batch_size):
-            correct += count_correct(model(inputs.to(ctx.device)), labels.to(ctx.device), ctx)
+            correct += ctx.task.count_correct(model(inputs.to(ctx.device)), labels.to(ctx.device))
     return correct / len(rows)
 
 
@@ -219,39 +205,10 @@ def epoch_batches(data: TrainingData, bag: np.ndarray, batch_size: int, ctx: Run
 
 
 def combined_batches(image_set: ImageSet, batch_size: int, ctx: RunContext):
-    truth = truth_of(image_set)
+    truth = ctx.task.truth(image_set.labels, image_set.targets)
     for inputs, _labels, rows, failures in make_loader(image_set, ctx.settings, batch_size, ctx.settings.workers):
         stop_on_unreadable(image_set, failures)
         yield inputs, truth[rows]
-
-
-def loss(outputs: torch.Tensor, truth: torch.Tensor, ctx: RunContext) -> torch.Tensor:
-    """Cross-entropy for classes; for keypoints the MSE against Gaussian target maps (sigma 5, x10;
-    reference §9.4)."""
-    if ctx.settings.task == "keypoints":
-        import keypoints
-        return nn.functional.mse_loss(outputs, keypoints.target_maps(truth, *outputs.shape[2:]).to(outputs.device))
-    return nn.functional.cross_entropy(outputs, truth)
-
-
-def count_correct(outputs: torch.Tensor, truth: torch.Tensor, ctx: RunContext) -> int:
-    """Images right: the class, or for keypoints a mean error within the threshold."""
-    if ctx.settings.task == "keypoints":
-        import keypoints
-        errors = keypoints.keypoint_errors(keypoints.decode(outputs).cpu().numpy(), truth.cpu().numpy())
-        return int((~keypoints.is_wrong(errors, ctx.settings.error_threshold)).sum())
-    return int((outputs.argmax(1) == truth).sum())
-
-
-def make_optimiser(model: nn.Module, ctx: RunContext) -> torch.optim.Optimizer:
-    """The original's: SGD for classifiers; RMSprop with the early layers frozen for keypoint models
-    (reference §9.1, §9.4)."""
-    s = ctx.settings
-    if s.task == "keypoints":
-        if hasattr(model, "freeze_early"):
-            model.freeze_early()
-        return torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate)
-    return torch.optim.SGD(model.parameters(), lr=s.learning_rate, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
 def train_epoch(model, optimiser, data: TrainingData, bag: np.ndarray, ctx: RunContext,
@@ -263,9 +220,9 @@ def train_epoch(model, optimiser, data: TrainingData, bag: np.ndarray, ctx: RunC
         inputs, labels = inputs.to(ctx.device), labels.to(ctx.device)
         optimiser.zero_grad()
         outputs = model(inputs)
-        loss(outputs, labels, ctx).backward()
+        ctx.task.loss(outputs, labels).backward()
         optimiser.step()
-        correct += count_correct(outputs.detach(), labels, ctx)
+        correct += ctx.task.count_correct(outputs.detach(), labels)
         seen += len(labels)
     return correct / max(seen, 1)
 
@@ -278,7 +235,7 @@ def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, d
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(ctx.model()).to(ctx.device)
-    optimiser = make_optimiser(model, ctx)
+    optimiser = ctx.task.optimiser(model, s)
     history, best_state, best_score = [], None, -np.inf
     for epoch in tqdm(range(1, s.epochs + 1), desc=desc, unit="epoch", leave=False, disable=None):
         train_accuracy = train_epoch(model, optimiser, data, bag, ctx, generator)
@@ -310,89 +267,68 @@ def save_model(model: nn.Module, ctx: RunContext, mode: str, run: int, accuracy:
 # The step
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# The files, and their one reader
+# --------------------------------------------------------------------------------------------
+
+FOLDER = "Retrain"
+TABLES = ("runs", "rcc", "scenarios", "epochs")
+
+
+def retrain_dir(paths: CasePaths) -> Path:
+    return paths.t_dir / FOLDER
+
+
+def table_path(paths: CasePaths, mode: str, table: str) -> Path:
+    return retrain_dir(paths) / f"{mode}_{table}.csv"
+
+
+def read_tables(paths: CasePaths, mode: str) -> dict[str, pd.DataFrame]:
+    """A mode's tables (runs, rcc, scenarios, epochs) as far as they exist; {} when it has not run."""
+    return {name: pd.read_csv(table_path(paths, mode, name)) for name in TABLES
+            if table_path(paths, mode, name).is_file()}
+
+
+def modes_run(paths: CasePaths) -> list[str]:
+    return [mode for mode in MODES if table_path(paths, mode, "runs").is_file()]
+
+
+# --------------------------------------------------------------------------------------------
+# The step, once per mode
+# --------------------------------------------------------------------------------------------
+
 @dataclass
 class UnsafeInputs:
     layer: str
     rcc_errors: pd.DataFrame     # error images of the RCCs with two or more images (image, rcc)
     rccs: list[str]
+    assigned: np.ndarray         # per improvement image: index of its RCC in the unsafe set, -1 for none
     distances: np.ndarray        # (improvement images, rccs) nearest-member distances
     quota: np.ndarray            # per RCC labelling quota
     wrong: np.ndarray            # improvement images the original model misclassifies
 
 
 def unsafe_inputs(ctx: RunContext) -> UnsafeInputs:
-    """What the assignment step left: the distances of the improvement images to the RCCs, the RCC
-    sizes, and which improvement images the original model gets wrong."""
-    from assignModule import selected_clusters
+    """What the assignment step left: the unsafe set, the distances of the improvement images to the
+    RCCs, the RCC sizes, and which improvement images the original model gets wrong."""
     improve = ctx.sets()["improve"]
     if not improve.labelled:
-        how = ("add a labels.csv with their keypoints" if ctx.settings.task == "keypoints"
-               else "put them in one folder per class")
         raise HuddError(f"{improve.root}: retraining needs the improvement images labelled (BL1 needs to know which "
-                        f"ones the model gets wrong, and every mode trains on labels); {how}")
-    layer, _module, labels, eligible = selected_clusters(ctx)
-    distance_path = ctx.paths.t_dir / "UnsafeSet" / "rcc_distances.csv"
-    if not distance_path.is_file():
-        raise HuddError(f"{distance_path}: not found; run the assignment step first (--steps assign)")
-    distances = pd.read_csv(distance_path)
+                        f"ones the model gets wrong, and every mode trains on labels); {ctx.task.labelling_hint}")
+    clusters = assignModule.selected_clusters(ctx)
+    distances = assignModule.read_rcc_distances(ctx.paths)
     expected = [ctx.paths.relative(p) for p in improve.paths]
-    if list(distances["image"]) != expected or list(distances.columns[1:]) != list(eligible):
-        raise HuddError(f"{distance_path}: does not match the improvement set and RCCs; rerun with --force")
-    results = pd.read_csv(ctx.paths.result_csv("improve")).set_index("image").reindex(expected)
-    sizes = labels["rcc"].value_counts().reindex(eligible).to_numpy()
-    return UnsafeInputs(layer=layer, rcc_errors=labels[labels["rcc"].isin(eligible)][["image", "rcc"]],
-                        rccs=list(eligible), distances=distances[eligible].to_numpy(),
-                        quota=budget_quotas(sizes, ctx.settings.budget_factor),
+    if list(distances["image"]) != expected or list(distances.columns[1:]) != list(clusters.eligible):
+        raise HuddError(f"{assignModule.unsafe_dir(ctx.paths)}: does not match the improvement set and RCCs; "
+                        "rerun with --force")
+    unsafe = assignModule.read_assignments(ctx.paths).set_index("image")["rcc"].reindex(expected)
+    assigned = np.array([clusters.eligible.index(r) if isinstance(r, str) else -1 for r in unsafe])
+    results = testModule.read_results(ctx.paths, "improve").set_index("image").reindex(expected)
+    return UnsafeInputs(layer=clusters.layer, rccs=list(clusters.eligible), assigned=assigned,
+                        rcc_errors=clusters.labels[clusters.labels["rcc"].isin(clusters.eligible)][["image", "rcc"]],
+                        distances=distances[clusters.eligible].to_numpy(),
+                        quota=assignModule.quotas(clusters.sizes, ctx.settings.budget_factor),
                         wrong=results["result"].eq("Wrong").to_numpy())
-
-
-def step_fingerprint(ctx: RunContext, mode: str, runs: int) -> str:
-    s = ctx.settings
-    return fingerprint({"step": STEP, "version": STEP_VERSION, "mode": mode, "runs": runs, "seed": ctx.seed,
-                        "assign": ctx.manifest.entries.get("assign", {}).get("fingerprint"),
-                        "train": image_set_digest(ctx.sets()["train"], ctx.paths.root),
-                        **{k: getattr(s, k) for k in ("epochs", "batch_size", "learning_rate", "momentum",
-                                                      "weight_decay", "epoch_choice", "budget_factor")}})
-
-
-def is_current(ctx: RunContext, mode: str, runs: int) -> bool:
-    """Whether the mode's results on disk come from the same inputs and settings."""
-    return (ctx.manifest.is_current(f"{STEP}-{mode}", step_fingerprint(ctx, mode, runs))
-            and (ctx.paths.t_dir / "Retrain" / f"{mode}_runs.csv").is_file())
-
-
-def run(ctx: RunContext, mode: str, runs: int = 1, data: TrainingData | None = None) -> dict:
-    """Retrains `runs` models with `mode`'s images (or reuses the results when nothing changed).
-    `data` lets several modes share the decoded images."""
-    if mode not in MODES:
-        raise HuddError(f"-mode {mode!r}: use one of {', '.join(MODES)}")
-    folder = ctx.paths.t_dir / "Retrain"
-    step_name, step_print = f"{STEP}-{mode}", step_fingerprint(ctx, mode, runs)
-    if not ctx.force and is_current(ctx, mode, runs):
-        log.info("retraining %s: inputs unchanged, reusing %s", mode, ctx.paths.relative(folder))
-        return summarise(ctx, mode)
-    unsafe = unsafe_inputs(ctx)
-    data = data or training_data(ctx)
-    rows, fixed, scenarios, histories = [], {}, {}, []
-    for run_index in range(1, runs + 1):
-        selection = select(mode, unsafe.distances, unsafe.quota, unsafe.wrong,
-                           np.random.default_rng([ctx.seed, run_index]))
-        model, epoch, history = fine_tune(ctx, data, selection.bag, seed=ctx.seed * 1000 + run_index,
-                                          desc=f"retraining {mode} run {run_index}/{runs}")
-        measures = evaluation.measures_from_outputs(cached_test_outputs(model, data.test, ctx), ctx)
-        improved, worsened = evaluation.improved_worsened(measures, ctx)
-        path = save_model(model, ctx, mode, run_index, measures.accuracy)
-        rows.append({"run": run_index, "accuracy": measures.accuracy, "improved": improved, "worsened": worsened,
-                     "epoch": epoch, "labelled": len(selection.chosen), "bag": len(selection.bag),
-                     "labelled_misclassified": int(unsafe.wrong[selection.chosen].sum()),
-                     "model": ctx.paths.relative(path),
-                     **({} if measures.mean_error is None else {"mean_error": float(measures.mean_error.mean())})})
-        fixed[f"run{run_index}"] = evaluation.fixed_per_rcc(measures, unsafe.rcc_errors)
-        scenarios[f"run{run_index}"] = evaluation.per_scenario(measures, ctx)
-        histories += [{"run": run_index, **h} for h in history]
-    write_tables(ctx, folder, mode, rows, fixed, scenarios, histories, unsafe)
-    ctx.manifest.record(step_name, step_print, [ctx.paths.relative(folder / f"{mode}_runs.csv")])
-    return summarise(ctx, mode)
 
 
 def training_data(ctx: RunContext) -> TrainingData:
@@ -405,44 +341,93 @@ def training_data(ctx: RunContext) -> TrainingData:
                         test=ImageSource(sets["test"], ctx), train_rows=train_rows, validation_rows=validation_rows)
 
 
-def write_tables(ctx, folder, mode, rows, fixed, scenarios, histories, unsafe: UnsafeInputs) -> None:
+def retrain_once(ctx: RunContext, mode: str, run: int, unsafe: UnsafeInputs, data: TrainingData) -> dict:
+    """One seeded run: select, fine-tune, measure on the test set, save the model. Returns the run's
+    row and its per-RCC, per-scenario and per-epoch figures."""
+    selection = select(mode, unsafe.assigned, unsafe.distances, unsafe.quota, unsafe.wrong,
+                       np.random.default_rng([ctx.seed, run]))
+    runs = ctx.settings.runs
+    model, epoch, history = fine_tune(ctx, data, selection.bag, seed=ctx.seed * 1000 + run,
+                                      desc=f"retraining {mode} run {run}/{runs}")
+    measures = evaluation.measures_from_outputs(cached_test_outputs(model, data.test, ctx), ctx)
+    improved, worsened = evaluation.improved_worsened(measures, ctx)
+    path = save_model(model, ctx, mode, run, measures.accuracy)
+    row = {"run": run, "accuracy": measures.accuracy, "improved": improved, "worsened": worsened,
+           "epoch": epoch, "labelled": len(selection.chosen), "bag": len(selection.bag),
+           "labelled_misclassified": int(unsafe.wrong[selection.chosen].sum()), "model": ctx.paths.relative(path),
+           **({} if measures.mean_error is None else {"mean_error": float(measures.mean_error.mean())})}
+    return {"row": row, "fixed": evaluation.fixed_per_rcc(measures, unsafe.rcc_errors),
+            "scenarios": evaluation.per_scenario(measures, ctx), "history": [{"run": run, **h} for h in history]}
+
+
+class RetrainStep(Step):
+    """Retrains `runs` models with one mode's images (the steps of several modes share the images
+    decoded for training)."""
+
+    title = "retraining"
+
+    def __init__(self, mode: str):
+        if mode not in MODES:
+            raise HuddError(f"-mode {mode!r}: use one of {', '.join(MODES)}")
+        self.mode, self.name, self.title = mode, f"retrain-{mode}", f"retraining {mode}"
+
+    def inputs(self, ctx: RunContext) -> dict:
+        s = ctx.settings
+        return {"mode": self.mode, "runs": s.runs, "seed": ctx.seed,
+                "assign": assignModule.STEP.recorded_fingerprint(ctx),
+                "train": image_set_digest(ctx.sets()["train"], ctx.paths.root),
+                **{k: getattr(s, k) for k in ("epochs", "batch_size", "learning_rate", "momentum",
+                                              "weight_decay", "epoch_choice", "budget_factor")}}
+
+    def outputs(self, ctx: RunContext) -> list[Path]:
+        return [table_path(ctx.paths, self.mode, "runs")]
+
+    def compute(self, ctx: RunContext) -> None:
+        unsafe = unsafe_inputs(ctx)
+        data = ctx.memo("retraining data", lambda: training_data(ctx))
+        done = [retrain_once(ctx, self.mode, run, unsafe, data) for run in range(1, ctx.settings.runs + 1)]
+        write_tables(ctx, self.mode, done, unsafe)
+
+    def summary(self, ctx: RunContext) -> dict:
+        tables = read_tables(ctx.paths, self.mode)
+        runs = tables["runs"]
+        return {"mode": self.mode, "runs": len(runs), "labelled": int(runs["labelled"].iloc[0]),
+                "bag": int(runs["bag"].iloc[0]), "accuracy": runs["accuracy"].agg(["mean", "min", "max"]).to_dict(),
+                "original": testModule.original_test_accuracy(ctx.paths), "improved": runs["improved"].mean(),
+                "worsened": runs["worsened"].mean(), "scenarios": tables.get("scenarios"),
+                "folder": retrain_dir(ctx.paths)}
+
+
+def write_tables(ctx: RunContext, mode: str, done: list[dict], unsafe: UnsafeInputs) -> None:
     """<mode>_runs.csv, _rcc.csv, _scenarios.csv (where metadata exists), _epochs.csv, _results.xlsx."""
-    runs = pd.DataFrame(rows)
-    stats = runs[["accuracy", "improved", "worsened"]].agg(["mean", "min", "max"])
-    per_rcc = pd.DataFrame(fixed).reindex(unsafe.rccs).fillna(0).astype(int)
+    runs = pd.DataFrame([d["row"] for d in done])
+    per_rcc = pd.DataFrame({f"run{d['row']['run']}": d["fixed"] for d in done}).reindex(unsafe.rccs).fillna(0).astype(int)
     per_rcc.insert(0, "errors", unsafe.rcc_errors["rcc"].value_counts().reindex(unsafe.rccs).to_numpy())
     per_rcc["mean_fixed"] = per_rcc.filter(like="run").mean(axis=1)
-    per_rcc = per_rcc.rename_axis("rcc").reset_index()
-    per_scenario = pd.DataFrame(scenarios)
-    tables = {"runs": runs, "rcc": per_rcc, "epochs": pd.DataFrame(histories)}
+    tables = {"runs": runs, "rcc": per_rcc.rename_axis("rcc").reset_index(),
+              "epochs": pd.DataFrame([h for d in done for h in d["history"]])}
+    per_scenario = pd.DataFrame({f"run{d['row']['run']}": d["scenarios"] for d in done})
     if len(per_scenario):
         per_scenario.insert(0, "original", evaluation.original_per_scenario(ctx).reindex(per_scenario.index))
         per_scenario["mean"] = per_scenario.filter(like="run").mean(axis=1)
         per_scenario["gain"] = per_scenario["mean"] - per_scenario["original"]
         tables["scenarios"] = per_scenario.rename_axis("scenario").reset_index()
-    folder.mkdir(parents=True, exist_ok=True)
+    retrain_dir(ctx.paths).mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
-        write_csv(table, folder / f"{mode}_{name}.csv")
-    stale = folder / f"{mode}_scenarios.csv"
-    if "scenarios" not in tables and stale.exists():
-        stale.unlink()
-    with atomic_path(folder / f"{mode}_results.xlsx") as temporary:
+        write_csv(table, table_path(ctx.paths, mode, name))
+    if "scenarios" not in tables and table_path(ctx.paths, mode, "scenarios").exists():
+        table_path(ctx.paths, mode, "scenarios").unlink()
+    write_workbook(retrain_dir(ctx.paths) / f"{mode}_results.xlsx", tables)
+
+
+def write_workbook(path: Path, tables: dict[str, pd.DataFrame]) -> None:
+    """The tables for people, plus mean/min/max over the runs."""
+    stats = tables["runs"][["accuracy", "improved", "worsened"]].agg(["mean", "min", "max"])
+    with atomic_path(path) as temporary:
         with pd.ExcelWriter(temporary, engine="openpyxl") as book:
-            runs.to_excel(book, sheet_name="runs", index=False)
+            tables["runs"].to_excel(book, sheet_name="runs", index=False)
             stats.to_excel(book, sheet_name="summary")
-            per_rcc.to_excel(book, sheet_name="errors fixed per RCC", index=False)
+            tables["rcc"].to_excel(book, sheet_name="errors fixed per RCC", index=False)
             if "scenarios" in tables:
                 tables["scenarios"].to_excel(book, sheet_name="accuracy per scenario", index=False)
             tables["epochs"].to_excel(book, sheet_name="epochs", index=False)
-
-
-def summarise(ctx: RunContext, mode: str) -> dict:
-    folder = ctx.paths.t_dir / "Retrain"
-    runs = pd.read_csv(folder / f"{mode}_runs.csv")
-    original = pd.read_csv(ctx.paths.result_csv("test"))
-    scenario_file = folder / f"{mode}_scenarios.csv"
-    return {"mode": mode, "runs": len(runs), "labelled": int(runs["labelled"].iloc[0]),
-            "bag": int(runs["bag"].iloc[0]), "accuracy": runs["accuracy"].agg(["mean", "min", "max"]).to_dict(),
-            "original": 100.0 * original["result"].eq("Correct").mean(), "improved": runs["improved"].mean(),
-            "worsened": runs["worsened"].mean(),
-            "scenarios": pd.read_csv(scenario_file) if scenario_file.is_file() else None, "folder": folder}

@@ -15,16 +15,18 @@ from pathlib import Path
 
 import pandas as pd
 
+import assignModule
+import clusterModule
 import evaluation
-from Helper import HuddError, RunContext, atomic_path, write_csv
+from Helper import CasePaths, HuddError, RunContext, atomic_path, write_csv
 
 log = logging.getLogger("hudd")
 
 
 def rq1(ctx: RunContext) -> dict:
     """Writes CASE/RQ1/<model stem>/ and returns what print_rq1 shows."""
-    from assignModule import selected_clusters
-    layer, _module, labels, eligible = selected_clusters(ctx)
+    clusters = assignModule.selected_clusters(ctx)
+    layer, labels, eligible = clusters.layer, clusters.labels, clusters.eligible
     measures = evaluation.measure_on_test(ctx.model(), ctx)
     improved, worsened = evaluation.improved_worsened(measures, ctx)
     original = evaluation.original_correct(ctx, measures.correct.index)
@@ -47,11 +49,10 @@ def rq1(ctx: RunContext) -> dict:
             {"original": before, "model": scenarios, "gain": scenarios - before}).rename_axis("scenario").reset_index()
     folder = ctx.paths.root / "RQ1" / ctx.model_path.stem
     write_tables(tables, folder, "RQ1.xlsx")
-    characterisation = ctx.paths.t_dir / "ClusterAnalysis" / layer / "characterisation.xlsx"
+    characterisation = clusterModule.characterisation_file(ctx.paths, layer)
     if characterisation.is_file():
-        shutil.copy2(characterisation, folder / "characterisation.xlsx")
+        shutil.copy2(characterisation, folder / characterisation.name)
     return {"folder": folder, **{k: v for k, v in summary.iloc[0].items()}, "tables": tables}
-
 
 
 def write_tables(tables: dict[str, pd.DataFrame], folder: Path, workbook: str) -> None:
@@ -101,7 +102,7 @@ def rq2(ctx_for, model_paths: list[Path], case_root: Path) -> pd.DataFrame:
 
 
 def models_in(case_root: Path) -> list[Path]:
-    folder = case_root / "DNNModels"
+    folder = CasePaths(case_root).models
     models = sorted(p for p in folder.glob("*") if p.suffix in (".pth", ".pt")) if folder.is_dir() else []
     if not models:
         raise HuddError(f"{folder}: holds no .pth or .pt model files")
@@ -109,6 +110,6 @@ def models_in(case_root: Path) -> list[Path]:
 
 
 def check_has_run(ctx: RunContext) -> None:
-    if not (ctx.paths.t_dir / "ClusterAnalysis" / "summary.csv").is_file():
+    if not clusterModule.has_run(ctx.paths):
         raise HuddError(f"{ctx.paths.root}: has no clustering results; run the pipeline with the original model first "
                         "(python HUDD.py -o CASE -m OriginalModel.pth)")

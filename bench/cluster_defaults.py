@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import Helper  # noqa: E402
 import clusterModule as C  # noqa: E402
-import demoCase  # noqa: E402
+import demo  # noqa: E402
 import heatmapModule  # noqa: E402
 import testModule  # noqa: E402
 from lrp import LRPExplainer, default_layers  # noqa: E402
@@ -32,10 +32,7 @@ PRESETS = ("hudd", "epsilon", "epsilon-plus")
 
 
 def demo_context(case: Path, seed: int) -> Helper.RunContext:
-    if not (case / "DataSets").is_dir():
-        demoCase.build_demo_case(case, seed=seed)
-    if not (case / "DNNModels" / "OriginalModel.pth").is_file():
-        demoCase.train_demo_model(case, seed=seed)
+    demo.prepare("signs", case, seed, "cpu")   # builds, trains and checks what is missing
     paths = Helper.CasePaths(case)
     return Helper.RunContext(paths=paths, settings=Helper.load_settings(paths), device=torch.device("cpu"),
                              model_path=case / "DNNModels" / "OriginalModel.pth", seed=seed)

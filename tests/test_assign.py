@@ -10,7 +10,7 @@ import assignModule
 import clusterModule
 import heatmapModule
 import testModule
-from test_testmodule import context
+from helpers import context, run_step, run_steps
 
 
 def reference_closest_u(distances: np.ndarray, quota: np.ndarray) -> np.ndarray:
@@ -48,8 +48,8 @@ def test_greedy_matches_the_literal_reference(seed):
     assert (assigned >= 0).sum() == min(images, quota.sum())
 
 
-def test_quotas_are_twice_the_cluster_size_rounded_up():
-    np.testing.assert_array_equal(assignModule.quotas([2, 3, 7]), [4, 6, 14])
+def test_quotas_are_the_cluster_size_times_the_factor_rounded_up():
+    np.testing.assert_array_equal(assignModule.quotas([2, 3, 7], factor=2.0), [4, 6, 14])
     np.testing.assert_array_equal(assignModule.quotas([2, 3, 7], factor=0.3), [1, 1, 3])
 
 
@@ -67,16 +67,16 @@ def test_nearest_member_distances_against_cdist():
 def test_the_step_writes_the_unsafe_set(make_case):
     case = make_case(per_class=8)
     ctx = context(case)
-    for module in (testModule, heatmapModule, clusterModule):
-        module.run(ctx)
-    summary = assignModule.run(ctx)
+    run_steps(ctx, testModule.STEP, heatmapModule.STEP, clusterModule.STEP)
+    summary = run_step(assignModule.STEP, ctx)
     folder = case / "T" / "UnsafeSet"
     table = pd.read_csv(folder / "assignments.csv")
     assert table["image"].is_unique and len(table) == summary["images"] > 0
-    layer, module, labels, eligible = assignModule.selected_clusters(ctx)
+    clusters = assignModule.selected_clusters(ctx)
+    layer, module, labels, eligible = clusters.layer, clusters.module, clusters.labels, clusters.eligible
     sizes = labels["rcc"].value_counts()
-    for rcc, group in table.groupby("rcc"):
-        assert rcc in eligible and len(group) <= assignModule.quotas([sizes[rcc]])[0]
+    for rcc, group in table.groupby("rcc"):  # the unsafe set's quota is the labelling budget's
+        assert rcc in eligible and len(group) <= assignModule.quotas([sizes[rcc]], ctx.settings.budget_factor)[0]
         assert len(list((folder / rcc).iterdir())) == len(group)
     # One distance recomputed from scratch: the engine on that image, the member heatmaps on disk.
     row = table.iloc[0]
@@ -95,13 +95,12 @@ def test_the_step_writes_the_unsafe_set(make_case):
 def test_rerun_skips_and_force_gives_the_same_unsafe_set(make_case):
     case = make_case(per_class=6)
     ctx = context(case)
-    for module in (testModule, heatmapModule, clusterModule, assignModule):
-        module.run(ctx)
+    run_steps(ctx, testModule.STEP, heatmapModule.STEP, clusterModule.STEP, assignModule.STEP)
     first = (case / "T" / "UnsafeSet" / "assignments.csv").read_bytes()
     mtime = (case / "T" / "UnsafeSet" / "assignments.csv").stat().st_mtime_ns
-    assignModule.run(context(case))
+    run_step(assignModule.STEP, context(case))
     assert (case / "T" / "UnsafeSet" / "assignments.csv").stat().st_mtime_ns == mtime
     forced = context(case)
     forced.force = True
-    assignModule.run(forced)
+    run_step(assignModule.STEP, forced)
     assert (case / "T" / "UnsafeSet" / "assignments.csv").read_bytes() == first

@@ -12,21 +12,7 @@ import pytest
 import torch
 
 import HUDD
-from conftest import REPO, save_model
-
-
-def hudd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "HUDD.py"), *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=300)
-
-
-def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from helpers import REPO, assert_clean_error, hudd, save_model
 
 
 def test_original_package_layout_runs(make_case):

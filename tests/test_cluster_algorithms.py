@@ -6,7 +6,7 @@ import pytest
 from scipy.cluster.hierarchy import fcluster
 from scipy.spatial.distance import cdist
 
-import clusterModule as C
+import clustering as C
 
 
 def blobs(seed=0, per=25, dims=12, centres=(0, 6, 12)):

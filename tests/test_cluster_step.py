@@ -11,14 +11,14 @@ import pytest
 import clusterModule
 import heatmapModule
 import testModule
-from test_testmodule import context
+from helpers import context, run_step
 
 
 def run_steps(case, **overrides):
     ctx = context(case, **overrides)
-    testModule.run(ctx)
-    heatmapModule.run(ctx)
-    return ctx, clusterModule.run(ctx)
+    run_step(testModule.STEP, ctx)
+    run_step(heatmapModule.STEP, ctx)
+    return ctx, run_step(clusterModule.STEP, ctx)
 
 
 def add_scenarios(case: Path) -> None:
@@ -43,7 +43,7 @@ def test_outputs_read_back(make_case):
     assert table["selected"].sum() == 1 and summary["layer"] != "Layer0"
     for layer in layers["layer"]:
         folder = analysis / layer
-        labels = pd.read_csv(folder / "labels.csv")
+        labels = pd.read_csv(folder / "rcc_labels.csv")
         assert list(labels["image"]) == list(index["image"])
         distances = np.load(folder / "distances.npy")
         assert distances.shape == (len(index), len(index))
@@ -62,7 +62,7 @@ def test_outputs_read_back(make_case):
     published = case / "T" / summary["layer"]
     assert sorted(p.name for p in published.glob("RCC*")) == sorted(
         pd.read_csv(analysis / summary["layer"] / "rcc_stats.csv")["rcc"])
-    copied = next(published.glob("RCC*/*.png"))
+    copied = next(p for p in published.glob("RCC*/*.png") if not p.name.endswith("_heatmap.png"))
     expected_class, file_name = copied.name.split("__")
     assert copied.read_bytes() == (case / "DataSets" / "TestSet" / expected_class / file_name).read_bytes()
 
@@ -72,7 +72,7 @@ def test_characterisation_matches_the_labels(make_case):
     add_scenarios(case)
     ctx, summary = run_steps(case)
     folder = case / "T" / "ClusterAnalysis" / summary["layer"]
-    labels = pd.read_csv(folder / "labels.csv")
+    labels = pd.read_csv(folder / "rcc_labels.csv")
     book = pd.read_excel(folder / "characterisation.xlsx", sheet_name=None)
     rccs = book["RCCs"].set_index("rcc")
     for rcc, group in labels.groupby("rcc"):
@@ -96,9 +96,9 @@ def test_rerun_skips_and_a_changed_option_recomputes(make_case):
     ctx = context(case)
     summary_file = case / "T" / "ClusterAnalysis" / "summary.csv"
     before = summary_file.stat().st_mtime_ns
-    clusterModule.run(ctx)
+    run_step(clusterModule.STEP, ctx)
     assert summary_file.stat().st_mtime_ns == before
-    clusterModule.run(context(case, k_criterion="knee"))
+    run_step(clusterModule.STEP, context(case, k_criterion="knee"))
     assert summary_file.stat().st_mtime_ns != before
 
 
@@ -106,14 +106,14 @@ def test_rerun_skips_and_a_changed_option_recomputes(make_case):
 def test_one_to_three_error_images(make_case, errors):
     case = make_case(per_class=6)
     ctx = context(case)
-    testModule.run(ctx)
+    run_step(testModule.STEP, ctx)
     results = pd.read_csv(case / "testResult.csv")
     wrong = results.index[results["result"] == "Wrong"]
     results.loc[wrong[errors:], "result"] = "Correct"  # keep only the first few errors
     results.to_csv(case / "testResult.csv", index=False)
-    heatmapModule.run(ctx)
-    summary = clusterModule.run(ctx)
-    labels = pd.read_csv(case / "T" / "ClusterAnalysis" / summary["layer"] / "labels.csv")
+    run_step(heatmapModule.STEP, ctx)
+    summary = run_step(clusterModule.STEP, ctx)
+    labels = pd.read_csv(case / "T" / "ClusterAnalysis" / summary["layer"] / "rcc_labels.csv")
     assert len(labels) == errors
     assert summary["k"] == min(errors, 2)
 
@@ -121,15 +121,15 @@ def test_one_to_three_error_images(make_case, errors):
 def test_identical_heatmaps_and_a_nan_layer(make_case):
     case = make_case(per_class=6)
     ctx = context(case)
-    testModule.run(ctx)
-    heatmapModule.run(ctx)
+    run_step(testModule.STEP, ctx)
+    run_step(heatmapModule.STEP, ctx)
     folder = case / "T" / "Heatmaps"
     same = np.load(folder / "Layer2.npy")
     np.save(folder / "Layer2.npy", np.repeat(same[:1], len(same), axis=0))
     broken = np.load(folder / "Layer3.npy")
     broken[1].flat[0] = np.nan
     np.save(folder / "Layer3.npy", broken)
-    clusterModule.run(ctx)
+    run_step(clusterModule.STEP, ctx)
     table = pd.read_csv(case / "T" / "ClusterAnalysis" / "summary.csv").set_index("layer")
     assert "NaN" in table.loc["Layer3", "skipped"] and table.loc["Layer3", "selected"] is not True
     assert table.loc["Layer2", "wicd"] == 0.0
@@ -139,13 +139,13 @@ def test_identical_heatmaps_and_a_nan_layer(make_case):
 def test_the_step_takes_the_two_stage_path_beyond_the_limit(make_case, monkeypatch):
     case = make_case(per_class=8)
     ctx = context(case)
-    testModule.run(ctx)
-    heatmapModule.run(ctx)
+    run_step(testModule.STEP, ctx)
+    run_step(heatmapModule.STEP, ctx)
     errors = len(pd.read_csv(case / "T" / "Heatmaps" / "index.csv"))
     monkeypatch.setattr(clusterModule, "EXACT_LIMIT", errors - 3)
-    summary = clusterModule.run(ctx)
+    summary = run_step(clusterModule.STEP, ctx)
     folder = case / "T" / "ClusterAnalysis" / summary["layer"]
-    assert len(pd.read_csv(folder / "labels.csv")) == errors
+    assert len(pd.read_csv(folder / "rcc_labels.csv")) == errors
     assert len(np.load(folder / "sample.npy")) == errors - 3
     assert np.load(folder / "distances.npy").shape == (errors - 3, errors - 3)
     assert pd.read_csv(folder / "rcc_stats.csv")["size"].sum() == errors

@@ -1,4 +1,4 @@
-"""demoCase.py: the synthetic traffic-sign case study (plan, drawing, files, settings, training)."""
+"""demo/signs.py: the synthetic traffic-sign case study (plan, drawing, files, settings, training)."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-import demoCase
-import demoCommon
 import Helper
+from demo import common as demoCommon
+from demo import signs as demoCase
 from Helper import CasePaths, HuddError
 
 SMALL = {"train": 90, "test": 60, "improve": 60}

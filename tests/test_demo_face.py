@@ -1,4 +1,4 @@
-"""demoFace.py: the synthetic facial keypoint case study (plan, geometry, drawing, files, training)."""
+"""demo/faces.py: the synthetic facial keypoint case study (plan, geometry, drawing, files, training)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-import demoFace
 from architectures import KPNetSmall
+from demo import common
+from demo import faces as demoFace
 from Helper import CasePaths, HuddError
 
 TINY = {"train": 40, "test": 20, "improve": 20}
@@ -240,6 +241,7 @@ def test_training_smoke_saves_a_loadable_model_and_never_overwrites(tiny_case, t
     with pytest.raises(HuddError, match="already exists"):
         demoFace.train_face_model(case, seed=0, epochs=1)
     assert path.read_bytes() == saved
-    results = demoFace.evaluate_face_model(case, "test")
-    assert len(results) == TINY["test"] and np.isfinite(results["mean_error"]).all()
-    assert set(demoFace.scenario_table(results).index) <= set(demoFace.SCENARIOS)
+    quality = common.measure_quality(demoFace.FACES, CasePaths(case), "cpu")
+    assert sum(quality.images.values()) == TINY["test"]
+    assert set(quality.accuracy) <= set(demoFace.SCENARIOS)
+    assert all(0 <= a <= 100 for a in quality.accuracy.values())

@@ -10,7 +10,7 @@ from PIL import Image
 
 import fldPackage
 from architectures import KPNetSmall
-from test_cli import assert_clean_error, hudd
+from helpers import assert_clean_error, hudd
 
 
 def write_package(case, images: int = 6, size: int = 32, keypoints: int = 27, seed: int = 0):

@@ -10,15 +10,13 @@ import Helper
 import heatmapModule
 import testModule
 from architectures import DemoNet
-from conftest import build_case
-from test_cli import hudd
-from test_testmodule import context
+from helpers import build_case, context, hudd, run_step
 
 
 def run_both(case, **overrides):
     ctx = context(case, **overrides)
-    testModule.run(ctx)
-    return ctx, heatmapModule.run(ctx)
+    run_step(testModule.STEP, ctx)
+    return ctx, run_step(heatmapModule.STEP, ctx)
 
 
 def test_heatmap_files_read_back_and_match_the_engine(make_case):
@@ -57,14 +55,14 @@ def test_rerun_skips_and_a_changed_model_recomputes(make_case):
     folder = case / "T" / "Heatmaps"
     first = np.load(folder / "Layer1.npy")
     ctx = context(case)
-    assert ctx.manifest.is_current(heatmapModule.STEP, heatmapModule.step_fingerprint(ctx, heatmapModule.error_images(ctx)))
+    assert ctx.manifest.is_current(heatmapModule.STEP.name, heatmapModule.STEP.fingerprint(ctx))
     torch.manual_seed(123)
     torch.save(DemoNet(num_classes=3).state_dict(), case / "DNNModels" / "OriginalModel.pth")
     ctx = context(case)
-    testModule.run(ctx)
-    index = heatmapModule.error_images(ctx)
-    assert not ctx.manifest.is_current(heatmapModule.STEP, heatmapModule.step_fingerprint(ctx, index))
-    heatmapModule.run(ctx)
+    run_step(testModule.STEP, ctx)
+    index = testModule.error_index(ctx)
+    assert not ctx.manifest.is_current(heatmapModule.STEP.name, heatmapModule.STEP.fingerprint(ctx))
+    run_step(heatmapModule.STEP, ctx)
     second = np.load(folder / "Layer1.npy")
     assert second.shape[0] == len(index)
     assert first.shape != second.shape or not np.allclose(first, second)
@@ -89,12 +87,12 @@ def test_an_interrupted_run_resumes_and_matches_a_clean_run(make_case, monkeypat
 
     monkeypatch.setattr(heatmapModule.LRPExplainer, "__call__", failing_call)
     ctx = context(case, batch_size=2)
-    testModule.run(ctx)
+    run_step(testModule.STEP, ctx)
     with pytest.raises(KeyboardInterrupt):
-        heatmapModule.run(ctx)
+        run_step(heatmapModule.STEP, ctx)
     folder = case / "T" / "Heatmaps"
     assert not list(folder.glob("*.npy"))  # no half file under a real name
-    progress = heatmapModule.Progress(folder, heatmapModule.step_fingerprint(ctx, heatmapModule.error_images(ctx)))
+    progress = heatmapModule.Progress(folder, heatmapModule.STEP.fingerprint(ctx))
     assert progress.rows_done() == 4
 
     seen_rows = []
@@ -102,7 +100,7 @@ def test_an_interrupted_run_resumes_and_matches_a_clean_run(make_case, monkeypat
         seen_rows.append(len(inputs))
         return original_call(self, inputs, target=target)
     monkeypatch.setattr(heatmapModule.LRPExplainer, "__call__", counting_call)
-    heatmapModule.run(context(case, batch_size=2))
+    run_step(heatmapModule.STEP, context(case, batch_size=2))
     errors = len(pd.read_csv(folder / "index.csv"))
     assert sum(seen_rows) == 1 + errors - 4  # the probe image plus only the rows not yet on disk
     for name, array in clean.items():
@@ -115,7 +113,7 @@ def test_no_error_images_stops_cleanly(tmp_path):
     # A model that always says the test image's own class: a constant-logit net can't, so relabel
     # the test set to what the model predicts.
     ctx = context(case)
-    testModule.run(ctx)
+    run_step(testModule.STEP, ctx)
     results = pd.read_csv(case / "testResult.csv")
     for row in results.itertuples():
         source = case / row.image

@@ -11,7 +11,7 @@ from torch import nn
 
 import Helper
 from Helper import CasePaths, HuddError
-from conftest import CLASSES, save_model, write_image
+from helpers import CLASSES, save_model, write_image
 
 import numpy as np
 
@@ -81,6 +81,10 @@ def test_settings_precedence_defaults_json_command_line(case):
     (json.dumps({"archh": "demonet"}), "unknown setting.*archh"),
     (json.dumps({"resize": "stretch"}), "resize='stretch'"),
     (json.dumps({"mean": [0.5]}), "mean and std need 3 values"),
+    (json.dumps({"rules": "hud"}), "rules='hud'.*'hudd'"),             # checked when read, not after the test step
+    (json.dumps({"k_criterion": "elbow"}), "k_criterion='elbow'.*'silhouette'"),
+    (json.dumps({"explain": "worst"}), "explain='worst'.*classification"),  # a keypoint value for a classifier
+    (json.dumps({"layers": "features.0"}), "layers='features.0'.*list of module paths"),
 ])
 def test_bad_settings_name_the_value(case, content, message):
     (case / "hudd.json").write_text(content)
@@ -121,6 +125,13 @@ def test_state_dict_variants_load(case, tmp_path):
         loaded = Helper.load_model(tmp_path / name, _settings(case), len(CLASSES))
         assert _same_weights(loaded, reference), name
         assert not loaded.training
+
+
+def test_a_file_that_is_no_model_file_is_named_as_such(case, tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("not a model")
+    with pytest.raises(HuddError, match="notes.pth: is not a PyTorch model file"):
+        Helper.load_model(text, _settings(case), len(CLASSES))
 
 
 def test_pickled_model_needs_the_trust_flag(case, tmp_path):

@@ -14,8 +14,7 @@ from PIL import Image
 import Helper
 import lrp
 from architectures import KPNetSmall
-from test_cli import assert_clean_error, hudd
-from test_keypoints import hand_decode
+from helpers import assert_clean_error, hand_decode, hudd
 
 KEYPOINTS = 5
 SIZE = 32

@@ -11,19 +11,8 @@ import torch
 import keypoints
 import lrp
 from architectures import KPNet, KPNetSmall
+from helpers import hand_decode
 from zennit_oracle import assert_close, zennit_composite, zennit_relevance
-
-
-def hand_decode(single_map: np.ndarray, top: int = 64) -> tuple[float, float]:
-    """The original's decoding, written out: the `top` largest pixels, their value-weighted mean
-    (column, row), or (-1, -1) when the mean of those values is not positive."""
-    height, width = single_map.shape
-    pixels = sorted(((single_map[r, c], r, c) for r in range(height) for c in range(width)), reverse=True)[:top]
-    values = [v for v, _, _ in pixels]
-    if sum(values) / len(values) <= 0:
-        return -1.0, -1.0
-    total = sum(values)
-    return (sum(v * c for v, _, c in pixels) / total, sum(v * r for v, r, _ in pixels) / total)
 
 
 def test_decoding_matches_the_hand_computation():

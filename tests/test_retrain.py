@@ -14,8 +14,7 @@ import heatmapModule
 import retrainModule
 import testModule
 from architectures import DemoNet
-from conftest import CLASSES
-from test_testmodule import context
+from helpers import CLASSES, context, run_step, run_steps
 
 
 def random_instance(seed: int, images: int = 80, rccs: int = 5):
@@ -31,16 +30,17 @@ def random_instance(seed: int, images: int = 80, rccs: int = 5):
 # --------------------------------------------------------------------------------------------
 
 def test_budget_is_the_rcc_sizes_rounded_up_times_the_factor():
-    np.testing.assert_array_equal(retrainModule.budget_quotas([2, 3, 7]), [2, 3, 7])
-    np.testing.assert_array_equal(retrainModule.budget_quotas([2, 3, 7], 0.5), [1, 2, 4])
-    np.testing.assert_array_equal(retrainModule.budget_quotas([10], 0.3), [3])  # 0.3 x 10 is not 3.0000000000000004
+    np.testing.assert_array_equal(assignModule.quotas([2, 3, 7], 1.0), [2, 3, 7])
+    np.testing.assert_array_equal(assignModule.quotas([2, 3, 7], 0.5), [1, 2, 4])
+    np.testing.assert_array_equal(assignModule.quotas([10], 0.3), [3])  # 0.3 x 10 is not 3.0000000000000004
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_every_mode_labels_as_many_distinct_images_and_trains_on_as_many_samples(seed):
     distances, sizes, wrong = random_instance(seed)
-    quota = retrainModule.budget_quotas(sizes)
-    selections = {mode: retrainModule.select(mode, distances, quota, wrong, np.random.default_rng(seed))
+    quota = assignModule.quotas(sizes, 1.0)
+    assigned, _ = assignModule.closest_u(distances, quota)
+    selections = {mode: retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng(seed))
                   for mode in retrainModule.MODES}
     hudd = selections["HUDD"]
     assert len(hudd.chosen) == min(quota.sum(), len(distances))
@@ -53,9 +53,9 @@ def test_every_mode_labels_as_many_distinct_images_and_trains_on_as_many_samples
 
 def test_hudd_takes_the_closest_images_per_rcc_and_balances_the_bag():
     distances, sizes, wrong = random_instance(7)
-    quota = retrainModule.budget_quotas(sizes)
-    selection = retrainModule.hudd_selection(distances, quota, np.random.default_rng(0))
+    quota = assignModule.quotas(sizes, 1.0)
     assigned, _ = assignModule.closest_u(distances, quota)
+    selection = retrainModule.hudd_selection(assigned, distances, quota, np.random.default_rng(0))
     np.testing.assert_array_equal(selection.chosen, np.flatnonzero(assigned >= 0))
     bag_rcc = assigned[selection.bag]
     counts = np.bincount(bag_rcc, minlength=len(quota))
@@ -64,10 +64,10 @@ def test_hudd_takes_the_closest_images_per_rcc_and_balances_the_bag():
 
 def test_closer_images_are_drawn_more_often():
     distances = np.array([[1.0], [3.0]])
-    selection = retrainModule.hudd_selection(distances, np.array([2]), np.random.default_rng(0))
+    selection = retrainModule.hudd_selection(np.array([0, 0]), distances, np.array([2]), np.random.default_rng(0))
     assert sorted(selection.bag) == [0, 1]  # the quota is the largest: nothing to draw
-    big = retrainModule.hudd_selection(np.array([[1.0, 9.0], [3.0, 9.0], [9.0, 0.5]]), np.array([2, 4000]),
-                                       np.random.default_rng(0))
+    big = retrainModule.hudd_selection(np.array([0, 0, 1]), np.array([[1.0, 9.0], [3.0, 9.0], [9.0, 0.5]]),
+                                       np.array([2, 4000]), np.random.default_rng(0))
     first_rcc = big.bag[np.isin(big.bag, [0, 1])]
     draws = np.bincount(first_rcc, minlength=2) - 1     # less the one copy of each member
     assert draws.sum() == 4000 - 2
@@ -76,11 +76,12 @@ def test_closer_images_are_drawn_more_often():
 
 def test_selection_is_deterministic_for_a_seed_and_changes_with_it():
     distances, sizes, wrong = random_instance(3)
-    quota = retrainModule.budget_quotas(sizes)
+    quota = assignModule.quotas(sizes, 1.0)
+    assigned, _ = assignModule.closest_u(distances, quota)
     for mode in retrainModule.MODES:
-        a = retrainModule.select(mode, distances, quota, wrong, np.random.default_rng([0, 1]))
-        b = retrainModule.select(mode, distances, quota, wrong, np.random.default_rng([0, 1]))
-        c = retrainModule.select(mode, distances, quota, wrong, np.random.default_rng([0, 2]))
+        a = retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng([0, 1]))
+        b = retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng([0, 1]))
+        c = retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng([0, 2]))
         np.testing.assert_array_equal(a.bag, b.bag)
         assert not np.array_equal(a.bag, c.bag), mode
 
@@ -89,9 +90,10 @@ def test_bl1_with_too_few_misclassified_images_takes_them_all_and_warns(caplog):
     distances, sizes, _ = random_instance(4)
     wrong = np.zeros(len(distances), bool)
     wrong[[3, 10, 11]] = True
+    quota = assignModule.quotas(sizes, 1.0)
+    assigned, _ = assignModule.closest_u(distances, quota)
     with caplog.at_level(logging.WARNING, logger="hudd"):
-        selection = retrainModule.select("BL1", distances, retrainModule.budget_quotas(sizes), wrong,
-                                         np.random.default_rng(0))
+        selection = retrainModule.select("BL1", assigned, distances, quota, wrong, np.random.default_rng(0))
     np.testing.assert_array_equal(selection.chosen, [3, 10, 11])
     assert "only 3 improvement images" in caplog.text
 
@@ -111,8 +113,7 @@ def test_validation_split_is_stratified_and_disjoint():
 def pipeline_case(make_case):
     case = make_case(per_class=8)
     ctx = context(case)
-    for module in (testModule, heatmapModule, clusterModule, assignModule):
-        module.run(ctx)
+    run_steps(ctx, testModule.STEP, heatmapModule.STEP, clusterModule.STEP, assignModule.STEP)
     return case
 
 
@@ -135,6 +136,21 @@ def test_an_epoch_passes_over_the_training_rows_and_the_bag_once(pipeline_case, 
     train_labels = np.asarray(ctx.sets()["train"].labels)[data.train_rows]
     improve_labels = np.asarray(ctx.sets()["improve"].labels)[bag]
     assert sorted(labels.tolist()) == sorted(np.concatenate([train_labels, improve_labels]).tolist())
+
+
+def test_hudd_retrains_with_the_assignment_steps_unsafe_set(pipeline_case):
+    ctx = context(pipeline_case)
+    unsafe = retrainModule.unsafe_inputs(ctx)
+    table = pd.read_csv(pipeline_case / "T" / "UnsafeSet" / "assignments.csv")
+    images = [ctx.paths.relative(p) for p in ctx.sets()["improve"].paths]
+    from_file = {image: rcc for image, rcc in zip(table["image"], table["rcc"])}
+    assert {images[i]: unsafe.rccs[r] for i, r in enumerate(unsafe.assigned) if r >= 0} == from_file
+    selection = retrainModule.select("HUDD", unsafe.assigned, unsafe.distances, unsafe.quota, unsafe.wrong,
+                                     np.random.default_rng(0))
+    assert sorted(images[i] for i in selection.chosen) == sorted(table["image"])
+    # The file is what counts: an image removed from the unsafe set is not labelled by retraining.
+    table.iloc[1:].to_csv(pipeline_case / "T" / "UnsafeSet" / "assignments.csv", index=False)
+    assert (retrainModule.unsafe_inputs(ctx).assigned >= 0).sum() == len(table) - 1
 
 
 def test_validation_choice_keeps_the_best_validation_epoch(pipeline_case):
@@ -176,13 +192,13 @@ def test_saving_never_overwrites_a_model(pipeline_case):
 # --------------------------------------------------------------------------------------------
 
 def test_the_step_tables_agree_with_the_saved_models(pipeline_case):
-    ctx = context(pipeline_case, epochs=1, learning_rate=0.05)
-    summary = retrainModule.run(ctx, "BL2", runs=2)
+    ctx = context(pipeline_case, epochs=1, learning_rate=0.05, runs=2)
+    summary = run_step(retrainModule.RetrainStep("BL2"), ctx)
     folder = pipeline_case / "T" / "Retrain"
     runs = pd.read_csv(folder / "BL2_runs.csv")
     assert list(runs["run"]) == [1, 2] and summary["runs"] == 2
     original = pd.read_csv(pipeline_case / "testResult.csv").set_index("image")
-    labels = pd.read_csv(pipeline_case / "T" / "ClusterAnalysis" / summary_layer(pipeline_case) / "labels.csv")
+    labels = pd.read_csv(pipeline_case / "T" / "ClusterAnalysis" / summary_layer(pipeline_case) / "rcc_labels.csv")
     per_rcc = pd.read_csv(folder / "BL2_rcc.csv").set_index("rcc")
     test = ctx.sets()["test"]
     for row in runs.itertuples():

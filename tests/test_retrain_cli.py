@@ -7,8 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import REPO
-from test_cli import hudd
+from helpers import REPO, hudd
 
 
 def test_each_mode_runs_the_whole_pipeline_and_prints_the_budget(retrained_case):

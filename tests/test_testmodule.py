@@ -15,13 +15,7 @@ from PIL import Image
 import Helper
 import testModule
 from architectures import DemoNet
-from conftest import SETTINGS, write_image
-
-
-def context(case: Path, **settings_overrides) -> Helper.RunContext:
-    paths = Helper.CasePaths(case)
-    return Helper.RunContext(paths=paths, settings=Helper.load_settings(paths, settings_overrides),
-                             model_path=case / "DNNModels" / "OriginalModel.pth", device=torch.device("cpu"))
+from helpers import SETTINGS, context, run_step, write_image
 
 
 def independent_logits(case: Path, relative_paths: list[str], classes: int, size: int | None = None) -> np.ndarray:
@@ -50,9 +44,9 @@ def test_result_csvs_match_an_independent_computation(make_case, image_size):
         for image in (case / "DataSets").rglob("*.png"):
             write_image(image, rng, size=image_size)
     ctx = context(case)
-    testModule.run(ctx)
+    run_step(testModule.STEP, ctx)
     classes = ctx.classes
-    for set_key, file_name in Helper.RESULT_FILES.items():
+    for set_key, file_name in testModule.RESULT_FILES.items():
         frame = pd.read_csv(case / file_name)
         on_disk = sorted(Path(os.path.relpath(p, case)).as_posix() for p in (case / "DataSets").rglob("*.png")
                          if Helper.SET_FOLDERS[set_key] in p.parts)
@@ -70,7 +64,7 @@ def test_result_csvs_match_an_independent_computation(make_case, image_size):
 
 def test_unlabelled_improvement_set_has_no_result_column(make_case):
     case = make_case(improvement="unlabelled", per_class=2)
-    testModule.run(context(case))
+    run_step(testModule.STEP, context(case))
     frame = pd.read_csv(case / "improveResult.csv")
     assert "result" not in frame.columns and "expected" not in frame.columns
     assert len(frame) == 6 and frame["predicted"].notna().all()
@@ -83,7 +77,7 @@ def test_scenario_accuracy_from_metadata(make_case):
     scenarios = ["night" if i % 3 == 0 else "none" for i in range(len(images))]
     pd.DataFrame({"image": images, "scenario": scenarios}).to_csv(test_dir / "metadata.csv", index=False)
     ctx = context(case)
-    summary = testModule.run(ctx)
+    summary = run_step(testModule.STEP, ctx)
     results = pd.read_csv(case / "testResult.csv")
     correct = dict(zip(results["image"], results["result"] == "Correct"))
     table = pd.read_csv(case / testModule.SCENARIO_FILE)
@@ -101,42 +95,42 @@ def test_metadata_missing_an_image_is_named(make_case):
     pd.DataFrame({"image": ["class_a/nothing.png"], "scenario": ["none"]}).to_csv(
         case / "DataSets" / "TestSet" / "metadata.csv", index=False)
     with pytest.raises(Helper.HuddError, match="has no scenario for image 'DataSets/TestSet/"):
-        testModule.run(context(case))
+        run_step(testModule.STEP, context(case))
 
 
 def test_rerun_skips_and_changed_inputs_recompute(make_case):
     case = make_case(per_class=2)
-    assert testModule.run(context(case))["skipped"] is False
-    assert testModule.run(context(case))["skipped"] is True
+    assert run_step(testModule.STEP, context(case))["skipped"] is False
+    assert run_step(testModule.STEP, context(case))["skipped"] is True
 
     # Touching the model without changing its bytes keeps the results (content fingerprint).
     model_file = case / "DNNModels" / "OriginalModel.pth"
     os.utime(model_file, (time.time() + 5, time.time() + 5))
-    assert testModule.run(context(case))["skipped"] is True
+    assert run_step(testModule.STEP, context(case))["skipped"] is True
 
     # New weights: recomputed, and the scores change.
     before = pd.read_csv(case / "testResult.csv")
     torch.manual_seed(99)
     torch.save(DemoNet(num_classes=3).state_dict(), model_file)
-    assert testModule.run(context(case))["skipped"] is False
+    assert run_step(testModule.STEP, context(case))["skipped"] is False
     after = pd.read_csv(case / "testResult.csv")
     assert not np.allclose(before.filter(like="score_").to_numpy(), after.filter(like="score_").to_numpy())
 
     # A changed option (normalisation) recomputes; so does a new image.
     settings = dict(SETTINGS, mean=[0.4, 0.4, 0.4])
     (case / "hudd.json").write_text(json.dumps(settings))
-    assert testModule.run(context(case))["skipped"] is False
-    assert testModule.run(context(case))["skipped"] is True
+    assert run_step(testModule.STEP, context(case))["skipped"] is False
+    assert run_step(testModule.STEP, context(case))["skipped"] is True
     write_image(case / "DataSets" / "TestSet" / "class_a" / "new.png", np.random.default_rng(5))
-    assert testModule.run(context(case))["skipped"] is False
+    assert run_step(testModule.STEP, context(case))["skipped"] is False
     assert len(pd.read_csv(case / "testResult.csv")) == 7
 
     # A deleted output recomputes; --force recomputes.
     (case / "trainResult.csv").unlink()
-    assert testModule.run(context(case))["skipped"] is False
+    assert run_step(testModule.STEP, context(case))["skipped"] is False
     forced = context(case)
     forced.force = True
-    assert testModule.run(forced)["skipped"] is False
+    assert run_step(testModule.STEP, forced)["skipped"] is False
 
 
 def test_unreadable_image_stops_or_is_skipped(make_case):
@@ -145,10 +139,10 @@ def test_unreadable_image_stops_or_is_skipped(make_case):
     good_bytes = (case / "DataSets" / "TestSet" / "class.b" / "img_1.0 v2.png").read_bytes()
     bad.write_bytes(good_bytes[: len(good_bytes) // 3])  # truncated PNG
     with pytest.raises(Helper.HuddError, match="broken file.png: cannot read image"):
-        testModule.run(context(case))
+        run_step(testModule.STEP, context(case))
     assert not (case / "testResult.csv").exists()
     ctx = context(case)
     ctx.skip_bad_images = True
-    testModule.run(ctx)
+    run_step(testModule.STEP, ctx)
     frame = pd.read_csv(case / "testResult.csv")
     assert len(frame) == 6 and not frame["image"].str.contains("broken").any()

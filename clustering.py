@@ -1,0 +1,368 @@
+"""The clustering algorithms of the cluster step (clusterModule.py), on arrays only: no files.
+
+Pairwise Euclidean distances between heatmaps (float64 matrix products, in chunks), Ward hierarchical
+clustering, the number of clusters and the layer chosen automatically, and the measures of root-cause
+clusters where scenarios are known. The merge tree is walked once to get the weighted intra-cluster
+distance (WICD) and the silhouette for every k, so sweeping k = 2..500 costs about as much as one
+clustering.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.cluster.hierarchy import linkage
+from scipy.spatial.distance import squareform
+
+K_LIMIT = 500                      # the original's cap on the number of clusters
+CHUNK_BYTES = 256 * 2 ** 20        # float64 working block of the distance computation
+
+
+# --------------------------------------------------------------------------------------------
+# Distances
+# --------------------------------------------------------------------------------------------
+
+def normalise_rows(block: np.ndarray, how: str) -> np.ndarray:
+    """Per-heatmap scaling: 'l2' to unit length, 'max' to unit largest magnitude; zero rows stay zero."""
+    if how == "none":
+        return block
+    scale = np.linalg.norm(block, axis=1) if how == "l2" else np.abs(block).max(axis=1)
+    scale[scale == 0] = 1.0
+    return block / scale[:, None]
+
+
+def _rows(heatmaps: np.ndarray, start: int, stop: int, how: str) -> np.ndarray:
+    block = np.asarray(heatmaps[start:stop], dtype=np.float64).reshape(stop - start, -1)
+    return normalise_rows(block, how)
+
+
+def pairwise_distances(heatmaps: np.ndarray, normalisation: str = "none",
+                       chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
+    """(n, n) float64 Euclidean distances between the rows of `heatmaps` (any trailing shape; a
+    memory-mapped .npy works and is read block by block). Each pair is computed once and mirrored,
+    so the matrix is exactly symmetric with a zero diagonal.
+
+    |a-b|^2 = |a|^2 + |b|^2 - 2 a.b in float64; pairs where that difference cancels badly (near
+    duplicates) are recomputed directly, so identical heatmaps are at distance exactly 0."""
+    n = len(heatmaps)
+    dims = int(np.prod(heatmaps.shape[1:]))
+    step = max(1, min(n, chunk_bytes // (8 * max(dims, 1))))
+    starts = list(range(0, n, step))
+    squared = np.concatenate([np.einsum("ij,ij->i", b, b) for b in
+                              (_rows(heatmaps, s, min(s + step, n), normalisation) for s in starts)])
+    distances = np.zeros((n, n))
+    for i in starts:
+        rows_i = _rows(heatmaps, i, min(i + step, n), normalisation)
+        for j in starts:
+            if j < i:
+                continue
+            rows_j = rows_i if j == i else _rows(heatmaps, j, min(j + step, n), normalisation)
+            block = squared[i:i + len(rows_i), None] + squared[None, j:j + len(rows_j)] - 2.0 * rows_i @ rows_j.T
+            _repair_cancellation(block, rows_i, rows_j, squared[i:i + len(rows_i)], squared[j:j + len(rows_j)])
+            np.sqrt(np.maximum(block, 0.0), out=block)
+            if j == i:  # BLAS need not sum (a, b) and (b, a) alike: keep one triangle, mirror it
+                block = np.triu(block, 1)
+                block += block.T
+            distances[i:i + len(rows_i), j:j + len(rows_j)] = block
+            distances[j:j + len(rows_j), i:i + len(rows_i)] = block.T
+    return distances
+
+
+def _repair_cancellation(block, rows_i, rows_j, sq_i, sq_j, relative: float = 1e-8) -> None:
+    """Where |a-b|^2 is tiny next to |a|^2 + |b|^2, the product formula has lost its digits:
+    compute those squared distances directly."""
+    suspect = np.argwhere(block <= relative * (sq_i[:, None] + sq_j[None, :]))
+    for start in range(0, len(suspect), 4096):
+        pairs = suspect[start:start + 4096]
+        diff = rows_i[pairs[:, 0]] - rows_j[pairs[:, 1]]
+        block[pairs[:, 0], pairs[:, 1]] = np.einsum("ij,ij->i", diff, diff)
+
+
+def distance_profiles(distances: np.ndarray) -> np.ndarray:
+    """The original's clustering space: each row of D divided by its largest entry, then Euclidean
+    distances between those rows ("distance profiles"; reference §7.3)."""
+    peak = distances.max(axis=1)
+    peak[peak == 0] = 1.0
+    return pairwise_distances(distances / peak[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# The merge tree and what it gives for every k
+# --------------------------------------------------------------------------------------------
+
+def ward_tree(distances: np.ndarray) -> np.ndarray:
+    """Ward linkage of a Euclidean distance matrix (scipy's (n-1) x 4 merge list)."""
+    return linkage(squareform(distances, checks=False), method="ward")
+
+
+def labels_at(tree: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Cluster labels 0..k-1 after the first n-k merges (the k-cluster cut of the tree), numbered
+    in order of each cluster's first member, so labels are stable for a given tree."""
+    roots = _roots_at(tree, n, n - k)
+    _, first, inverse = np.unique(roots, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse]
+
+
+def _roots_at(tree: np.ndarray, n: int, merges: int) -> np.ndarray:
+    """The tree node each image belongs to after `merges` merges (pointer jumping: log-depth passes)."""
+    parent = np.arange(2 * n - 1)
+    steps = np.arange(merges)
+    parent[tree[:merges, 0].astype(np.int64)] = n + steps
+    parent[tree[:merges, 1].astype(np.int64)] = n + steps
+    while True:
+        jumped = parent[parent]
+        if np.array_equal(jumped, parent):
+            return parent[:n]
+        parent = jumped
+
+
+def k_range(n: int) -> range:
+    """Candidate numbers of clusters: 2 .. min(500, n/2), as the original (at least k=2)."""
+    return range(2, max(2, min(K_LIMIT, n // 2)) + 1)
+
+
+def wicd_curve(tree: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """WICD(k) for every k = 1..n (index k; index 0 unused) in one pass over the merge tree.
+
+    WICD(k) = [sum over clusters C with |C|>1 of ICD(C) |C| / n] / k, where ICD(C) is the mean
+    distance over C's member pairs and k counts every cluster, singletons included (reference §7.3).
+    Each merge adds the distances between the two merged clusters, so the pass costs O(n^2) overall."""
+    n = len(distances)
+    members: dict[int, np.ndarray] = {i: np.array([i]) for i in range(n)}
+    pair_sum = np.zeros(2 * n - 1)
+    weighted = 0.0  # sum over non-singleton clusters of ICD(C) * |C|
+    curve = np.full(n + 1, np.nan)
+    curve[n] = 0.0
+
+    def contribution(node: int, size: int) -> float:
+        return 0.0 if size < 2 else pair_sum[node] / (size * (size - 1) / 2) * size
+
+    for step, (a, b, _height, _size) in enumerate(tree):
+        a, b = int(a), int(b)
+        left, right = members.pop(a), members.pop(b)
+        node = n + step
+        pair_sum[node] = pair_sum[a] + pair_sum[b] + distances[np.ix_(left, right)].sum()
+        weighted += contribution(node, len(left) + len(right)) - contribution(a, len(left)) - contribution(b, len(right))
+        members[node] = np.concatenate([left, right])
+        k = n - step - 1
+        curve[k] = weighted / n / k
+    return curve
+
+
+def silhouette_curve(tree: np.ndarray, distances: np.ndarray, ks: range) -> np.ndarray:
+    """Mean silhouette for every k in `ks` (index k), updated merge by merge.
+
+    Starting from the largest k, a merge only changes the merged clusters' columns of the per-image
+    mean distance to each cluster, so each k costs O(n) plus O(k) for the few images whose nearest
+    other cluster was one of the two merged ones, instead of O(n^2)."""
+    n = len(distances)
+    curve = np.full(n + 1, np.nan)
+    k_max = max(ks)
+    own = labels_at(tree, n, k_max)
+    order = np.argsort(own, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, np.diff(own[order]) != 0])
+    sums = np.add.reduceat(distances[:, order], bounds, axis=1)          # (n, k_max) distance sums
+    sizes = np.bincount(own, minlength=k_max).astype(float)
+    rows = np.arange(n)
+    mean_to = sums / sizes
+    mean_to[rows, own] = np.inf                                           # b excludes one's own cluster
+    nearest = mean_to.argmin(axis=1)
+    column_of = {int(root): int(label) for root, label in zip(_roots_at(tree, n, n - k_max), own)}
+    for k in range(k_max, min(ks) - 1, -1):
+        curve[k] = _mean_silhouette(sums[rows, own], sizes[own], mean_to[rows, nearest])
+        if k == min(ks):
+            break
+        step = n - k
+        keep, gone = column_of.pop(int(tree[step, 0])), column_of.pop(int(tree[step, 1]))
+        column_of[n + step] = keep
+        sums[:, keep] += sums[:, gone]
+        sizes[keep] += sizes[gone]
+        own[own == gone] = keep
+        merged = mean_to[:, keep] = sums[:, keep] / sizes[keep]
+        mean_to[own == keep, keep] = np.inf
+        mean_to[:, gone] = np.inf
+        stale = (nearest == keep) | (nearest == gone) | (own == keep)
+        nearest[stale] = mean_to[stale].argmin(axis=1)
+        closer = ~stale & (merged < mean_to[rows, nearest])
+        nearest[closer] = keep
+    return curve
+
+
+def _mean_silhouette(own_sums: np.ndarray, own_sizes: np.ndarray, b: np.ndarray) -> float:
+    """Mean over images of (b - a) / max(a, b), a = mean distance to the rest of one's cluster;
+    0 for images alone in their cluster (as sklearn)."""
+    alone = own_sizes < 2
+    a = own_sums / np.maximum(own_sizes - 1, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = (b - a) / np.maximum(a, b)
+    s[alone] = 0.0
+    return float(np.nan_to_num(s, nan=0.0).mean())
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing k
+# --------------------------------------------------------------------------------------------
+
+def five_point_gradient(values: np.ndarray) -> np.ndarray:
+    """The original's 4th-order finite-difference gradient of the WICD curve: central 5-point
+    differences inside, first differences at the two ends of each side, all divided by 4."""
+    y = np.asarray(values, dtype=float)
+    g = np.empty_like(y)
+    if len(y) < 5:
+        return np.gradient(y) / 4 if len(y) > 1 else np.zeros_like(y)
+    g[2:-2] = (y[:-4] - 8 * y[1:-3] + 8 * y[3:-1] - y[4:]) / 12
+    g[:2] = y[1:3] - y[0:2]
+    g[-2:] = y[-2:] - y[-3:-1]
+    return g / 4
+
+
+def knee_k(ks: range, wicd: np.ndarray) -> int:
+    """The original's choice: the knee of the gradient of WICD(k) (kneed, concave, increasing), i.e.
+    the elbow where adding clusters stops paying. Where kneed finds none, the point of the WICD
+    curve farthest from the chord between its ends."""
+    ks_array = np.array(list(ks))
+    if len(ks_array) < 3:
+        return int(ks_array[0])
+    gradient = five_point_gradient(wicd[ks_array])
+    from kneed import KneeLocator
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore")  # kneed warns on flat curves; the fallback below handles them
+        knee = KneeLocator(ks_array, gradient, curve="concave", direction="increasing").knee
+    if knee is not None:
+        return int(knee)
+    return int(ks_array[_farthest_from_chord(ks_array, wicd[ks_array])])
+
+
+def _farthest_from_chord(x: np.ndarray, y: np.ndarray) -> int:
+    span_x, span_y = x[-1] - x[0], y[-1] - y[0]
+    if span_y == 0:
+        return 0
+    xn, yn = (x - x[0]) / span_x, (y - y[0]) / span_y
+    return int(np.argmax(np.abs(yn - xn)))
+
+
+def silhouette_k(ks: range, silhouette: np.ndarray) -> int:
+    """The k with the highest mean silhouette (the smallest such k on ties)."""
+    ks_array = np.array(list(ks))
+    return int(ks_array[np.nanargmax(silhouette[ks_array])])
+
+
+# --------------------------------------------------------------------------------------------
+# One layer
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class LayerClustering:
+    layer: str
+    k: int
+    labels: np.ndarray          # 0..k-1 per image
+    wicd: float                 # on the heatmap distances, at k (the original's layer criterion)
+    silhouette: float           # on the heatmap distances, at k
+    ks: range
+    wicd_curve: np.ndarray      # of the clustered space, index k
+    silhouette_curve: np.ndarray
+
+
+def cluster_layer(layer: str, distances: np.ndarray, space: str = "direct",
+                  k_criterion: str = "knee") -> LayerClustering:
+    """Ward clustering of one layer's heatmap distances with k chosen automatically."""
+    n = len(distances)
+    if n < 2:
+        raise ValueError("at least two heatmaps are needed to cluster")
+    clustered = distances if space == "direct" else distance_profiles(distances)
+    tree = ward_tree(clustered)
+    ks = k_range(n)
+    curve = wicd_curve(tree, clustered)
+    direct_wicd = curve if space == "direct" else wicd_curve(tree, distances)
+    silhouettes = silhouette_curve(tree, distances, ks) if n > 2 else np.zeros(n + 1)
+    k = knee_k(ks, curve) if k_criterion == "knee" else silhouette_k(ks, silhouettes)
+    k = min(k, n)
+    return LayerClustering(layer=layer, k=k, labels=labels_at(tree, n, k), wicd=float(direct_wicd[k]),
+                           silhouette=float(silhouettes[k]), ks=ks, wicd_curve=curve, silhouette_curve=silhouettes)
+
+
+EXACT_LIMIT = 20000   # beyond this many error images a layer is clustered in two stages
+
+
+def nearest_rows(queries: np.ndarray, references: np.ndarray, normalisation: str = "none",
+                 chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
+    """For each query row, the index of its nearest reference row (Euclidean), block by block."""
+    dims = int(np.prod(references.shape[1:]))
+    refs = _rows(references, 0, len(references), normalisation)
+    ref_squared = np.einsum("ij,ij->i", refs, refs)
+    step = max(1, chunk_bytes // (8 * max(dims, len(references), 1)))
+    nearest = np.empty(len(queries), dtype=np.int64)
+    for start in range(0, len(queries), step):
+        block = _rows(queries, start, min(start + step, len(queries)), normalisation)
+        # |q|^2 is the same for every reference of a row, so it does not change the argmin
+        nearest[start:start + len(block)] = (ref_squared[None, :] - 2.0 * block @ refs.T).argmin(axis=1)
+    return nearest
+
+
+def cluster_two_stage(layer: str, heatmaps: np.ndarray, normalisation: str = "none", space: str = "direct",
+                      k_criterion: str = "knee", limit: int = EXACT_LIMIT, seed: int = 0
+                      ) -> tuple[LayerClustering, np.ndarray, np.ndarray]:
+    """For more error images than `limit`: cluster a seeded random sample of `limit` heatmaps exactly,
+    then give every other heatmap the RCC of its nearest sampled heatmap (the nearest-member rule the
+    assignment step uses). Returns the clustering (labels for all images; WICD and silhouette of the
+    sample), the sample's indices and the sample's distance matrix."""
+    n = len(heatmaps)
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+    sampled = np.asarray(heatmaps[sample])
+    distances = pairwise_distances(sampled, normalisation)
+    result = cluster_layer(layer, distances, space, k_criterion)
+    rest = np.setdiff1d(np.arange(n), sample)
+    labels = np.empty(n, dtype=np.int64)
+    labels[sample] = result.labels
+    labels[rest] = result.labels[nearest_rows(_Subset(heatmaps, rest), sampled, normalisation)]
+    result.labels = labels
+    return result, sample, distances
+
+
+class _Subset:
+    """Rows `index` of an array (e.g. a memory-mapped .npy), read a slice at a time."""
+
+    def __init__(self, array: np.ndarray, index: np.ndarray):
+        self.array, self.index, self.shape = array, index, (len(index), *array.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.asarray(self.array[self.index[rows]])
+
+
+def select_layer(results: list[LayerClustering], criterion: str = "wicd") -> LayerClustering:
+    """The original's choice: the smallest WICD (raw distances; never the input layer). The
+    alternative compares layers on a common, scale-free footing: the highest silhouette."""
+    candidates = [r for r in results if r.layer != "Layer0"] or results
+    if criterion == "wicd":
+        return min(candidates, key=lambda r: r.wicd)
+    return max(candidates, key=lambda r: r.silhouette)
+
+
+# --------------------------------------------------------------------------------------------
+# Root-cause quality where scenarios are known
+# --------------------------------------------------------------------------------------------
+
+def purity_coverage(labels: np.ndarray, scenarios: np.ndarray, min_scenario_errors: int = 5) -> dict:
+    """design.md's measures: purity of an RCC = share of its most common scenario, averaged over
+    RCCs with at least two members; coverage = share of the scenarios with at least 5 error images
+    that are the most common scenario of at least one RCC."""
+    purities, majorities = [], set()
+    for rcc in np.unique(labels):
+        values, counts = np.unique(scenarios[labels == rcc], return_counts=True)
+        majority = values[np.argmax(counts)]
+        if counts.sum() >= 2:
+            purities.append(counts.max() / counts.sum())
+            majorities.add(majority)
+    values, counts = np.unique(scenarios, return_counts=True)
+    frequent = set(values[counts >= min_scenario_errors])
+    return {"purity": float(np.mean(purities)) if purities else float("nan"),
+            "coverage": len(frequent & majorities) / len(frequent) if frequent else float("nan"),
+            "rccs": int(len(purities))}
+
+

@@ -1,0 +1,256 @@
+"""What a model's task decides, in one object per task: classification and keypoint regression.
+
+Each step asks the run's task (`RunContext.task`) instead of branching on the task's name:
+- how a set's labels are read (class folders, or `labels.csv` of keypoints);
+- what the model's output must look like, and the rows one image's output gives (logits, or decoded
+  keypoints x0, y0, x1, ...);
+- the result table of a set, which image is Wrong, and the error images' `expected`/`predicted`;
+- what LRP explains (the seed's target);
+- retraining's loss, optimiser and "correct", and the test measures of a model.
+
+The keypoint primitives themselves (decoding, errors, components, target maps) are `keypoints.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+import keypoints
+from Helper import ImageSet, list_image_set, list_keypoint_set
+
+WRONG, CORRECT = "Wrong", "Correct"
+
+
+@dataclass
+class TestMeasures:
+    """One model's results on the test set; `correct` is indexed by image path relative to the case."""
+
+    correct: pd.Series          # bool per test image
+    predicted: pd.Series        # predicted class name per test image (keypoints: worst component)
+    expected: pd.Series         # true class name per test image (keypoints: unused, "")
+    mean_error: pd.Series | None = None       # keypoints: mean error over the visible keypoints, px
+    component_ok: pd.DataFrame | None = None  # keypoints: per image and component, no keypoint above the threshold
+
+    @property
+    def accuracy(self) -> float:
+        return 100.0 * float(self.correct.mean())
+
+    def per_class(self) -> pd.DataFrame:
+        """Accuracy per class (keypoints: per face component)."""
+        if self.component_ok is not None:
+            table = pd.DataFrame({"class": self.component_ok.columns, "images": len(self.component_ok),
+                                  "correct": self.component_ok.sum().to_numpy()})
+        else:
+            table = (pd.DataFrame({"class": self.expected.to_numpy(), "correct": self.correct.to_numpy()})
+                     .groupby("class", sort=True)["correct"].agg(images="size", correct="sum").reset_index())
+        table["accuracy"] = 100.0 * table["correct"] / table["images"]
+        return table
+
+
+class ClassificationTask:
+    """argmax of the logits against the class folder; explained: the predicted (or true) class."""
+
+    name = "classification"
+    explain_choices = ("predicted", "expected")
+    label_layout = "one sub-folder per class"
+    labelling_hint = "put them in one folder per class"
+    explained_words = ("the predicted class", "expected → predicted class")
+
+    def __init__(self, explain: str = "predicted", error_threshold: float = 0.0):
+        self.explain = explain
+
+    def list_set(self, set_root, name: str, known: list[str] | None = None) -> ImageSet:
+        """A set's images and labels; `known`: the training set's classes."""
+        return list_image_set(set_root, classes=known, name=name)
+
+    def check_images(self, image_set: ImageSet, input_size: list[int]) -> str:
+        """Why the set's images do not suit the model ("" when they do)."""
+        return ""
+
+    # ---- the model's output
+    def check_output(self, output: torch.Tensor, num_classes: int) -> str:
+        """Why the output does not fit the task ("" when it does)."""
+        if output.ndim != 2 or output.shape[1] != num_classes:
+            return (f"the model's output has shape {tuple(output.shape[1:])} but the training set has {num_classes} "
+                    "classes; check the model or the class folders of DataSets/TrainingSet")
+        return ""
+
+    def output_rows(self, outputs: torch.Tensor) -> np.ndarray:
+        return outputs.float().cpu().numpy()
+
+    # ---- results of a set
+    def result_frame(self, images: list[str], rows: np.ndarray, labels: np.ndarray | None, targets,
+                     classes: list[str]) -> pd.DataFrame:
+        """image, result, expected, predicted, score_<class>... (no result/expected when unlabelled)."""
+        predicted = rows.argmax(axis=1)
+        frame = pd.DataFrame({"image": images})
+        if labels is not None:
+            frame["result"] = np.where(predicted == labels, CORRECT, WRONG)
+            frame["expected"] = [classes[c] for c in labels]
+        frame["predicted"] = [classes[c] for c in predicted]
+        return pd.concat([frame, pd.DataFrame(rows, columns=[f"score_{c}" for c in classes])], axis=1)
+
+    def error_index(self, results: pd.DataFrame) -> pd.DataFrame:
+        """The Wrong rows as image, expected, predicted."""
+        wrong = results[results["result"] == WRONG]
+        return wrong[["image", "expected", "predicted"]].reset_index(drop=True)
+
+    # ---- what LRP explains
+    def explained_channels(self, index: pd.DataFrame, classes: list[str]) -> torch.Tensor:
+        column = "expected" if self.explain == "expected" else "predicted"
+        return torch.tensor([classes.index(c) for c in index[column]], dtype=torch.long)
+
+    def improvement_channels(self, results: pd.DataFrame, classes: list[str]) -> torch.Tensor:
+        """Improvement images are explained through their predicted class (no label needed)."""
+        return torch.tensor([classes.index(c) for c in results["predicted"]], dtype=torch.long)
+
+    def output_shape(self, model: nn.Module, example: torch.Tensor):
+        return None  # class targets need no mask
+
+    def lrp_target(self, channels: torch.Tensor, output_shape, device: torch.device):
+        return channels.to(device)
+
+    # ---- retraining and measuring
+    def truth(self, labels: list[int], targets) -> torch.Tensor:
+        return torch.as_tensor(labels, dtype=torch.long)
+
+    def loss(self, outputs: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(outputs, truth)
+
+    def count_correct(self, outputs: torch.Tensor, truth: torch.Tensor) -> int:
+        return int((outputs.argmax(1) == truth).sum())
+
+    def optimiser(self, model: nn.Module, settings) -> torch.optim.Optimizer:
+        """The original's SGD (reference §9.1)."""
+        return torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay)
+
+    def measures(self, rows: np.ndarray, labels: list[int], targets, images: list[str],
+                 classes: list[str]) -> TestMeasures:
+        predicted = rows.argmax(axis=1)
+        expected = np.asarray(labels)
+        names = np.asarray(classes, dtype=object)
+        return TestMeasures(correct=pd.Series(predicted == expected, index=images),
+                            predicted=pd.Series(names[predicted], index=images),
+                            expected=pd.Series(names[expected], index=images))
+
+
+class KeypointTask(ClassificationTask):
+    """One output map per keypoint; an image is Wrong above a mean keypoint error (keypoints.py)."""
+
+    name = "keypoints"
+    explain_choices = ("predicted", "worst", "all")
+    label_layout = "a labels.csv with the keypoints"
+    labelling_hint = "add a labels.csv with their keypoints"
+    explained_words = ("the worst keypoint's output map", "the worst keypoint's face component → the worst keypoint")
+
+    def __init__(self, explain: str = "worst", error_threshold: float = 4.0):
+        self.explain = explain
+        self.threshold = error_threshold
+
+    def list_set(self, set_root, name: str, known: list[str] | None = None) -> ImageSet:
+        return list_keypoint_set(set_root, name=name, keypoints=known)
+
+    def check_images(self, image_set: ImageSet, input_size: list[int]) -> str:
+        """Keypoint labels are pixels of the stored image and the maps are at the model's input size,
+        so the two must agree (checked on the set's first image)."""
+        from PIL import Image
+        height, width = input_size
+        with Image.open(image_set.paths[0]) as image:
+            if image.size != (width, height):
+                return (f"{image_set.paths[0]}: is {image.size[0]}x{image.size[1]} pixels but the keypoint model takes "
+                        f"{width}x{height}; keypoint images must have the model's input size")
+        return ""
+
+    def check_output(self, output: torch.Tensor, num_classes: int) -> str:
+        if output.ndim != 4 or output.shape[1] != num_classes:
+            return (f"the model's output has shape {tuple(output.shape[1:])} but a keypoint model must give one map "
+                    f"per keypoint ({num_classes} in labels.csv of the training set)")
+        return ""
+
+    def output_rows(self, outputs: torch.Tensor) -> np.ndarray:
+        return keypoints.decode(outputs).reshape(len(outputs), -1).cpu().numpy()
+
+    def result_frame(self, images, rows, labels, targets, classes) -> pd.DataFrame:
+        """image, result, mean_error, worst_keypoint, worst_component, one Error/OK column per component,
+        error_<kp> and pred_<kp>_x/_y (only the predictions when unlabelled)."""
+        predicted = rows.reshape(len(rows), len(classes), 2)
+        frame = pd.DataFrame({"image": images})
+        if targets is not None:
+            errors = keypoints.keypoint_errors(predicted, targets)
+            worst = keypoints.worst_keypoints(errors)
+            frame["result"] = np.where(keypoints.is_wrong(errors, self.threshold), WRONG, CORRECT)
+            frame["mean_error"] = keypoints.mean_errors(errors)
+            frame["worst_keypoint"] = [classes[k] if k >= 0 else "" for k in worst]
+            frame["worst_component"] = keypoints.component_of(worst, len(classes))
+            for component, flagged in keypoints.component_flags(errors, self.threshold).items():
+                frame[component] = np.where(flagged, "Error", "OK")
+            frame = pd.concat([frame, pd.DataFrame(errors, columns=[f"error_{n}" for n in classes])], axis=1)
+        coords = pd.DataFrame(predicted.reshape(len(predicted), -1),
+                              columns=[f"pred_{n}_{axis}" for n in classes for axis in ("x", "y")])
+        return pd.concat([frame, coords], axis=1)
+
+    def error_index(self, results: pd.DataFrame) -> pd.DataFrame:
+        """`expected` is the worst keypoint's face component and `predicted` the worst keypoint."""
+        renamed = results.rename(columns={"worst_component": "expected", "worst_keypoint": "predicted"})
+        return super().error_index(renamed)
+
+    def improvement_channels(self, results: pd.DataFrame, classes: list[str]) -> torch.Tensor:
+        """The worst keypoint, which needs labels; -1 (every map) for an unlabelled set or with
+        `"explain": "all"`."""
+        if "worst_keypoint" not in results.columns or self.explain == "all":
+            return torch.full((len(results),), -1, dtype=torch.long)
+        return torch.tensor([classes.index(k) if k else -1 for k in results["worst_keypoint"]], dtype=torch.long)
+
+    def output_shape(self, model: nn.Module, example: torch.Tensor):
+        """The output shape a keypoint mask needs (one forward of one image)."""
+        with torch.no_grad():
+            return tuple(model(example[:1]).shape[1:])
+
+    def lrp_target(self, channels: torch.Tensor, output_shape, device: torch.device):
+        """A mask over the output maps: the explained keypoint's map, or every map (channel -1, or
+        `"explain": "all"`)."""
+        channels = channels.to(device)
+        mask = torch.zeros((len(channels), *output_shape), device=device)
+        every_map = channels < 0 if self.explain != "all" else torch.ones_like(channels, dtype=torch.bool)
+        mask[every_map] = 1.0
+        one = torch.nonzero(~every_map).flatten()
+        mask[one, channels[one]] = 1.0
+        return mask
+
+    def truth(self, labels, targets) -> torch.Tensor:
+        return torch.as_tensor(targets, dtype=torch.float32)
+
+    def loss(self, outputs: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """MSE against Gaussian target maps (sigma 5, x10; reference §9.4)."""
+        return nn.functional.mse_loss(outputs, keypoints.target_maps(truth, *outputs.shape[2:]).to(outputs.device))
+
+    def count_correct(self, outputs: torch.Tensor, truth: torch.Tensor) -> int:
+        errors = keypoints.keypoint_errors(keypoints.decode(outputs).cpu().numpy(), truth.cpu().numpy())
+        return int((~keypoints.is_wrong(errors, self.threshold)).sum())
+
+    def optimiser(self, model: nn.Module, settings) -> torch.optim.Optimizer:
+        """RMSprop with conv1-conv4 frozen where the model can freeze them (reference §9.4)."""
+        if hasattr(model, "freeze_early"):
+            model.freeze_early()
+        return torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate)
+
+    def measures(self, rows, labels, targets, images, classes) -> TestMeasures:
+        errors = keypoints.keypoint_errors(rows.reshape(len(rows), -1, 2), targets)
+        flags = keypoints.component_flags(errors, self.threshold)
+        worst = keypoints.component_of(keypoints.worst_keypoints(errors), errors.shape[1])
+        return TestMeasures(correct=pd.Series(~keypoints.is_wrong(errors, self.threshold), index=images),
+                            predicted=pd.Series(worst, index=images), expected=pd.Series("", index=images),
+                            mean_error=pd.Series(keypoints.mean_errors(errors), index=images),
+                            component_ok=pd.DataFrame({c: ~f for c, f in flags.items()}, index=images))
+
+
+TASKS = {task.name: task for task in (ClassificationTask, KeypointTask)}
+
+
+def make_task(name: str, explain: str, error_threshold: float):
+    return TASKS[name](explain=explain, error_threshold=error_threshold)
