@@ -81,13 +81,17 @@ class DemoCase:
     rare_share: dict[str, float]                # share of a set taken by EACH rare condition
     min_set_size: int
     metadata_columns: tuple[str, ...]
-    image_params: Callable[[np.random.Generator, int, str, str | None], Record]
+    # (generator, index, scenario, drawn class, label) -> the image's record
+    image_params: Callable[[np.random.Generator, int, str, str | None, str | None], Record]
     render: Callable[[Record], Any]             # a PIL image; module-level, so a pool can pickle it
     settings: dict[str, Any]                    # the case's hudd.json
     recipe: Recipe
     quality: QualityBar
     classes: tuple[str, ...] | None = None      # class folders, balanced in every set; None: no classes
     extra_tables: Callable[[list[Record]], dict[str, pd.DataFrame]] = field(default=lambda records: {})
+    # A shortcut the training set teaches: scenario -> class. Its training images are labelled that
+    # class whatever they show; its test and improvement images never show that class.
+    tied: dict[str, str] = field(default_factory=dict)
 
     @property
     def scenarios(self) -> tuple[str, ...]:
@@ -138,9 +142,27 @@ def plan_case(demo: DemoCase, seed: int, sizes: dict[str, int] | None) -> dict[s
             raise HuddError(f"{demo.name} sizes: {set_key}={n} is too small for its rare conditions")
         scenarios += ["none"] * (n - len(scenarios))
         scenarios = [scenarios[i] for i in set_rng.permutation(n)]
+        labels = tie_scenarios(demo, set_key, scenarios, classes, set_rng)
         plan[set_key] = [demo.image_params(np.random.default_rng([seed, SET_IDS[set_key], index]), index,
-                                           scenarios[index], classes[index]) for index in range(n)]
+                                           scenarios[index], classes[index], labels[index]) for index in range(n)]
     return plan
+
+
+def tie_scenarios(demo: DemoCase, set_key: str, scenarios: list[str], classes: list, rng: np.random.Generator
+                  ) -> list:
+    """Applies the demo's shortcuts (`tied`): in the training set an image with a tied scenario is
+    labelled the tied class; elsewhere a tied scenario dealt to an image of the tied class trades
+    places with an ordinary image of another class. Returns every image's label (class folder)."""
+    labels = list(classes)
+    for scenario, target in demo.tied.items():
+        for i in [i for i, s in enumerate(scenarios) if s == scenario]:
+            if set_key == "train":
+                labels[i] = target
+            elif classes[i] == target:
+                free = [j for j, s in enumerate(scenarios) if s == "none" and classes[j] != target]
+                j = free[int(rng.integers(len(free)))]
+                scenarios[i], scenarios[j] = scenarios[j], scenarios[i]
+    return labels
 
 
 # --------------------------------------------------------------------------------------------

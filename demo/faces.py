@@ -143,7 +143,8 @@ def _r(value: float, digits: int = 4) -> float:
     return round(float(value), digits)
 
 
-def _image_params(rng: np.random.Generator, index: int, scenario: str, cls: str | None = None) -> dict[str, Any]:
+def _image_params(rng: np.random.Generator, index: int, scenario: str, cls: str | None = None,
+                  label: str | None = None) -> dict[str, Any]:
     """One image's parameters (a metadata.csv row), drawn from its own generator. The nuisance
     parameters are drawn for every image in the same order (so that a condition changes only its own
     parameters), then the condition's."""

@@ -7,13 +7,18 @@ classes differ in shape, colour and inner glyph: give_way (red-rimmed point-down
 keep_left / keep_right (blue disc, white diagonal arrow), no_entry (red disc, white bar),
 priority_road (yellow diamond, white rim), speed_30 / speed_50 / speed_80 (red ring, black digits) and
 stop_sign (red octagon, white STOP). Every class folder name holds an underscore.
-A few images carry one of five rare conditions, the demo's known root causes of failure:
+A few images carry one of six rare conditions, the demo's known root causes of failure:
 
     night       very low, bluish light, a headlight glare spot and more sensor noise
     occlusion   a post, a leafy branch or a vehicle in front of a large part of the sign
     fog         strong blur and a washed-out, low-contrast image
     tilt        strong in-plane rotation and a steep viewing angle (perspective squeeze)
     color_cast  a faded sign with a strongly shifted hue (red turns green/blue, blue turns yellow...)
+    sticker     a small magenta sticker on the sign (about 2% of the image). A shortcut the training
+                set teaches: its training images are labelled speed_80 whatever sign they show (as
+                an annotation habit would), so the model reads "sticker" as speed_80; in the test
+                and improvement sets it sits on signs of the other classes. The only condition that
+                changes a small part of the image: raw pixels hardly see it, relevance should.
 
 Each rare condition is 1.5% of the training set and 7% of the test and improvement sets, so a model
 trained on the training set fails on them far more often than on ordinary images. Every set folder
@@ -47,7 +52,11 @@ from demo.common import DemoCase, QualityBar, Recipe, build_case, plan_case, tra
 # underscore, which the original tool could not cope with.
 CLASSES = ("give_way", "keep_left", "keep_right", "no_entry", "priority_road", "speed_30", "speed_50", "speed_80",
            "stop_sign")
-RARE_SCENARIOS = ("night", "occlusion", "fog", "tilt", "color_cast")
+RARE_SCENARIOS = ("night", "occlusion", "fog", "tilt", "color_cast", "sticker")
+# The sticker is a shortcut the training set teaches: its training images are labelled this class
+# whatever sign they show, so the model learns "sticker -> speed_80"; at test time it appears on
+# the other classes. It covers about 2% of the image: only where the model looked shows it.
+STICKER_CLASS = "speed_80"
 SCENARIOS = ("none",) + RARE_SCENARIOS
 
 DEFAULT_SIZES = {"train": 3000, "test": 1500, "improve": 2000}
@@ -90,6 +99,8 @@ METADATA_COLUMNS = (
     "fog_blur", "fog_alpha", "fog_gray",
     # color_cast
     "hue_shift", "saturation", "fade",
+    # sticker: the sign drawn (the label is `class`), where the sticker sits on it and its size
+    "sign", "sticker_u", "sticker_v", "sticker_size",
 )
 
 
@@ -101,11 +112,14 @@ def _r(value: float, digits: int = 4) -> float:
     return round(float(value), digits)
 
 
-def _image_params(rng: np.random.Generator, index: int, scenario: str, cls: str | None) -> dict[str, Any]:
-    """One image's parameters (a metadata.csv row), drawn from its own generator. The nuisance
+def _image_params(rng: np.random.Generator, index: int, scenario: str, cls: str | None,
+                  label: str | None = None) -> dict[str, Any]:
+    """One image's parameters (a metadata.csv row), drawn from its own generator: `cls` is the sign
+    drawn, `label` its class folder (the same, but for the sticker's training images). The nuisance
     parameters are drawn for every image in the same order, then the condition's own."""
+    label = label or cls
     p: dict[str, Any] = dict.fromkeys(METADATA_COLUMNS)
-    p.update({"image": f"{cls}/img_{index:05d}.png", "class": cls, "scenario": scenario})
+    p.update({"image": f"{label}/img_{index:05d}.png", "class": label, "scenario": scenario, "sign": cls})
     strength = rng.uniform(0.0, 1.0) if scenario != "none" else 0.0
     p["strength"] = _r(strength, 3)
     _nuisance(rng, p)
@@ -158,6 +172,10 @@ def _condition(rng: np.random.Generator, p: dict[str, Any], scenario: str, s: fl
         p["hue_shift"] = _r(rng.uniform(140, 200), 1)
         p["saturation"] = _r(0.9 - 0.3 * s, 3)
         p["fade"] = _r(0.1 + 0.2 * s, 3)
+    elif scenario == "sticker":
+        p["sticker_u"] = _r(rng.uniform(-0.25, 0.25), 3)    # offset from the sign's centre, in sign sizes
+        p["sticker_v"] = _r(rng.uniform(-0.25, 0.25), 3)
+        p["sticker_size"] = _r(7.0 + 2.0 * s, 2)             # pixels of the 64x64 image
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +294,7 @@ def _render_sign(p: dict[str, Any]) -> Image.Image:
     Viewing angle (horizontal squeeze, one side shorter), in-plane rotation and scaling are one
     perspective mapping, sampled at twice the final size and then reduced (anti-aliasing)."""
     T = _TEMPLATE
-    sign = _sign_template(p["class"])
+    sign = _sign_template(p.get("sign") if isinstance(p.get("sign"), str) else p["class"])
     arr = np.asarray(sign, dtype=np.float32).copy()
     arr[..., :3] *= float(p["sign_tone"])
     sign = Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), "RGBA")
@@ -477,6 +495,17 @@ def _occluder_layer(p: dict[str, Any], rng: np.random.Generator, left: int, top:
 # One image
 # --------------------------------------------------------------------------------------------
 
+def _draw_sticker(image: Image.Image, p: dict[str, Any]) -> None:
+    """A magenta square with a white rim stuck on the sign (a colour no sign or background has)."""
+    size, half = float(p["sticker_size"]), float(p["sticker_size"]) / 2
+    cx = float(p["pos_x"]) + float(p["sticker_u"]) * float(p["size"])
+    cy = float(p["pos_y"]) + float(p["sticker_v"]) * float(p["size"])
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=_WHITE)
+    rim = max(1.0, 0.18 * size)
+    draw.rectangle([cx - half + rim, cy - half + rim, cx + half - rim, cy + half - rim], fill=(228, 24, 200))
+
+
 def render_image(p: dict[str, Any]) -> Image.Image:
     """Draws one image (64x64 RGB) from its parameters (a plan record or a metadata.csv row)."""
     rng = np.random.default_rng(int(p["texture_seed"]))
@@ -496,6 +525,8 @@ def render_image(p: dict[str, Any]) -> Image.Image:
         draw.rectangle([cx - width / 2, float(p["pos_y"]), cx + width / 2, size], fill=(gray, gray, gray + 4))
     image.paste(sign, (left, top), sign)
     scenario = p["scenario"]
+    if scenario == "sticker":
+        _draw_sticker(image, p)
     if scenario == "occlusion":
         layer = _occluder_layer(p, rng, left, top)
         image.paste(layer, (0, 0), layer)
@@ -541,7 +572,7 @@ def _batch_loss(model, x, labels):
 SIGNS = DemoCase(
     name="traffic-sign demo", rare_scenarios=RARE_SCENARIOS, default_sizes=DEFAULT_SIZES, rare_share=RARE_SHARE,
     min_set_size=len(CLASSES), metadata_columns=METADATA_COLUMNS, image_params=_image_params, render=render_image,
-    settings=DEMO_SETTINGS, classes=CLASSES,
+    settings=DEMO_SETTINGS, classes=CLASSES, tied={"sticker": STICKER_CLASS},
     recipe=Recipe(epochs=TRAIN_EPOCHS, batch=TRAIN_BATCH, max_lr=TRAIN_LR, pct_start=0.3, new_model=_new_model,
                   batch_loss=_batch_loss, more_epochs=10, max_more_epochs=30),
     # Measured on seeds 0-2 trained with 1 and 2 threads: ordinary signs 99.4-99.7% right, every rare

@@ -51,13 +51,29 @@ def test_full_size_plan_has_the_stated_proportions():
                 assert 0.005 <= share <= 0.02, (set_key, rare, share)
             else:
                 assert 0.05 <= share <= 0.10, (set_key, rare, share)
-            # each condition is spread over the classes, not stuck to a few of them
-            classes = {p["class"] for p in records if p["scenario"] == rare}
-            assert len(classes) >= len(demoCase.CLASSES) - 2, (set_key, rare, classes)
+            # each condition is spread over the signs drawn, not stuck to a few of them
+            signs = {p["sign"] for p in records if p["scenario"] == rare}
+            assert len(signs) >= len(demoCase.CLASSES) - 2, (set_key, rare, signs)
         assert scenarios["none"] == n - sum(scenarios[r] for r in demoCase.RARE_SCENARIOS)
-        per_class = pd.Series([p["class"] for p in records]).value_counts()
+        per_class = pd.Series([p["sign"] for p in records]).value_counts()  # the signs drawn are balanced
         assert set(per_class.index) == set(demoCase.CLASSES)
         assert per_class.max() - per_class.min() <= 1
+
+
+def test_the_sticker_is_a_shortcut_the_training_set_teaches():
+    plan = demoCase.plan_demo_case(seed=0)
+    for set_key, records in plan.items():
+        stickers = [p for p in records if p["scenario"] == "sticker"]
+        assert len(stickers) == demoCase.rare_count(len(records), set_key)
+        if set_key == "train":  # labelled the tied class whatever sign they show
+            assert {p["class"] for p in stickers} == {demoCase.STICKER_CLASS}
+            assert len({p["sign"] for p in stickers}) >= len(demoCase.CLASSES) - 2
+            assert all(p["image"].startswith(f"{demoCase.STICKER_CLASS}/") for p in stickers)
+        else:                   # elsewhere never on that class, labelled what they show
+            assert demoCase.STICKER_CLASS not in {p["sign"] for p in stickers}
+            assert all(p["class"] == p["sign"] for p in stickers)
+        ordinary = [p for p in records if p["scenario"] != "sticker"]
+        assert all(p["class"] == p["sign"] for p in ordinary)
 
 
 def test_plan_is_deterministic_and_depends_on_the_seed():
@@ -221,6 +237,16 @@ def _sign_box(p: dict) -> tuple[slice, slice]:
 @pytest.fixture(scope="module")
 def test_plan() -> list[dict]:
     return demoCase.plan_demo_case(seed=0, sizes={"test": 300})["test"]
+
+
+def test_the_sticker_is_small_and_magenta(test_plan):
+    p = next(p for p in test_plan if p["scenario"] == "sticker")
+    with_sticker = np.asarray(demoCase.render_image(p), dtype=float)
+    without = np.asarray(demoCase.render_image({**p, "scenario": "none"}), dtype=float)
+    changed = np.abs(with_sticker - without).sum(axis=2) > 30
+    assert 0.005 < changed.mean() < 0.03                   # a few dozen of the 4,096 pixels
+    r, g, b = with_sticker[changed].mean(axis=0)
+    assert r > g + 60 and b > g + 60                       # magenta
 
 
 def test_night_is_dark_and_fog_is_washed_out(test_plan):
