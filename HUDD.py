@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "into CASE/RQ1/; runs no pipeline step")
     case.add_argument("--report", metavar="BOOL", **flag,
                       help="only (re)write CASE/T/report.html from the outputs on disk; runs no step")
+    case.add_argument("--compare", metavar="BOOL", **flag,
+                      help="on a case that has run: cluster with every candidate feature space, reduction and "
+                           "clusterer, print one table (purity and coverage where metadata.csv has scenarios) and "
+                           "write it to CASE/T/ClusterAnalysis/compare.csv")
     case.add_argument("--demo", nargs="*", metavar="[fld] [DIR]",
                       help="build the demo case study in DIR (default ./HUDD_demo; with 'fld', the facial keypoint "
                            "demo, default ./HUDD_demo_fld) where missing, train its model and run the pipeline on it")
@@ -215,10 +219,13 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
               f"({heatmaps['megabytes']:.1f} MB) -> {heatmaps['folder']}")
     clusters = results.get("clusters")
     if clusters:
-        quality = (f"; purity {clusters['purity']:.2f}, coverage {clusters['coverage']:.2f} (from metadata.csv)"
+        noise = f" and {clusters['noise']} unclustered" if clusters["noise"] else ""
+        quality = (f"; purity {clusters['purity']:.2f}, coverage {clusters['coverage']:.2f}, the 10 largest "
+                   f"{clusters['purity_10']:.2f} / {clusters['coverage_10']:.2f} (from metadata.csv)"
                    if "purity" in clusters else "")
-        print(f"  root-cause clusters: {clusters['k']} RCCs ({clusters['multi']} of 2+ images) in {clusters['layer']}"
-              f"{quality} -> {clusters['folder']}")
+        print(f"  root-cause clusters: {clusters['k']} RCCs (median {clusters['median_size']:.0f} images){noise}, "
+              f"{clusters['sub_k']} sub-clusters, in {clusters['layer']} of the {clusters['features']}{quality} "
+              f"-> {clusters['folder']}")
     unsafe = results.get("assign")
     if unsafe:
         print(f"  unsafe set: {unsafe['images']} improvement images assigned to {unsafe['rccs']} RCCs "
@@ -260,6 +267,19 @@ def write_report(ctx: RunContext, required: bool = False) -> Path | None:
     return path
 
 
+def run_compare(ctx: RunContext) -> None:
+    import clusterModule
+    if not clusterModule.has_run(ctx.paths):
+        raise HuddError(f"{ctx.paths.root}: has no clustering results to compare with; run the pipeline first")
+    table = clusterModule.compare(ctx)
+    columns = [c for c in ("features", "reduction", "clusterer", "layer", "rccs", "median_size", "noise", "purity",
+                           "coverage", "purity_10", "coverage_10", "purity_20", "coverage_20", "pixels_purity")
+               if c in table.columns]
+    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print("first line: this case's settings; pixels_purity: Ward on the raw pixels at the same number of RCCs")
+    print(f"saved to {clusterModule.analysis_dir(ctx.paths) / clusterModule.COMPARE_FILE}")
+
+
 def run_rq1(args: argparse.Namespace, case: Path) -> None:
     import rqModule
     ctx = make_context(args, case)
@@ -291,6 +311,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     ctx = make_context(args, case)
     if args.report:
         print(f"report: {write_report(ctx, required=True)}")
+        return 0
+    if args.compare:
+        run_compare(ctx)
         return 0
     results = run_pipeline(ctx, args.steps, modes)
     results["report"] = write_report(ctx)

@@ -251,17 +251,27 @@ class Settings:
     rules: str = "hudd"                   # LRP rule preset of the heatmap step
     layers: list[str] | None = None       # module paths to explain; None = every conv, linear and pooling layer
     explain: str = "predicted"            # class whose relevance is explained: "predicted" (original) or "expected"
-    # Clustering; defaults chosen on the demo by RCC purity/coverage (README, "Choosing the clustering").
-    cluster_space: str = "direct"         # Ward on heatmap distances ("direct") or the original's "profiles"
-    normalisation: str = "l2"             # per-heatmap scaling before distances: "l2", "max" or "none" (original)
-    k_criterion: str = "silhouette"       # number of RCCs: best "silhouette", or the WICD "knee" (original)
-    layer_criterion: str = "wicd"         # layer: smallest "wicd" (original) or best "silhouette"
+    # Clustering; defaults chosen by RCC purity/coverage on the demos (docs/method.md, "Root-cause clusters").
+    features: str = "heatmaps"            # what is clustered: "heatmaps" (HUDD), "activations", "backbone", "pixels"
+    backbone: str | None = None           # features "backbone": its architecture (torchvision name, built-in, file.py:Class)
+    backbone_weights: str | None = None   # ... and its state_dict file (relative to the case folder)
+    normalisation: str = "l2"             # per-row scaling before distances: "l2", "max" or "none" (original)
+    reduction: str = "none"               # "pca": project the normalised rows on their principal components
+    pca_components: int = 50
+    cluster_space: str = "direct"         # Ward on the distances ("direct") or on the original's "profiles"
+    clusterer: str = "ward"               # "ward", or "hdbscan" (its unclustered images form a "noise" group)
+    min_cluster_size: int = 5             # hdbscan's smallest cluster
+    max_rccs: int = 20                    # the top level holds at most this many RCCs
+    k_criterion: str = "silhouette"       # top level: best "silhouette" where the data shows structure, else max_rccs; "knee" (original); "max"
+    layer_criterion: str = "wicd"         # layer: smallest "wicd" (original) or best "silhouette", at the top level
+    ordinary_scenario: str = "none"       # the metadata scenario of ordinary images (no root cause to cover)
     # Retraining (the original's optimiser, reference §9.1); epochs and batch_size above apply too.
     learning_rate: float = 1e-3           # SGD
     momentum: float = 0.9
     weight_decay: float = 5e-4
     epoch_choice: str = "last"            # epoch kept: "last", best "validation" (10% of TrainingSet) or "training" accuracy (original)
     budget_factor: float = 1.0            # labelled improvement images per RCC = ceil(factor x RCC size), equal for every mode
+    assign_level: str = "sub"             # improvement images are assigned to the "sub"-clusters or the "top"-level RCCs
     runs: int = 1                         # retraining runs per mode (seeded)
 
     @classmethod
@@ -298,15 +308,21 @@ SETTING_CHOICES: dict[str, dict[str, str]] = {
     "task": {"classification": "class folders", "keypoints": "regression of keypoint maps"},
     "resize": {"resize": "to input_size", "center-crop": "the original's GD/OC/OD preprocessing", "none": ""},
     "rules": {name: "" for name in RULE_PRESETS},
+    "features": {"heatmaps": "HUDD's LRP relevance", "activations": "the same layers' activations",
+                 "backbone": "a network you give, black-box", "pixels": "the model's input"},
+    "reduction": {"none": "", "pca": "principal components"},
+    "clusterer": {"ward": "", "hdbscan": "scikit-learn's, with a noise group"},
     "cluster_space": {"direct": "Ward on the heatmap distances", "profiles": "the original's distance profiles"},
     "normalisation": {"l2": "", "max": "", "none": "the original's"},
-    "k_criterion": {"silhouette": "", "knee": "the original's WICD knee"},
+    "k_criterion": {"silhouette": "best silhouette, max_rccs without structure", "knee": "the original's WICD knee",
+                    "max": "always max_rccs"},
     "layer_criterion": {"wicd": "the original's", "silhouette": ""},
+    "assign_level": {"sub": "the sub-clusters", "top": "the top-level RCCs"},
     "epoch_choice": {"last": "", "validation": "best on 10% of the training set", "training": "the original's"},
 }
 POSITIVE_NUMBERS = ("learning_rate", "budget_factor")
 NON_NEGATIVE_NUMBERS = ("momentum", "weight_decay")
-POSITIVE_WHOLE_NUMBERS = ("epochs", "batch_size", "runs")
+POSITIVE_WHOLE_NUMBERS = ("epochs", "batch_size", "runs", "pca_components", "max_rccs", "min_cluster_size")
 
 
 def _choice_list(choices) -> str:
@@ -333,6 +349,11 @@ def _validate_settings(s: Settings, source: Path) -> None:
             s.input_size = [s.input_size, s.input_size]
         if len(s.input_size) != 2 or min(s.input_size) < 1:
             raise bad("input_size", "use one size or [height, width]")
+    if s.features == "backbone" and not (isinstance(s.backbone, str) and isinstance(s.backbone_weights, str)):
+        raise bad("features", "'backbone' needs the settings backbone (an architecture) and backbone_weights (its "
+                              "state_dict file); no weights are ever downloaded")
+    if s.max_rccs is not None and isinstance(s.max_rccs, int) and s.max_rccs < 2:
+        raise bad("max_rccs", "must be at least 2")
     if s.layers is not None and (not isinstance(s.layers, list) or not all(isinstance(p, str) for p in s.layers)):
         raise bad("layers", "use a list of module paths, e.g. [\"features.0\", \"classifier.1\"]")
     _validate_numbers(s, bad)

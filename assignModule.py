@@ -24,12 +24,10 @@ import torch
 from tqdm import tqdm
 
 import clusterModule
-import heatmapModule
 import testModule
 from clustering import CHUNK_BYTES, normalise_rows
-from Helper import (CasePaths, HuddError, PipelineStop, RunContext, Step, image_set_digest, make_loader,
-                    stop_on_unreadable, write_csv)
-from lrp import LRPExplainer
+from features import make_space
+from Helper import CasePaths, HuddError, PipelineStop, RunContext, Step, image_set_digest, write_csv
 
 log = logging.getLogger("hudd")
 
@@ -124,56 +122,67 @@ def read_rcc_distances(paths: CasePaths) -> pd.DataFrame:
 
 @dataclass
 class SelectedClusters:
-    """The selected layer's RCCs of two or more images: what improvement images are assigned to."""
+    """The selected layer's RCCs of two or more images: what improvement images are assigned to, at
+    the level of `assign_level` (the sub-clusters, or the top-level RCCs)."""
 
     layer: str
-    module: str              # its module path, whose output relevance the layer holds
-    labels: pd.DataFrame     # every error image's RCC (clusterModule.read_labels)
-    eligible: list[str]      # the RCCs of two or more images, sorted
+    labels: pd.DataFrame     # every error image's RCCs (clusterModule.read_labels)
+    column: str              # "sub_rcc" or "rcc": the level assigned to
+    eligible: list[str]      # its groups of two or more images, sorted; never the noise group
 
     @property
     def member_rows(self) -> np.ndarray:
-        return np.flatnonzero(self.labels["rcc"].isin(self.eligible).to_numpy())
+        return np.flatnonzero(self.labels[self.column].isin(self.eligible).to_numpy())
 
     @property
     def sizes(self) -> np.ndarray:
-        return self.labels["rcc"].value_counts().reindex(self.eligible).to_numpy()
+        return self.labels[self.column].value_counts().reindex(self.eligible).to_numpy()
+
+    @property
+    def member_errors(self) -> pd.DataFrame:
+        """image, rcc (the assigned level's group) of the error images in eligible groups."""
+        members = self.labels.iloc[self.member_rows]
+        return pd.DataFrame({"image": members["image"].to_numpy(), "rcc": members[self.column].to_numpy()})
+
+    @property
+    def member_rcc(self) -> np.ndarray:
+        """Per member row, the index of its group in `eligible`."""
+        return np.array([self.eligible.index(r) for r in self.labels[self.column].iloc[self.member_rows]])
 
 
 def selected_clusters(ctx: RunContext) -> SelectedClusters:
     layer = clusterModule.selected_layer(ctx.paths)
     labels = clusterModule.read_labels(ctx.paths, layer)
-    sizes = labels["rcc"].value_counts()
-    return SelectedClusters(layer, heatmapModule.module_of(ctx.paths, layer), labels,
-                            sorted(sizes.index[sizes >= 2]))
+    column = "sub_rcc" if ctx.settings.assign_level == "sub" else "rcc"
+    sizes = labels[column].value_counts()
+    eligible = sorted(r for r in sizes.index[sizes >= 2] if not r.startswith(clusterModule.NOISE))
+    return SelectedClusters(layer, labels, column, eligible)
+
+
+def clustering_space(ctx: RunContext, layer: str):
+    """Rows of the feature space -> the space the cluster step measured distances in: normalised, or
+    projected on the layer's principal components."""
+    projection = clusterModule.read_projection(ctx.paths, layer)
+    if projection is not None:
+        return projection
+    return lambda block: normalise_rows(np.asarray(block, dtype=np.float64).reshape(len(block), -1),
+                                        ctx.settings.normalisation)
 
 
 def improvement_distances(ctx: RunContext, clusters: SelectedClusters) -> np.ndarray:
-    """Nearest-member distance of every improvement image to every eligible RCC, batch by batch:
-    relevance at the selected layer only (explaining the predicted class; no labels needed),
-    normalised as the cluster step normalised the members."""
+    """Nearest-member distance of every improvement image to every eligible RCC, batch by batch, in the
+    cluster step's feature space (heatmaps: the relevance at the selected layer only, explaining the
+    predicted class; no labels needed) and distance space."""
+    space, to_space = make_space(ctx.settings.features), clustering_space(ctx, clusters.layer)
     rows = clusters.member_rows
-    heatmaps = heatmapModule.open_layer(ctx.paths, clusters.layer)
-    members = normalise_rows(np.asarray(heatmaps[rows], dtype=np.float64).reshape(len(rows), -1),
-                             ctx.settings.normalisation)
-    member_rcc = np.array([clusters.eligible.index(r) for r in clusters.labels["rcc"].iloc[rows]])
+    members = to_space(np.asarray(space.error_rows(ctx, clusters.layer)[rows]))
     improve = ctx.sets()["improve"]
-    channels = improvement_channels(ctx)
-    module = clusters.module
-    explainer = LRPExplainer(ctx.model(), rules=ctx.settings.rules, layers=None if module == "input" else [module])
-    loader = make_loader(improve, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
     distances = np.empty((len(improve), len(clusters.eligible)))
-    output_shape = ()  # learnt from the first batch
-    for inputs, _labels, batch_rows, failures in tqdm(loader, desc="assigning improvement images", unit="batch",
-                                                      leave=False, disable=None):
-        stop_on_unreadable(improve, failures)
-        inputs = inputs.to(ctx.device)
-        if output_shape == ():
-            output_shape = ctx.task.output_shape(ctx.model(), inputs)
-        target = ctx.task.lrp_target(channels[batch_rows], output_shape, ctx.device)
-        relevance = explainer(inputs, target=target, input_relevance=module == "input")[module].float().cpu().numpy()
-        queries = normalise_rows(relevance.reshape(len(relevance), -1).astype(np.float64), ctx.settings.normalisation)
-        distances[batch_rows.numpy()] = nearest_member_distances(queries, members, member_rcc, len(clusters.eligible))
+    batches = space.image_rows(ctx, clusters.layer, improve, improvement_channels(ctx))
+    for positions, block in tqdm(batches, desc="assigning improvement images", unit="batch", leave=False,
+                                 disable=None):
+        distances[positions] = nearest_member_distances(to_space(block), members, clusters.member_rcc,
+                                                        len(clusters.eligible))
     return distances
 
 
@@ -189,8 +198,9 @@ class AssignStep(Step):
     name, title = "assign", "assignment step"
 
     def inputs(self, ctx: RunContext) -> dict:
+        s = ctx.settings
         return {**ctx.model_fingerprint_part(), "clusters": clusterModule.STEP.recorded_fingerprint(ctx),
-                "rules": ctx.settings.rules, "budget_factor": ctx.settings.budget_factor,
+                "rules": s.rules, "budget_factor": s.budget_factor, "level": s.assign_level,
                 "improve": image_set_digest(ctx.sets()["improve"], ctx.paths.root)}
 
     def outputs(self, ctx: RunContext) -> list[Path]:

@@ -1,21 +1,27 @@
-"""Step 3: root-cause clusters (RCCs) of the error images' heatmaps, laid out for people.
+"""Step 3: root-cause clusters (RCCs) of the error images, at two levels, laid out for people.
 
-Per layer (the algorithms are in clustering.py): distances between heatmaps, Ward clustering, k chosen
-automatically; then one layer chosen. Writes under `CASE/T/ClusterAnalysis/`:
-- `<Layer>/rcc_labels.csv`: image, expected, predicted, rcc (and scenario, where metadata.csv has it);
-- `<Layer>/rcc_stats.csv`: rcc, size, icd (mean distance between members), majority scenario, purity;
+Per layer of the feature space (features.py; HUDD's heatmaps by default) the rows are normalised
+(optionally projected on their principal components), their distances clustered with Ward (or HDBSCAN)
+into a readable top level of at most `max_rccs` RCCs, each holding finer sub-clusters (the same tree
+cut finer); then one layer is chosen (the algorithms are in clustering.py). Writes under
+`CASE/T/ClusterAnalysis/`:
+- `<Layer>/rcc_labels.csv`: image, expected, predicted, rcc (top level), sub_rcc (and scenario, where
+  metadata.csv has it);
+- `<Layer>/rcc_stats.csv` (per top-level RCC) and `sub_rcc_stats.csv` (per sub-cluster): size, icd
+  (mean distance between members), majority scenario, purity;
 - `<Layer>/RCC01/`, ...: copies of each RCC's images, named `<expected class>__<file>`;
-- `<Layer>/knee.png`, `<Layer>/distances.npy`, `<Layer>/characterisation.xlsx` (where metadata exists);
-- `<Layer>HMDistance.xlsx` (the distance matrix for people) and `summary.csv`/`summary.xlsx` (per layer:
-  k, WICD, silhouette, purity, coverage, selected);
-and publishes the selected layer's RCC folders under `CASE/T/<Layer>/` (what an engineer inspects, HUDD
-step 2), each image with `<file>_heatmap.png` beside it: the image and its pixel relevance overlaid.
+- `<Layer>/knee.png`, `distances.npy`, `projection.npz` (with PCA), `characterisation.xlsx`;
+- `<Layer>HMDistance.xlsx` (the distance matrix for people), `summary.csv`/`summary.xlsx` (per layer);
+- `compare.csv` (`python HUDD.py -o CASE --compare`: every candidate combination, one table);
+and publishes the selected layer's RCCs under `CASE/T/<Layer>/RCCxx/` (what an engineer inspects,
+HUDD step 2), each image with `<file>_heatmap.png` beside it, each sub-cluster in a folder inside.
 
 This module owns those files: the other steps and the report read them through the readers below.
 """
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -25,13 +31,18 @@ from PIL import Image
 from tqdm import tqdm
 
 import heatmapModule
-from clustering import (EXACT_LIMIT, LayerClustering, cluster_layer, cluster_two_stage, five_point_gradient,
-                        pairwise_distances, purity_coverage, select_layer)
+from clustering import (EXACT_LIMIT, LayerClustering, Projection, cluster_layer, cluster_two_stage, fit_projection,
+                        five_point_gradient, pairwise_distances, project_rows, purity_coverage, readable_quality,
+                        select_layer)
+from features import BackboneSpace, FeatureSpace, PixelSpace, make_space
 from Helper import CasePaths, HuddError, RunContext, Step, atomic_path, read_metadata, write_csv
 
 log = logging.getLogger("hudd")
 
 EXCEL_MAX_IMAGES = 16383          # Excel's 16,384 columns, one taken by the row names
+# The settings that decide the clusters (besides the feature space's own inputs).
+CLUSTER_SETTINGS = ("cluster_space", "normalisation", "k_criterion", "layer_criterion", "max_rccs", "clusterer",
+                    "min_cluster_size", "reduction", "pca_components", "ordinary_scenario")
 OVERLAY_TILE = 96                 # pixels per overlay half (image | image with relevance)
 
 # --------------------------------------------------------------------------------------------
@@ -47,13 +58,17 @@ def analysis_dir(paths: CasePaths) -> Path:
 
 
 SUMMARY_FILE = "summary.csv"
+COMPARE_FILE = "compare.csv"
 LABELS_FILE = "rcc_labels.csv"
 STATS_FILE = "rcc_stats.csv"
+SUB_STATS_FILE = "sub_rcc_stats.csv"
 DISTANCES_FILE = "distances.npy"
 SAMPLE_FILE = "sample.npy"
+PROJECTION_FILE = "projection.npz"
 KNEE_PLOT = "knee.png"
 CHARACTERISATION_FILE = "characterisation.xlsx"
 OVERLAY_SUFFIX = "_heatmap.png"
+NOISE = "noise"                   # the top-level group of the images HDBSCAN leaves unclustered
 
 
 def layer_dir(paths: CasePaths, layer: str) -> Path:
@@ -85,12 +100,32 @@ def selected_layer(paths: CasePaths) -> str:
 
 
 def read_labels(paths: CasePaths, layer: str) -> pd.DataFrame:
-    """image, expected, predicted, rcc (, scenario) of every error image, in heatmap row order."""
+    """image, expected, predicted, rcc (top level), sub_rcc (, scenario) of every error image, in
+    heatmap row order."""
     return pd.read_csv(layer_dir(paths, layer) / LABELS_FILE, keep_default_na=False)
 
 
 def read_rcc_stats(paths: CasePaths, layer: str) -> pd.DataFrame:
+    """Per top-level RCC: rcc, size, sub_rccs, icd (, majority_scenario, purity)."""
     return pd.read_csv(layer_dir(paths, layer) / STATS_FILE)
+
+
+def read_sub_rcc_stats(paths: CasePaths, layer: str) -> pd.DataFrame:
+    """Per sub-cluster: sub_rcc, rcc, size, icd (, majority_scenario, purity)."""
+    return pd.read_csv(layer_dir(paths, layer) / SUB_STATS_FILE)
+
+
+def read_projection(paths: CasePaths, layer: str) -> Projection | None:
+    """The principal components the layer's rows were projected on (None without `reduction` pca)."""
+    path = layer_dir(paths, layer) / PROJECTION_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        return Projection(str(saved["normalisation"]), saved["mean"], saved["components"])
+
+
+def read_compare(paths: CasePaths) -> pd.DataFrame:
+    return pd.read_csv(analysis_dir(paths) / COMPARE_FILE)
 
 
 def characterisation_file(paths: CasePaths, layer: str) -> Path:
@@ -108,13 +143,19 @@ def knee_plot(paths: CasePaths, layer: str) -> Path:
     return layer_dir(paths, layer) / KNEE_PLOT
 
 
-def member_copy(paths: CasePaths, layer: str, rcc: str, image: str, expected: str) -> Path:
-    """The copy of an error image in its published RCC folder."""
-    return published_dir(paths, layer) / rcc / _copy_name(image, expected)
+def rcc_folder(paths: CasePaths, layer: str, rcc: str, sub_rcc: str | None = None) -> Path:
+    """A published top-level RCC's folder, or the folder of one of its sub-clusters (inside it)."""
+    folder = published_dir(paths, layer) / rcc
+    return folder / sub_rcc if sub_rcc else folder
 
 
-def overlay_file(paths: CasePaths, layer: str, rcc: str, image: str, expected: str) -> Path:
-    copy = member_copy(paths, layer, rcc, image, expected)
+def member_copy(paths: CasePaths, layer: str, rcc: str, image: str, expected: str, sub_rcc: str | None = None) -> Path:
+    """The copy of an error image in its published RCC folder (or in its sub-cluster's)."""
+    return rcc_folder(paths, layer, rcc, sub_rcc) / _copy_name(image, expected)
+
+
+def overlay_file(paths: CasePaths, layer: str, rcc: str, image: str, expected: str, sub_rcc: str | None = None) -> Path:
+    copy = member_copy(paths, layer, rcc, image, expected, sub_rcc)
     return copy.with_name(copy.stem + OVERLAY_SUFFIX)
 
 
@@ -153,41 +194,62 @@ def finite_rows(heatmaps: np.ndarray) -> str:
     return ""
 
 
-def cluster_heatmaps(ctx: RunContext, layer: str, heatmaps: np.ndarray):
-    """(clustering, distances, sample): exact up to EXACT_LIMIT images, else in two stages (the
-    distances then cover a seeded random sample, whose rows `sample` lists)."""
-    s, n = ctx.settings, len(heatmaps)
+def clustering_options(ctx: RunContext) -> dict:
+    s = ctx.settings
+    return {"space": s.cluster_space, "k_criterion": s.k_criterion, "max_rccs": s.max_rccs, "clusterer": s.clusterer,
+            "min_cluster_size": s.min_cluster_size}
+
+
+def cluster_rows(ctx: RunContext, layer: str, rows: np.ndarray, options: dict | None = None):
+    """(clustering, distances, sample, projection) of one layer's rows: normalised (and projected on
+    their principal components with `reduction` pca), exact up to EXACT_LIMIT images, else in two
+    stages (the distances then cover a seeded random sample, whose rows `sample` lists)."""
+    s, n = ctx.settings, len(rows)
+    options = options or clustering_options(ctx)
+    projection = fit_projection(rows, s.normalisation, s.pca_components, ctx.seed) if s.reduction == "pca" else None
+    space_rows, normalisation = (project_rows(rows, projection), "none") if projection else (rows, s.normalisation)
     if n > EXACT_LIMIT:
         log.info("%s: %d error images, more than %d: clustering a random sample exactly and the rest by "
-                 "nearest sampled heatmap", layer, n, EXACT_LIMIT)
-        result, sample, distances = cluster_two_stage(layer, heatmaps, s.normalisation, s.cluster_space,
-                                                      s.k_criterion, EXACT_LIMIT, ctx.seed)
-        return result, distances, sample
-    distances = pairwise_distances(heatmaps, s.normalisation)
+                 "nearest sampled row", layer, n, EXACT_LIMIT)
+        result, sample, distances = cluster_two_stage(layer, space_rows, normalisation, EXACT_LIMIT, ctx.seed, **options)
+        return result, distances, sample, projection
+    distances = pairwise_distances(space_rows, normalisation)
     if n < 2:
-        return LayerClustering(layer, 1, np.zeros(1, dtype=np.int64), 0.0, 0.0, range(1, 2), np.zeros(2),
-                               np.zeros(2)), distances, None
-    return cluster_layer(layer, distances, s.cluster_space, s.k_criterion), distances, None
+        one = np.zeros(1, dtype=np.int64)
+        return LayerClustering(layer, 1, one, one, 0.0, 0.0, range(1, 2), np.zeros(2), np.zeros(2)), \
+            distances, None, projection
+    return cluster_layer(layer, distances, **options), distances, None, projection
 
 
-def cluster_one_layer(ctx: RunContext, layer: str, index: pd.DataFrame, metadata):
+def cluster_one_layer(ctx: RunContext, space: FeatureSpace, layer: str, index: pd.DataFrame, metadata):
     """Distances, clustering and the files of one layer; a reason string where it is skipped."""
-    heatmaps = heatmapModule.open_layer(ctx.paths, layer)
-    problem = finite_rows(heatmaps)
+    rows = space.error_rows(ctx, layer)
+    problem = finite_rows(rows)
     if problem:
         log.warning("%s skipped: %s (the LRP rules divide by small activations; try another rules preset)",
                     layer, problem)
         return f"{layer}: {problem}"
     folder = layer_dir(ctx.paths, layer)
     folder.mkdir(parents=True, exist_ok=True)
-    result, distances, sample = cluster_heatmaps(ctx, layer, heatmaps)
+    result, distances, sample, projection = cluster_rows(ctx, layer, rows)
+    for stale in (folder / SAMPLE_FILE, folder / PROJECTION_FILE):
+        stale.unlink(missing_ok=True)
     if sample is not None:
         save_npy(sample, folder / SAMPLE_FILE)
+    if projection is not None:
+        save_projection(projection, folder / PROJECTION_FILE)
     save_npy(distances, folder / DISTANCES_FILE)
     write_distance_xlsx(distances, index if sample is None else index.iloc[sample],
                         analysis_dir(ctx.paths) / f"{layer}HMDistance.xlsx")
     write_layer_files(result, distances, index, metadata, folder, ctx.paths.root, sample)
     return result
+
+
+def save_projection(projection: Projection, path: Path) -> None:
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as stream:
+            np.savez(stream, normalisation=projection.normalisation, mean=projection.mean,
+                     components=projection.components)
 
 
 def save_npy(array: np.ndarray, path: Path) -> None:
@@ -209,19 +271,42 @@ def write_distance_xlsx(distances: np.ndarray, index: pd.DataFrame, path: Path) 
         pd.DataFrame(distances, index=names, columns=names).to_excel(temporary, sheet_name="distances")
 
 
-def rcc_name(label: int) -> str:
-    return f"RCC{label + 1:02d}"
+def level_names(labels: np.ndarray, sub_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Names of both levels, largest first: RCC01 is the largest RCC (NOISE: HDBSCAN's unclustered
+    images) and, inside each, RCC01.1 its largest sub-cluster; ties go to the earlier first member."""
+    top = np.empty(len(labels), dtype=object)
+    top[labels < 0] = NOISE
+    for number, label in enumerate(_by_size(labels[labels >= 0]), start=1):
+        top[labels == label] = f"RCC{number:02d}"
+    sub = np.empty(len(labels), dtype=object)
+    for name in dict.fromkeys(top):
+        members = np.flatnonzero(top == name)
+        for number, label in enumerate(_by_size(sub_labels[members]), start=1):
+            sub[members[sub_labels[members] == label]] = f"{name}.{number}"
+    return top, sub
+
+
+def _by_size(labels: np.ndarray) -> list:
+    """The distinct labels, largest group first, ties by first appearance."""
+    values, first, counts = np.unique(labels, return_index=True, return_counts=True)
+    return [values[i] for i in np.lexsort((first, -counts))]
 
 
 def write_layer_files(result: LayerClustering, distances, index, metadata, folder: Path, case_root: Path,
                       measured: np.ndarray | None = None) -> None:
     scenarios = scenarios_of(metadata)
+    top, sub = level_names(result.labels, result.sub_labels)
     labels = pd.DataFrame({"image": index["image"], "expected": index["expected"],
-                           "predicted": index["predicted"], "rcc": [rcc_name(l) for l in result.labels]})
+                           "predicted": index["predicted"], "rcc": top, "sub_rcc": sub})
     if scenarios is not None:
         labels["scenario"] = scenarios
     write_csv(labels, folder / LABELS_FILE)
-    write_csv(rcc_statistics(result.labels, distances, scenarios, measured), folder / STATS_FILE)
+    stats = rcc_statistics(top, distances, scenarios, measured).rename(columns={"name": "rcc"})
+    stats.insert(2, "sub_rccs", [labels.loc[labels["rcc"] == r, "sub_rcc"].nunique() for r in stats["rcc"]])
+    write_csv(stats, folder / STATS_FILE)
+    sub_stats = rcc_statistics(sub, distances, scenarios, measured).rename(columns={"name": "sub_rcc"})
+    sub_stats.insert(1, "rcc", [name.rsplit(".", 1)[0] for name in sub_stats["sub_rcc"]])
+    write_csv(sub_stats, folder / SUB_STATS_FILE)
     copy_rcc_images(case_root, labels, folder)
     if len(result.ks) > 1:
         plot_k_choice(result, folder / KNEE_PLOT)
@@ -229,21 +314,28 @@ def write_layer_files(result: LayerClustering, distances, index, metadata, folde
         write_characterisation(labels, metadata, folder / CHARACTERISATION_FILE)
 
 
-def rcc_statistics(labels: np.ndarray, distances: np.ndarray, scenarios, measured: np.ndarray | None = None
+def rcc_statistics(names: np.ndarray, distances: np.ndarray, scenarios, measured: np.ndarray | None = None
                    ) -> pd.DataFrame:
-    """Size, ICD (mean distance between members; over the sampled members in a two-stage
-    clustering) and, where scenarios are known, majority scenario and purity of every RCC."""
-    measured_labels = labels if measured is None else labels[measured]
+    """Per group (named in `names`, in order of first member): size, ICD (mean distance between
+    members; over the sampled members in a two-stage clustering) and, where scenarios are known,
+    majority scenario and purity."""
+    measured_names = names if measured is None else names[measured]
     rows = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(measured_labels == label)
+    for name in sorted(set(names), key=_name_order):
+        members = np.flatnonzero(measured_names == name)
         inner = distances[np.ix_(members, members)][np.triu_indices(len(members), 1)]
-        row = {"rcc": rcc_name(label), "size": int((labels == label).sum()),
-               "icd": float(inner.mean()) if len(inner) else 0.0}
+        row = {"name": name, "size": int((names == name).sum()), "icd": float(inner.mean()) if len(inner) else 0.0}
         if scenarios is not None:
-            row.update(zip(("majority_scenario", "purity"), majority(scenarios[labels == label])))
+            row.update(zip(("majority_scenario", "purity"), majority(scenarios[names == name])))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _name_order(name: str) -> tuple:
+    """RCC02 before RCC10, RCC01.2 before RCC01.10, the noise group last."""
+    if name.startswith(NOISE):
+        return (1, [int(p) for p in name.split(".")[1:]])
+    return (0, [int(p) for p in name[3:].split(".")])
 
 
 def majority(scenarios: np.ndarray) -> tuple[str, float]:
@@ -254,8 +346,9 @@ def majority(scenarios: np.ndarray) -> tuple[str, float]:
 
 def copy_rcc_images(case_root: Path, labels: pd.DataFrame, folder: Path) -> None:
     """One folder per RCC holding copies of its images (copies, so they open on any OS)."""
-    for old in folder.glob("RCC*"):
-        shutil.rmtree(old)
+    for old in [*folder.glob("RCC*"), folder / NOISE]:
+        if old.is_dir():
+            shutil.rmtree(old)
     for row in labels.itertuples():
         target = folder / row.rcc / _copy_name(row.image, row.expected)
         target.parent.mkdir(exist_ok=True)
@@ -263,22 +356,27 @@ def copy_rcc_images(case_root: Path, labels: pd.DataFrame, folder: Path) -> None
 
 
 def plot_k_choice(result: LayerClustering, path: Path) -> None:
+    """WICD, its gradient and the silhouette over k; the top level's range shaded, its k in red, the
+    sub-clusters' k dashed grey."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ks = np.array(list(result.ks))
+    ks = np.arange(2, len(result.wicd_curve) - 1) if len(result.wicd_curve) > 4 else np.array(list(result.ks))
+    ks = ks[np.isfinite(result.silhouette_curve[ks])] if np.isfinite(result.silhouette_curve[ks]).any() else ks
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     top.plot(ks, result.wicd_curve[ks], color="tab:blue")
     top.set_ylabel("WICD")
-    top.set_title(f"{result.layer}: number of root-cause clusters, k = {result.k}")
+    top.set_title(f"{result.layer}: {result.k} root-cause clusters, {result.k_sub} sub-clusters")
     bottom.plot(ks, five_point_gradient(result.wicd_curve[ks]), color="tab:blue", label="WICD gradient")
     bottom.set_ylabel("gradient of WICD")
     twin = bottom.twinx()
     twin.plot(ks, result.silhouette_curve[ks], color="tab:orange", label="silhouette")
     twin.set_ylabel("silhouette", color="tab:orange")
     for axis in (top, bottom):
+        axis.axvspan(min(result.ks), max(result.ks), color="tab:green", alpha=0.08)
         axis.axvline(result.k, color="tab:red", linestyle="--")
-    bottom.set_xlabel("k")
+        axis.axvline(result.k_sub, color="grey", linestyle=":")
+    bottom.set_xlabel("k (shaded: the top level's range)")
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=90)
@@ -286,9 +384,9 @@ def plot_k_choice(result: LayerClustering, path: Path) -> None:
 
 
 def write_characterisation(labels: pd.DataFrame, metadata: pd.DataFrame, path: Path) -> None:
-    """The original's RQ1 analysis (reference §10.1): per RCC, its purity and majority scenario, and
-    the numeric parameters whose variance inside the RCC is below half their variance over all
-    error images."""
+    """The original's RQ1 analysis (reference §10.1): per top-level RCC, its purity and majority
+    scenario, and the numeric parameters whose variance inside the RCC is below half their variance
+    over all error images (a parameter only where most of the RCC's members have a value for it)."""
     params = metadata.set_axis(labels["image"].to_numpy()).select_dtypes("number")
     params = params.loc[:, params.var() > 0]
     per_rcc, reduced = [], []
@@ -297,39 +395,45 @@ def write_characterisation(labels: pd.DataFrame, metadata: pd.DataFrame, path: P
         per_rcc.append({"rcc": rcc, "size": len(group), "majority_scenario": scenario, "purity": purity})
         if len(group) >= 2:
             reduced += reduced_parameters(rcc, params.loc[group["image"].to_numpy()], params.var())
-    quality = purity_coverage(pd.Categorical(labels["rcc"]).codes, labels["scenario"].to_numpy())
+    codes = np.where(labels["rcc"] == NOISE, -1, pd.Categorical(labels["rcc"]).codes)
+    quality = purity_coverage(codes, labels["scenario"].to_numpy())
     summary = pd.DataFrame([{"rccs_with_2+": quality["rccs"], "purity": quality["purity"],
                              "coverage": quality["coverage"]}])
     with atomic_path(path) as temporary:
         with pd.ExcelWriter(temporary, engine="openpyxl") as book:
             summary.to_excel(book, sheet_name="Summary", index=False)
             pd.DataFrame(per_rcc).to_excel(book, sheet_name="RCCs", index=False)
-            pd.DataFrame(reduced, columns=["rcc", "parameter", "variance_reduction_%", "mean", "min", "max",
-                                           "median", "std"]).to_excel(book, sheet_name="Parameters", index=False)
+            pd.DataFrame(reduced, columns=["rcc", "parameter", "variance_reduction_%", "mean", "min", "max", "median",
+                                           "std", "members_with_value"]).to_excel(book, sheet_name="Parameters",
+                                                                                   index=False)
 
 
 def reduced_parameters(rcc: str, values: pd.DataFrame, overall: pd.Series) -> list[dict]:
-    """The parameters of one RCC's members whose variance is below half the overall variance."""
+    """The parameters of one RCC's members whose variance is below half the overall variance, among
+    those that most of its members (more than half, at least two) have a value for: a parameter that
+    two rotated images of 58 carry says nothing about the other 56."""
     rows = []
+    present = values.notna().sum()
     for name, ratio in zip(values.columns, values.var().to_numpy() / overall.to_numpy()):
-        if ratio < 0.5:
+        if present[name] * 2 > len(values) and present[name] >= 2 and ratio < 0.5:
             column = values[name]
             rows.append({"rcc": rcc, "parameter": name, "variance_reduction_%": 100 * (1 - ratio),
                          "mean": column.mean(), "min": column.min(), "max": column.max(),
-                         "median": column.median(), "std": column.std()})
+                         "median": column.median(), "std": column.std(), "members_with_value": int(present[name])})
     return rows
 
 
-def write_summary(results, skipped, chosen, scenarios, analysis: Path) -> None:
-    rows = []
-    for r in results:
-        row = {"layer": r.layer, "k": r.k, "wicd": r.wicd, "silhouette": r.silhouette,
-               "selected": r.layer == chosen.layer}
-        if scenarios is not None:
-            row.update(purity_coverage(r.labels, scenarios))
-        rows.append(row)
-    for reason in skipped:
-        rows.append({"layer": reason.split(":")[0], "skipped": reason.split(": ", 1)[1]})
+def layer_row(result: LayerClustering, scenarios, ordinary: str) -> dict:
+    """One layer's line of summary.csv: both levels' sizes, the criteria, and what a reader sees."""
+    row = {"layer": result.layer, "k": result.k, "sub_k": result.k_sub, "wicd": result.wicd,
+           "silhouette": result.silhouette}
+    row.update(readable_quality(result.labels, scenarios, ordinary=ordinary))
+    return row
+
+
+def write_summary(results, skipped, chosen, scenarios, analysis: Path, ordinary: str = "none") -> None:
+    rows = [{**layer_row(r, scenarios, ordinary), "selected": r.layer == chosen.layer} for r in results]
+    rows += [{"layer": reason.split(":")[0], "skipped": reason.split(": ", 1)[1]} for reason in skipped]
     table = pd.DataFrame(rows)
     write_csv(table, analysis / SUMMARY_FILE)
     with atomic_path(analysis / "summary.xlsx") as temporary:
@@ -368,17 +472,30 @@ def overlay_tile(image_path: Path, relevance: np.ndarray, tile: int = OVERLAY_TI
 
 
 def publish_selected_layer(ctx: RunContext, layer: str) -> None:
-    """The selected layer's RCC folders under T/<Layer>/, each image with its heatmap overlay."""
-    for old in ctx.paths.t_dir.glob("Layer*"):
+    """The selected layer's RCC folders under T/<Layer>/, each image with its heatmap overlay, and
+    inside each RCC a folder per sub-cluster (hard links to the same files, where the file system
+    allows: no second copy on disk)."""
+    for old in [*ctx.paths.t_dir.glob("Layer*"), ctx.paths.t_dir / PixelSpace.LAYER, ctx.paths.t_dir / BackboneSpace.LAYER]:
         if old.is_dir():
             shutil.rmtree(old)
     shutil.copytree(layer_dir(ctx.paths, layer), published_dir(ctx.paths, layer),
-                    ignore=shutil.ignore_patterns(DISTANCES_FILE, SAMPLE_FILE))
+                    ignore=shutil.ignore_patterns(DISTANCES_FILE, SAMPLE_FILE, PROJECTION_FILE))
     pixels = heatmapModule.open_layer(ctx.paths, heatmapModule.INPUT_LAYER)
     labels = read_labels(ctx.paths, layer)
     for row, item in enumerate(labels.itertuples()):  # labels rows are heatmap rows
-        with atomic_path(overlay_file(ctx.paths, layer, item.rcc, item.image, item.expected)) as temporary:
+        overlay = overlay_file(ctx.paths, layer, item.rcc, item.image, item.expected)
+        with atomic_path(overlay) as temporary:
             overlay_tile(ctx.paths.root / item.image, np.asarray(pixels[row])).save(temporary, format="PNG")
+        for source in (member_copy(ctx.paths, layer, item.rcc, item.image, item.expected), overlay):
+            link_or_copy(source, rcc_folder(ctx.paths, layer, item.rcc, item.sub_rcc) / source.name)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # no hard links here (another file system, Windows shares): a copy
+        shutil.copy2(source, target)
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,39 +504,107 @@ def publish_selected_layer(ctx: RunContext, layer: str) -> None:
 
 class ClusterStep(Step):
     name, title = "clusters", "cluster step"
+    version = 2     # two levels of RCCs, feature spaces
 
     def inputs(self, ctx: RunContext) -> dict:
         s = ctx.settings
-        return {"heatmaps": heatmapModule.STEP.recorded_fingerprint(ctx), "space": s.cluster_space,
-                "normalisation": s.normalisation, "k": s.k_criterion, "layer": s.layer_criterion}
+        return {"heatmaps": heatmapModule.STEP.recorded_fingerprint(ctx), **make_space(s.features).inputs(ctx),
+                **{key: getattr(s, key) for key in CLUSTER_SETTINGS}}
 
     def outputs(self, ctx: RunContext) -> list[Path]:
         return [analysis_dir(ctx.paths) / SUMMARY_FILE, published_dir(ctx.paths, selected_layer(ctx.paths))]
 
     def compute(self, ctx: RunContext) -> None:
         index = heatmapModule.read_index(ctx.paths)
-        layers = heatmapModule.read_layers(ctx.paths)
+        space = make_space(ctx.settings.features)
         metadata = error_metadata(ctx, index)
         results, skipped = [], []
-        for layer in tqdm(list(layers["layer"]), desc="clustering layers", unit="layer", leave=False, disable=None):
-            outcome = cluster_one_layer(ctx, layer, index, metadata)
+        for layer in tqdm(space.layers(ctx), desc="clustering layers", unit="layer", leave=False, disable=None):
+            outcome = cluster_one_layer(ctx, space, layer, index, metadata)
             (results if isinstance(outcome, LayerClustering) else skipped).append(outcome)
         if not results:
             raise HuddError(f"{heatmapModule.heatmaps_dir(ctx.paths)}: no layer could be clustered "
                             f"({'; '.join(skipped)})")
         chosen = select_layer(results, ctx.settings.layer_criterion)
-        write_summary(results, skipped, chosen, scenarios_of(metadata), analysis_dir(ctx.paths))
+        write_summary(results, skipped, chosen, scenarios_of(metadata), analysis_dir(ctx.paths),
+                      ctx.settings.ordinary_scenario)
         publish_selected_layer(ctx, chosen.layer)
 
     def summary(self, ctx: RunContext) -> dict:
         table = read_summary(ctx.paths)
         chosen = table[table["selected"]].iloc[0]
-        sizes = read_rcc_stats(ctx.paths, chosen["layer"])["size"]
-        summary = {"layer": chosen["layer"], "k": int(chosen["k"]), "multi": int((sizes >= 2).sum()),
-                   "folder": published_dir(ctx.paths, chosen["layer"]), "table": table}
-        if "purity" in table.columns:
-            summary.update(purity=float(chosen["purity"]), coverage=float(chosen["coverage"]))
+        summary = {"layer": chosen["layer"], "k": int(chosen["k"]), "sub_k": int(chosen["sub_k"]),
+                   "noise": int(chosen["noise"]), "median_size": float(chosen["median_size"]),
+                   "folder": published_dir(ctx.paths, chosen["layer"]), "table": table,
+                   "features": ctx.settings.features}
+        for key in ("purity", "coverage", "purity_10", "coverage_10"):
+            if key in table.columns:
+                summary[key] = float(chosen[key])
         return summary
 
 
 STEP = ClusterStep()
+
+
+# --------------------------------------------------------------------------------------------
+# --compare: the candidate combinations on a case that has run, side by side
+# --------------------------------------------------------------------------------------------
+
+def candidates(ctx: RunContext) -> list[dict]:
+    """Feature spaces x reduction x clusterer; the case's own combination first. The backbone space
+    only where the case names one."""
+    spaces = ["heatmaps", "activations"] + (["backbone"] if ctx.settings.backbone and ctx.settings.backbone_weights else [])
+    own = {key: getattr(ctx.settings, key) for key in ("features", "reduction", "clusterer")}
+    grid = [{"features": f, "reduction": r, "clusterer": c} for f in spaces for r in ("none", "pca")
+            for c in ("ward", "hdbscan")]
+    return [own] + [g for g in grid if g != own]
+
+
+def compare(ctx: RunContext) -> pd.DataFrame:
+    """One line per candidate combination (its layer chosen by layer_criterion, as the step would):
+    top-level RCCs, median size, noise, purity and coverage overall and of the 10 and 20 largest, and
+    Ward on the raw pixels at the same k for comparison. Written to T/ClusterAnalysis/compare.csv."""
+    from dataclasses import replace
+    index = heatmapModule.read_index(ctx.paths)
+    scenarios = scenarios_of(error_metadata(ctx, index))
+    rows, measured = [], {}
+    for candidate in tqdm(candidates(ctx), desc="comparing", unit="combination", leave=False, disable=None):
+        variant = replace(ctx, settings=replace(ctx.settings, **candidate))
+        key = (candidate["features"], candidate["reduction"])   # the clusterers share their distances
+        if key not in measured:
+            measured[key] = layer_distances(variant, make_space(candidate["features"]))
+        chosen = select_layer([cluster_layer(layer, d, **clustering_options(variant)) for layer, d in measured[key]],
+                              ctx.settings.layer_criterion)
+        quality = readable_quality(chosen.labels, scenarios, ordinary=ctx.settings.ordinary_scenario)
+        rows.append({**candidate, "layer": chosen.layer, **quality,
+                     "pixels_purity": pixel_purity(variant, chosen.k, scenarios)})
+    table = pd.DataFrame(rows)
+    table.insert(0, "default", [True] + [False] * (len(table) - 1))
+    write_csv(table, analysis_dir(ctx.paths) / COMPARE_FILE)
+    return table
+
+
+def layer_distances(ctx: RunContext, space: FeatureSpace) -> list[tuple[str, np.ndarray]]:
+    """(layer, distance matrix) of every usable layer of a space, as the step measures them
+    (normalised, projected with `reduction` pca); exact, so for cases up to EXACT_LIMIT errors."""
+    s, found = ctx.settings, []
+    for layer in space.layers(ctx):
+        rows = space.error_rows(ctx, layer)
+        if len(rows) < 2 or finite_rows(rows):
+            continue
+        if s.reduction == "pca":
+            found.append((layer, pairwise_distances(project_rows(rows, fit_projection(
+                rows, s.normalisation, s.pca_components, ctx.seed)), "none")))
+        else:
+            found.append((layer, pairwise_distances(rows, s.normalisation)))
+    return found
+
+
+def pixel_purity(ctx: RunContext, k: int, scenarios) -> float:
+    """Purity of Ward on the raw pixels (as the model sees them, unnormalised) cut at `k` RCCs."""
+    if scenarios is None or k < 2:
+        return float("nan")
+    from clustering import labels_at, ward_tree
+    distances = pairwise_distances(PixelSpace().error_rows(ctx, PixelSpace.LAYER), "none")
+    return purity_coverage(labels_at(ward_tree(distances), len(distances), k), scenarios,
+                           ordinary=ctx.settings.ordinary_scenario)["purity"]

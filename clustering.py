@@ -79,6 +79,37 @@ def _repair_cancellation(block, rows_i, rows_j, sq_i, sq_j, relative: float = 1e
         block[pairs[:, 0], pairs[:, 1]] = np.einsum("ij,ij->i", diff, diff)
 
 
+@dataclass
+class Projection:
+    """Rows normalised, then projected on their principal components (the `reduction` "pca"); the
+    assignment step projects improvement images with the same fit."""
+
+    normalisation: str
+    mean: np.ndarray          # (dims,)
+    components: np.ndarray    # (components, dims), orthonormal rows
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        flat = normalise_rows(np.asarray(block, dtype=np.float64).reshape(len(block), -1), self.normalisation)
+        return (flat - self.mean) @ self.components.T
+
+
+def fit_projection(rows: np.ndarray, normalisation: str, components: int, seed: int = 0,
+                   sample: int = 5000) -> Projection:
+    """PCA of the normalised rows (a seeded sample of at most `sample` of them for large sets), by
+    the SVD of the centred rows (scikit-learn's PCA does the same)."""
+    n = len(rows)
+    chosen = np.sort(np.random.default_rng(seed).choice(n, size=min(n, sample), replace=False))
+    flat = normalise_rows(np.asarray(rows[chosen], dtype=np.float64).reshape(len(chosen), -1), normalisation)
+    mean = flat.mean(axis=0)
+    _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    return Projection(normalisation, mean, vt[:max(1, min(components, len(vt)))])
+
+
+def project_rows(rows: np.ndarray, projection: Projection, chunk: int = 1024) -> np.ndarray:
+    """Every row projected, block by block (rows may be memory-mapped)."""
+    return np.concatenate([projection(rows[start:start + chunk]) for start in range(0, len(rows), chunk)])
+
+
 def distance_profiles(distances: np.ndarray) -> np.ndarray:
     """The original's clustering space: each row of D divided by its largest entry, then Euclidean
     distances between those rows ("distance profiles"; reference §7.3)."""
@@ -251,37 +282,136 @@ def silhouette_k(ks: range, silhouette: np.ndarray) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# One layer
+# Two levels of root causes for one layer
 # --------------------------------------------------------------------------------------------
+
+MAX_RCCS = 20                      # the default readable top level: a reader takes in about 20 cards
+NO_STRUCTURE = 0.25                # mean silhouette at or below which data has no substantial clusters
+TOP_CRITERIA = ("silhouette", "knee", "max")
+
+
+def top_k(ks: range, silhouette: np.ndarray, wicd: np.ndarray, criterion: str = "silhouette") -> int:
+    """The number of top-level RCCs among `ks` (2..max_rccs).
+
+    "silhouette": the best mean silhouette where it shows substantial structure (above 0.25, Kaufman
+    and Rousseeuw's bound for "no substantial structure"); on data without such structure the
+    largest k, since finer groups are then purer and the reader's budget is the only limit. It never
+    drifts past max_rccs, and collapses to a few groups only where the data really has a few.
+    "knee": the original's knee of the WICD gradient within the range; "max": always the largest k."""
+    if criterion == "max" or len(ks) == 1:
+        return max(ks)
+    if criterion == "knee":
+        return knee_k(ks, wicd)
+    best = silhouette_k(ks, silhouette)
+    return best if silhouette[best] > NO_STRUCTURE else max(ks)
+
 
 @dataclass
 class LayerClustering:
+    """One layer's root-cause clusters at two levels: a readable top level and, nested inside it,
+    the finer sub-clusters of the same tree (one more cut of it)."""
+
     layer: str
-    k: int
-    labels: np.ndarray          # 0..k-1 per image
-    wicd: float                 # on the heatmap distances, at k (the original's layer criterion)
-    silhouette: float           # on the heatmap distances, at k
-    ks: range
+    k: int                      # top-level RCCs (HDBSCAN's noise group not counted)
+    labels: np.ndarray          # top level: 0..k-1 per image; -1: HDBSCAN noise
+    sub_labels: np.ndarray      # 0..k_sub-1 per image; every sub-cluster lies inside one top-level RCC
+    wicd: float                 # at the top level, on the distances (the original's layer criterion)
+    silhouette: float           # at the top level, on the distances
+    ks: range                   # the k that the top level chose from
     wicd_curve: np.ndarray      # of the clustered space, index k
     silhouette_curve: np.ndarray
 
+    @property
+    def k_sub(self) -> int:
+        return int(self.sub_labels.max()) + 1 if len(self.sub_labels) else 0
 
-def cluster_layer(layer: str, distances: np.ndarray, space: str = "direct",
-                  k_criterion: str = "knee") -> LayerClustering:
-    """Ward clustering of one layer's heatmap distances with k chosen automatically."""
+
+def cluster_layer(layer: str, distances: np.ndarray, space: str = "direct", k_criterion: str = "silhouette",
+                  max_rccs: int = MAX_RCCS, clusterer: str = "ward", min_cluster_size: int = 5) -> LayerClustering:
+    """Ward clustering of one layer's distances (or, with clusterer "hdbscan", HDBSCAN's clusters at
+    the top level), top level chosen by `k_criterion` within 2..max_rccs, sub-clusters by the best
+    silhouette among the strictly finer cuts."""
     n = len(distances)
     if n < 2:
         raise ValueError("at least two heatmaps are needed to cluster")
     clustered = distances if space == "direct" else distance_profiles(distances)
     tree = ward_tree(clustered)
-    ks = k_range(n)
+    ks_all = k_range(n)
     curve = wicd_curve(tree, clustered)
     direct_wicd = curve if space == "direct" else wicd_curve(tree, distances)
-    silhouettes = silhouette_curve(tree, distances, ks) if n > 2 else np.zeros(n + 1)
-    k = knee_k(ks, curve) if k_criterion == "knee" else silhouette_k(ks, silhouettes)
-    k = min(k, n)
-    return LayerClustering(layer=layer, k=k, labels=labels_at(tree, n, k), wicd=float(direct_wicd[k]),
-                           silhouette=float(silhouettes[k]), ks=ks, wicd_curve=curve, silhouette_curve=silhouettes)
+    silhouettes = silhouette_curve(tree, distances, ks_all) if n > 2 else np.zeros(n + 1)
+    ks = range(2, max(2, min(max_rccs, max(ks_all))) + 1)
+    k = min(top_k(ks, silhouettes, curve, k_criterion), n)
+    labels = labels_at(tree, n, k)
+    if clusterer == "hdbscan":
+        labels = _renumber(hdbscan_labels(distances, min_cluster_size))
+        k = int(labels.max()) + 1
+    sub_labels = sub_levels(clustered, distances, labels)
+    if clusterer == "hdbscan":  # the criteria of HDBSCAN's own partition (noise left out)
+        wicd, silhouette = partition_criteria(distances, labels)
+    else:
+        wicd, silhouette = float(direct_wicd[k]), float(silhouettes[k])
+    return LayerClustering(layer=layer, k=k, labels=labels, sub_labels=sub_labels, wicd=wicd, silhouette=silhouette,
+                           ks=ks, wicd_curve=curve, silhouette_curve=silhouettes)
+
+
+def partition_criteria(distances: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(WICD, mean silhouette) of one partition, its -1 (noise) images left out; (inf, -1) where it
+    has no cluster, so that the layer is never preferred."""
+    kept = np.flatnonzero(labels >= 0)
+    groups = np.unique(labels[kept])
+    if len(groups) < 1:
+        return float("inf"), -1.0
+    d, own = distances[np.ix_(kept, kept)], labels[kept]
+    weighted = sum(d[np.ix_(own == g, own == g)].sum() / max((own == g).sum() - 1, 1) for g in groups)
+    wicd = weighted / len(kept) / len(groups)   # sum of ICD x size over n, over k (as wicd_curve)
+    if len(groups) < 2:
+        return float(wicd), 0.0
+    sums = np.stack([d[:, own == g].sum(axis=1) for g in groups], axis=1)
+    sizes = np.array([(own == g).sum() for g in groups], dtype=float)
+    index = np.searchsorted(groups, own)
+    mean_to = sums / sizes
+    mean_to[np.arange(len(own)), index] = np.inf
+    return float(wicd), _mean_silhouette(sums[np.arange(len(own)), index], sizes[index], mean_to.min(axis=1))
+
+
+def hdbscan_labels(distances: np.ndarray, min_cluster_size: int) -> np.ndarray:
+    """scikit-learn's HDBSCAN on the distances: a cluster per dense region, -1 for noise."""
+    from sklearn.cluster import HDBSCAN
+    size = max(2, min(min_cluster_size, len(distances)))
+    return HDBSCAN(min_cluster_size=size, metric="precomputed", copy=True).fit_predict(distances)
+
+
+def sub_levels(clustered: np.ndarray, distances: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each top-level group (noise included) cut into its own sub-clusters: Ward on its members (the
+    same tree as the whole's, restricted to them), cut at the best silhouette among 2..size/2 within
+    the group. A global cut would keep the sub-clusters of a tight group together whenever other
+    groups lie far away. Numbered 0.. in order of first member."""
+    sub = np.empty(len(labels), dtype=np.int64)
+    for group in dict.fromkeys(labels.tolist()):
+        members = np.flatnonzero(labels == group)
+        sub[members] = 1_000_000 * (group + 1) + _cut_group(clustered[np.ix_(members, members)],
+                                                             distances[np.ix_(members, members)])
+    return _renumber(sub)
+
+
+def _cut_group(clustered: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    n = len(distances)
+    ks = k_range(n)
+    if n < 4 or len(ks) < 2:
+        return np.zeros(n, dtype=np.int64)
+    tree = ward_tree(clustered)
+    return labels_at(tree, n, silhouette_k(ks, silhouette_curve(tree, distances, ks)))
+
+
+def _renumber(labels: np.ndarray) -> np.ndarray:
+    """Clusters numbered 0.. in order of their first member; negative labels (noise) become -1."""
+    result = np.full(len(labels), -1, dtype=np.int64)
+    seen: dict[int, int] = {}
+    for i, label in enumerate(labels.tolist()):
+        if label >= 0:
+            result[i] = seen.setdefault(label, len(seen))
+    return result
 
 
 EXACT_LIMIT = 20000   # beyond this many error images a layer is clustered in two stages
@@ -302,23 +432,25 @@ def nearest_rows(queries: np.ndarray, references: np.ndarray, normalisation: str
     return nearest
 
 
-def cluster_two_stage(layer: str, heatmaps: np.ndarray, normalisation: str = "none", space: str = "direct",
-                      k_criterion: str = "knee", limit: int = EXACT_LIMIT, seed: int = 0
-                      ) -> tuple[LayerClustering, np.ndarray, np.ndarray]:
-    """For more error images than `limit`: cluster a seeded random sample of `limit` heatmaps exactly,
-    then give every other heatmap the RCC of its nearest sampled heatmap (the nearest-member rule the
-    assignment step uses). Returns the clustering (labels for all images; WICD and silhouette of the
-    sample), the sample's indices and the sample's distance matrix."""
+def cluster_two_stage(layer: str, heatmaps: np.ndarray, normalisation: str = "none", limit: int = EXACT_LIMIT,
+                      seed: int = 0, **options) -> tuple[LayerClustering, np.ndarray, np.ndarray]:
+    """For more error images than `limit`: cluster a seeded random sample of `limit` heatmaps exactly
+    (cluster_layer with `options`), then give every other heatmap the RCCs (both levels) of its
+    nearest sampled heatmap (the nearest-member rule the assignment step uses). Returns the
+    clustering (labels for all images; WICD and silhouette of the sample), the sample's indices and
+    the sample's distance matrix."""
     n = len(heatmaps)
     sample = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
     sampled = np.asarray(heatmaps[sample])
     distances = pairwise_distances(sampled, normalisation)
-    result = cluster_layer(layer, distances, space, k_criterion)
+    result = cluster_layer(layer, distances, **options)
     rest = np.setdiff1d(np.arange(n), sample)
-    labels = np.empty(n, dtype=np.int64)
-    labels[sample] = result.labels
-    labels[rest] = result.labels[nearest_rows(_Subset(heatmaps, rest), sampled, normalisation)]
-    result.labels = labels
+    nearest = nearest_rows(_Subset(heatmaps, rest), sampled, normalisation)
+    for level in ("labels", "sub_labels"):
+        labels = np.empty(n, dtype=np.int64)
+        labels[sample] = getattr(result, level)
+        labels[rest] = getattr(result, level)[nearest]
+        setattr(result, level, labels)
     return result, sample, distances
 
 
@@ -348,21 +480,39 @@ def select_layer(results: list[LayerClustering], criterion: str = "wicd") -> Lay
 # Root-cause quality where scenarios are known
 # --------------------------------------------------------------------------------------------
 
-def purity_coverage(labels: np.ndarray, scenarios: np.ndarray, min_scenario_errors: int = 5) -> dict:
+def purity_coverage(labels: np.ndarray, scenarios: np.ndarray, min_scenario_errors: int = 5,
+                    ordinary: str = "none") -> dict:
     """design.md's measures: purity of an RCC = share of its most common scenario, averaged over
-    RCCs with at least two members; coverage = share of the scenarios with at least 5 error images
-    that are the most common scenario of at least one RCC."""
+    RCCs with at least two members; coverage = share of the root causes (the scenarios with at least
+    5 error images, but the `ordinary` one, which names images without a rare condition) that are the
+    most common scenario of at least one RCC. Noise (label -1) is no RCC."""
     purities, majorities = [], set()
-    for rcc in np.unique(labels):
+    for rcc in np.unique(labels[labels >= 0]):
         values, counts = np.unique(scenarios[labels == rcc], return_counts=True)
-        majority = values[np.argmax(counts)]
         if counts.sum() >= 2:
             purities.append(counts.max() / counts.sum())
-            majorities.add(majority)
+            majorities.add(values[np.argmax(counts)])
     values, counts = np.unique(scenarios, return_counts=True)
-    frequent = set(values[counts >= min_scenario_errors])
+    causes = set(values[counts >= min_scenario_errors]) - {ordinary}
     return {"purity": float(np.mean(purities)) if purities else float("nan"),
-            "coverage": len(frequent & majorities) / len(frequent) if frequent else float("nan"),
+            "coverage": len(causes & majorities) / len(causes) if causes else float("nan"),
             "rccs": int(len(purities))}
 
 
+def readable_quality(labels: np.ndarray, scenarios: np.ndarray | None, tops=(10, 20), ordinary: str = "none") -> dict:
+    """What a reader who opens the largest RCCs first sees: the number of top-level RCCs, their median
+    size, the noise group's size and, where scenarios are known, purity and coverage over every RCC
+    and over the `tops` largest (ties: the lower label)."""
+    clustered = labels[labels >= 0]
+    ids, sizes = np.unique(clustered, return_counts=True)
+    result = {"rccs": int(len(ids)), "median_size": float(np.median(sizes)) if len(sizes) else 0.0,
+              "noise": int((labels < 0).sum())}
+    if scenarios is None:
+        return result
+    result.update({k: v for k, v in purity_coverage(labels, scenarios, ordinary=ordinary).items() if k != "rccs"})
+    largest = ids[np.argsort(-sizes, kind="stable")]
+    for top in tops:
+        kept = np.where(np.isin(labels, largest[:top]), labels, -1)
+        part = purity_coverage(kept, scenarios, ordinary=ordinary)
+        result[f"purity_{top}"], result[f"coverage_{top}"] = part["purity"], part["coverage"]
+    return result

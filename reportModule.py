@@ -47,8 +47,9 @@ def report_path(paths: CasePaths) -> Path:
 class ReportData:
     layer: str
     summary: pd.DataFrame          # per layer: k, wicd, silhouette, selected (, purity, coverage)
-    labels: pd.DataFrame           # selected layer: image, expected, predicted, rcc (, scenario)
-    stats: pd.DataFrame            # per RCC: size, icd (, majority_scenario, purity)
+    labels: pd.DataFrame           # selected layer: image, expected, predicted, rcc, sub_rcc (, scenario)
+    stats: pd.DataFrame            # per top-level RCC: size, sub_rccs, icd (, majority_scenario, purity)
+    sub_stats: pd.DataFrame        # per sub-cluster: rcc, size, icd (, majority_scenario, purity)
     parameters: pd.DataFrame | None  # per RCC: characterising parameters
     unsafe: pd.DataFrame | None    # image, rcc, distance, rank
     retrain: dict[str, dict]       # mode -> runs, scenarios, rcc tables
@@ -61,6 +62,7 @@ def read_data(ctx: RunContext) -> ReportData:
     return ReportData(layer=layer, summary=clusterModule.read_summary(ctx.paths),
                       labels=clusterModule.read_labels(ctx.paths, layer),
                       stats=clusterModule.read_rcc_stats(ctx.paths, layer),
+                      sub_stats=clusterModule.read_sub_rcc_stats(ctx.paths, layer),
                       parameters=clusterModule.read_characterising_parameters(ctx.paths, layer),
                       unsafe=assignModule.read_assignments(ctx.paths),
                       retrain={mode: retrainModule.read_tables(ctx.paths, mode)
@@ -83,6 +85,7 @@ th{background:#f2f2f2} td.l,th.l{text-align:left} tr.sel td{background:#fff6d5;f
 .grid{display:flex;flex-wrap:wrap;gap:6px;margin-top:6px}
 figure{margin:0;font-size:11px;text-align:center} figure img{display:block;image-rendering:pixelated}
 .unsafe img{width:64px;height:64px} .muted{color:#777} .pos{color:#0a0} .neg{color:#c00}
+td.strip figure{display:inline-block;margin-right:3px} .sub{margin:6px 0 0 8px} details{margin-top:6px}
 """
 
 
@@ -103,7 +106,8 @@ def run_section(ctx: RunContext, data: ReportData) -> str:
         for name, r in data.sets.items())
     why = ("the smallest weighted intra-cluster distance (WICD)" if s.layer_criterion == "wicd"
            else "the best silhouette")
-    columns = [c for c in ("layer", "k", "rccs", "wicd", "silhouette", "purity", "coverage") if c in data.summary]
+    columns = [c for c in ("layer", "k", "sub_k", "median_size", "noise", "wicd", "silhouette", "purity", "coverage",
+                           "purity_10", "coverage_10") if c in data.summary]
     layer_rows = "".join(
         f"<tr class='{'sel' if row['layer'] == data.layer else ''}'>"
         + "".join(f"<td>{format_cell(row[c])}</td>" for c in columns) + "</tr>"
@@ -118,8 +122,10 @@ def run_section(ctx: RunContext, data: ReportData) -> str:
 <table><tr><th class=l>set</th><th>images</th><th>accuracy</th><th>wrong</th></tr>{sets}</table>
 {scenario_table(ctx)}
 <h3>Layer selection</h3>
-<p>Selected layer: <b id=layer>{esc(data.layer)}</b>, the layer with {why} (setting <code>layer_criterion</code>);
-k per layer by {esc(s.k_criterion)} (setting <code>k_criterion</code>).</p>
+<p>Clustered: the <b>{esc(s.features)}</b> of the error images (setting <code>features</code>). Selected layer:
+<b id=layer>{esc(data.layer)}</b>, the layer with {why} (setting <code>layer_criterion</code>); per layer at most
+{s.max_rccs} top-level RCCs (<code>max_rccs</code>, k by <code>k_criterion</code> {esc(s.k_criterion)}), each split
+into sub-clusters (sub_k: the best silhouette among finer cuts).</p>
 <table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>{layer_rows}</table>
 <p><img src="{rel(knee, ctx.paths.t_dir)}" alt="choice of k for {esc(data.layer)}" width=640></p>
 """
@@ -148,18 +154,57 @@ def scenario_table(ctx: RunContext) -> str:
             + "".join(f"<th>{c}</th>" for c in sets) + f"</tr>{rows}</table>")
 
 
-def rcc_cards(ctx: RunContext, data: ReportData) -> str:
-    t_dir = ctx.paths.t_dir
+def thumbnails(ctx: RunContext, data: ReportData, members: pd.DataFrame, count: int, height: int = TILE) -> str:
+    """Up to `count` overlay tiles (image | where the model looked) of an RCC's or sub-cluster's members."""
+    figures = []
+    for item in members.head(count).itertuples():
+        overlay = clusterModule.overlay_file(ctx.paths, data.layer, item.rcc, item.image, item.expected)
+        caption = f"{esc(item.expected)} → {esc(item.predicted)}"
+        figures.append(f"<figure><img loading=lazy src='{rel(overlay, ctx.paths.t_dir)}' "
+                       f"width={(2 * TILE + 2) * height // TILE} height={height} alt='{caption}'>"
+                       + (f"<figcaption>{caption}</figcaption>" if height == TILE else "") + "</figure>")
+    return "".join(figures)
+
+
+def in_rcc(names: pd.Series, rcc: str) -> pd.Series:
+    """Which of the names (top-level RCCs or sub-clusters, as the assignment level gives them) belong to `rcc`."""
+    return (names == rcc) | names.str.startswith(rcc + ".")
+
+
+def described(rcc: pd.Series, data: ReportData) -> str:
+    """An RCC in a few words: its majority scenario and purity, or the parameters that characterise it."""
+    if "majority_scenario" in rcc and isinstance(rcc["majority_scenario"], str):
+        return f"<b class=scenario>{esc(rcc['majority_scenario'])}</b> (purity <span class=purity>{rcc['purity']:.2f}</span>)"
+    if data.parameters is not None:
+        params = data.parameters[data.parameters["rcc"] == rcc["rcc"]].nlargest(2, "variance_reduction_%")
+        return ", ".join(f"{esc(p['parameter'])} {p['min']:.3g}..{p['max']:.3g}" for _, p in params.iterrows())
+    return ""
+
+
+def rcc_summary(ctx: RunContext, data: ReportData) -> str:
+    """Every top-level RCC on one line, largest first: what a reader takes in at a glance."""
     stats = data.stats.sort_values(["size", "rcc"], ascending=[False, True])
-    fixed = {mode: tables["rcc"].set_index("rcc") for mode, tables in data.retrain.items() if "rcc" in tables}
+    rows = "".join(
+        f"<tr data-top-rcc='{esc(r['rcc'])}'><td class=l><a href='#{esc(r['rcc'])}'>{esc(r['rcc'])}</a></td>"
+        f"<td>{int(r['size'])}</td><td>{int(r['sub_rccs'])}</td><td class=l>{described(r, data)}</td>"
+        f"<td class='l strip'>{thumbnails(ctx, data, data.labels[data.labels['rcc'] == r['rcc']], 4, height=40)}</td></tr>"
+        for _, r in stats.iterrows())
+    return (f"<h2>The root causes at a glance</h2><p>{len(stats)} root-cause clusters of {esc(data.layer)}, largest "
+            "first; each opens below with its sub-clusters.</p><table id=rcc-summary><tr><th class=l>RCC</th>"
+            "<th>images</th><th>sub-clusters</th><th class=l>what they share</th><th class=l>examples</th></tr>"
+            f"{rows}</table>")
+
+
+def rcc_cards(ctx: RunContext, data: ReportData) -> str:
+    stats = data.stats.sort_values(["size", "rcc"], ascending=[False, True])
+    fixed = {mode: tables["rcc"] for mode, tables in data.retrain.items() if "rcc" in tables}
     cards = []
     for _, rcc in stats.iterrows():
         name = rcc["rcc"]
         members = data.labels[data.labels["rcc"] == name]
         meta = [f"size <b class=size>{int(rcc['size'])}</b>", f"ICD {rcc['icd']:.3f}"]
         if "majority_scenario" in rcc:
-            meta.append(f"majority scenario <b class=scenario>{esc(rcc['majority_scenario'])}</b> "
-                        f"(purity <span class=purity>{rcc['purity']:.2f}</span>)")
+            meta.append(f"majority scenario {described(rcc, data)}")
         lines = [f"<div class=meta>{' · '.join(meta)}</div>"]
         if data.parameters is not None:
             params = data.parameters[data.parameters["rcc"] == name].nlargest(4, "variance_reduction_%")
@@ -168,20 +213,14 @@ def rcc_cards(ctx: RunContext, data: ReportData) -> str:
                     f"{esc(p['parameter'])} {p['min']:.3g}..{p['max']:.3g} (variance -{p['variance_reduction_%']:.0f}%)"
                     for _, p in params.iterrows()) + "</div>")
         if fixed:
-            cells = ", ".join(f"{mode} {t.loc[name, 'mean_fixed']:.1f}" for mode, t in fixed.items() if name in t.index)
-            if cells:
-                lines.append(f"<div class=meta>errors fixed by retraining (mean of runs): {cells}</div>")
-        figures = []
-        for item in members.head(THUMBNAILS_PER_RCC).itertuples():
-            overlay = clusterModule.overlay_file(ctx.paths, data.layer, name, item.image, item.expected)
-            caption = f"{esc(item.expected)} → {esc(item.predicted)}"
-            figures.append(f"<figure><img loading=lazy src='{rel(overlay, t_dir)}' width={2 * TILE + 2} "
-                           f"height={TILE} alt='{caption}'><figcaption>{caption}</figcaption></figure>")
+            cells = ", ".join(f"{mode} {t.loc[in_rcc(t['rcc'], name), 'mean_fixed'].sum():.1f}" for mode, t in fixed.items())
+            lines.append(f"<div class=meta>errors fixed by retraining (mean of runs): {cells}</div>")
         more = len(members) - THUMBNAILS_PER_RCC
-        folder = rel(clusterModule.published_dir(ctx.paths, data.layer) / name, t_dir) + "/"
-        lines.append(f"<div class=grid>{''.join(figures)}</div>")
+        folder = rel(clusterModule.rcc_folder(ctx.paths, data.layer, name), ctx.paths.t_dir) + "/"
+        lines.append(f"<div class=grid>{thumbnails(ctx, data, members, THUMBNAILS_PER_RCC)}</div>")
         lines.append(f"<div class=meta><a href='{folder}'>all {len(members)} images</a>"
                      + (f" ({more} more than shown)" if more > 0 else "") + "</div>")
+        lines.append(sub_clusters(ctx, data, name))
         lines.append(unsafe_strip(ctx, data, name))
         cards.append(f"<div class=card id='{esc(name)}' data-rcc='{esc(name)}' data-size='{int(rcc['size'])}'>"
                      f"<h3>{esc(name)}</h3>{''.join(lines)}</div>")
@@ -192,20 +231,35 @@ def rcc_cards(ctx: RunContext, data: ReportData) -> str:
             f"<div class=cards>{''.join(cards)}</div>")
 
 
+def sub_clusters(ctx: RunContext, data: ReportData, rcc: str) -> str:
+    """The RCC's sub-clusters, folded: size, majority scenario, a few thumbnails, the folder."""
+    subs = data.sub_stats[data.sub_stats["rcc"] == rcc].sort_values(["size", "sub_rcc"], ascending=[False, True])
+    parts = []
+    for _, sub in subs.iterrows():
+        members = data.labels[data.labels["sub_rcc"] == sub["sub_rcc"]]
+        folder = rel(clusterModule.rcc_folder(ctx.paths, data.layer, rcc, sub["sub_rcc"]), ctx.paths.t_dir) + "/"
+        what = (f" · {esc(sub['majority_scenario'])} ({sub['purity']:.2f})" if "majority_scenario" in sub else "")
+        parts.append(f"<div class=sub data-sub-rcc='{esc(sub['sub_rcc'])}'><div class=meta><a href='{folder}'>"
+                     f"{esc(sub['sub_rcc'])}</a>: {int(sub['size'])} images{what}</div>"
+                     f"<div class=grid>{thumbnails(ctx, data, members, 6, height=48)}</div></div>")
+    return (f"<details><summary>{len(subs)} sub-clusters</summary>{''.join(parts)}</details>" if parts else "")
+
+
 def unsafe_strip(ctx: RunContext, data: ReportData, rcc: str) -> str:
     if data.unsafe is None:
         return ""
-    chosen = data.unsafe[data.unsafe["rcc"] == rcc]
+    chosen = data.unsafe[in_rcc(data.unsafe["rcc"], rcc)]
     if not len(chosen):
         return "<div class='meta muted'>no unsafe-set images (RCCs of one image get none)</div>"
     images = []
     for item in chosen.head(UNSAFE_PER_RCC).itertuples():
-        copy = assignModule.unsafe_copy(ctx.paths, rcc, item.image)
+        copy = assignModule.unsafe_copy(ctx.paths, item.rcc, item.image)
         images.append(f"<img loading=lazy src='{rel(copy, ctx.paths.t_dir)}' title='distance {item.distance:.3f}' "
                       f"alt='{esc(Path(item.image).name)}'>")
-    folder = rel(assignModule.unsafe_dir(ctx.paths) / rcc, ctx.paths.t_dir)
+    folder = rel(assignModule.unsafe_dir(ctx.paths), ctx.paths.t_dir)
     return (f"<div class=meta>unsafe set: <span class=unsafe-count>{len(chosen)}</span> improvement images "
-            f"(<a href='{esc(folder)}/'>folder</a>)</div><div class='grid unsafe'>{''.join(images)}</div>")
+            f"(<a href='{esc(folder)}/'>folder</a>, one sub-folder per group they are assigned to)</div>"
+            f"<div class='grid unsafe'>{''.join(images)}</div>")
 
 
 def retrain_section(ctx: RunContext, data: ReportData) -> str:
@@ -286,7 +340,8 @@ def write_report(ctx: RunContext) -> Path | None:
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>HUDD report: {esc(ctx.paths.root.name)}"
             f"</title><style>{STYLE}</style></head><body><h1>HUDD report</h1>"
             f"<p class=muted>Root causes of the model's errors, found by clustering LRP heatmaps.</p>"
-            f"{run_section(ctx, data)}{retrain_section(ctx, data)}{rcc_cards(ctx, data)}</body></html>")
+            f"{rcc_summary(ctx, data)}{run_section(ctx, data)}{retrain_section(ctx, data)}{rcc_cards(ctx, data)}"
+            "</body></html>")
     path = report_path(ctx.paths)
     with atomic_path(path) as temporary:
         temporary.write_text(page, encoding="utf-8")

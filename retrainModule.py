@@ -325,7 +325,7 @@ def unsafe_inputs(ctx: RunContext) -> UnsafeInputs:
     assigned = np.array([clusters.eligible.index(r) if isinstance(r, str) else -1 for r in unsafe])
     results = testModule.read_results(ctx.paths, "improve").set_index("image").reindex(expected)
     return UnsafeInputs(layer=clusters.layer, rccs=list(clusters.eligible), assigned=assigned,
-                        rcc_errors=clusters.labels[clusters.labels["rcc"].isin(clusters.eligible)][["image", "rcc"]],
+                        rcc_errors=clusters.member_errors,
                         distances=distances[clusters.eligible].to_numpy(),
                         quota=assignModule.quotas(clusters.sizes, ctx.settings.budget_factor),
                         wrong=results["result"].eq("Wrong").to_numpy())

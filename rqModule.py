@@ -26,7 +26,7 @@ log = logging.getLogger("hudd")
 def rq1(ctx: RunContext) -> dict:
     """Writes CASE/RQ1/<model stem>/ and returns what print_rq1 shows."""
     clusters = assignModule.selected_clusters(ctx)
-    layer, labels, eligible = clusters.layer, clusters.labels, clusters.eligible
+    layer, rcc_errors = clusters.layer, clusters.member_errors
     measures = evaluation.measure_on_test(ctx.model(), ctx)
     improved, worsened = evaluation.improved_worsened(measures, ctx)
     original = evaluation.original_correct(ctx, measures.correct.index)
@@ -38,7 +38,6 @@ def rq1(ctx: RunContext) -> dict:
                              "gain": measures.accuracy - 100.0 * original.mean(),
                              "improved": improved, "worsened": worsened, "layer": layer,
                              **({} if measures.mean_error is None else {"mean_error": measures.mean_error.mean()})}])
-    rcc_errors = labels[labels["rcc"].isin(eligible)]
     per_rcc = pd.DataFrame({"errors": rcc_errors["rcc"].value_counts().sort_index(),
                             "fixed": evaluation.fixed_per_rcc(measures, rcc_errors)}).rename_axis("rcc").reset_index()
     scenarios = evaluation.per_scenario(measures, ctx)

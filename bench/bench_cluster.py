@@ -5,8 +5,9 @@
 
 1. pairwise distances of 2,000 heatmaps of 50,000 dimensions: ours (float64 matrix products, in
    chunks) vs scipy's pdist, in the same run, with the largest difference between them;
-2. full clustering of one layer (distances, Ward, WICD and silhouette for every k = 2..500, knee)
-   for 5,000 and 10,000 heatmaps: time per part and peak memory (each size in its own process);
+2. full clustering of one layer (distances, Ward, WICD and silhouette for every k = 2..500, knee, the
+   sub-clusters of the top level) for 5,000 and 10,000 heatmaps: time per part and peak memory (each
+   size in its own process);
 3. the two-stage path for 30,000 heatmaps (exact on a 20,000 sample, the rest by nearest member).
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import clusterModule as C  # noqa: E402
+import clustering as C  # noqa: E402
 
 
 def heatmaps(n: int, dims: int, groups: int = 12, seed: int = 0) -> np.ndarray:
@@ -61,6 +62,8 @@ def one_layer(n: int, dims: int) -> dict:
     wicd, parts["wicd_all_k"] = timed(C.wicd_curve, tree, distances)
     silhouette, parts["silhouette_all_k"] = timed(C.silhouette_curve, tree, distances, ks)
     k, parts["knee"] = timed(C.knee_k, ks, wicd)
+    top = C.labels_at(tree, n, C.top_k(range(2, C.MAX_RCCS + 1), silhouette, wicd))
+    _sub, parts["sub_levels"] = timed(C.sub_levels, distances, distances, top)
     parts["total"] = sum(parts.values())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
     return {"n": n, "dims": dims, "k_knee": k, "k_silhouette": C.silhouette_k(ks, silhouette),
@@ -91,7 +94,8 @@ def main() -> None:
         r = in_child("one_layer", n=n, dims=2048)
         print(f"one layer, n={r['n']} dims={r['dims']}: total {r['total']:.1f} s (distances {r['distances']:.1f}, "
               f"Ward {r['ward']:.1f}, WICD every k {r['wicd_all_k']:.2f}, silhouette every k "
-              f"{r['silhouette_all_k']:.2f}, knee {r['knee']:.2f}); k knee {r['k_knee']}, "
+              f"{r['silhouette_all_k']:.2f}, knee {r['knee']:.2f}, sub-clusters of the top level "
+              f"{r['sub_levels']:.2f}); k knee {r['k_knee']}, "
               f"k silhouette {r['k_silhouette']}; peak memory {r['peak_gib']:.2f} GiB")
     r = in_child("two_stage", n=30000 // scale, dims=512, limit=20000 // scale)
     print(f"two-stage, n={r['n']} dims={r['dims']} (exact on {r['sample']}): {r['seconds']:.1f} s, k {r['k']}, "

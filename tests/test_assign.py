@@ -73,8 +73,10 @@ def test_the_step_writes_the_unsafe_set(make_case):
     table = pd.read_csv(folder / "assignments.csv")
     assert table["image"].is_unique and len(table) == summary["images"] > 0
     clusters = assignModule.selected_clusters(ctx)
-    layer, module, labels, eligible = clusters.layer, clusters.module, clusters.labels, clusters.eligible
-    sizes = labels["rcc"].value_counts()
+    layer, labels, eligible = clusters.layer, clusters.labels, clusters.eligible
+    module = heatmapModule.module_of(ctx.paths, layer)
+    level = clusters.column   # the RCC level the images are assigned to (the sub-clusters by default)
+    sizes = labels[level].value_counts()
     for rcc, group in table.groupby("rcc"):  # the unsafe set's quota is the labelling budget's
         assert rcc in eligible and len(group) <= assignModule.quotas([sizes[rcc]], ctx.settings.budget_factor)[0]
         assert len(list((folder / rcc).iterdir())) == len(group)
@@ -86,7 +88,7 @@ def test_the_step_writes_the_unsafe_set(make_case):
     predicted = pd.read_csv(case / "improveResult.csv").set_index("image").loc[row.image, "predicted"]
     relevance = heatmapModule.relevance(ctx.model(), image, target=ctx.classes.index(predicted),
                                         layers=[module])[module].numpy().reshape(1, -1)
-    members = np.load(case / "T" / "Heatmaps" / f"{layer}.npy")[labels.index[labels["rcc"] == row.rcc]]
+    members = np.load(case / "T" / "Heatmaps" / f"{layer}.npy")[labels.index[labels[level] == row.rcc]]
     unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
     expected = cdist(unit(relevance.astype(np.float64)), unit(members.reshape(len(members), -1).astype(np.float64)))
     assert row.distance == pytest.approx(expected.min(), rel=1e-5)

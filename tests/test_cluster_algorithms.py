@@ -117,8 +117,8 @@ def test_knee_falls_back_when_kneed_finds_none():
 
 
 def test_layer_selection_never_takes_the_input_layer():
-    make = lambda name, wicd, sil: C.LayerClustering(name, 2, np.zeros(4, int), wicd, sil, range(2, 3),
-                                                     np.zeros(5), np.zeros(5))
+    make = lambda name, wicd, sil: C.LayerClustering(name, 2, np.zeros(4, int), np.zeros(4, int), wicd, sil,
+                                                     range(2, 3), np.zeros(5), np.zeros(5))
     layers = [make("Layer0", 0.1, 0.9), make("Layer1", 5.0, 0.2), make("Layer2", 3.0, 0.1)]
     assert C.select_layer(layers, "wicd").layer == "Layer2"
     assert C.select_layer(layers, "silhouette").layer == "Layer1"
@@ -145,3 +145,67 @@ def test_two_stage_path_for_many_heatmaps():
     rest = np.setdiff1d(np.arange(120), sample)
     nearest = sample[cdist(x[rest], x[sample]).argmin(axis=1)]
     assert np.array_equal(result.labels[rest], result.labels[nearest])
+
+
+# --------------------------------------------------------------------------------------------
+# Two levels of root causes
+# --------------------------------------------------------------------------------------------
+
+def nested_blobs(seed=0):
+    """Four well-separated groups, each made of three tight blobs: a top level of 4, finer 12."""
+    rng = np.random.default_rng(seed)
+    centres = [np.r_[g * 60.0, b * 10.0, np.zeros(6)] for g in range(4) for b in range(3)]
+    return np.concatenate([rng.normal(c, 0.7, size=(15, 8)) for c in centres])
+
+
+def test_every_sub_cluster_lies_inside_one_top_level_rcc():
+    result = C.cluster_layer("Layer1", C.pairwise_distances(nested_blobs()), k_criterion="silhouette", max_rccs=20)
+    assert result.k == 4 and sorted(np.bincount(result.labels)) == [45] * 4
+    assert result.k_sub >= result.k
+    for sub in np.unique(result.sub_labels):
+        assert len(set(result.labels[result.sub_labels == sub].tolist())) == 1
+    truth = np.repeat(np.arange(12), 15)   # the finer cut finds the 12 blobs
+    assert result.k_sub == 12 and len(set(zip(result.sub_labels.tolist(), truth.tolist()))) == 12
+
+
+@pytest.mark.parametrize("k", [2, 5, 9])
+def test_the_top_level_finds_planted_structure(k):
+    rng = np.random.default_rng(k)
+    x = np.concatenate([rng.normal(rng.uniform(-50, 50, size=10), 1.0, size=(20, 10)) for _ in range(k)])
+    result = C.cluster_layer("L", C.pairwise_distances(x), max_rccs=20)
+    assert result.k == k
+    assert len(set(zip(result.labels.tolist(), np.repeat(np.arange(k), 20).tolist()))) == k
+
+
+def test_on_structureless_data_the_top_level_neither_drifts_nor_collapses():
+    x = np.random.default_rng(3).normal(size=(400, 30))     # no clusters at all
+    result = C.cluster_layer("L", C.pairwise_distances(x), max_rccs=20)
+    assert result.silhouette <= C.NO_STRUCTURE
+    assert result.k == 20                                    # the readable budget: not n/2, not 2-3
+    assert C.cluster_layer("L", C.pairwise_distances(x), max_rccs=12).k == 12
+    assert C.cluster_layer("L", C.pairwise_distances(x), k_criterion="max", max_rccs=7).k == 7
+
+
+def test_hdbscan_reports_its_noise_as_its_own_group():
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(0, 0.5, (30, 5)), rng.normal(20, 0.5, (30, 5)), rng.uniform(-60, 80, (8, 5))])
+    result = C.cluster_layer("L", C.pairwise_distances(x), clusterer="hdbscan", min_cluster_size=5)
+    assert result.k == 2 and set(result.labels[:60].tolist()) == {0, 1}
+    noise = result.labels == -1
+    assert 1 <= noise.sum() <= 8 and noise[60:].sum() == noise.sum()   # only the scattered points
+    for sub in np.unique(result.sub_labels):                            # noise's sub-clusters stay in noise
+        assert len(set(result.labels[result.sub_labels == sub].tolist())) == 1
+    quality = C.readable_quality(result.labels, np.array(["a"] * 30 + ["b"] * 30 + ["c"] * 8))
+    assert quality["noise"] == noise.sum() and quality["rccs"] == 2 and quality["purity"] == 1.0
+
+
+def test_readable_quality_of_the_largest_rccs():
+    labels = np.array([0] * 5 + [1] * 4 + [2] * 3 + [3] * 2 + [-1])
+    scenarios = np.array(["fog"] * 4 + ["night"] + ["night"] * 4 + ["tilt"] * 2 + ["none"] + ["tilt", "tilt"] + ["fog"])
+    quality = C.readable_quality(labels, scenarios, tops=(1, 2))
+    assert quality["rccs"] == 4 and quality["median_size"] == 3.5 and quality["noise"] == 1
+    assert quality["purity"] == pytest.approx((0.8 + 1.0 + 2 / 3 + 1.0) / 4)
+    assert quality["coverage"] == 1.0      # the causes are fog and night (5 errors each); tilt has 4, "none" is none
+    assert quality["purity_1"] == pytest.approx(0.8) and quality["coverage_1"] == pytest.approx(1 / 2)
+    assert quality["purity_2"] == pytest.approx(0.9) and quality["coverage_2"] == pytest.approx(1.0)
+    assert C.readable_quality(labels, None) == {"rccs": 4, "median_size": 3.5, "noise": 1}

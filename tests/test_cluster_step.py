@@ -154,5 +154,5 @@ def test_the_step_takes_the_two_stage_path_beyond_the_limit(make_case, monkeypat
 def test_majority_scenario_ties_are_broken_the_same_way_in_every_table():
     assert clusterModule.majority(np.array(["tilt", "occlusion"])) == ("occlusion", 0.5)
     assert clusterModule.majority(np.array(["fog", "night", "night"])) == ("night", pytest.approx(2 / 3))
-    stats = clusterModule.rcc_statistics(np.array([0, 0]), np.zeros((2, 2)), np.array(["tilt", "occlusion"]))
+    stats = clusterModule.rcc_statistics(np.array(["RCC01", "RCC01"]), np.zeros((2, 2)), np.array(["tilt", "occlusion"]))
     assert stats.loc[0, "majority_scenario"] == "occlusion"

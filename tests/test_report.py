@@ -61,9 +61,13 @@ def test_every_referenced_file_exists(retrained_case):
     case, _ = retrained_case
     page = parse(case / "T" / "report.html")
     assert page.sources and page.links
+    ids = {attrs["id"] for _tag, attrs in page.data if "id" in attrs}
     for reference in page.sources + page.links:
         assert not reference.startswith(("/", "http")), reference   # relative: the page opens from disk anywhere
-        assert (case / "T" / reference).exists(), reference
+        if reference.startswith("#"):                               # the summary's links to the cards
+            assert reference[1:] in ids, reference
+        else:
+            assert (case / "T" / reference).exists(), reference
 
 
 def test_the_numbers_are_those_of_the_output_files(retrained_case):
@@ -73,6 +77,10 @@ def test_the_numbers_are_those_of_the_output_files(retrained_case):
     stats = pd.read_csv(case / "T" / "ClusterAnalysis" / layer / "rcc_stats.csv").set_index("rcc")["size"]
     cards = {attrs["data-rcc"]: int(attrs["data-size"]) for tag, attrs in page.data if "data-rcc" in attrs}
     assert cards == stats.to_dict()                     # every RCC of the selected layer, with its size
+    at_a_glance = [attrs["data-top-rcc"] for tag, attrs in page.data if "data-top-rcc" in attrs]
+    assert sorted(at_a_glance) == sorted(stats.index)   # every top-level RCC on the summary's one screen
+    subs = pd.read_csv(case / "T" / "ClusterAnalysis" / layer / "sub_rcc_stats.csv")["sub_rcc"]
+    assert sorted(attrs["data-sub-rcc"] for tag, attrs in page.data if "data-sub-rcc" in attrs) == sorted(subs)
     ids = {attrs["id"]: attrs for tag, attrs in page.data if "id" in attrs}
     assert int(ids["errors"]["data-value"]) == len(pd.read_csv(case / "T" / "Heatmaps" / "index.csv"))
     accuracies = [float(attrs["data-accuracy"]) for tag, attrs in page.data if "data-accuracy" in attrs]
