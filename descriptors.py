@@ -6,8 +6,8 @@ step the relevance descriptors and the characterisation).
 
 - `image_descriptors`: per image (as the model sees it: resized, values in [0, 1]) brightness,
   contrast, saturation, dominant hue and the share of each hue, sharpness, noise, edge density, the
-  dominant edge orientation and how oblique the edges are, and the share of the image taken by the
-  estimated object (`object_masks`).
+  dominant edge orientation and how oblique the edges are, the share of the image taken by the
+  estimated object (`object_masks`) and how tilted the object's outline is.
 - `relevance_descriptors`: per error image, where its positive input relevance lies (centre of mass,
   share in each cell of a 3x3 grid), how concentrated it is (the smallest share of the image holding
   half of it) and the share of it outside the estimated object.
@@ -39,10 +39,10 @@ LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float64)
 IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float64)
 
 IMAGE_DESCRIPTORS = ("brightness", "contrast", "saturation", *(f"hue_{h}" for h in HUES), "sharpness", "noise",
-                     "edge_density", "edge_obliqueness", "object_share")
+                     "edge_density", "edge_obliqueness", "object_share", "object_tilt")
 INFORMATIVE = ("dominant_hue", "edge_orientation")    # circular (degrees): kept in the table, not ranked
 IMAGE_COLUMNS = ("brightness", "contrast", "saturation", "dominant_hue", *(f"hue_{h}" for h in HUES), "sharpness",
-                 "noise", "edge_density", "edge_orientation", "edge_obliqueness", "object_share")
+                 "noise", "edge_density", "edge_orientation", "edge_obliqueness", "object_share", "object_tilt")
 
 
 def _filter(planes: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -81,6 +81,7 @@ def image_descriptors(rgb: np.ndarray, objects: tuple[np.ndarray, np.ndarray] | 
         "edge_orientation": dominant_orientation(gx * region, gy * region),
         "edge_obliqueness": edge_obliqueness(gx, gy, edges & region),
         "object_share": np.where(valid, masks.mean(axis=(1, 2)), np.nan),
+        "object_tilt": np.where(valid, object_tilt(masks), np.nan),
     })
     return pd.concat([table, colour_descriptors(rgb)], axis=1)[list(IMAGE_COLUMNS)]
 
@@ -215,6 +216,27 @@ def _enlarge(masks: np.ndarray, factor: int, height: int, width: int) -> np.ndar
         return masks
     big = masks.repeat(factor, axis=1).repeat(factor, axis=2)
     return np.pad(big, ((0, 0), (0, height - big.shape[1]), (0, width - big.shape[2])), mode="edge")
+
+
+ROUND = 0.85       # an object whose minor axis is at least this share of its major axis has no tilt
+
+
+def object_tilt(masks: np.ndarray) -> np.ndarray:
+    """Per (H, W) mask, the angle (degrees, 0-45) between the region's long axis and the nearest
+    image axis, from its second moments; 0 for a nearly round region (minor/major axis ratio above
+    ROUND), whose long axis means nothing."""
+    height, width = masks.shape[1:]
+    rows, cols = np.mgrid[0:height, 0:width] + 0.5
+    weight = masks.astype(np.float64)
+    area = np.maximum(weight.sum(axis=(1, 2)), 1.0)
+    dx = cols - ((weight * cols).sum(axis=(1, 2)) / area)[:, None, None]
+    dy = -(rows - ((weight * rows).sum(axis=(1, 2)) / area)[:, None, None])       # y up
+    mxx, myy, mxy = ((weight * a * b).sum(axis=(1, 2)) / area for a, b in ((dx, dx), (dy, dy), (dx, dy)))
+    spread = np.sqrt(((mxx - myy) / 2) ** 2 + mxy ** 2)
+    major, minor = (mxx + myy) / 2 + spread, np.maximum((mxx + myy) / 2 - spread, 0.0)
+    angle = np.mod(0.5 * np.degrees(np.arctan2(2 * mxy, mxx - myy)), 90.0)
+    tilt = np.minimum(angle, 90.0 - angle)
+    return np.where(np.sqrt(minor / np.maximum(major, 1e-12)) < ROUND, tilt, 0.0)
 
 
 def otsu_thresholds(values: np.ndarray, bins: int = 64) -> np.ndarray:
@@ -355,6 +377,8 @@ WORDS = {
     "edge_obliqueness": Words("edge angle to the image axes", "with more oblique edges",
                               "with edges closer to horizontal and vertical", "°"),
     "object_share": Words("object region", "with a larger object region", "with a smaller object region", "%"),
+    "object_tilt": Words("object's long axis off the image axes", "with a more tilted object", "with a less tilted object",
+                         "°"),
     "relevance_x": Words("relevance centre from the left", "relevance further right", "relevance further left", "%"),
     "relevance_y": Words("relevance centre from the top", "relevance lower in the image", "relevance higher in the image",
                          "%"),
@@ -441,10 +465,13 @@ def _against_the_rest(x: np.ndarray, codes: np.ndarray, groups: int) -> pd.DataF
 
 
 def family(descriptor: str) -> str:
-    """Descriptors that say one thing in several ways share a family: the hue shares ("hue") and the
-    relevance's centre and grid cells ("relevance location"); every other descriptor is its own."""
+    """Descriptors that say one thing in several ways share a family: the hue shares ("hue"), the
+    edges' and the object's tilt ("orientation"), and the relevance's centre and grid cells
+    ("relevance location"); every other descriptor is its own."""
     if descriptor.startswith("hue_"):
         return "hue"
+    if descriptor in ("edge_obliqueness", "object_tilt"):
+        return "orientation"
     if descriptor in ("relevance_x", "relevance_y") or descriptor[len("relevance_"):] in GRID:
         return "relevance location"
     return descriptor

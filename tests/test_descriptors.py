@@ -123,6 +123,19 @@ def test_edge_orientation_looks_at_the_object_where_there_is_one():
     assert table.edge_obliqueness[0] > 30
 
 
+@pytest.mark.parametrize("angle", [0, 15, 35, -30, 60])
+def test_a_rotated_ellipse_has_the_tilt_of_its_long_axis_and_a_disc_has_none(angle):
+    def shape(axes, turn):
+        layer = Image.new("L", (96, 96), 0)
+        ImageDraw.Draw(layer).ellipse([48 - axes[0], 48 - axes[1], 48 + axes[0], 48 + axes[1]], fill=255)
+        return np.asarray(layer.rotate(turn, resample=Image.BILINEAR)) > 127
+    masks = np.stack([shape((30, 15), angle), shape((25, 25), angle)])
+    tilt = D.object_tilt(masks)
+    expected = min(abs(angle) % 90, 90 - abs(angle) % 90)
+    assert tilt[0] == pytest.approx(expected, abs=1.0)
+    assert tilt[1] == 0.0
+
+
 def test_the_object_mask_finds_a_disc_on_a_textured_background_and_none_on_a_flat_image():
     image, flat = scene(), Image.new("RGB", (64, 64), (128, 128, 128))
     masks, valid = D.object_masks(as_array(image, flat))
