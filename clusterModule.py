@@ -11,6 +11,9 @@ cut finer); then one layer is chosen (the algorithms are in clustering.py). Writ
   (mean distance between members), majority scenario, purity;
 - `<Layer>/RCC01/`, ...: copies of each RCC's images, named `<expected class>__<file>`;
 - `<Layer>/knee.png`, `distances.npy`, `projection.npz` (with PCA), `characterisation.xlsx`;
+- `<Layer>/rcc_descriptors.csv` and `<Layer>/descriptor_characterisation.xlsx` (selected layer): per
+  top-level RCC, the image and relevance descriptors (descriptors.py) that set it apart, ranked, with
+  plain-words sentences; and `relevance_descriptors.csv`: where each error image's input relevance lies;
 - `<Layer>HMDistance.xlsx` (the distance matrix for people), `summary.csv`/`summary.xlsx` (per layer);
 - `compare.csv` (`python HUDD.py -o CASE --compare`: every candidate combination, one table);
 and publishes the selected layer's RCCs under `CASE/T/<Layer>/RCCxx/` (what an engineer inspects,
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +34,9 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+import descriptors
 import heatmapModule
+import testModule
 from clustering import (EXACT_LIMIT, LayerClustering, Projection, cluster_layer, cluster_two_stage, fit_projection,
                         five_point_gradient, pairwise_distances, project_rows, purity_coverage, readable_quality,
                         select_layer)
@@ -69,6 +75,9 @@ KNEE_PLOT = "knee.png"
 CHARACTERISATION_FILE = "characterisation.xlsx"
 OVERLAY_SUFFIX = "_heatmap.png"
 NOISE = "noise"                   # the top-level group of the images HDBSCAN leaves unclustered
+RELEVANCE_FILE = "relevance_descriptors.csv"
+RCC_DESCRIPTORS_FILE = "rcc_descriptors.csv"
+DESCRIPTOR_WORKBOOK = "descriptor_characterisation.xlsx"
 
 
 def layer_dir(paths: CasePaths, layer: str) -> Path:
@@ -139,6 +148,19 @@ def read_characterising_parameters(paths: CasePaths, layer: str) -> pd.DataFrame
     return pd.read_excel(path, sheet_name="Parameters") if path.is_file() else None
 
 
+def read_rcc_descriptors(paths: CasePaths, layer: str) -> pd.DataFrame | None:
+    """Per RCC and descriptor: reference group, Cliff's delta, medians, percentile, rank and sentence
+    (descriptors.rank_descriptors); None where the cluster step has not written it."""
+    path = layer_dir(paths, layer) / RCC_DESCRIPTORS_FILE
+    return pd.read_csv(path, keep_default_na=False, na_values=[""]).fillna({"sentence": ""}) if path.is_file() else None
+
+
+def read_relevance_descriptors(paths: CasePaths) -> pd.DataFrame:
+    """Where each error image's positive input relevance lies (descriptors.RELEVANCE_DESCRIPTORS),
+    indexed by image, in heatmap row order."""
+    return pd.read_csv(analysis_dir(paths) / RELEVANCE_FILE).set_index("image")
+
+
 def knee_plot(paths: CasePaths, layer: str) -> Path:
     return layer_dir(paths, layer) / KNEE_PLOT
 
@@ -176,6 +198,67 @@ def error_metadata(ctx: RunContext, index: pd.DataFrame) -> pd.DataFrame | None:
         return None
     rows = metadata.reindex(index["image"])
     return None if rows.isna().all(axis=1).any() else rows
+
+
+@dataclass
+class ErrorDescriptors:
+    """What the characterisation compares: the error images' image and relevance descriptors (rows in
+    heatmap order) and the correct test images' image descriptors."""
+
+    images: pd.DataFrame
+    relevance: pd.DataFrame
+    correct: pd.DataFrame
+
+
+def describe_errors(ctx: RunContext, index: pd.DataFrame) -> ErrorDescriptors:
+    """The test step's descriptors of the error images and of the correct test images, and the
+    relevance descriptors of the error images from their input-layer heatmaps."""
+    table = testModule.read_descriptors(ctx.paths)
+    results = testModule.read_results(ctx.paths, "test")
+    correct = table.reindex(results.loc[results["result"] == "Correct", "image"])
+    masks, valid = testModule.read_object_masks(ctx.paths, list(index["image"]))
+    pixels = heatmapModule.open_layer(ctx.paths, heatmapModule.INPUT_LAYER)
+    if pixels.shape[-2:] != masks.shape[1:]:
+        log.info("object masks are %s but the input relevance is %s: relevance outside the object not measured",
+                 masks.shape[1:], pixels.shape[-2:])
+        masks = None
+    relevance = pd.concat([descriptors.relevance_descriptors(
+        np.asarray(pixels[start:start + 256]), None if masks is None else masks[start:start + 256],
+        valid[start:start + 256]) for start in range(0, len(index), 256)], ignore_index=True)
+    return ErrorDescriptors(images=table.reindex(index["image"]), relevance=relevance, correct=correct)
+
+
+def write_descriptor_characterisation(rccs: np.ndarray, described: ErrorDescriptors, folder: Path) -> None:
+    """rcc_descriptors.csv (the exchange file) and descriptor_characterisation.xlsx (for people): per
+    RCC (`rccs`: each error image's, in heatmap row order), its descriptors ranked by how much they
+    set it apart, with sentences for the first."""
+    table = descriptors.characterise_rccs(rccs, described.images, described.correct, described.relevance)
+    write_csv(table, folder / RCC_DESCRIPTORS_FILE)
+    sizes = pd.Series(rccs).value_counts()
+    per_rcc = pd.DataFrame({"rcc": sorted(sizes.index)})
+    per_rcc["size"] = per_rcc["rcc"].map(sizes)
+    for rank in (1, 2, 3):
+        chosen = table[table["rank"] == rank].set_index("rcc")
+        per_rcc[f"descriptor {rank}"] = per_rcc["rcc"].map(chosen["descriptor"])
+        per_rcc[f"delta {rank}"] = per_rcc["rcc"].map(chosen["delta"])
+        per_rcc[f"sentence {rank}"] = per_rcc["rcc"].map(chosen["sentence"]).fillna("")
+    deltas = table.pivot(index="rcc", columns="descriptor", values="delta")
+    with atomic_path(folder / DESCRIPTOR_WORKBOOK) as temporary:
+        with pd.ExcelWriter(temporary, engine="openpyxl") as book:
+            per_rcc.to_excel(book, sheet_name="RCCs", index=False)
+            deltas[table["descriptor"].unique()].to_excel(book, sheet_name="Effect sizes")
+
+
+def characterise_selected_layer(ctx: RunContext, index: pd.DataFrame, chosen: LayerClustering) -> None:
+    """relevance_descriptors.csv, and the descriptor characterisation of the selected layer's top-level
+    RCCs (of that layer only: the workbook alone takes about a second per layer)."""
+    for name in (RCC_DESCRIPTORS_FILE, DESCRIPTOR_WORKBOOK):
+        for old in analysis_dir(ctx.paths).glob(f"*/{name}"):
+            old.unlink()
+    described = describe_errors(ctx, index)
+    write_csv(pd.concat([index[["image"]], described.relevance], axis=1), analysis_dir(ctx.paths) / RELEVANCE_FILE)
+    top, _sub = level_names(chosen.labels, chosen.sub_labels)
+    write_descriptor_characterisation(top, described, layer_dir(ctx.paths, chosen.layer))
 
 
 def scenarios_of(metadata: pd.DataFrame | None) -> np.ndarray | None:
@@ -504,11 +587,12 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 class ClusterStep(Step):
     name, title = "clusters", "cluster step"
-    version = 2     # two levels of RCCs, feature spaces
+    version = 3     # 2: two levels of RCCs, feature spaces; 3: the descriptor characterisation
 
     def inputs(self, ctx: RunContext) -> dict:
         s = ctx.settings
-        return {"heatmaps": heatmapModule.STEP.recorded_fingerprint(ctx), **make_space(s.features).inputs(ctx),
+        return {"heatmaps": heatmapModule.STEP.recorded_fingerprint(ctx),
+                "descriptors": testModule.STEP.recorded_fingerprint(ctx), **make_space(s.features).inputs(ctx),
                 **{key: getattr(s, key) for key in CLUSTER_SETTINGS}}
 
     def outputs(self, ctx: RunContext) -> list[Path]:
@@ -528,6 +612,7 @@ class ClusterStep(Step):
         chosen = select_layer(results, ctx.settings.layer_criterion)
         write_summary(results, skipped, chosen, scenarios_of(metadata), analysis_dir(ctx.paths),
                       ctx.settings.ordinary_scenario)
+        characterise_selected_layer(ctx, index, chosen)
         publish_selected_layer(ctx, chosen.layer)
 
     def summary(self, ctx: RunContext) -> dict:

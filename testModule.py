@@ -6,33 +6,42 @@ image: `image` (path relative to the case directory), `result` (Correct/Wrong), 
 An unlabelled improvement set has no `result`/`expected` columns. Where a set has a `metadata.csv`
 with a `scenario` column, accuracy per scenario goes to `scenarioAccuracy.csv`.
 
+For the test set it also describes every image as the model sees it (descriptors.py): brightness,
+contrast, colour, sharpness, noise, edges and the estimated object region, in `testDescriptors.csv`
+(image, then one column per descriptor), and the object masks in `testObjects.npz`. The cluster step
+reads them to say what is unusual about each root-cause cluster.
+
 Keypoint models (`"task": "keypoints"`): each output map is decoded into (x, y) (keypoints.py) and the
 rows hold `image`, `result` (Wrong when the mean error over the visible keypoints exceeds
 `error_threshold`), `mean_error`, `worst_keypoint`, `worst_component`, one Error/OK column per face
 component, `error_<kp>` per keypoint (empty where the keypoint is missing) and `pred_<kp>_x/_y`
 (tasks.KeypointTask.result_frame).
 
-This module owns those files: the other steps read them through `read_results`, `error_index` and
-`read_scenario_accuracy`.
+This module owns those files: the other steps read them through `read_results`, `error_index`,
+`read_scenario_accuracy`, `read_descriptors` and `read_object_masks`.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from Helper import (SET_FOLDERS, CasePaths, HuddError, ImageSet, RunContext, Step, image_set_digest, make_loader,
-                    read_metadata, resolve_input_size, write_csv)
+import descriptors
+from Helper import (SET_FOLDERS, CasePaths, HuddError, ImageSet, RunContext, Settings, Step, atomic_path,
+                    image_set_digest, make_loader, read_metadata, resolve_input_size, write_csv)
 
 log = logging.getLogger("hudd")
 
 RESULT_FILES = {"train": "trainResult.csv", "test": "testResult.csv", "improve": "improveResult.csv"}
 SCENARIO_FILE = "scenarioAccuracy.csv"
+DESCRIPTOR_FILE = "testDescriptors.csv"
+OBJECT_FILE = "testObjects.npz"
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,6 +72,30 @@ def read_scenario_accuracy(paths: CasePaths) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.is_file() else None
 
 
+def read_descriptors(paths: CasePaths) -> pd.DataFrame:
+    """The image descriptors of every test image (descriptors.IMAGE_DESCRIPTORS and the informative
+    ones), indexed by image path relative to the case."""
+    path = paths.root / DESCRIPTOR_FILE
+    if not path.is_file():
+        raise HuddError(f"{path}: not found; run the test step first (python HUDD.py -o CASE --steps test)")
+    return pd.read_csv(path).set_index("image")
+
+
+def read_object_masks(paths: CasePaths, images: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The estimated object masks (images, height, width) of the given test images, as the model
+    sees them, and whether each could be estimated."""
+    path = paths.root / OBJECT_FILE
+    if not path.is_file():
+        raise HuddError(f"{path}: not found; run the test step first (python HUDD.py -o CASE --steps test)")
+    with np.load(path) as stored:
+        rows = pd.Index(stored["images"]).get_indexer(images)
+        if (rows < 0).any():
+            raise HuddError(f"{path}: has no mask for {images[int(np.flatnonzero(rows < 0)[0])]}; rerun the test step")
+        height, width = (int(v) for v in stored["shape"])
+        masks = np.unpackbits(stored["masks"][rows], axis=1, count=height * width).astype(bool)
+        return masks.reshape(len(rows), height, width), stored["valid"][rows]
+
+
 def original_test_accuracy(paths: CasePaths) -> float:
     """The run model's test accuracy (%), from testResult.csv."""
     return 100.0 * float(read_results(paths, "test")["result"].eq("Correct").mean())
@@ -81,9 +114,11 @@ class SetPredictions:
     failures: list[tuple[int, str]]
 
 
-def predict_set(model: torch.nn.Module, image_set: ImageSet, ctx: RunContext) -> SetPredictions:
+def predict_set(model: torch.nn.Module, image_set: ImageSet, ctx: RunContext,
+                on_batch: Callable[[torch.Tensor, np.ndarray], None] | None = None) -> SetPredictions:
     """Batched inference over a set. An unreadable image stops the run, naming the file, unless
-    the user asked to skip such images (then it is left out of the results, with a warning)."""
+    the user asked to skip such images (then it is left out of the results, with a warning).
+    `on_batch(inputs, indices)` sees every batch of model inputs (the image descriptors use it)."""
     loader = make_loader(image_set, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
     indices, rows, failures = [], [], []
     with torch.no_grad():
@@ -97,6 +132,8 @@ def predict_set(model: torch.nn.Module, image_set: ImageSet, ctx: RunContext) ->
             if len(batch_indices):
                 rows.append(ctx.task.output_rows(model(inputs.to(ctx.device))))
                 indices.append(batch_indices.numpy())
+                if on_batch is not None:
+                    on_batch(inputs, batch_indices.numpy())
     for index, error in failures:
         log.warning("skipped unreadable image %s (%s)", image_set.paths[index], error)
     if not indices:
@@ -138,12 +175,43 @@ def scenario_accuracy(set_key: str, image_set: ImageSet, frame: pd.DataFrame, ct
     return table
 
 
+class ImageDescriber:
+    """Collects the descriptors and object masks of a set's images from the batches of model inputs
+    (un-normalised back to [0, 1]), then writes them in the order of the set's result rows."""
+
+    def __init__(self, settings: Settings):
+        self.mean = np.asarray(settings.mean, dtype=np.float64)[None, :, None, None]
+        self.std = np.asarray(settings.std, dtype=np.float64)[None, :, None, None]
+        self.tables, self.masks, self.valid, self.indices = [], [], [], []
+        self.shape = (0, 0)
+
+    def __call__(self, inputs: torch.Tensor, indices: np.ndarray) -> None:
+        pixels = np.clip(inputs.detach().cpu().numpy() * self.std + self.mean, 0.0, 1.0).transpose(0, 2, 3, 1)
+        masks, valid = descriptors.object_masks(pixels)
+        self.tables.append(descriptors.image_descriptors(pixels, (masks, valid)))
+        self.masks.append(np.packbits(masks.reshape(len(masks), -1), axis=1))
+        self.valid.append(valid)
+        self.indices.append(indices)
+        self.shape = masks.shape[1:]
+
+    def write(self, paths: CasePaths, frame: pd.DataFrame) -> None:
+        """`frame`: the set's result rows, whose images are the readable ones, in collection order."""
+        table = pd.concat(self.tables, ignore_index=True)
+        table.insert(0, "image", frame["image"].to_numpy())
+        write_csv(table, paths.root / DESCRIPTOR_FILE)
+        with atomic_path(paths.root / OBJECT_FILE) as temporary:
+            with open(temporary, "wb") as stream:
+                np.savez_compressed(stream, images=frame["image"].to_numpy(dtype=str), masks=np.concatenate(self.masks),
+                                    valid=np.concatenate(self.valid), shape=np.asarray(self.shape))
+
+
 # --------------------------------------------------------------------------------------------
 # The step
 # --------------------------------------------------------------------------------------------
 
 class TestStep(Step):
     name, title = "test", "test step"
+    version = 2     # 2: the test images' descriptors and object masks
 
     def inputs(self, ctx: RunContext) -> dict:
         return {**ctx.model_fingerprint_part(),
@@ -152,6 +220,7 @@ class TestStep(Step):
 
     def outputs(self, ctx: RunContext) -> list[Path]:
         files = [result_path(ctx.paths, k) for k in ctx.sets()]
+        files += [ctx.paths.root / DESCRIPTOR_FILE, ctx.paths.root / OBJECT_FILE]
         scenario_path = ctx.paths.root / SCENARIO_FILE
         return files + ([scenario_path] if scenario_path.is_file() else [])
 
@@ -162,8 +231,11 @@ class TestStep(Step):
             problem = ctx.task.check_images(image_set, resolve_input_size(ctx.settings))
             if problem:
                 raise HuddError(problem)
-            frame = result_frame(image_set, predict_set(model, image_set, ctx), ctx)
+            describe = ImageDescriber(ctx.settings) if set_key == "test" else None
+            frame = result_frame(image_set, predict_set(model, image_set, ctx, describe), ctx)
             write_csv(frame, result_path(ctx.paths, set_key))
+            if describe is not None:
+                describe.write(ctx.paths, frame)
             scenario_tables.append(scenario_accuracy(set_key, image_set, frame, ctx))
         scenarios = pd.concat(scenario_tables, ignore_index=True)
         scenario_path = ctx.paths.root / SCENARIO_FILE
