@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from matplotlib.colors import rgb_to_hsv
+from PIL import Image
 from scipy import ndimage
-from scipy.spatial import cKDTree
 
 # --------------------------------------------------------------------------------------------
 # Image descriptors
@@ -92,12 +91,13 @@ def _interior(planes: np.ndarray) -> np.ndarray:
 
 def colour_descriptors(rgb: np.ndarray) -> pd.DataFrame:
     """Mean HSV saturation, the dominant hue (degrees; NaN without coloured pixels) and the share of
-    the image whose pixels are coloured with each of the six hues."""
+    the image whose pixels are coloured with each of the six hues (PIL's HSV, 8 bits a channel)."""
     columns = ["saturation", "dominant_hue", *(f"hue_{h}" for h in HUES)]
     if rgb.shape[-1] != 3:
         return pd.DataFrame(np.nan, index=range(len(rgb)), columns=columns)
-    hsv = rgb_to_hsv(np.clip(rgb, 0.0, 1.0))
-    hue, saturation, value = hsv[..., 0] * 360.0, hsv[..., 1], hsv[..., 2]
+    levels = np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
+    hsv = np.stack([np.asarray(Image.fromarray(image).convert("HSV")) for image in levels]).astype(np.float64)
+    hue, saturation, value = hsv[..., 0] * (360.0 / 256.0), hsv[..., 1] / 255.0, hsv[..., 2] / 255.0
     coloured = (saturation >= COLOURED_SATURATION) & (value >= COLOURED_VALUE)
     sector = np.floor(np.mod(hue + 30.0, 360.0) / 60.0).astype(np.int64)
     table = pd.DataFrame({"saturation": saturation.mean(axis=(1, 2)),
@@ -182,23 +182,35 @@ def object_masks(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(B, H, W) masks of the estimated object and, per image, whether one could be estimated.
 
     The object is what differs from the image's border: each pixel's colour distance (after a
-    slight blur) to the nearest colour of the border band, thresholded by Otsu's method; the largest
-    connected region, holes filled. No object where that region covers under 2% or over 90% of the
-    image. Large images are shrunk by block averaging first and the masks enlarged back."""
+    slight blur) to the nearest colour of the border band (sampled every other pixel), thresholded by
+    Otsu's method; the largest connected region, holes filled. No object where that region covers
+    under 2% or over 90% of the image. Large images are shrunk by block averaging first and the
+    masks enlarged back."""
     count, height, width = rgb.shape[:3]
     factor = max(1, math.ceil(max(height, width) / WORKING_SIDE))
-    small = _shrink(rgb.astype(np.float64), factor)
-    smooth = ndimage.gaussian_filter(small, sigma=(0, 1, 1, 0))
+    smooth = ndimage.gaussian_filter(_shrink(rgb.astype(np.float32), factor), sigma=(0, 1, 1, 0))
     h, w = smooth.shape[1:3]
     band = max(1, int(round(BORDER * min(h, w))))
     border = np.ones((h, w), dtype=bool)
     border[band:-band, band:-band] = False
+    border[1::2, :] = border[:, 1::2] = False
     pixels = smooth.reshape(count, h * w, -1)
-    distance = np.stack([cKDTree(image[border.ravel()]).query(image)[0] for image in pixels])
+    distance = np.concatenate([_border_distance(pixels[s:s + 8], border.ravel()) for s in range(0, count, 8)])
     cut = np.maximum(otsu_thresholds(distance), 0.05)
     masks = largest_regions((distance > cut[:, None]).reshape(count, h, w))
     share = masks.mean(axis=(1, 2))
     return _enlarge(masks, factor, height, width), (share >= MIN_OBJECT) & (share <= MAX_OBJECT)
+
+
+def _border_distance(pixels: np.ndarray, border: np.ndarray) -> np.ndarray:
+    """(b, P, C) colours -> (b, P) distance of each to the nearest colour of its image's border
+    pixels (a few images at a time: the (b, P, border) block stays small)."""
+    edge = pixels[:, border]
+    squared = np.zeros((len(pixels), pixels.shape[1], edge.shape[1]), dtype=np.float32)
+    for channel in range(pixels.shape[2]):
+        difference = pixels[:, :, None, channel] - edge[:, None, :, channel]
+        squared += difference * difference
+    return np.sqrt(squared.min(axis=2)).astype(np.float64)
 
 
 def _shrink(images: np.ndarray, factor: int) -> np.ndarray:
@@ -382,7 +394,7 @@ WORDS = {
     "relevance_x": Words("relevance centre from the left", "relevance further right", "relevance further left", "%"),
     "relevance_y": Words("relevance centre from the top", "relevance lower in the image", "relevance higher in the image",
                          "%"),
-    **{f"relevance_{c}": Words(f"relevance in the {c.replace('_', '-')} ninth",
+    **{f"relevance_{c}": Words("relevance there",
                                f"more relevance in the {c.replace('_', '-')} ninth of the image",
                                f"less relevance in the {c.replace('_', '-')} ninth of the image", "%") for c in GRID},
     "relevance_half_area": Words("area holding half the relevance", "relevance more spread out",
@@ -528,7 +540,7 @@ def sentence(row, where: str = "") -> str:
     share = math.floor(row.percentile)
     comparison = f"{words.higher if row.delta > 0 else words.lower} than {share}% of {row.reference}"
     if row.descriptor == "relevance_half_area" and row.delta < 0:
-        place = f", centred {where}" if where else ""
+        place = "" if not where else ", in the centre" if where == "centre" else f", towards the {where}"
         return (f"{comparison}: half of it in {words.value(row.median)} of the image{place} "
                 f"({row.reference}: {words.value(row.reference_median)})")
     return f"{comparison} ({words.label} {words.value(row.median)}; {row.reference} {words.value(row.reference_median)})"
