@@ -389,11 +389,11 @@ WORDS = {
     "edge_obliqueness": Words("edge angle to the image axes", "with more oblique edges",
                               "with edges closer to horizontal and vertical", "°"),
     "object_share": Words("object region", "with a larger object region", "with a smaller object region", "%"),
-    "object_tilt": Words("object's long axis off the image axes", "with a more tilted object", "with a less tilted object",
-                         "°"),
+    "object_tilt": Words("object's long axis off the image axes", "with a more tilted object",
+                         "with a less tilted object", "°"),
     "relevance_x": Words("relevance centre from the left", "relevance further right", "relevance further left", "%"),
-    "relevance_y": Words("relevance centre from the top", "relevance lower in the image", "relevance higher in the image",
-                         "%"),
+    "relevance_y": Words("relevance centre from the top", "relevance lower in the image",
+                         "relevance higher in the image", "%"),
     **{f"relevance_{c}": Words("relevance there",
                                f"more relevance in the {c.replace('_', '-')} ninth of the image",
                                f"less relevance in the {c.replace('_', '-')} ninth of the image", "%") for c in GRID},
@@ -543,7 +543,8 @@ def sentence(row, where: str = "") -> str:
         place = "" if not where else ", in the centre" if where == "centre" else f", towards the {where}"
         return (f"{comparison}: half of it in {words.value(row.median)} of the image{place} "
                 f"({row.reference}: {words.value(row.reference_median)})")
-    return f"{comparison} ({words.label} {words.value(row.median)}; {row.reference} {words.value(row.reference_median)})"
+    numbers = f"{words.label} {words.value(row.median)}; {row.reference} {words.value(row.reference_median)}"
+    return f"{comparison} ({numbers})"
 
 
 def characterise_rccs(rccs, images: pd.DataFrame, correct: pd.DataFrame, relevance: pd.DataFrame) -> pd.DataFrame:
