@@ -21,6 +21,7 @@ import pandas as pd
 
 import assignModule
 import clusterModule
+import descriptors
 import heatmapModule
 import retrainModule
 import testModule
@@ -51,6 +52,7 @@ class ReportData:
     stats: pd.DataFrame            # per top-level RCC: size, sub_rccs, icd (, majority_scenario, purity)
     sub_stats: pd.DataFrame        # per sub-cluster: rcc, size, icd (, majority_scenario, purity)
     parameters: pd.DataFrame | None  # per RCC: characterising parameters
+    described: pd.DataFrame | None   # per RCC and descriptor: effect size, rank, sentence (no metadata needed)
     unsafe: pd.DataFrame | None    # image, rcc, distance, rank
     retrain: dict[str, dict]       # mode -> runs, scenarios, rcc tables
     sets: dict[str, dict]          # set folder -> images, wrong, accuracy (the test step's summary)
@@ -64,6 +66,7 @@ def read_data(ctx: RunContext) -> ReportData:
                       stats=clusterModule.read_rcc_stats(ctx.paths, layer),
                       sub_stats=clusterModule.read_sub_rcc_stats(ctx.paths, layer),
                       parameters=clusterModule.read_characterising_parameters(ctx.paths, layer),
+                      described=clusterModule.read_rcc_descriptors(ctx.paths, layer),
                       unsafe=assignModule.read_assignments(ctx.paths),
                       retrain={mode: retrainModule.read_tables(ctx.paths, mode)
                                for mode in retrainModule.modes_run(ctx.paths)},
@@ -86,6 +89,7 @@ th{background:#f2f2f2} td.l,th.l{text-align:left} tr.sel td{background:#fff6d5;f
 figure{margin:0;font-size:11px;text-align:center} figure img{display:block;image-rendering:pixelated}
 .unsafe img{width:64px;height:64px} .muted{color:#777} .pos{color:#0a0} .neg{color:#c00}
 td.strip figure{display:inline-block;margin-right:3px} .sub{margin:6px 0 0 8px} details{margin-top:6px}
+ul.apart{margin:2px 0 2px 0;padding-left:18px;font-size:13px}
 """
 
 
@@ -206,6 +210,7 @@ def rcc_cards(ctx: RunContext, data: ReportData) -> str:
         if "majority_scenario" in rcc:
             meta.append(f"majority scenario {described(rcc, data)}")
         lines = [f"<div class=meta>{' · '.join(meta)}</div>"]
+        lines.append(descriptor_lines(data.described, name))
         if data.parameters is not None:
             params = data.parameters[data.parameters["rcc"] == name].nlargest(4, "variance_reduction_%")
             if len(params):
@@ -227,8 +232,45 @@ def rcc_cards(ctx: RunContext, data: ReportData) -> str:
     explained, caption = ctx.task.explained_words
     return (f"<h2>Root-cause clusters of {esc(data.layer)}</h2><p>{len(stats)} RCCs, largest first. Each thumbnail: "
             f"the image, then where the model looked (input-level LRP relevance of {explained}: red "
-            f"for evidence for it, blue against). Caption: {caption}.</p>"
-            f"<div class=cards>{''.join(cards)}</div>")
+            f"for evidence for it, blue against). Caption: {caption}. What sets an RCC apart compares its images "
+            "with the correct test images, and its relevance with the other error images (the median member; "
+            "δ: Cliff's delta).</p>"
+            f"{summary_table(data, stats)}<div class=cards>{''.join(cards)}</div>")
+
+
+def descriptor_lines(described: pd.DataFrame | None, rcc: str) -> str:
+    """What sets an RCC apart, from its images and relevance alone (the cluster step's sentences)."""
+    if described is None:
+        return ""
+    said = described[(described["rcc"] == rcc) & (described["sentence"] != "")].sort_values("rank")
+    if not len(said):
+        return ("<div class='meta muted apart'>what sets it apart: no image or relevance descriptor differs much "
+                f"(|Cliff's delta| under {descriptors.LARGE_EFFECT})</div>")
+    items = "".join(f"<li data-descriptor='{esc(row.descriptor)}' data-delta='{row.delta:.4f}'>{esc(row.sentence)}"
+                    f" <span class=muted>(δ {row.delta:+.2f})</span></li>" for row in said.itertuples())
+    return ("<div class='meta apart'>what sets it apart (from its images and relevance):"
+            f"<ul class=apart>{items}</ul></div>")
+
+
+def rcc_headline(described: pd.DataFrame | None, rcc: str) -> str:
+    """One short line per RCC for a summary: its first descriptor sentence ("" when none)."""
+    return "" if described is None else descriptors.headline(described, rcc)
+
+
+def summary_table(data: ReportData, stats: pd.DataFrame, rows: int = 20) -> str:
+    """The largest RCCs at a glance: size, majority scenario where metadata exists, headline."""
+    if data.described is None:
+        return ""
+    scenario = "majority_scenario" in stats
+    body = "".join(
+        f"<tr><td class=l>{esc(r['rcc'])}</td><td>{int(r['size'])}</td>"
+        + (f"<td class=l>{esc(r['majority_scenario'])}</td>" if scenario else "")
+        + f"<td class='l headline' data-headline='{esc(r['rcc'])}'>"
+        + f"{esc(rcc_headline(data.described, r['rcc']))}</td></tr>"
+        for _, r in stats.head(rows).iterrows())
+    return ("<table id=at-a-glance><tr><th class=l>RCC</th><th>size</th>"
+            + ("<th class=l>majority scenario</th>" if scenario else "")
+            + f"<th class=l>what sets it apart</th></tr>{body}</table>")
 
 
 def sub_clusters(ctx: RunContext, data: ReportData, rcc: str) -> str:

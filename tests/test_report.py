@@ -2,7 +2,9 @@
 the overlays show relevance in the right colours, and (where Chromium is installed) it renders."""
 from __future__ import annotations
 
+import html
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -150,3 +152,35 @@ def test_the_page_renders_in_headless_chromium(retrained_case, tmp_path):
     picture = np.asarray(Image.open(shot).convert("RGB"))
     assert picture.shape[:2] == (2000, 1400)
     assert picture.std() > 20 and (picture < 100).any()   # text and thumbnails, not a blank page
+
+
+def card_segments(page: str) -> dict[str, str]:
+    """Each RCC card's HTML, by RCC name."""
+    parts = re.split(r"(?=<div class=card id=')", page)
+    return {re.match(r"<div class=card id='([^']+)'", p).group(1): p for p in parts[1:]}
+
+
+def test_every_card_says_what_sets_its_rcc_apart_without_metadata(retrained_case):
+    case, _ = retrained_case
+    assert not list((case / "DataSets").rglob("metadata.csv"))
+    layer = selected_layer(case)
+    table = pd.read_csv(case / "T" / "ClusterAnalysis" / layer / "rcc_descriptors.csv", keep_default_na=False)
+    page = (case / "T" / "report.html").read_text(encoding="utf-8")
+    cards = card_segments(page)
+    assert set(cards) == set(table["rcc"])
+    for rcc, card in cards.items():
+        said = table[(table["rcc"] == rcc) & (table["sentence"] != "")].sort_values("rank")
+        if len(said):
+            positions = [card.index(html.escape(s, quote=True)) for s in said["sentence"]]
+            assert positions == sorted(positions)
+            for row in said.itertuples():
+                assert f"data-descriptor='{row.descriptor}' data-delta='{row.delta:.4f}'" in card
+        else:
+            assert "no image or relevance descriptor differs much" in card
+    glance = parse(case / "T" / "report.html")
+    headlines = {attrs["data-headline"]: None for tag, attrs in glance.data if "data-headline" in attrs}
+    assert headlines and set(headlines) <= set(table["rcc"])
+    for rcc in headlines:
+        first = table[(table["rcc"] == rcc) & (table["sentence"] != "")].sort_values("rank")["sentence"]
+        cell = re.search(rf"data-headline='{rcc}'>(.*?)</td>", page).group(1)
+        assert html.unescape(cell) == (first.iloc[0] if len(first) else "")
