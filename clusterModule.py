@@ -230,11 +230,13 @@ def describe_errors(ctx: RunContext, index: pd.DataFrame) -> ErrorDescriptors:
 
 def write_descriptor_characterisation(rccs: np.ndarray, described: ErrorDescriptors, folder: Path) -> None:
     """rcc_descriptors.csv (the exchange file) and descriptor_characterisation.xlsx (for people): per
-    RCC (`rccs`: each error image's, in heatmap row order), its descriptors ranked by how much they
-    set it apart, with sentences for the first."""
-    table = descriptors.characterise_rccs(rccs, described.images, described.correct, described.relevance)
+    RCC (`rccs`: each error image's top-level RCC, in heatmap row order), its descriptors ranked by
+    how much they set it apart, with sentences for the first. HDBSCAN's noise group is no RCC: not
+    characterised (its images are among the other error images the relevance is compared with)."""
+    table = descriptors.characterise_rccs(rccs, described.images, described.correct, described.relevance,
+                                          unclustered=NOISE)
     write_csv(table, folder / RCC_DESCRIPTORS_FILE)
-    sizes = pd.Series(rccs).value_counts()
+    sizes = pd.Series(rccs)[lambda names: names != NOISE].value_counts()
     per_rcc = pd.DataFrame({"rcc": sorted(sizes.index)})
     per_rcc["size"] = per_rcc["rcc"].map(sizes)
     for rank in (1, 2, 3):

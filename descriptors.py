@@ -547,16 +547,18 @@ def sentence(row, where: str = "") -> str:
     return f"{comparison} ({numbers})"
 
 
-def characterise_rccs(rccs, images: pd.DataFrame, correct: pd.DataFrame, relevance: pd.DataFrame) -> pd.DataFrame:
+def characterise_rccs(rccs, images: pd.DataFrame, correct: pd.DataFrame, relevance: pd.DataFrame,
+                      unclustered: str | None = None) -> pd.DataFrame:
     """The ranked characterisation of every RCC (`rank_descriptors`): its members' image descriptors
     (`images`, one row per error image, aligned with `rccs`) against the correct test images'
     (`correct`), and their relevance descriptors (`relevance`, aligned too) against the other error
-    images' (the correct images have no relevance)."""
+    images' (the correct images have no relevance). The `unclustered` group (HDBSCAN's noise) is no
+    RCC: it gets no rows, but its images count among the other error images."""
     ranked = [c for c in IMAGE_DESCRIPTORS if c in images.columns]
     table = pd.concat([characterise(images[ranked].reset_index(drop=True), rccs, correct[ranked], "correct images"),
                        characterise(relevance[list(RELEVANCE_DESCRIPTORS)].reset_index(drop=True), rccs, None,
                                     "other error images")], ignore_index=True)
-    return rank_descriptors(table)
+    return rank_descriptors(table[table["rcc"] != unclustered].reset_index(drop=True))
 
 
 def headline(table: pd.DataFrame, rcc: str) -> str:

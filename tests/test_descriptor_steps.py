@@ -87,6 +87,25 @@ def test_with_metadata_both_characterisations_are_written(make_case):
     assert (folder / "characterisation.xlsx").is_file() and (folder / "descriptor_characterisation.xlsx").is_file()
 
 
+def test_hdbscans_noise_group_is_never_characterised_as_an_rcc(make_case, tmp_path):
+    """The noise group gets no rows, its images count among the other error images, and the
+    workbook lists the RCCs alone."""
+    case = make_case(per_class=4)
+    ctx, summary = analysed(case)
+    index = heatmapModule.read_index(ctx.paths)
+    described = clusterModule.describe_errors(ctx, index)
+    rccs = np.where(np.arange(len(index)) % 3 == 0, clusterModule.NOISE,
+                    np.where(np.arange(len(index)) % 3 == 1, "RCC01", "RCC02"))
+    clusterModule.write_descriptor_characterisation(rccs, described, tmp_path)
+    table = pd.read_csv(tmp_path / clusterModule.RCC_DESCRIPTORS_FILE)
+    assert set(table["rcc"]) == {"RCC01", "RCC02"}
+    row = table[(table["rcc"] == "RCC01") & (table["descriptor"] == "relevance_x")].iloc[0]
+    assert row["reference_median"] == pytest.approx(np.median(described.relevance["relevance_x"][rccs != "RCC01"]))
+    book = pd.read_excel(tmp_path / clusterModule.DESCRIPTOR_WORKBOOK, sheet_name="RCCs")
+    assert list(book["rcc"]) == ["RCC01", "RCC02"] and list(book["size"]) == [(rccs == "RCC01").sum(),
+                                                                            (rccs == "RCC02").sum()]
+
+
 def test_the_cluster_step_follows_the_test_steps_descriptors(make_case):
     """A rerun reuses the characterisation; a new test step (here: a changed training image, which
     leaves the errors and their heatmaps as they were) makes the cluster step characterise again."""

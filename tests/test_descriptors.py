@@ -270,6 +270,24 @@ def test_the_planted_difference_ranks_first_and_each_family_speaks_once_in_the_f
     assert D.headline(table, "RCC01").startswith("darker than")
 
 
+def test_the_unclustered_group_is_no_rcc_but_counts_among_the_other_error_images():
+    rccs, errors, correct, relevance = planted_rccs()
+    rccs = np.where(rccs == "RCC03", "noise", rccs)            # HDBSCAN left RCC03's images unclustered
+    table = D.characterise_rccs(rccs, errors, correct, relevance, unclustered="noise")
+    assert set(table["rcc"]) == {"RCC01", "RCC02"}
+    rows = table.set_index(["rcc", "descriptor"])
+    x = relevance.loc[rccs == "RCC01", "relevance_bottom_left"]
+    for rcc in ("RCC01", "RCC02"):
+        others = relevance.loc[rccs != rcc, "relevance_bottom_left"]                 # the noise included
+        assert rows.loc[(rcc, "relevance_bottom_left"), "reference_median"] == pytest.approx(np.median(others))
+    y = relevance.loc[rccs != "RCC01", "relevance_bottom_left"]
+    u = stats.mannwhitneyu(x, y).statistic
+    assert rows.loc[("RCC01", "relevance_bottom_left"), "delta"] == pytest.approx(2 * u / (len(x) * len(y)) - 1)
+    without_noise = relevance.loc[rccs == "RCC02", "relevance_bottom_left"]
+    assert np.median(without_noise) != pytest.approx(np.median(y))      # the noise does change the reference
+    assert rows.loc[("RCC01", "brightness"), "rank"] == 1
+
+
 SENTENCE = re.compile(r"^(?P<words>.+?) than (?P<share>\d+)% of (?P<reference>correct images|other error images)"
                       r"(?:: half of it in (?P<value2>[\d.]+%) of the image"
                       r"(?:, (?:in the|towards the) (?P<where>[a-z-]+))?)?"
