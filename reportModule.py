@@ -186,17 +186,22 @@ def described(rcc: pd.Series, data: ReportData) -> str:
 
 
 def rcc_summary(ctx: RunContext, data: ReportData) -> str:
-    """Every top-level RCC on one line, largest first: what a reader takes in at a glance."""
+    """Every top-level RCC on one line, largest first: what a reader takes in at a glance (what its
+    members share where metadata says, and what sets it apart from its images and relevance)."""
     stats = data.stats.sort_values(["size", "rcc"], ascending=[False, True])
+    apart = data.described is not None
     rows = "".join(
         f"<tr data-top-rcc='{esc(r['rcc'])}'><td class=l><a href='#{esc(r['rcc'])}'>{esc(r['rcc'])}</a></td>"
         f"<td>{int(r['size'])}</td><td>{int(r['sub_rccs'])}</td><td class=l>{described(r, data)}</td>"
-        f"<td class='l strip'>{thumbnails(ctx, data, data.labels[data.labels['rcc'] == r['rcc']], 4, height=40)}</td></tr>"
-        for _, r in stats.iterrows())
+        + (f"<td class='l headline' data-headline='{esc(r['rcc'])}'>{esc(rcc_headline(data.described, r['rcc']))}"
+           "</td>" if apart else "")
+        + f"<td class='l strip'>{thumbnails(ctx, data, data.labels[data.labels['rcc'] == r['rcc']], 4, height=40)}"
+        "</td></tr>" for _, r in stats.iterrows())
     return (f"<h2>The root causes at a glance</h2><p>{len(stats)} root-cause clusters of {esc(data.layer)}, largest "
             "first; each opens below with its sub-clusters.</p><table id=rcc-summary><tr><th class=l>RCC</th>"
-            "<th>images</th><th>sub-clusters</th><th class=l>what they share</th><th class=l>examples</th></tr>"
-            f"{rows}</table>")
+            "<th>images</th><th>sub-clusters</th><th class=l>what they share</th>"
+            + ("<th class=l>what sets it apart</th>" if apart else "")
+            + f"<th class=l>examples</th></tr>{rows}</table>")
 
 
 def rcc_cards(ctx: RunContext, data: ReportData) -> str:
@@ -235,13 +240,16 @@ def rcc_cards(ctx: RunContext, data: ReportData) -> str:
             f"for evidence for it, blue against). Caption: {caption}. What sets an RCC apart compares its images "
             "with the correct test images, and its relevance with the other error images (the median member; "
             "δ: Cliff's delta).</p>"
-            f"{summary_table(data, stats)}<div class=cards>{''.join(cards)}</div>")
+            f"<div class=cards>{''.join(cards)}</div>")
 
 
 def descriptor_lines(described: pd.DataFrame | None, rcc: str) -> str:
     """What sets an RCC apart, from its images and relevance alone (the cluster step's sentences)."""
     if described is None:
         return ""
+    if rcc == clusterModule.NOISE:
+        return ("<div class='meta muted apart'>the images the clustering left out (noise): no root cause to "
+                "characterise</div>")
     said = described[(described["rcc"] == rcc) & (described["sentence"] != "")].sort_values("rank")
     if not len(said):
         return ("<div class='meta muted apart'>what sets it apart: no image or relevance descriptor differs much "
@@ -253,24 +261,8 @@ def descriptor_lines(described: pd.DataFrame | None, rcc: str) -> str:
 
 
 def rcc_headline(described: pd.DataFrame | None, rcc: str) -> str:
-    """One short line per RCC for a summary: its first descriptor sentence ("" when none)."""
+    """One short line per top-level RCC for the summary: its first descriptor sentence ("" when none)."""
     return "" if described is None else descriptors.headline(described, rcc)
-
-
-def summary_table(data: ReportData, stats: pd.DataFrame, rows: int = 20) -> str:
-    """The largest RCCs at a glance: size, majority scenario where metadata exists, headline."""
-    if data.described is None:
-        return ""
-    scenario = "majority_scenario" in stats
-    body = "".join(
-        f"<tr><td class=l>{esc(r['rcc'])}</td><td>{int(r['size'])}</td>"
-        + (f"<td class=l>{esc(r['majority_scenario'])}</td>" if scenario else "")
-        + f"<td class='l headline' data-headline='{esc(r['rcc'])}'>"
-        + f"{esc(rcc_headline(data.described, r['rcc']))}</td></tr>"
-        for _, r in stats.head(rows).iterrows())
-    return ("<table id=at-a-glance><tr><th class=l>RCC</th><th>size</th>"
-            + ("<th class=l>majority scenario</th>" if scenario else "")
-            + f"<th class=l>what sets it apart</th></tr>{body}</table>")
 
 
 def sub_clusters(ctx: RunContext, data: ReportData, rcc: str) -> str:

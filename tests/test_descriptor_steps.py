@@ -3,6 +3,8 @@ cluster step's relevance descriptors and characterisation, against independent c
 case without metadata.csv (and one with it: both characterisations)."""
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +14,7 @@ from scipy import ndimage, stats
 import clusterModule
 import descriptors
 import heatmapModule
+import reportModule
 import testModule
 from helpers import context, run_step
 from test_cluster_step import add_scenarios
@@ -79,12 +82,26 @@ def test_the_cluster_step_characterises_the_selected_layers_rccs_without_metadat
     assert not (case / "T" / "ClusterAnalysis" / layer / "characterisation.xlsx").exists()   # no metadata
 
 
-def test_with_metadata_both_characterisations_are_written(make_case):
+def test_with_metadata_both_characterisations_are_written_and_shown(make_case):
     case = make_case(per_class=8)
     add_scenarios(case)
     ctx, summary = analysed(case)
     folder = case / "T" / "ClusterAnalysis" / summary["layer"]
     assert (folder / "characterisation.xlsx").is_file() and (folder / "descriptor_characterisation.xlsx").is_file()
+    page = reportModule.write_report(ctx).read_text(encoding="utf-8")
+    table = clusterModule.read_rcc_descriptors(ctx.paths, summary["layer"])
+    stats = clusterModule.read_rcc_stats(ctx.paths, summary["layer"])
+    start = page.index("id=rcc-summary")
+    glance = page[start:page.index("</table>", start)]
+    for rcc in stats.itertuples():
+        row = glance[glance.index(f"data-top-rcc='{rcc.rcc}'"):]
+        row = row[:row.index("</tr>")]
+        assert f"<b class=scenario>{rcc.majority_scenario}</b>" in row                  # from the metadata
+        headline = html.escape(descriptors.headline(table, rcc.rcc), quote=True)
+        assert f"data-headline='{rcc.rcc}'>{headline}</td>" in row                      # from the descriptors
+        card = page.split(f"<div class=card id='{rcc.rcc}'")[1].split("<div class=card id=")[0]
+        assert f"<b class=scenario>{rcc.majority_scenario}</b>" in card
+        assert "what sets it apart" in card
 
 
 def test_hdbscans_noise_group_is_never_characterised_as_an_rcc(make_case, tmp_path):

@@ -179,7 +179,10 @@ def test_every_card_says_what_sets_its_rcc_apart_without_metadata(retrained_case
             assert "no image or relevance descriptor differs much" in card
     glance = parse(case / "T" / "report.html")
     headlines = {attrs["data-headline"]: None for tag, attrs in glance.data if "data-headline" in attrs}
-    assert headlines and set(headlines) <= set(table["rcc"])
+    top_level = pd.read_csv(case / "T" / "ClusterAnalysis" / layer / "rcc_stats.csv")["rcc"]
+    assert set(headlines) == set(top_level) == set(table["rcc"])      # the summary: every top-level RCC
+    summary = page[page.index("id=rcc-summary"):page.index("</table>", page.index("id=rcc-summary"))]
+    assert all(f"data-headline='{rcc}'" in summary for rcc in headlines)
     for rcc in headlines:
         first = table[(table["rcc"] == rcc) & (table["sentence"] != "")].sort_values("rank")["sentence"]
         cell = re.search(rf"data-headline='{rcc}'>(.*?)</td>", page).group(1)
