@@ -63,8 +63,9 @@ def image_descriptors(rgb: np.ndarray, objects: tuple[np.ndarray, np.ndarray] | 
     """One row per image of a (B, H, W, C) stack with values in [0, 1] (C = 3 RGB or 1 grey), columns
     IMAGE_COLUMNS; the colour descriptors are NaN for grey images. The edge orientation descriptors
     look at the edges of the object region and its outline where one is estimated (a tilted object
-    among upright background edges), else at the whole image. `objects`: the images' object masks and whether
-    each was estimated (`object_masks`), computed here when not given."""
+    among upright background edges), and the hue descriptors at the object region's pixels (an object
+    of unusual colour in an ordinary scene), else both at the whole image. `objects`: the images'
+    object masks and whether each was estimated (`object_masks`), computed here when not given."""
     grey = luma(rgb)
     gx, gy = gradients(grey)
     magnitude = np.hypot(gx, gy)
@@ -82,28 +83,32 @@ def image_descriptors(rgb: np.ndarray, objects: tuple[np.ndarray, np.ndarray] | 
         "object_share": np.where(valid, masks.mean(axis=(1, 2)), np.nan),
         "object_tilt": np.where(valid, object_tilt(masks), np.nan),
     })
-    return pd.concat([table, colour_descriptors(rgb)], axis=1)[list(IMAGE_COLUMNS)]
+    objects_only = np.where(valid[:, None, None], masks, True)
+    return pd.concat([table, colour_descriptors(rgb, objects_only)], axis=1)[list(IMAGE_COLUMNS)]
 
 
 def _interior(planes: np.ndarray) -> np.ndarray:
     return planes[:, 1:-1, 1:-1] if min(planes.shape[1:]) > 2 else planes
 
 
-def colour_descriptors(rgb: np.ndarray) -> pd.DataFrame:
-    """Mean HSV saturation, the dominant hue (degrees; NaN without coloured pixels) and the share of
-    the image whose pixels are coloured with each of the six hues (PIL's HSV, 8 bits a channel)."""
+def colour_descriptors(rgb: np.ndarray, region: np.ndarray | None = None) -> pd.DataFrame:
+    """Mean HSV saturation of the image; the dominant hue (degrees; NaN without coloured pixels) and
+    the share of the pixels coloured with each of the six hues, both over `region` ((B, H, W) masks,
+    none empty; default the whole image). PIL's HSV, 8 bits a channel."""
     columns = ["saturation", "dominant_hue", *(f"hue_{h}" for h in HUES)]
     if rgb.shape[-1] != 3:
         return pd.DataFrame(np.nan, index=range(len(rgb)), columns=columns)
     levels = np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
     hsv = np.stack([np.asarray(Image.fromarray(image).convert("HSV")) for image in levels]).astype(np.float64)
     hue, saturation, value = hsv[..., 0] * (360.0 / 256.0), hsv[..., 1] / 255.0, hsv[..., 2] / 255.0
-    coloured = (saturation >= COLOURED_SATURATION) & (value >= COLOURED_VALUE)
+    region = np.ones(hue.shape, dtype=bool) if region is None else region
+    coloured = (saturation >= COLOURED_SATURATION) & (value >= COLOURED_VALUE) & region
     sector = np.floor(np.mod(hue + 30.0, 360.0) / 60.0).astype(np.int64)
     table = pd.DataFrame({"saturation": saturation.mean(axis=(1, 2)),
                           "dominant_hue": dominant_hue(hue, np.where(coloured, saturation * value, 0.0))})
+    area = region.sum(axis=(1, 2))
     for number, name in enumerate(HUES):
-        table[f"hue_{name}"] = (coloured & (sector == number)).mean(axis=(1, 2))
+        table[f"hue_{name}"] = (coloured & (sector == number)).sum(axis=(1, 2)) / area
     return table
 
 

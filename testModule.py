@@ -211,7 +211,7 @@ class ImageDescriber:
 
 class TestStep(Step):
     name, title = "test", "test step"
-    version = 2     # 2: the test images' descriptors and object masks
+    version = 3     # 2: the test images' descriptors and object masks; 3: their hue shares on the object
 
     def inputs(self, ctx: RunContext) -> dict:
         return {**ctx.model_fingerprint_part(),

@@ -91,6 +91,21 @@ def test_a_hue_rotated_copy_moves_the_dominant_hue_and_the_hue_shares():
     assert table.saturation[1] == pytest.approx(table.saturation[0], abs=0.02)
 
 
+def test_the_hue_shares_are_the_objects_where_one_is_found():
+    """A red sign on green foliage: its colours, not the foliage's; without an object, the image's."""
+    image = scene(background=((60, 120, 50), (60, 120, 50)))
+    masks, valid = D.object_masks(as_array(image))
+    assert valid[0]
+    table = describe(image)
+    pixels = np.asarray(image.convert("HSV"), dtype=np.float64)[masks[0]]
+    red = ((pixels[:, 1] >= 64) & (pixels[:, 2] >= 51) & ((pixels[:, 0] < 256 / 12) | (pixels[:, 0] >= 256 * 11 / 12)))
+    assert table.hue_red[0] == pytest.approx(red.mean(), abs=0.01) and table.hue_red[0] > 0.2
+    assert table.hue_green[0] < 0.05                                     # the foliage is not the object
+    flat = Image.new("RGB", (64, 64), (60, 120, 50))
+    assert not D.object_masks(as_array(flat))[1][0]
+    assert describe(flat).hue_green[0] == pytest.approx(1.0)            # no object: the whole image
+
+
 def stripes(angle: float, size: int = 64) -> Image.Image:
     """Vertical stripes rotated counter-clockwise by `angle` degrees (drawn large, cropped)."""
     big = Image.new("RGB", (3 * size, 3 * size), (40, 40, 40))
