@@ -79,7 +79,8 @@ def ranking(ctx: Helper.RunContext, layer: str, without: list[str]) -> pd.DataFr
     rccs = clusterModule.read_labels(ctx.paths, layer)["rcc"].to_numpy()
     return descriptors.characterise_rccs(rccs, described.images[keep], described.correct[keep],
                                          described.relevance.drop(columns=[c for c in without
-                                                                           if c in described.relevance]))
+                                                                           if c in described.relevance]),
+                                         unclustered=clusterModule.NOISE)
 
 
 def condition_scores(table: pd.DataFrame, stats: pd.DataFrame) -> dict[str, dict]:
@@ -87,14 +88,18 @@ def condition_scores(table: pd.DataFrame, stats: pd.DataFrame) -> dict[str, dict
     expected family is ranked first / first or second."""
     scores = {}
     for condition, (_words, expected) in EXPECTED.items():
-        mine = stats[(stats["majority_scenario"] == condition) & (stats["size"] >= 2)]
+        mine = stats[(stats["majority_scenario"] == condition) & (stats["size"] >= 2)
+                     & (stats["rcc"] != clusterModule.NOISE)]
         first = second = 0
+        ranks = []
         for rcc, size in zip(mine["rcc"], mine["size"]):
-            top = list(table[table["rcc"] == rcc].sort_values("rank")["descriptor"].head(2))
+            ranked = table[table["rcc"] == rcc].sort_values("rank")
+            top = list(ranked["descriptor"].head(2))
             first += size * (top[:1] and top[0] in expected)
             second += size * any(d in expected for d in top)
+            ranks.append((int(size), int(ranked.loc[ranked["descriptor"].isin(expected), "rank"].min())))
         images = int(mine["size"].sum())
-        scores[condition] = {"rccs": len(mine), "images": images,
+        scores[condition] = {"rccs": len(mine), "images": images, "ranks": ranks,
                              "first": first / images if images else np.nan,
                              "top2": second / images if images else np.nan}
     return scores
@@ -159,6 +164,13 @@ def print_tables(per_seed: dict, pooled: dict, ious: dict) -> None:
             mark = "" if c["top2"] >= 0.5 else " ✗"
             cells.append(f"{c['rccs']} ({c['images']}): {c['first']:.0%} / {c['top2']:.0%}{mark}")
         print(f"| {condition} | {words} | " + " | ".join(cells) + " |")
+    print("\nThe expected family's rank in each RCC the condition dominates: rank (RCC size), largest RCC first")
+    print("\n| condition | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+    print("|---|" + "---|" * len(seeds))
+    for condition in EXPECTED:
+        cells = [", ".join(f"{rank} ({size})" for size, rank in sorted(per_seed[s][condition]["ranks"], reverse=True))
+                 or "none" for s in seeds]
+        print(f"| {condition} | " + " | ".join(cells) + " |")
     passed = {s: sum(per_seed[s][c]["top2"] >= 0.5 for c in EXPECTED) for s in seeds}
     print("\nconditions passing (expected family first or second for half of their RCCs' images): "
           + ", ".join(f"seed {s}: {n} of {len(EXPECTED)}" for s, n in passed.items()))
