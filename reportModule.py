@@ -252,7 +252,7 @@ def descriptor_lines(described: pd.DataFrame | None, rcc: str) -> str:
                 "characterise</div>")
     said = described[(described["rcc"] == rcc) & (described["sentence"] != "")].sort_values("rank")
     if not len(said):
-        return ("<div class='meta muted apart'>what sets it apart: no image or relevance descriptor differs much "
+        return (f"<div class='meta muted apart'>what sets it apart: {NOTHING_STANDS_OUT} "
                 f"(|Cliff's delta| under {descriptors.LARGE_EFFECT})</div>")
     items = "".join(f"<li data-descriptor='{esc(row.descriptor)}' data-delta='{row.delta:.4f}'>{esc(row.sentence)}"
                     f" <span class=muted>(δ {row.delta:+.2f})</span></li>" for row in said.itertuples())
@@ -260,9 +260,17 @@ def descriptor_lines(described: pd.DataFrame | None, rcc: str) -> str:
             f"<ul class=apart>{items}</ul></div>")
 
 
+NOTHING_STANDS_OUT = "no image or relevance descriptor differs much"
+
+
 def rcc_headline(described: pd.DataFrame | None, rcc: str) -> str:
-    """One short line per top-level RCC for the summary: its first descriptor sentence ("" when none)."""
-    return "" if described is None else descriptors.headline(described, rcc)
+    """One short line per top-level RCC for the summary: its first descriptor sentence, or that none
+    stands out (an empty cell would read as missing); "" without descriptors."""
+    if described is None:
+        return ""
+    if rcc == clusterModule.NOISE:
+        return "the images the clustering left out: no root cause"
+    return descriptors.headline(described, rcc) or NOTHING_STANDS_OUT
 
 
 def sub_clusters(ctx: RunContext, data: ReportData, rcc: str) -> str:

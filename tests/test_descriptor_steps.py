@@ -97,7 +97,7 @@ def test_with_metadata_both_characterisations_are_written_and_shown(make_case):
         row = glance[glance.index(f"data-top-rcc='{rcc.rcc}'"):]
         row = row[:row.index("</tr>")]
         assert f"<b class=scenario>{rcc.majority_scenario}</b>" in row                  # from the metadata
-        headline = html.escape(descriptors.headline(table, rcc.rcc), quote=True)
+        headline = html.escape(descriptors.headline(table, rcc.rcc) or reportModule.NOTHING_STANDS_OUT, quote=True)
         assert f"data-headline='{rcc.rcc}'>{headline}</td>" in row                      # from the descriptors
         card = page.split(f"<div class=card id='{rcc.rcc}'")[1].split("<div class=card id=")[0]
         assert f"<b class=scenario>{rcc.majority_scenario}</b>" in card

@@ -186,4 +186,4 @@ def test_every_card_says_what_sets_its_rcc_apart_without_metadata(retrained_case
     for rcc in headlines:
         first = table[(table["rcc"] == rcc) & (table["sentence"] != "")].sort_values("rank")["sentence"]
         cell = re.search(rf"data-headline='{rcc}'>(.*?)</td>", page).group(1)
-        assert html.unescape(cell) == (first.iloc[0] if len(first) else "")
+        assert html.unescape(cell) == (first.iloc[0] if len(first) else reportModule.NOTHING_STANDS_OUT)
