@@ -265,6 +265,7 @@ class Settings:
     k_criterion: str = "silhouette"       # top level: best "silhouette" where the data shows structure, else max_rccs; "knee" (original); "max"
     layer_criterion: str = "wicd"         # layer: smallest "wicd" (original) or best "silhouette", at the top level
     ordinary_scenario: str = "none"       # the metadata scenario of ordinary images (no root cause to cover)
+    distance_xlsx: str = "selected"       # <Layer>HMDistance.xlsx for the "selected" layer, "all" layers or "none"
     # Retraining (the original's optimiser, reference §9.1); epochs and batch_size above apply too.
     learning_rate: float = 1e-3           # SGD
     momentum: float = 0.9
@@ -318,6 +319,7 @@ SETTING_CHOICES: dict[str, dict[str, str]] = {
                     "max": "always max_rccs"},
     "layer_criterion": {"wicd": "the original's", "silhouette": ""},
     "assign_level": {"sub": "the sub-clusters", "top": "the top-level RCCs"},
+    "distance_xlsx": {"selected": "the selected layer's distance matrix", "all": "every layer's", "none": ""},
     "epoch_choice": {"last": "", "validation": "best on 10% of the training set", "training": "the original's"},
 }
 POSITIVE_NUMBERS = ("learning_rate", "budget_factor")

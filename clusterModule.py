@@ -14,15 +14,20 @@ cut finer); then one layer is chosen (the algorithms are in clustering.py). Writ
 - `<Layer>/rcc_descriptors.csv` and `<Layer>/descriptor_characterisation.xlsx` (selected layer): per
   top-level RCC, the image and relevance descriptors (descriptors.py) that set it apart, ranked, with
   plain-words sentences; and `relevance_descriptors.csv`: where each error image's input relevance lies;
-- `<Layer>HMDistance.xlsx` (the distance matrix for people), `summary.csv`/`summary.xlsx` (per layer);
+- `<Layer>HMDistance.xlsx` (the distance matrix for people: the selected layer's by default, every layer's
+  or none with the `distance_xlsx` setting, up to XLSX_MAX_IMAGES images), `summary.csv`/`summary.xlsx`
+  (per layer);
 - `compare.csv` (`python HUDD.py -o CASE --compare`: every candidate combination, one table);
 and publishes the selected layer's RCCs under `CASE/T/<Layer>/RCCxx/` (what an engineer inspects,
 HUDD step 2), each image with `<file>_heatmap.png` beside it, each sub-cluster in a folder inside.
 
 This module owns those files: the other steps and the report read them through the readers below.
+An interrupted step keeps the layers it finished (`.progress.json`): a rerun with the same inputs resumes
+at the first unfinished layer.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -41,11 +46,14 @@ from clustering import (EXACT_LIMIT, LayerClustering, Projection, cluster_layer,
                         five_point_gradient, pairwise_distances, project_rows, purity_coverage, readable_quality,
                         select_layer)
 from features import BackboneSpace, FeatureSpace, PixelSpace, make_space
+import xlsxMatrix
 from Helper import CasePaths, HuddError, RunContext, Step, atomic_path, read_metadata, write_csv
 
 log = logging.getLogger("hudd")
 
-EXCEL_MAX_IMAGES = 16383          # Excel's 16,384 columns, one taken by the row names
+# Above this many images a distance matrix is not exported to XLSX: 4 million cells (40 MB, seconds to
+# write) is already past what anyone reads cell by cell, and distances.npy holds the matrix anyway.
+XLSX_MAX_IMAGES = 2000
 # The settings that decide the clusters (besides the feature space's own inputs).
 CLUSTER_SETTINGS = ("cluster_space", "normalisation", "k_criterion", "layer_criterion", "max_rccs", "clusterer",
                     "min_cluster_size", "reduction", "pca_components", "ordinary_scenario")
@@ -71,6 +79,7 @@ SUB_STATS_FILE = "sub_rcc_stats.csv"
 DISTANCES_FILE = "distances.npy"
 SAMPLE_FILE = "sample.npy"
 PROJECTION_FILE = "projection.npz"
+PROGRESS_FILE = ".progress.json"
 KNEE_PLOT = "knee.png"
 CHARACTERISATION_FILE = "characterisation.xlsx"
 OVERLAY_SUFFIX = "_heatmap.png"
@@ -112,6 +121,10 @@ def read_labels(paths: CasePaths, layer: str) -> pd.DataFrame:
     """image, expected, predicted, rcc (top level), sub_rcc (, scenario) of every error image, in
     heatmap row order."""
     return pd.read_csv(layer_dir(paths, layer) / LABELS_FILE, keep_default_na=False)
+
+
+def distance_xlsx_file(paths: CasePaths, layer: str) -> Path:
+    return analysis_dir(paths) / f"{layer}HMDistance.xlsx"
 
 
 def read_rcc_stats(paths: CasePaths, layer: str) -> pd.DataFrame:
@@ -324,8 +337,6 @@ def cluster_one_layer(ctx: RunContext, space: FeatureSpace, layer: str, index: p
     if projection is not None:
         save_projection(projection, folder / PROJECTION_FILE)
     save_npy(distances, folder / DISTANCES_FILE)
-    write_distance_xlsx(distances, index if sample is None else index.iloc[sample],
-                        analysis_dir(ctx.paths) / f"{layer}HMDistance.xlsx")
     write_layer_files(result, distances, index, metadata, folder, ctx.paths.root, sample)
     return result
 
@@ -344,16 +355,69 @@ def save_npy(array: np.ndarray, path: Path) -> None:
 
 
 def write_distance_xlsx(distances: np.ndarray, index: pd.DataFrame, path: Path) -> None:
-    """The distance matrix for people, named by image; only where Excel can hold it."""
-    if len(distances) > EXCEL_MAX_IMAGES:
-        log.info("%s not written: %d images exceed Excel's %d columns; distances.npy holds the matrix",
-                 path.name, len(distances), EXCEL_MAX_IMAGES)
+    """The distance matrix for people, named by image, streamed (xlsxMatrix); not above XLSX_MAX_IMAGES."""
+    if len(distances) > XLSX_MAX_IMAGES:
+        log.info("%s not written: %d images is more than %d, past what anyone reads in a spreadsheet; "
+                 "%s/%s holds the matrix", path.name, len(distances), XLSX_MAX_IMAGES, path.stem[:-len("HMDistance")],
+                 DISTANCES_FILE)
         if path.exists():
             path.unlink()
         return
     names = list(index["image"])
     with atomic_path(path) as temporary:
-        pd.DataFrame(distances, index=names, columns=names).to_excel(temporary, sheet_name="distances")
+        xlsxMatrix.write_matrix(temporary, distances, names, names, sheet="distances")
+
+
+def export_distances(ctx: RunContext, index: pd.DataFrame, clustered: list[str], chosen: str) -> None:
+    """`<Layer>HMDistance.xlsx` for the layers the `distance_xlsx` setting names (the selected one by
+    default; "all" clustered layers; "none"), from each layer's distances.npy; other layers' exports
+    are removed, so no stale matrix is left beside the new clustering."""
+    wanted = {"selected": [chosen], "all": clustered, "none": []}[ctx.settings.distance_xlsx]
+    for path in analysis_dir(ctx.paths).glob("*HMDistance.xlsx"):
+        if path.name[:-len("HMDistance.xlsx")] not in wanted:
+            path.unlink()
+    for layer in wanted:
+        distances = np.load(layer_dir(ctx.paths, layer) / DISTANCES_FILE, mmap_mode="r")
+        rows = index if len(distances) == len(index) else index.iloc[np.load(layer_dir(ctx.paths, layer) / SAMPLE_FILE)]
+        write_distance_xlsx(distances, rows, distance_xlsx_file(ctx.paths, layer))
+
+
+class LayerProgress:
+    """`ClusterAnalysis/.progress.json`: the layers an unfinished run has clustered and written (k, WICD,
+    silhouette, or why the layer was skipped), under the step's fingerprint, so that a rerun with the
+    same inputs resumes at the first unfinished layer instead of the first layer."""
+
+    def __init__(self, folder: Path, step_print: str, resume: bool):
+        self.path, self.step_print = folder / PROGRESS_FILE, step_print
+        saved = json.loads(self.path.read_text()) if resume and self.path.is_file() else {}
+        self.layers: dict[str, dict] = saved.get("layers", {}) if saved.get("fingerprint") == step_print else {}
+
+    def restore(self, paths: CasePaths, layer: str) -> LayerClustering | str | None:
+        """A finished layer's outcome as cluster_one_layer returned it; None when it must be computed."""
+        entry = self.layers.get(layer)
+        if entry is None or "skipped" in entry:
+            return None if entry is None else entry["skipped"]
+        if not all((layer_dir(paths, layer) / name).is_file()
+                   for name in (LABELS_FILE, STATS_FILE, SUB_STATS_FILE, DISTANCES_FILE)):
+            return None
+        table = read_labels(paths, layer)
+        top = np.array([-1 if name == NOISE else int(name[3:]) - 1 for name in table["rcc"]])  # RCC01 -> 0
+        sub = pd.factorize(table["sub_rcc"])[0]  # RCC01.2 -> a number of its own, inside its RCC
+        return LayerClustering(layer, entry["k"], top, sub, entry["wicd"], entry["silhouette"], range(0),
+                               np.empty(0), np.empty(0))
+
+    def save(self, outcome: LayerClustering | str) -> None:
+        if isinstance(outcome, LayerClustering):
+            self.layers[outcome.layer] = {"k": outcome.k, "wicd": outcome.wicd, "silhouette": outcome.silhouette}
+        else:
+            self.layers[outcome.split(":")[0]] = {"skipped": outcome}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as temporary:
+            temporary.write_text(json.dumps({"fingerprint": self.step_print, "layers": self.layers}))
+
+    def clear(self) -> None:
+        if self.path.exists():
+            self.path.unlink()
 
 
 def level_names(labels: np.ndarray, sub_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -595,7 +659,7 @@ class ClusterStep(Step):
         s = ctx.settings
         return {"heatmaps": heatmapModule.STEP.recorded_fingerprint(ctx),
                 "descriptors": testModule.STEP.recorded_fingerprint(ctx), **make_space(s.features).inputs(ctx),
-                **{key: getattr(s, key) for key in CLUSTER_SETTINGS}}
+                **{key: getattr(s, key) for key in CLUSTER_SETTINGS}, "distance_xlsx": s.distance_xlsx}
 
     def outputs(self, ctx: RunContext) -> list[Path]:
         return [analysis_dir(ctx.paths) / SUMMARY_FILE, published_dir(ctx.paths, selected_layer(ctx.paths))]
@@ -604,9 +668,13 @@ class ClusterStep(Step):
         index = heatmapModule.read_index(ctx.paths)
         space = make_space(ctx.settings.features)
         metadata = error_metadata(ctx, index)
+        progress = LayerProgress(analysis_dir(ctx.paths), self.fingerprint(ctx), resume=not ctx.force)
         results, skipped = [], []
         for layer in tqdm(space.layers(ctx), desc="clustering layers", unit="layer", leave=False, disable=None):
-            outcome = cluster_one_layer(ctx, space, layer, index, metadata)
+            outcome = progress.restore(ctx.paths, layer)
+            if outcome is None:
+                outcome = cluster_one_layer(ctx, space, layer, index, metadata)
+                progress.save(outcome)
             (results if isinstance(outcome, LayerClustering) else skipped).append(outcome)
         if not results:
             raise HuddError(f"{heatmapModule.heatmaps_dir(ctx.paths)}: no layer could be clustered "
@@ -615,7 +683,9 @@ class ClusterStep(Step):
         write_summary(results, skipped, chosen, scenarios_of(metadata), analysis_dir(ctx.paths),
                       ctx.settings.ordinary_scenario)
         characterise_selected_layer(ctx, index, chosen)
+        export_distances(ctx, index, [r.layer for r in results], chosen.layer)
         publish_selected_layer(ctx, chosen.layer)
+        progress.clear()
 
     def summary(self, ctx: RunContext) -> dict:
         table = read_summary(ctx.paths)

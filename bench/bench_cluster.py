@@ -8,7 +8,11 @@
 2. full clustering of one layer (distances, Ward, WICD and silhouette for every k = 2..500, knee, the
    sub-clusters of the top level) for 5,000 and 10,000 heatmaps: time per part and peak memory (each
    size in its own process);
-3. the two-stage path for 30,000 heatmaps (exact on a 20,000 sample, the rest by nearest member).
+3. the two-stage path for 30,000 heatmaps (exact on a 20,000 sample, the rest by nearest member);
+4. the whole cluster step with its outputs (rcc_labels, RCC folders, k plots, distances.npy, the XLSX
+   export, the selected layer's overlays) against the algorithm alone on the same heatmaps, for 1,000
+   and 5,000 error images of a synthetic case with DemoNet's eight layer shapes (built once under
+   --cases, default /tmp/hudd_bench_cluster).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -77,6 +82,59 @@ def two_stage(n: int, dims: int, limit: int) -> dict:
     return {"n": n, "dims": dims, "sample": len(sample), "k": result.k, "seconds": seconds, "peak_gib": peak}
 
 
+def build_step_case(root: Path, n: int, seed: int = 0) -> Path:
+    """A case with n error images (random 32x32 PNGs) and clustered heatmaps of DemoNet's layer shapes,
+    written as the heatmap step writes them; no model is needed by the cluster step."""
+    import torch
+    from PIL import Image
+    from architectures import DemoNet
+    from lrp import default_layers, relevance
+    if (root / "T" / "Heatmaps" / "index.csv").is_file():
+        return root
+    rng = np.random.default_rng(seed)
+    classes = [f"class{c}" for c in range(9)]
+    rows = []
+    for i in range(n):
+        image = f"DataSets/TestSet/{classes[i % 9]}/img{i:06d}.png"
+        (root / image).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / image)
+        rows.append((image, classes[i % 9], classes[(i + 1) % 9]))
+    net, example = DemoNet(num_classes=9).eval(), torch.zeros(1, 3, 32, 32)
+    layers = [("Layer0", "input")] + default_layers(net, example_input=example)
+    shapes = {p: tuple(r.shape[1:]) for p, r in relevance(net, example, target=0, layers=[p for _, p in layers[1:]]).items()}
+    folder = root / "T" / "Heatmaps"
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, (name, path) in enumerate(layers):
+        np.save(folder / f"{name}.npy", heatmaps(n, int(np.prod(shapes[path])), seed=seed + number).reshape(n, *shapes[path]))
+    pd.DataFrame([(name, path, "x".join(map(str, shapes[path]))) for name, path in layers],
+                 columns=["layer", "module", "shape"]).to_csv(folder / "layers.csv", index=False)
+    pd.DataFrame(rows, columns=["image", "expected", "predicted"]).to_csv(folder / "index.csv", index=False)
+    return root
+
+
+def whole_step(case: str) -> dict:
+    """The algorithm alone (distances and clustering of every layer, as the step calls them), then the
+    whole step with its outputs, on the same heatmaps in the same process."""
+    import torch
+    import Helper
+    import clusterModule
+    import heatmapModule
+    paths = Helper.CasePaths(Path(case))
+    settings = Helper.Settings(arch="demonet", input_size=[32, 32])
+    layers = list(heatmapModule.read_layers(paths)["layer"])
+    ctx = Helper.RunContext(paths=paths, settings=settings, model_path=paths.models / "none.pth",
+                            device=torch.device("cpu"), force=True)
+    start = time.perf_counter()
+    for layer in layers:
+        distances = C.pairwise_distances(heatmapModule.open_layer(paths, layer), settings.normalisation)
+        C.cluster_layer(layer, distances, **clusterModule.clustering_options(ctx))
+    algorithm = time.perf_counter() - start
+    start = time.perf_counter()
+    clusterModule.STEP.compute(ctx)
+    step = time.perf_counter() - start
+    return {"n": len(heatmapModule.read_index(paths)), "layers": len(layers), "algorithm": algorithm, "step": step}
+
+
 def in_child(kind: str, **kwargs) -> dict:
     code = (f"import sys, json; sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'bench')!r}); "
             f"import bench_cluster as b; print(json.dumps(b.{kind}(**{kwargs!r})))")
@@ -87,8 +145,20 @@ def in_child(kind: str, **kwargs) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only-step", action="store_true", help="only part 4, the whole step")
+    parser.add_argument("--cases", default="/tmp/hudd_bench_cluster", help="where part 4 builds its cases")
     args = parser.parse_args()
     scale = 10 if args.quick else 1
+    if not args.only_step:
+        algorithm_parts(scale)
+    for n in (1000 // scale, 5000 // scale):
+        case = build_step_case(Path(args.cases) / f"errors{n}", n)
+        r = in_child("whole_step", case=str(case))
+        print(f"whole cluster step, {r['n']} error images x {r['layers']} layers: step {r['step']:.1f} s, "
+              f"algorithm alone {r['algorithm']:.1f} s, step/algorithm {r['step'] / r['algorithm']:.2f}x")
+
+
+def algorithm_parts(scale: int) -> None:
     distances_vs_pdist(2000 // scale, 50000 // scale)
     for n in (5000 // scale, 10000 // scale):
         r = in_child("one_layer", n=n, dims=2048)

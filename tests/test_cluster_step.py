@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,12 @@ def test_outputs_read_back(make_case):
         row = table[table["layer"] == layer].iloc[0]
         assert row["k"] == len(stats)
         assert (folder / "knee.png").read_bytes()[:4] == b"\x89PNG"
-        assert pd.read_excel(analysis / f"{layer}HMDistance.xlsx", index_col=0).shape == distances.shape
+        exported = analysis / f"{layer}HMDistance.xlsx"
+        assert exported.exists() == (layer == summary["layer"])  # by default only the selected layer's
+        if exported.exists():
+            sheet = pd.read_excel(exported, index_col=0)
+            assert list(sheet.index) == list(sheet.columns) == list(index["image"])
+            np.testing.assert_array_equal(sheet.to_numpy(), distances)
     # The selected layer's RCCs are published under T/<layer>/, images included.
     published = case / "T" / summary["layer"]
     assert sorted(p.name for p in published.glob("RCC*")) == sorted(
@@ -156,3 +162,62 @@ def test_majority_scenario_ties_are_broken_the_same_way_in_every_table():
     assert clusterModule.majority(np.array(["fog", "night", "night"])) == ("night", pytest.approx(2 / 3))
     stats = clusterModule.rcc_statistics(np.array(["RCC01", "RCC01"]), np.zeros((2, 2)), np.array(["tilt", "occlusion"]))
     assert stats.loc[0, "majority_scenario"] == "occlusion"
+
+
+@pytest.mark.parametrize("choice", ["all", "none"])
+def test_the_distance_export_setting(make_case, choice):
+    case = make_case(per_class=4)
+    ctx, summary = run_steps(case, distance_xlsx=choice)
+    layers = pd.read_csv(case / "T" / "Heatmaps" / "layers.csv")["layer"]
+    exported = sorted(p.name for p in (case / "T" / "ClusterAnalysis").glob("*HMDistance.xlsx"))
+    assert exported == (sorted(f"{layer}HMDistance.xlsx" for layer in layers) if choice == "all" else [])
+    # Back to the default: the other layers' exports are removed with the rerun.
+    run_step(clusterModule.STEP, context(case))
+    exported = [p.name for p in (case / "T" / "ClusterAnalysis").glob("*HMDistance.xlsx")]
+    assert exported == [f"{summary['layer']}HMDistance.xlsx"]
+
+
+def test_no_distance_export_above_the_limit(make_case, monkeypatch, caplog):
+    case = make_case(per_class=4)
+    monkeypatch.setattr(clusterModule, "XLSX_MAX_IMAGES", 3)
+    with caplog.at_level("INFO", logger="hudd"):
+        ctx, summary = run_steps(case, distance_xlsx="all")
+    assert not list((case / "T" / "ClusterAnalysis").glob("*HMDistance.xlsx"))
+    assert f"{summary['layer']}HMDistance.xlsx not written" in caplog.text and "distances.npy" in caplog.text
+
+
+def test_an_interrupted_step_keeps_its_finished_layers(make_case, monkeypatch):
+    case = make_case(per_class=6)
+    ctx, _ = run_steps(case)
+    analysis = case / "T" / "ClusterAnalysis"
+    clean = {p.relative_to(analysis): p.read_bytes() for p in analysis.rglob("*.csv")}
+    clean_distances = {p.parent.name: np.load(p) for p in analysis.glob("*/distances.npy")}
+    shutil.rmtree(case / "T" / "ClusterAnalysis")
+    ctx.manifest.forget(clusterModule.STEP.name)
+
+    original = clusterModule.cluster_one_layer
+    clustered = []
+
+    def killed_at_the_third_layer(ctx, space, layer, index, metadata):
+        if len(clustered) == 2:
+            raise KeyboardInterrupt
+        clustered.append(layer)
+        return original(ctx, space, layer, index, metadata)
+
+    monkeypatch.setattr(clusterModule, "cluster_one_layer", killed_at_the_third_layer)
+    with pytest.raises(KeyboardInterrupt):
+        run_step(clusterModule.STEP, context(case))
+    assert clustered == ["Layer0", "Layer1"] and not (analysis / "summary.csv").exists()
+    kept = (analysis / "Layer1" / "distances.npy").stat().st_mtime_ns
+
+    resumed = []
+    monkeypatch.setattr(clusterModule, "cluster_one_layer",
+                        lambda ctx, space, layer, *rest: resumed.append(layer) or original(ctx, space, layer, *rest))
+    run_step(clusterModule.STEP, context(case))
+    layers = list(pd.read_csv(case / "T" / "Heatmaps" / "layers.csv")["layer"])
+    assert resumed == layers[2:]  # the finished layers are not clustered again
+    assert (analysis / "Layer1" / "distances.npy").stat().st_mtime_ns == kept
+    assert not (analysis / ".progress.json").exists()
+    assert {p.relative_to(analysis): p.read_bytes() for p in analysis.rglob("*.csv")} == clean
+    for layer, distances in clean_distances.items():
+        np.testing.assert_array_equal(np.load(analysis / layer / "distances.npy"), distances)

@@ -1,0 +1,33 @@
+"""The streaming XLSX writer of distance matrices, read back by openpyxl (through pandas)."""
+from __future__ import annotations
+
+import numpy as np
+import openpyxl
+import pandas as pd
+
+import xlsxMatrix
+
+
+def test_a_matrix_reads_back_exactly_with_its_names(tmp_path):
+    rng = np.random.default_rng(0)
+    values = rng.random((5, 4)) * 10.0 ** rng.integers(-12, 12, size=(5, 4))
+    values[0, 0], values[1, 1] = 0.0, 1e-300
+    rows = ["a & b.png", "<c>.png", " leading space.png", "class c/img_1.2 v2.png", 'quote".png']
+    columns = ["x", "y", "z", "w"]
+    path = tmp_path / "m.xlsx"
+    xlsxMatrix.write_matrix(path, values, rows, columns, sheet="distances")
+    sheet = pd.read_excel(path, sheet_name="distances", index_col=0)
+    assert list(sheet.index) == rows and list(sheet.columns) == columns
+    np.testing.assert_array_equal(sheet.to_numpy(), values)  # float repr reads back to the same float64
+    book = openpyxl.load_workbook(path)
+    assert book.sheetnames == ["distances"] and book["distances"].dimensions == "A1:E6"
+
+
+def test_the_same_matrix_gives_the_same_bytes_and_gaps_stay_empty(tmp_path):
+    values = np.array([[0.0, np.nan], [np.inf, 2.5]])
+    first, second = tmp_path / "1.xlsx", tmp_path / "2.xlsx"
+    xlsxMatrix.write_matrix(first, values, ["a", "b"], ["a", "b"])
+    xlsxMatrix.write_matrix(second, values, ["a", "b"], ["a", "b"])
+    assert first.read_bytes() == second.read_bytes()
+    cells = [[c.value for c in row] for row in openpyxl.load_workbook(first).active.iter_rows()]
+    assert cells == [[None, "a", "b"], ["a", 0, None], ["b", None, 2.5]]
