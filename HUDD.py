@@ -3,20 +3,30 @@
     python HUDD.py -o CASE -m MODEL [-mode HUDD|BL1|BL2] [--runs N]
     python HUDD.py -o CASE -m RETRAINED_MODEL -rq True
     python HUDD.py --demo [DIR]
+    torchrun --nproc-per-node N HUDD.py -o CASE ...      (several processes or machines: docs/scaling.md)
 
 Runs the pipeline's steps in order over a case-study directory (see README.md). Each step records a
 fingerprint of its inputs in CASE/hudd_manifest.json and is skipped on a rerun when nothing changed.
+One run per case study at a time (CASE/.hudd.lock).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-import Helper
-from Helper import HuddError, PipelineStop, RunContext
+# MKL's strict reproducible mode, before torch loads MKL: a float32 matrix product then gives the same bits
+# whatever the number of threads (by default batches of 5-11 rows differ in the last bit between 1 and 2
+# threads), so a torchrun job of N one-thread ranks writes the same bytes as one process with N threads.
+# No slowdown measured here (bench/README.md); a value the user set wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import distributed  # noqa: E402
+import Helper  # noqa: E402
+from Helper import HuddError, PipelineStop, RunContext  # noqa: E402
 
 log = logging.getLogger("hudd")
 
@@ -122,17 +132,26 @@ def resolve_model_path(case: Path, model: str) -> Path:
     raise HuddError(f"{in_case}: model file not found{hint}; pass its name with -m")
 
 
-def make_context(args: argparse.Namespace, case: Path) -> RunContext:
-    import fldPackage
+def check_case(case: Path) -> None:
     if not case.is_dir():
         raise HuddError(f"{case}: case-study directory not found; pass the folder holding DataSets/ and DNNModels/")
-    fldPackage.import_package(case, args.trust_pickle)  # the original FLD package, once, when DataSets/ is missing
+
+
+def import_fld_package(args: argparse.Namespace, case: Path) -> None:
+    """The original FLD package, once, when DataSets/ is missing (rank 0 writes DataSets/)."""
+    import fldPackage
+    check_case(case)
+    fldPackage.import_package(case, args.trust_pickle)
+
+
+def make_context(args: argparse.Namespace, case: Path, device) -> RunContext:
+    check_case(case)
     paths = Helper.CasePaths(case)
     settings = Helper.load_settings(paths, {
         "arch": args.arch, "batch_size": args.batch_size, "workers": args.workers, "runs": args.runs,
         "input_size": [args.input_size, args.input_size] if args.input_size else None})
     return RunContext(paths=paths, settings=settings, model_path=resolve_model_path(case, args.model),
-                      device=Helper.pick_device(args.device), seed=args.seed, force=args.force,
+                      device=device, seed=args.seed, force=args.force,
                       trust_pickle=args.trust_pickle, skip_bad_images=args.skip_bad_images)
 
 
@@ -148,15 +167,22 @@ def analysis_steps() -> list:
 def run_step(step, ctx: RunContext) -> dict:
     """The step protocol: reuse a step whose recorded fingerprint matches and whose outputs exist,
     else compute it and record its fingerprint and outputs. Returns its summary, and whether it was
-    reused ("skipped")."""
+    reused ("skipped"). Under torchrun rank 0 decides and records; compute() runs on every rank for a
+    step that splits its work (every_rank), else on rank 0 while the others wait; the summary is rank
+    0's ({} elsewhere)."""
     step_print = step.fingerprint(ctx)
-    skipped = not ctx.force and ctx.manifest.is_current(step.name, step_print)
+    skipped = distributed.broadcast(not ctx.force and ctx.manifest.is_current(step.name, step_print))
     if skipped:
         log.info("%s: inputs unchanged, reusing its outputs", step.title)
     else:
-        step.compute(ctx)
-        ctx.manifest.record(step.name, step_print, [ctx.paths.relative(p) for p in step.outputs(ctx)])
-    return {**step.summary(ctx), "skipped": skipped}
+        started = time.perf_counter()
+        distributed.together(lambda: step.compute(ctx) if step.every_rank or distributed.is_main() else None)
+        log.debug("%s: %.1f s", step.title, time.perf_counter() - started)
+        distributed.together(lambda: ctx.manifest.record(step.name, step_print, [
+            ctx.paths.relative(p) for p in step.outputs(ctx)]) if distributed.is_main() else ctx.manifest.reload())
+        if not distributed.is_main():
+            ctx.manifest.reload()  # what rank 0 recorded: the later steps' fingerprints include it
+    return {**step.summary(ctx), "skipped": skipped} if distributed.is_main() else {}
 
 
 def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
@@ -191,12 +217,11 @@ def demo_kind_and_folder(values: list[str]) -> tuple[str, Path]:
     return kind, Path(rest[0] if rest else KINDS[kind])
 
 
-def prepare_demo(args: argparse.Namespace) -> Path:
+def prepare_demo(args: argparse.Namespace, device) -> None:
     """Builds the demo case study, trains its model and checks it, where they are missing."""
     import demo
     kind, case = demo_kind_and_folder(args.demo)
-    demo.prepare(kind, case, seed=args.seed, device=Helper.pick_device(args.device))
-    return case
+    demo.prepare(kind, case, seed=args.seed, device=device)
 
 
 def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
@@ -280,9 +305,9 @@ def run_compare(ctx: RunContext) -> None:
     print(f"saved to {clusterModule.analysis_dir(ctx.paths) / clusterModule.COMPARE_FILE}")
 
 
-def run_rq1(args: argparse.Namespace, case: Path) -> None:
+def run_rq1(args: argparse.Namespace, case: Path, device) -> None:
     import rqModule
-    ctx = make_context(args, case)
+    ctx = make_context(args, case, device)
     rqModule.check_has_run(ctx)
     rqModule.print_rq1(rqModule.rq1(ctx))
 
@@ -291,33 +316,58 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     Helper.setup_logging(args.debug)
-    return Helper.run_guarded(lambda: run(args, parser), args.debug)
+    status = Helper.run_guarded(lambda: run(args, parser), args.debug)
+    distributed.finish(clean=status == 0)
+    return status
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.demo is None and args.case is None:
         parser.error("give a case study with -o CASE, or --demo")
-    Helper.seed_everything(args.seed)
-    start = time.perf_counter()
-    if args.rq:
-        if args.demo is not None or args.case is None:
-            raise HuddError("-rq True needs -o CASE and -m MODEL (a retrained model), not --demo")
-        run_rq1(args, Path(args.case))
-        return 0
+    if args.rq and (args.demo is not None or args.case is None):
+        raise HuddError("-rq True needs -o CASE and -m MODEL (a retrained model), not --demo")
     modes = [args.mode] if args.mode else (list(MODES) if args.demo is not None else [])
     if args.steps == ["retrain"] and not modes:
         raise HuddError("--steps retrain needs -mode HUDD, BL1 or BL2")
-    case = prepare_demo(args) if args.demo is not None else Path(args.case)
-    ctx = make_context(args, case)
+    Helper.seed_everything(args.seed)
+    start = time.perf_counter()
+    device = distributed.device_for(args.device)
+    distributed.start(device)
+    case = demo_kind_and_folder(args.demo)[1] if args.demo is not None else Path(args.case)
+    lock = Helper.CaseLock(Helper.CasePaths(case))
+    distributed.together(lambda: take_lock(lock, case, args.demo is not None) if distributed.is_main() else None)
+    try:
+        return run_locked(args, case, modes, device, start)
+    finally:
+        lock.release()
+
+
+def take_lock(lock: Helper.CaseLock, case: Path, demo: bool) -> None:
+    """The case's lock, for the whole run (a demo's folder is created first, to hold it)."""
+    if demo:
+        case.mkdir(parents=True, exist_ok=True)
+    if case.is_dir():
+        lock.acquire(Helper.run_description())
+
+
+def run_locked(args: argparse.Namespace, case: Path, modes: list[str], device, start: float) -> int:
+    main_only = distributed.is_main
+    if args.rq:
+        distributed.together(lambda: run_rq1(args, case, device) if main_only() else None)
+        return 0
+    distributed.together(lambda: (prepare_demo(args, device) if args.demo is not None else
+                                  import_fld_package(args, case)) if main_only() else None)
+    ctx = distributed.together(lambda: make_context(args, case, device))
     if args.report:
-        print(f"report: {write_report(ctx, required=True)}")
+        distributed.together(lambda: print(f"report: {write_report(ctx, required=True)}") if main_only() else None)
         return 0
     if args.compare:
-        run_compare(ctx)
+        distributed.together(lambda: run_compare(ctx) if main_only() else None)
         return 0
     results = run_pipeline(ctx, args.steps, modes)
-    results["report"] = write_report(ctx)
-    print_summary(ctx, results, time.perf_counter() - start)
+    if main_only():
+        results["report"] = write_report(ctx)
+        print_summary(ctx, results, time.perf_counter() - start)
     return 0
 
 

@@ -42,6 +42,15 @@ class HuddError(Exception):
     exits with status 2; the message names the path or value and says what to do."""
 
 
+class QuietExit(Exception):
+    """Ends a command with `status` and prints nothing, because another process has said why (under
+    torchrun, rank 0 prints the job's one error line and the other ranks stop with this)."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
 # --------------------------------------------------------------------------------------------
 # Case-study paths
 # --------------------------------------------------------------------------------------------
@@ -63,6 +72,8 @@ class CasePaths:
     models = _under_root("DNNModels")
     settings_file = _under_root("hudd.json")
     manifest = _under_root("hudd_manifest.json")
+    lock_file = _under_root(".hudd.lock")
+    scratch = _under_root(".hudd-shards")    # the ranks' partial results under torchrun, until rank 0 merges them
     t_dir = _under_root("T")
 
     def set_dir(self, set_key: str) -> Path:
@@ -251,6 +262,7 @@ class Settings:
     rules: str = "hudd"                   # LRP rule preset of the heatmap step
     layers: list[str] | None = None       # module paths to explain; None = every conv, linear and pooling layer
     explain: str = "predicted"            # class whose relevance is explained: "predicted" (original) or "expected"
+    heatmap_dtype: str = "float32"        # how heatmap files store relevance: float32, float16 or bfloat16 (half the disk)
     # Clustering; defaults chosen by RCC purity/coverage on the demos (docs/method.md, "Root-cause clusters").
     features: str = "heatmaps"            # what is clustered: "heatmaps" (HUDD), "activations", "backbone", "pixels"
     backbone: str | None = None           # features "backbone": its architecture (torchvision name, built-in, file.py:Class)
@@ -320,6 +332,8 @@ SETTING_CHOICES: dict[str, dict[str, str]] = {
     "layer_criterion": {"wicd": "the original's", "silhouette": ""},
     "assign_level": {"sub": "the sub-clusters", "top": "the top-level RCCs"},
     "distance_xlsx": {"selected": "the selected layer's distance matrix", "all": "every layer's", "none": ""},
+    "heatmap_dtype": {"float32": "", "float16": "half the disk; values beyond +-65504 are refused",
+                      "bfloat16": "half the disk, float32's range, 8 bits of precision"},
     "epoch_choice": {"last": "", "validation": "best on 10% of the training set", "training": "the original's"},
 }
 POSITIVE_NUMBERS = ("learning_rate", "budget_factor")
@@ -457,8 +471,14 @@ def stop_on_unreadable(image_set: ImageSet, failures: list[tuple[int, str]]) -> 
 
 
 def make_loader(image_set: ImageSet, settings: Settings, batch_size: int, workers: int,
-                shuffle: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
+                shuffle: bool = False, seed: int = 0, batches: list[list[int]] | None = None
+                ) -> torch.utils.data.DataLoader:
+    """Batches of the set in order (or shuffled); `batches`: exactly these lists of positions instead
+    (a rank's shard, or the batches a resumed run still lacks)."""
     generator = torch.Generator().manual_seed(seed)
+    if batches is not None:
+        return torch.utils.data.DataLoader(ImageDataset(image_set, settings), batch_sampler=batches,
+                                           num_workers=workers, collate_fn=collate_images)
     return torch.utils.data.DataLoader(
         ImageDataset(image_set, settings), batch_size=batch_size, shuffle=shuffle,
         num_workers=workers, collate_fn=collate_images, generator=generator,
@@ -633,6 +653,8 @@ def run_guarded(body: Callable[[], int], debug: bool) -> int:
     interrupted; 1 with an `internal error:` line for a bug of ours. --debug re-raises with the trace."""
     try:
         return body()
+    except QuietExit as exc:
+        return exc.status
     except HuddError as exc:
         if debug:
             raise
@@ -669,6 +691,52 @@ def atomic_path(final: Path) -> Iterator[Path]:
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+class CaseLock:
+    """One run per case study at a time: an exclusive lock on `CASE/.hudd.lock`, held for the whole run
+    (under torchrun by rank 0, for every rank of the job). The file says who holds it. The operating
+    system drops the lock when the holding process ends, however it ends, so a killed run never blocks
+    the next one; the file left behind is just unlocked."""
+
+    def __init__(self, paths: CasePaths):
+        self.paths = paths
+        self.stream = None
+
+    def acquire(self, holder: str) -> None:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): runs are not guarded
+            return
+        stream = open(self.paths.lock_file, "a+")
+        try:
+            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            stream.seek(0)
+            running = stream.read().strip() or "details not written yet"
+            stream.close()
+            raise HuddError(f"{self.paths.root}: another HUDD run is working on this case study ({running}); wait "
+                            "for it to finish or stop it, then run again") from None
+        stream.seek(0)
+        stream.truncate()
+        stream.write(holder)
+        stream.flush()
+        self.stream = stream
+
+    def release(self) -> None:
+        if self.stream is not None:
+            self.stream.truncate(0)
+            self.stream.close()  # closing the file drops the lock
+            self.stream = None
+
+
+def run_description() -> str:
+    """Who holds a case's lock: pid, host, start time and command line (and the torchrun job)."""
+    import socket
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    ranks = f", torchrun job {job} of {os.environ.get('WORLD_SIZE')} ranks" if job else ""
+    started = datetime.now().astimezone().isoformat(timespec="seconds")
+    return f"pid {os.getpid()} on {socket.gethostname()}{ranks}, started {started}: {' '.join(sys.argv)}"
 
 
 @contextlib.contextmanager
@@ -735,12 +803,16 @@ class Manifest:
 
     def __init__(self, path: Path):
         self.path = path
+        self.reload()
+
+    def reload(self) -> None:
+        """Reads the file again (under torchrun, after rank 0 has recorded a step)."""
         self.entries: dict[str, Any] = {}
-        if path.is_file():
+        if self.path.is_file():
             try:
-                self.entries = json.loads(path.read_text())
+                self.entries = json.loads(self.path.read_text())
             except json.JSONDecodeError:
-                log.warning("%s is unreadable; every step will be recomputed", path)
+                log.warning("%s is unreadable; every step will be recomputed", self.path)
 
     def is_current(self, step: str, step_fingerprint: str) -> bool:
         entry = self.entries.get(step)
@@ -849,6 +921,7 @@ class Step:
     name = ""       # key in the manifest
     title = ""      # how the log names it
     version = 1     # bump when the step's results change for the same inputs
+    every_rank = False  # under torchrun: compute() runs on every rank (it splits the work), else on rank 0 only
 
     def inputs(self, ctx: RunContext) -> dict[str, Any]:
         raise NotImplementedError

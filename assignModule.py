@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import clusterModule
+import distributed
 import testModule
 from clustering import CHUNK_BYTES, normalise_rows
 from features import make_space
@@ -169,21 +170,27 @@ def clustering_space(ctx: RunContext, layer: str):
                                         ctx.settings.normalisation)
 
 
-def improvement_distances(ctx: RunContext, clusters: SelectedClusters) -> np.ndarray:
+def improvement_distances(ctx: RunContext, clusters: SelectedClusters, stamp: str) -> np.ndarray | None:
     """Nearest-member distance of every improvement image to every eligible RCC, batch by batch, in the
     cluster step's feature space (heatmaps: the relevance at the selected layer only, explaining the
-    predicted class; no labels needed) and distance space."""
+    predicted class; no labels needed) and distance space. Under torchrun each rank computes a
+    contiguous shard of whole batches; rank 0 gets the whole table (the other ranks None)."""
     space, to_space = make_space(ctx.settings.features), clustering_space(ctx, clusters.layer)
-    rows = clusters.member_rows
-    members = to_space(np.asarray(space.error_rows(ctx, clusters.layer)[rows]))
-    improve = ctx.sets()["improve"]
-    distances = np.empty((len(improve), len(clusters.eligible)))
-    batches = space.image_rows(ctx, clusters.layer, improve, improvement_channels(ctx))
-    for positions, block in tqdm(batches, desc="assigning improvement images", unit="batch", leave=False,
-                                 disable=None):
-        distances[positions] = nearest_member_distances(to_space(block), members, clusters.member_rcc,
-                                                        len(clusters.eligible))
-    return distances
+    members = to_space(np.asarray(space.error_rows(ctx, clusters.layer)[clusters.member_rows]))
+    improve, channels = ctx.sets()["improve"], improvement_channels(ctx)
+
+    def shard(start: int, stop: int) -> dict[str, np.ndarray]:
+        distances = np.empty((stop - start, len(clusters.eligible)))
+        batches = space.image_rows(ctx, clusters.layer, improve, channels, start, stop)
+        for positions, block in tqdm(batches, desc="assigning improvement images", unit="batch", leave=False,
+                                     disable=distributed.progress_off()):
+            distances[positions - start] = nearest_member_distances(to_space(block), members, clusters.member_rcc,
+                                                                    len(clusters.eligible))
+        return {"distances": distances}
+
+    shards = distributed.gather_shards(ctx.paths.scratch / "assign", "distances", len(improve),
+                                       ctx.settings.batch_size, stamp, shard)
+    return None if shards is None else np.concatenate([s["distances"] for s in shards])
 
 
 def improvement_channels(ctx: RunContext) -> torch.Tensor:
@@ -196,6 +203,7 @@ def improvement_channels(ctx: RunContext) -> torch.Tensor:
 
 class AssignStep(Step):
     name, title = "assign", "assignment step"
+    every_rank = True
 
     def inputs(self, ctx: RunContext) -> dict:
         s = ctx.settings
@@ -211,10 +219,13 @@ class AssignStep(Step):
         if not clusters.eligible:
             raise PipelineStop(f"no RCC of {clusters.layer} has two or more images, so no improvement image can "
                                "be assigned")
-        distances = improvement_distances(ctx, clusters)
+        distances = improvement_distances(ctx, clusters, self.fingerprint(ctx))
+        if distances is None:  # not rank 0
+            return
         assigned, rank = closest_u(distances, quotas(clusters.sizes, ctx.settings.budget_factor))
         images = [ctx.paths.relative(p) for p in ctx.sets()["improve"].paths]
         write_outputs(ctx, images, clusters.eligible, distances, assigned, rank)
+        distributed.clear_shards(ctx.paths.scratch / "assign", "distances")
 
     def summary(self, ctx: RunContext) -> dict:
         table = read_assignments(ctx.paths)

@@ -1,16 +1,20 @@
 """Step 2: LRP relevance heatmaps of the error-inducing test images, for every selected layer.
 
 For the images that `testResult.csv` marks Wrong, writes under `CASE/T/Heatmaps/`:
-- `<Layer>.npy`: float32 array (images, *layer shape) of relevance at that layer's output; `Layer0` is
-  the relevance at the input (pixels), `Layer1`... the selected layers in execution order;
+- `<Layer>.npy`: array (images, *layer shape) of relevance at that layer's output, float32 (setting
+  `heatmap_dtype`: float16, or bfloat16 stored as its 16 bits, '<u2', since .npy has no bfloat16); `Layer0`
+  is the relevance at the input (pixels), `Layer1`... the selected layers in execution order;
 - `index.csv`: the rows' images (path relative to CASE), expected and predicted class;
 - `layers.csv`: layer name, module path, shape.
 Batches go straight to disk, so memory does not grow with the number of images, and an interrupted
-run resumes where it stopped. The LRP engine itself is the `lrp` package; `relevance` is re-exported here.
+run resumes where it stopped. Under torchrun each rank explains a contiguous shard of whole batches and
+writes its rows in place into the shared files; rank 0 renames them once every row is there. The LRP
+engine itself is the `lrp` package; `relevance` is re-exported here.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -21,8 +25,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from Helper import (CasePaths, HuddError, ImageSet, PipelineStop, RunContext, Step, atomic_path, make_loader,
-                    stop_on_unreadable, write_csv)
+import distributed
+from Helper import (CasePaths, HuddError, ImageDataset, ImageSet, PipelineStop, RunContext, Step, atomic_path,
+                    make_loader, stop_on_unreadable, write_csv)
 from lrp import RULE_PRESETS, LRPExplainer, default_layers, relevance  # noqa: F401  (public API)
 from testModule import error_index
 
@@ -31,49 +36,88 @@ log = logging.getLogger("hudd")
 INPUT_LAYER = "Layer0"
 
 
+# How each heatmap_dtype is stored: .npy has no bfloat16, so its 16 bits are stored as '<u2'.
+STORAGE = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def to_storage(block: np.ndarray, dtype: str, layer: str) -> np.ndarray:
+    """float32 relevance in the stored dtype (rounded to nearest, ties to even)."""
+    if dtype == "float32":
+        return np.ascontiguousarray(block, dtype="<f4")
+    if dtype == "float16":
+        peak = float(np.abs(block).max()) if block.size else 0.0
+        if peak > FLOAT16_MAX:
+            raise HuddError(f"{layer}: relevance up to {peak:.3g} does not fit heatmap_dtype float16 (at most "
+                            f"{FLOAT16_MAX:.0f}); set \"heatmap_dtype\" to bfloat16 or float32 in hudd.json")
+        return block.astype("<f2")
+    return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32)).to(torch.bfloat16).view(
+        torch.int16).numpy().view("<u2")
+
+
+def widen_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """Stored bfloat16 bit patterns -> float32 (exact: bfloat16 is float32's upper half)."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+class Bfloat16Rows:
+    """A memory-mapped bfloat16 heatmap file read as float32, a slice of rows at a time: what open_layer
+    returns for such a file (len, shape, [rows], reshape and np.asarray work as on an array)."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, bits: np.ndarray):
+        self.bits, self.shape, self.ndim = bits, bits.shape, bits.ndim
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return widen_bfloat16(self.bits[key])
+
+    def reshape(self, *shape) -> "Bfloat16Rows":
+        return Bfloat16Rows(self.bits.reshape(*shape))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        values = widen_bfloat16(self.bits)
+        return values if dtype is None else values.astype(dtype)
+
+
 class NpyRowWriter:
-    """Appends rows to a float32 `.npy` file whose final shape is known, without keeping it in
-    memory. Written under a temporary name; `finish()` renames it once every row is there."""
+    """Writes the rows of a `.npy` file whose final shape is known in place, at their offsets, without
+    keeping the array in memory; the ranks of a torchrun job write their rows into the same file. The file
+    is made at its full size under a temporary name; rank 0 renames it (`finish`) once every row is there."""
 
-    def __init__(self, final: Path, rows: int, row_shape: tuple[int, ...], start_row: int = 0):
-        self.final = final
-        self.partial = final.with_name(f".{final.name}.partial")
-        self.rows = rows
-        self.row_shape = row_shape
-        self.row_bytes = int(np.prod(row_shape)) * 4
-        if start_row == 0 or not self.partial.exists():
-            start_row = 0
-            with open(self.partial, "wb") as stream:
-                np.lib.format.write_array_header_2_0(
-                    stream, {"descr": "<f4", "fortran_order": False, "shape": (rows, *row_shape)})
-                self.data_offset = stream.tell()
-        else:
-            with open(self.partial, "rb") as stream:
-                np.lib.format.read_magic(stream)
-                np.lib.format.read_array_header_2_0(stream)
-                self.data_offset = stream.tell()
+    def __init__(self, final: Path, rows: int, row_shape: tuple[int, ...], descr: str = "<f4"):
+        self.final, self.partial = final, partial_file(final)
+        self.rows, self.row_shape = rows, row_shape
+        header = io.BytesIO()
+        np.lib.format.write_array_header_2_0(header, {"descr": descr, "fortran_order": False,
+                                                      "shape": (rows, *row_shape)})
+        self.data_offset = len(header.getvalue())
+        self.row_bytes = int(np.prod(row_shape)) * np.dtype(descr).itemsize
+        with open(self.partial, "ab"):
+            pass  # created if missing, never truncated: other ranks may be writing their rows into it
         self.stream = open(self.partial, "r+b")
-        self.stream.seek(self.data_offset + start_row * self.row_bytes)
-        self.stream.truncate()
-        self.written = start_row
+        self.stream.write(header.getvalue())  # every rank writes the same bytes
+        if os.fstat(self.stream.fileno()).st_size < self.data_offset + rows * self.row_bytes:
+            self.stream.truncate(self.data_offset + rows * self.row_bytes)
 
-    def write(self, block: np.ndarray) -> None:
-        self.stream.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
-        self.written += len(block)
+    def write(self, block: np.ndarray, first_row: int) -> None:
+        self.stream.seek(self.data_offset + first_row * self.row_bytes)
+        self.stream.write(block.tobytes())
 
     def flush(self) -> None:
         self.stream.flush()
         os.fsync(self.stream.fileno())
 
-    def finish(self) -> None:
-        self.stream.close()
-        if self.written != self.rows:
-            raise RuntimeError(f"{self.final}: wrote {self.written} rows of {self.rows}")
-        os.replace(self.partial, self.final)
-
     def close(self) -> None:
         if not self.stream.closed:
             self.stream.close()
+
+
+def partial_file(final: Path) -> Path:
+    return final.with_name(f".{final.name}.partial")
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +127,7 @@ class NpyRowWriter:
 FOLDER = "Heatmaps"
 INDEX_FILE = "index.csv"
 LAYERS_FILE = "layers.csv"
-PROGRESS_FILE = ".progress.json"
+PROGRESS_FILE = ".progress-{rank}.json"
 
 
 def heatmaps_dir(paths: CasePaths) -> Path:
@@ -105,8 +149,10 @@ def read_layers(paths: CasePaths) -> pd.DataFrame:
 
 
 def open_layer(paths: CasePaths, layer: str) -> np.ndarray:
-    """A layer's heatmaps, memory-mapped: (error images, *layer shape) float32."""
-    return np.load(layer_file(paths, layer), mmap_mode="r")
+    """A layer's heatmaps, memory-mapped: (error images, *layer shape), float32 or float16 as stored; a
+    bfloat16 file reads as float32 (Bfloat16Rows)."""
+    array = np.load(layer_file(paths, layer), mmap_mode="r")
+    return Bfloat16Rows(array) if array.dtype == np.uint16 else array
 
 
 def module_of(paths: CasePaths, layer: str) -> str:
@@ -142,59 +188,76 @@ def selected_layers(model: torch.nn.Module, ctx: RunContext, example: torch.Tens
 
 
 class Progress:
-    """`T/Heatmaps/.progress.json`: how many rows of an unfinished run are safely on disk."""
+    """`T/Heatmaps/.progress-<rank>.json`: the rows of an unfinished run that are safely on disk, as
+    (start, stop) ranges of whole batches, one file per rank. A rerun with the same inputs, with any
+    number of ranks, skips every batch that one of them holds."""
 
     def __init__(self, folder: Path, step_print: str):
-        self.path = folder / PROGRESS_FILE
-        self.step_print = step_print
+        self.folder, self.step_print = folder, step_print
+        self.path = folder / PROGRESS_FILE.format(rank=distributed.rank())
+        self.ranges = self._read(self.path)
+
+    def _read(self, path: Path) -> list[list[int]]:
+        if not path.is_file():
+            return []
+        saved = json.loads(path.read_text())
+        return saved["ranges"] if saved.get("fingerprint") == self.step_print else []
+
+    def done(self) -> list[list[int]]:
+        """Every rank's ranges."""
+        return [r for path in sorted(self.folder.glob(PROGRESS_FILE.format(rank="*"))) for r in self._read(path)]
 
     def rows_done(self) -> int:
-        if not self.path.is_file():
-            return 0
-        saved = json.loads(self.path.read_text())
-        return saved["rows"] if saved.get("fingerprint") == self.step_print else 0
+        """How many rows are on disk."""
+        return sum(stop - start for start, stop in self.done())
 
-    def save(self, rows: int) -> None:
+    def pending(self, start: int, stop: int, batch_size: int) -> list[list[int]]:
+        """The batches of rows start..stop (whole batches of the single-process run) not yet on disk."""
+        done = self.done()
+        return [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)
+                if not any(first <= b < last for first, last in done)]
+
+    def save(self, start: int, stop: int) -> None:
+        if self.ranges and self.ranges[-1][1] == start:
+            self.ranges[-1][1] = stop
+        else:
+            self.ranges.append([start, stop])
         with atomic_path(self.path) as temporary:
-            temporary.write_text(json.dumps({"fingerprint": self.step_print, "rows": rows}))
+            temporary.write_text(json.dumps({"fingerprint": self.step_print, "ranges": self.ranges}))
+
+    def start_fresh(self) -> None:
+        """Drops an earlier run's files (another layer selection, dtype or model), progress included."""
+        for old in [*self.folder.glob("*.npy"), *self.folder.glob(".*.partial"),
+                    *self.folder.glob(PROGRESS_FILE.format(rank="*"))]:
+            old.unlink()
 
     def clear(self) -> None:
-        if self.path.exists():
-            self.path.unlink()
+        for path in self.folder.glob(PROGRESS_FILE.format(rank="*")):
+            path.unlink()
 
 
 class LayerWriters:
-    """One NpyRowWriter per layer, opened on the first batch (when the layers' shapes are known)."""
+    """One NpyRowWriter per layer, in the stored dtype."""
 
-    def __init__(self, folder: Path, rows: int, start_row: int):
-        self.folder, self.rows, self.start_row = folder, rows, start_row
-        self.writers: dict[str, NpyRowWriter] = {}
-
-    def open(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        self.writers = {name: NpyRowWriter(self.folder / f"{name}.npy", self.rows, shape, self.start_row)
+    def __init__(self, folder: Path, rows: int, shapes: dict[str, tuple[int, ...]], dtype: str):
+        self.dtype = dtype
+        self.writers = {name: NpyRowWriter(folder / f"{name}.npy", rows, shape, STORAGE[dtype])
                         for name, shape in shapes.items()}
 
-    def write(self, blocks: dict[str, np.ndarray]) -> None:
+    def write(self, blocks: dict[str, np.ndarray], first_row: int) -> None:
         for name, block in blocks.items():
-            self.writers[name].write(block)
+            self.writers[name].write(to_storage(block, self.dtype, name), first_row)
         for writer in self.writers.values():
             writer.flush()
-
-    def finish(self) -> None:
-        for writer in self.writers.values():
-            writer.finish()
 
     def close(self) -> None:
         for writer in self.writers.values():
             writer.close()
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: writer.row_shape for name, writer in self.writers.items()}
-
 
 class ErrorExplainer:
-    """The LRP explainer of the error images, set up on the first batch: the layers, their shapes and
-    the output shape a keypoint target mask needs."""
+    """The LRP explainer of the error images, set up on the first error image: the layers, their shapes
+    and the output shape a keypoint target mask needs."""
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -215,38 +278,47 @@ class ErrorExplainer:
 
 
 def compute_heatmaps(ctx: RunContext, index: pd.DataFrame, folder: Path, step_print: str) -> dict:
-    """Streams relevance to the per-layer files; resumes an interrupted run with the same inputs.
-    Returns each layer's module path and row shape."""
+    """Streams relevance to the per-layer files: this rank's shard, skipping the batches an interrupted
+    run with the same inputs left on disk. Returns each layer's module path and row shape."""
     channels = ctx.task.explained_channels(index, ctx.classes)
     image_set = ImageSet(name="error images", root=ctx.paths.set_dir("test"),
                          paths=[ctx.paths.root / p for p in index["image"]], labels=[0] * len(index),
                          classes=ctx.classes)
     progress = Progress(folder, step_print)
-    start_row = 0 if ctx.force else progress.rows_done()
-    if start_row == 0:  # a fresh run: drop files of an earlier layer selection
-        for old in folder.glob("*.npy"):
-            old.unlink()
-    writers, explain = LayerWriters(folder, len(index), start_row), ErrorExplainer(ctx)
-    loader = make_loader(image_set, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
+    explain = ErrorExplainer(ctx)
+    first, _label, _row, error = ImageDataset(image_set, ctx.settings)[0]
+    stop_on_unreadable(image_set, [(0, error)] if error else [])
+    shapes = explain.setup(first[None].to(ctx.device), channels[:1])  # the layers and their shapes
+    start, stop = distributed.batch_shard(len(index), ctx.settings.batch_size)
+    pending = progress.pending(start, stop, ctx.settings.batch_size)
+    writers = LayerWriters(folder, len(index), shapes, ctx.settings.heatmap_dtype)
+    loader = make_loader(image_set, ctx.settings, ctx.settings.batch_size, ctx.settings.workers, batches=pending)
     try:
-        for inputs, _labels, rows, failures in tqdm(loader, desc="heatmaps", unit="batch", leave=False, disable=None):
+        for inputs, _labels, rows, failures in tqdm(loader, desc="heatmaps", unit="batch", leave=False,
+                                                    disable=distributed.progress_off()):
             stop_on_unreadable(image_set, failures)
-            inputs = inputs.to(ctx.device)
-            if not writers.writers:
-                writers.open(explain.setup(inputs[:1], channels[rows[:1]]))
-            keep = rows >= start_row
-            if keep.any():  # rows below start_row are on disk from an interrupted run
-                writers.write(explain(inputs[keep.to(inputs.device)], channels[rows[keep]]))
-                progress.save(int(rows[-1]) + 1)
-        writers.finish()
+            writers.write(explain(inputs.to(ctx.device), channels[rows]), int(rows[0]))
+            progress.save(int(rows[0]), int(rows[-1]) + 1)
     finally:
         writers.close()
+    return {name: (path, shapes[name]) for name, path in explain.layers}
+
+
+def publish_heatmaps(folder: Path, layers: dict, index: pd.DataFrame, progress: Progress) -> None:
+    """Rank 0, once every rank is done: the files under their real names, then layers.csv and index.csv."""
+    if progress.rows_done() != len(index):
+        raise RuntimeError(f"{folder}: {progress.rows_done()} of {len(index)} heatmap rows written")
+    for name in layers:
+        os.replace(partial_file(folder / f"{name}.npy"), folder / f"{name}.npy")
+    write_csv(pd.DataFrame([(name, path, "x".join(map(str, shape))) for name, (path, shape) in layers.items()],
+                           columns=["layer", "module", "shape"]), folder / LAYERS_FILE)
+    write_csv(index, folder / INDEX_FILE)
     progress.clear()
-    return {name: (path, writers.shapes()[name]) for name, path in explain.layers}
 
 
 class HeatmapStep(Step):
     name, title = "heatmaps", "heatmap step"
+    every_rank = True
 
     def inputs(self, ctx: RunContext) -> dict:
         index = error_index(ctx)
@@ -255,7 +327,7 @@ class HeatmapStep(Step):
                                "nothing to explain; the pipeline stops after the test step")
         s = ctx.settings
         return {**ctx.model_fingerprint_part(), "errors": hashlib.sha256(index.to_csv(index=False).encode()).hexdigest(),
-                "rules": s.rules, "layers": s.layers, "explain": s.explain}
+                "rules": s.rules, "layers": s.layers, "explain": s.explain, "heatmap_dtype": s.heatmap_dtype}
 
     def outputs(self, ctx: RunContext) -> list[Path]:
         layers = read_layers(ctx.paths)
@@ -263,13 +335,19 @@ class HeatmapStep(Step):
                 + [heatmaps_dir(ctx.paths) / INDEX_FILE, heatmaps_dir(ctx.paths) / LAYERS_FILE])
 
     def compute(self, ctx: RunContext) -> None:
-        index = error_index(ctx)
-        folder = heatmaps_dir(ctx.paths)
-        folder.mkdir(parents=True, exist_ok=True)
-        layers = compute_heatmaps(ctx, index, folder, self.fingerprint(ctx))
-        write_csv(pd.DataFrame([(name, path, "x".join(map(str, shape))) for name, (path, shape) in layers.items()],
-                               columns=["layer", "module", "shape"]), folder / LAYERS_FILE)
-        write_csv(index, folder / INDEX_FILE)
+        """Every rank explains its shard (compute_heatmaps); rank 0 then publishes the files."""
+        index, folder, step_print = error_index(ctx), heatmaps_dir(ctx.paths), self.fingerprint(ctx)
+        progress = Progress(folder, step_print)
+
+        def prepare() -> None:  # rank 0, before any rank opens a file: resume, or start from nothing
+            folder.mkdir(parents=True, exist_ok=True)
+            if ctx.force or not progress.rows_done():
+                progress.start_fresh()
+
+        distributed.together(lambda: prepare() if distributed.is_main() else None)
+        layers = distributed.together(lambda: compute_heatmaps(ctx, index, folder, step_print))
+        if distributed.is_main():
+            publish_heatmaps(folder, layers, index, Progress(folder, step_print))
 
     def summary(self, ctx: RunContext) -> dict:
         layers = read_layers(ctx.paths)

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 import descriptors
+import distributed
 from Helper import (SET_FOLDERS, CasePaths, HuddError, ImageSet, RunContext, Settings, Step, atomic_path,
                     image_set_digest, make_loader, read_metadata, resolve_input_size, write_csv)
 
@@ -119,26 +120,69 @@ def predict_set(model: torch.nn.Module, image_set: ImageSet, ctx: RunContext,
     """Batched inference over a set. An unreadable image stops the run, naming the file, unless
     the user asked to skip such images (then it is left out of the results, with a warning).
     `on_batch(inputs, indices)` sees every batch of model inputs (the image descriptors use it)."""
-    loader = make_loader(image_set, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
-    indices, rows, failures = [], [], []
+    return checked(image_set, predict_rows(model, image_set, ctx, 0, len(image_set), on_batch))
+
+
+def predict_rows(model: torch.nn.Module, image_set: ImageSet, ctx: RunContext, start: int, stop: int,
+                 on_batch: Callable[[torch.Tensor, np.ndarray], None] | None = None) -> SetPredictions:
+    """predict_set's inference over images start..stop of the set (a torchrun rank's shard; batches as in
+    one process when start is a multiple of the batch size); nothing logged, no check of the whole set."""
+    part = ImageSet(name=image_set.name, root=image_set.root, paths=image_set.paths[start:stop],
+                    labels=image_set.labels[start:stop], classes=image_set.classes,
+                    targets=None if image_set.targets is None else image_set.targets[start:stop])
+    loader = make_loader(part, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
+    indices, rows, failures = [np.empty(0, dtype=np.int64)], [], []
     with torch.no_grad():
         for inputs, _labels, batch_indices, batch_failures in tqdm(
-                loader, desc=f"testing {image_set.name}", unit="batch", leave=False, disable=None):
+                loader, desc=f"testing {image_set.name}", unit="batch", leave=False, disable=distributed.progress_off()):
             if batch_failures and not ctx.skip_bad_images:
                 index, error = batch_failures[0]
-                raise HuddError(f"{image_set.paths[index]}: cannot read image ({error}); replace or remove the "
+                raise HuddError(f"{part.paths[index]}: cannot read image ({error}); replace or remove the "
                                 "file, or pass --skip-bad-images to leave unreadable images out")
-            failures += batch_failures
+            failures += [(start + index, error) for index, error in batch_failures]
             if len(batch_indices):
                 rows.append(ctx.task.output_rows(model(inputs.to(ctx.device))))
-                indices.append(batch_indices.numpy())
+                indices.append(start + batch_indices.numpy())
                 if on_batch is not None:
-                    on_batch(inputs, batch_indices.numpy())
-    for index, error in failures:
+                    on_batch(inputs, start + batch_indices.numpy())
+    logits = np.concatenate(rows) if rows else np.empty((0, 0), dtype=np.float32)
+    return SetPredictions(np.concatenate(indices), logits, failures)
+
+
+def checked(image_set: ImageSet, predictions: SetPredictions) -> SetPredictions:
+    """The whole set's predictions, its skipped images logged; an error when none could be read."""
+    for index, error in predictions.failures:
         log.warning("skipped unreadable image %s (%s)", image_set.paths[index], error)
-    if not indices:
+    if not len(predictions.indices):
         raise HuddError(f"{image_set.root}: none of its images could be read")
-    return SetPredictions(np.concatenate(indices), np.concatenate(rows), failures)
+    return predictions
+
+
+def predict_shards(model: torch.nn.Module, image_set: ImageSet, ctx: RunContext, set_key: str, stamp: str,
+                   describe: ImageDescriber | None = None) -> SetPredictions | None:
+    """predict_set split over the ranks of a torchrun job (contiguous shards of whole batches): rank 0
+    gets the whole set's predictions merged in image order (and `describe` every rank's descriptors),
+    the other ranks None."""
+    def shard(start: int, stop: int) -> dict[str, np.ndarray]:
+        own = ImageDescriber(ctx.settings) if describe is not None and distributed.active() else describe
+        p = predict_rows(model, image_set, ctx, start, stop, own)
+        arrays = {"indices": p.indices, "logits": p.logits, "errors": np.array([e for _, e in p.failures], dtype=str),
+                  "failed": np.array([i for i, _ in p.failures], dtype=np.int64)}
+        return {**arrays, **own.arrays()} if own is not None and own is not describe else arrays
+
+    shards = distributed.gather_shards(ctx.paths.scratch / "test", set_key, len(image_set), ctx.settings.batch_size,
+                                       stamp, shard)
+    if shards is None:
+        return None
+    if describe is not None and distributed.active():
+        for saved in shards:
+            describe.add(saved)
+    filled = [s for s in shards if len(s["indices"])]
+    merged = SetPredictions(
+        np.concatenate([s["indices"] for s in shards]),
+        np.concatenate([s["logits"] for s in filled]) if filled else np.empty((0, 0), dtype=np.float32),
+        [(int(i), str(e)) for s in shards for i, e in zip(s["failed"], s["errors"])])
+    return checked(image_set, merged)
 
 
 def result_frame(image_set: ImageSet, predictions: SetPredictions, ctx: RunContext) -> pd.DataFrame:
@@ -194,6 +238,26 @@ class ImageDescriber:
         self.indices.append(indices)
         self.shape = masks.shape[1:]
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What this describer collected as plain arrays (a torchrun rank's shard file; no pickle): each
+        descriptor column with its own dtype, so that rank 0's merged table writes as one process's."""
+        table = pd.concat(self.tables, ignore_index=True) if self.tables else pd.DataFrame()
+        columns = {f"describe_column{i}": table[name].to_numpy() for i, name in enumerate(table.columns)}
+        return {"describe_names": np.array(list(table.columns), dtype=str), **columns,
+                "describe_masks": np.concatenate(self.masks) if self.masks else np.empty((0, 0), dtype=np.uint8),
+                "describe_valid": np.concatenate(self.valid) if self.valid else np.empty(0, dtype=bool),
+                "describe_shape": np.asarray(self.shape)}
+
+    def add(self, saved: dict[str, np.ndarray]) -> None:
+        """Another describer's arrays (a rank's shard, in rank order)."""
+        if not len(saved["describe_valid"]):
+            return
+        names = [str(name) for name in saved["describe_names"]]
+        self.tables.append(pd.DataFrame({name: saved[f"describe_column{i}"] for i, name in enumerate(names)}))
+        self.masks.append(saved["describe_masks"])
+        self.valid.append(saved["describe_valid"])
+        self.shape = tuple(int(v) for v in saved["describe_shape"])
+
     def write(self, paths: CasePaths, frame: pd.DataFrame) -> None:
         """`frame`: the set's result rows, whose images are the readable ones, in collection order."""
         table = pd.concat(self.tables, ignore_index=True)
@@ -212,6 +276,7 @@ class ImageDescriber:
 class TestStep(Step):
     name, title = "test", "test step"
     version = 3     # 2: the test images' descriptors and object masks; 3: their hue shares on the object
+    every_rank = True
 
     def inputs(self, ctx: RunContext) -> dict:
         return {**ctx.model_fingerprint_part(),
@@ -225,18 +290,26 @@ class TestStep(Step):
         return files + ([scenario_path] if scenario_path.is_file() else [])
 
     def compute(self, ctx: RunContext) -> None:
-        model = ctx.model()
+        """Under torchrun every rank predicts its shard of each set; rank 0 merges and writes."""
+        model, stamp = ctx.model(), self.fingerprint(ctx)
         scenario_tables = []
         for set_key, image_set in ctx.sets().items():
             problem = ctx.task.check_images(image_set, resolve_input_size(ctx.settings))
             if problem:
                 raise HuddError(problem)
             describe = ImageDescriber(ctx.settings) if set_key == "test" else None
-            frame = result_frame(image_set, predict_set(model, image_set, ctx, describe), ctx)
+            predictions = predict_shards(model, image_set, ctx, set_key, stamp, describe)
+            if predictions is None:  # not rank 0
+                continue
+            frame = result_frame(image_set, predictions, ctx)
             write_csv(frame, result_path(ctx.paths, set_key))
             if describe is not None:
                 describe.write(ctx.paths, frame)
             scenario_tables.append(scenario_accuracy(set_key, image_set, frame, ctx))
+        if not distributed.is_main():
+            return
+        for set_key in ctx.sets():
+            distributed.clear_shards(ctx.paths.scratch / "test", set_key)
         scenarios = pd.concat(scenario_tables, ignore_index=True)
         scenario_path = ctx.paths.root / SCENARIO_FILE
         if len(scenarios):

@@ -105,7 +105,7 @@ def test_an_interrupted_run_resumes_and_matches_a_clean_run(make_case, monkeypat
     assert sum(seen_rows) == 1 + errors - 4  # the probe image plus only the rows not yet on disk
     for name, array in clean.items():
         np.testing.assert_array_equal(np.load(folder / name), array)
-    assert not (folder / ".progress.json").exists()
+    assert not list(folder.glob(".progress*"))
 
 
 def test_no_error_images_stops_cleanly(tmp_path):
@@ -125,3 +125,40 @@ def test_no_error_images_stops_cleanly(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "no error-inducing test images" in result.stdout
     assert not (case / "T" / "Heatmaps").exists()
+
+
+def bfloat16_rounded(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 -> float32 by hand: round the upper 16 bits to nearest, ties to even."""
+    bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+    upper = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return (upper.astype(np.uint32) << 16).view(np.float32)
+
+
+def test_half_precision_heatmaps_hold_the_rounded_relevance_in_half_the_bytes(make_case):
+    case = make_case(per_class=4)
+    ctx, _ = run_both(case)
+    folder = case / "T" / "Heatmaps"
+    full = {p.stem: np.load(p) for p in folder.glob("*.npy")}
+    full_bytes = sum(p.stat().st_size for p in folder.glob("*.npy"))
+    for dtype in ("float16", "bfloat16"):
+        ctx = context(case, heatmap_dtype=dtype)
+        assert not ctx.manifest.is_current(heatmapModule.STEP.name, heatmapModule.STEP.fingerprint(ctx))
+        run_step(heatmapModule.STEP, ctx)
+        assert sum(p.stat().st_size for p in folder.glob("*.npy")) < 0.51 * full_bytes
+        for name, values in full.items():
+            stored = np.load(folder / f"{name}.npy")
+            read = heatmapModule.open_layer(ctx.paths, name)
+            if dtype == "float16":
+                assert stored.dtype == np.float16
+                np.testing.assert_array_equal(stored, values.astype(np.float16))
+            else:
+                assert stored.dtype == np.uint16 and read.dtype == np.float32 and read.shape == values.shape
+                np.testing.assert_array_equal(np.asarray(read), bfloat16_rounded(values))
+                np.testing.assert_array_equal(read[1:3], bfloat16_rounded(values[1:3]))
+                assert read.reshape(len(read), -1)[0].shape == (values[0].size,)
+
+
+def test_float16_refuses_relevance_beyond_its_range():
+    with pytest.raises(Helper.HuddError, match="bfloat16"):
+        heatmapModule.to_storage(np.array([[1.0, -7e4]], dtype=np.float32), "float16", "Layer3")
+    assert heatmapModule.to_storage(np.array([[1.0, -7e4]], dtype=np.float32), "bfloat16", "Layer3").dtype == np.uint16

@@ -1,0 +1,113 @@
+"""torchrun: two ranks with gloo on the CPU write the files of one process, a killed rank fails the job
+and the rerun completes; one run per case at a time."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import REPO, SETTINGS, assert_clean_error, build_case, hudd
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def torchrun(script: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*TORCHRUN, str(script), *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout)
+
+
+def case_files(case: Path) -> dict[str, bytes]:
+    """Every file a run wrote, as bytes; but the manifest (it holds times), workbooks openpyxl wrote
+    (they hold times: compared as tables) and the report (it names the case's folder)."""
+    files = {}
+    for path in sorted(p for p in case.rglob("*") if p.is_file()):
+        name = path.relative_to(case).as_posix()
+        if name in ("hudd_manifest.json", ".hudd.lock"):
+            continue
+        if name in ("T/ClusterAnalysis/summary.xlsx",):
+            files[name] = pd.read_excel(path).to_csv().encode()
+        elif name == "T/report.html":
+            files[name] = path.read_bytes().replace(str(case).encode(), b"CASE")
+        else:
+            files[name] = path.read_bytes()
+    return files
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """The tiny case (batches of 2, so each rank has two batches of heatmaps) and a one-process run of it."""
+    root = tmp_path_factory.mktemp("single")
+    case = build_case(root / "case", settings={**SETTINGS, "batch_size": 2})
+    pristine = root / "pristine"
+    shutil.copytree(case, pristine)
+    result = hudd("-o", str(case))
+    assert result.returncode == 0, result.stderr
+    return case, pristine
+
+
+def test_two_ranks_write_the_bytes_of_one_process(single_run, tmp_path):
+    case, pristine = single_run
+    two = tmp_path / "case"
+    shutil.copytree(pristine, two)
+    result = torchrun(REPO / "HUDD.py", "-o", str(two))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("HUDD on") == 1  # the summary, from rank 0 only
+    ours, theirs = case_files(two), case_files(case.parent / "case")
+    assert sorted(ours) == sorted(theirs)
+    assert [name for name in ours if ours[name] != theirs[name]] == []
+    assert not (two / ".hudd-shards").exists()
+
+
+def test_a_killed_rank_fails_the_job_and_the_rerun_completes(single_run, tmp_path):
+    case, pristine = single_run
+    two = tmp_path / "case"
+    shutil.copytree(pristine, two)
+    killed = torchrun(REPO / "tests" / "torchrun" / "killed_rank.py", "-o", str(two))
+    assert killed.returncode != 0
+    assert "local_rank: 1" in killed.stderr and "SIGKILL" in killed.stderr  # torchrun's report names the dead rank
+    ours = [line for line in killed.stderr.splitlines() if line.startswith("error: rank 0 of 2")]
+    assert len(ours) == 1 and "run the same command again" in ours[0], killed.stderr
+    heatmaps = two / "T" / "Heatmaps"
+    assert (heatmaps / ".progress-1.json").is_file() and not list(heatmaps.glob("*.npy"))
+    rerun = torchrun(REPO / "HUDD.py", "-o", str(two))
+    assert rerun.returncode == 0, rerun.stderr
+    assert case_files(two) == case_files(case)
+
+
+def hold_lock(case: Path) -> subprocess.Popen:
+    """Another run holding the case's lock (then sleeping), as a running HUDD.py would."""
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); import Helper; "
+            f"lock = Helper.CaseLock(Helper.CasePaths(__import__('pathlib').Path({str(case)!r}))); "
+            "lock.acquire(Helper.run_description()); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_is_refused_and_a_killed_run_blocks_nothing(case):
+    holder = hold_lock(case)
+    try:
+        refused = hudd("-o", str(case), "--steps", "test")
+        assert_clean_error(refused, str(case), "another HUDD run", f"pid {holder.pid}")
+        assert not (case / "testResult.csv").exists()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    after = hudd("-o", str(case), "--steps", "test")
+    assert after.returncode == 0, after.stderr
+
+
+def test_two_runs_started_together_one_is_refused(case):
+    runs = [subprocess.Popen([sys.executable, str(REPO / "HUDD.py"), "-o", str(case), "--steps", "test,heatmaps"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [subprocess.CompletedProcess(r.args, r.wait(timeout=300), *r.communicate()) for r in runs]
+    assert sorted(r.returncode for r in results) == [0, 2], [r.stderr for r in results]
+    assert_clean_error(next(r for r in results if r.returncode), "another HUDD run")
+    assert len(np.load(case / "T" / "Heatmaps" / "Layer0.npy")) == len(pd.read_csv(case / "T" / "Heatmaps" / "index.csv"))
