@@ -31,6 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 import assignModule
+import distributed
 import evaluation
 import testModule
 from Helper import (CasePaths, HuddError, ImageSet, RunContext, Step, atomic_path, image_set_digest, make_loader,
@@ -179,66 +180,94 @@ def accuracy_on(model: nn.Module, source: ImageSource, rows: np.ndarray, ctx: Ru
 
 def epoch_batches(data: TrainingData, bag: np.ndarray, batch_size: int, ctx: RunContext,
                   generator: torch.Generator):
-    """(inputs, labels) batches of one pass over the training rows and the bag, shuffled together."""
+    """One pass over the training rows and the bag, shuffled together, in global batches of
+    `batch_size`: yields (inputs, labels, global batch size, slice) for this rank's contiguous slice of
+    each batch (under torchrun; the whole batch in one process). Every rank draws the same order, so the
+    ranks together see exactly the samples of the single-process epoch. A short last batch can leave a
+    rank no sample: it gets the batch's first sample with an empty slice, to weigh 0 (every rank must
+    take part in every DDP step, so that every rank's optimiser steps alike)."""
     source = np.concatenate([np.zeros(len(data.train_rows), int), np.ones(len(bag), int)])
     rows = np.concatenate([data.train_rows, bag])
     order = torch.randperm(len(rows), generator=generator).numpy()
     source, rows = source[order], rows[order]
+    spans = [(start, min(start + batch_size, len(rows))) for start in range(0, len(rows), batch_size)]
+    mine = [(stop - start, part, np.arange(start, stop)[part] if part.stop > part.start else np.array([start]))
+            for start, stop in spans for part in [distributed.local_slice(stop - start)]]
     if data.train.tensor is not None and data.improve.tensor is not None:
-        for start in range(0, len(rows), batch_size):
-            part_source, part_rows = source[start:start + batch_size], rows[start:start + batch_size]
+        for size, part, positions in mine:
+            part_source, part_rows = source[positions], rows[positions]
             inputs = torch.empty((len(part_rows), *data.train.tensor.shape[1:]))
             labels = torch.empty((len(part_rows), *data.train.labels.shape[1:]), dtype=data.train.labels.dtype)
             for s, images in ((0, data.train), (1, data.improve)):
                 mask = torch.as_tensor(part_source == s)
                 picked = torch.as_tensor(part_rows[part_source == s], dtype=torch.long)
                 inputs[mask], labels[mask] = images.tensor[picked], images.labels[picked]
-            yield inputs, labels
+            yield inputs, labels, size, part
         return
     sets = (data.train.image_set, data.improve.image_set)  # too large to keep: read from disk, in that order
+    picked = np.concatenate([positions for _size, _part, positions in mine]) if mine else np.empty(0, int)
     combined = ImageSet(name="retraining set", root=sets[0].root, classes=sets[0].classes,
-                        paths=[sets[s].paths[r] for s, r in zip(source, rows)],
-                        labels=[sets[s].labels[r] for s, r in zip(source, rows)],
+                        paths=[sets[source[i]].paths[rows[i]] for i in picked],
+                        labels=[sets[source[i]].labels[rows[i]] for i in picked],
                         targets=None if sets[0].targets is None else
-                        np.stack([sets[s].targets[r] for s, r in zip(source, rows)]))
-    yield from combined_batches(combined, batch_size, ctx)
+                        np.stack([sets[source[i]].targets[rows[i]] for i in picked]))
+    ends = np.cumsum([len(positions) for _size, _part, positions in mine])
+    batches = [list(range(end - len(positions), end)) for end, (_s, _p, positions) in zip(ends, mine)]
+    for (inputs, labels), (size, part, _positions) in zip(combined_batches(combined, batch_size, ctx, batches), mine):
+        yield inputs, labels, size, part
 
 
-def combined_batches(image_set: ImageSet, batch_size: int, ctx: RunContext):
+def combined_batches(image_set: ImageSet, batch_size: int, ctx: RunContext, batches: list[list[int]] | None = None):
     truth = ctx.task.truth(image_set.labels, image_set.targets)
-    for inputs, _labels, rows, failures in make_loader(image_set, ctx.settings, batch_size, ctx.settings.workers):
+    for inputs, _labels, rows, failures in make_loader(image_set, ctx.settings, batch_size, ctx.settings.workers,
+                                                       batches=batches):
         stop_on_unreadable(image_set, failures)
         yield inputs, truth[rows]
 
 
 def train_epoch(model, optimiser, data: TrainingData, bag: np.ndarray, ctx: RunContext,
-                generator: torch.Generator) -> float:
-    """One pass over the training rows and the bag; returns the training accuracy."""
+                generator: torch.Generator, dropouts: list = (), mask_seed: tuple = (0,)) -> float:
+    """One pass over the training rows and the bag; returns the training accuracy (of every rank's
+    samples). Under torchrun `model` is DDP-wrapped: DDP averages the ranks' gradients, so each rank's
+    mean loss is scaled by its share of the global batch times the number of ranks, which makes that
+    average the global batch's mean gradient, as in one process. `dropouts` (distributed.batch_dropout)
+    get each global batch's mask seed, drawn from `mask_seed` and the batch number."""
     model.train()
     correct = seen = 0
-    for inputs, labels in epoch_batches(data, bag, ctx.settings.batch_size, ctx, generator):
+    for number, (inputs, labels, size, part) in enumerate(epoch_batches(data, bag, ctx.settings.batch_size, ctx,
+                                                                        generator)):
+        mine = part.stop - part.start  # 0: a stand-in sample that weighs nothing
+        distributed.set_batch(dropouts, size, part if mine else slice(0, 1),
+                              int(np.random.SeedSequence([*mask_seed, number]).generate_state(1)[0]))
         inputs, labels = inputs.to(ctx.device), labels.to(ctx.device)
         optimiser.zero_grad()
         outputs = model(inputs)
-        ctx.task.loss(outputs, labels).backward()
+        (ctx.task.loss(outputs, labels) * (mine * distributed.world() / size)).backward()
         optimiser.step()
-        correct += ctx.task.count_correct(outputs.detach(), labels)
-        seen += len(labels)
+        if mine:
+            correct += ctx.task.count_correct(outputs.detach(), labels)
+            seen += len(labels)
+    correct, seen = distributed.sum_over_ranks(correct, seen)
     return correct / max(seen, 1)
 
 
 def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, desc: str
               ) -> tuple[nn.Module, int, list[dict]]:
     """Fine-tunes a copy of the original model; returns it at the chosen epoch, that epoch, and the
-    per-epoch history (training and validation accuracy)."""
+    per-epoch history (training and validation accuracy). Under torchrun the copy trains with
+    DistributedDataParallel (every rank ends each epoch with the same weights, so each makes the same
+    choice of epoch). Dropout draws its masks per global batch (distributed.BatchDropout), the same for
+    one process or N ranks."""
     s = ctx.settings
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(ctx.model()).to(ctx.device)
-    optimiser = ctx.task.optimiser(model, s)
+    dropouts = distributed.batch_dropout(model)
+    optimiser = ctx.task.optimiser(model, s)  # before DDP: a keypoint model freezes layers here
+    trained = distributed.data_parallel(model, ctx.device)
     history, best_state, best_score = [], None, -np.inf
-    for epoch in tqdm(range(1, s.epochs + 1), desc=desc, unit="epoch", leave=False, disable=None):
-        train_accuracy = train_epoch(model, optimiser, data, bag, ctx, generator)
+    for epoch in tqdm(range(1, s.epochs + 1), desc=desc, unit="epoch", leave=False, disable=distributed.progress_off()):
+        train_accuracy = train_epoch(trained, optimiser, data, bag, ctx, generator, dropouts, (seed, epoch))
         validation = (accuracy_on(model, data.train, data.validation_rows, ctx)
                       if s.epoch_choice == "validation" else float("nan"))
         history.append({"epoch": epoch, "train_accuracy": 100 * train_accuracy, "validation_accuracy": 100 * validation})
@@ -251,16 +280,21 @@ def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, d
 
 
 def save_model(model: nn.Module, ctx: RunContext, mode: str, run: int, accuracy: float):
-    """DNNModels/<mode>_<run>_<accuracy>.pth; never overwrites: a taken name gets a _2, _3... suffix."""
-    stem = f"{mode}_{run}_{accuracy:.2f}"
-    path = ctx.paths.models / f"{stem}.pth"
-    suffix = 2
-    while path.exists():
-        path = ctx.paths.models / f"{stem}_{suffix}.pth"
-        suffix += 1
-    with atomic_path(path) as temporary:
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, temporary)
-    return path
+    """DNNModels/<mode>_<run>_<accuracy>.pth; never overwrites: a taken name gets a _2, _3... suffix.
+    Under torchrun rank 0 saves and every rank gets the path."""
+    def save() -> Path:
+        stem = f"{mode}_{run}_{accuracy:.2f}"
+        path = ctx.paths.models / f"{stem}.pth"
+        suffix = 2
+        while path.exists():
+            path = ctx.paths.models / f"{stem}_{suffix}.pth"
+            suffix += 1
+        with atomic_path(path) as temporary:
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, temporary)
+        return path
+
+    saved = distributed.together(lambda: save() if distributed.is_main() else None)
+    return Path(distributed.broadcast(str(saved) if saved is not None else None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,6 +399,7 @@ class RetrainStep(Step):
     decoded for training)."""
 
     title = "retraining"
+    every_rank = True   # DistributedDataParallel under torchrun
 
     def __init__(self, mode: str):
         if mode not in MODES:
@@ -386,7 +421,8 @@ class RetrainStep(Step):
         unsafe = unsafe_inputs(ctx)
         data = ctx.memo("retraining data", lambda: training_data(ctx))
         done = [retrain_once(ctx, self.mode, run, unsafe, data) for run in range(1, ctx.settings.runs + 1)]
-        write_tables(ctx, self.mode, done, unsafe)
+        if distributed.is_main():  # under torchrun every rank trained; rank 0 writes
+            write_tables(ctx, self.mode, done, unsafe)
 
     def summary(self, ctx: RunContext) -> dict:
         tables = read_tables(ctx.paths, self.mode)

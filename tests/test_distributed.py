@@ -1,5 +1,5 @@
-"""torchrun: two ranks with gloo on the CPU write the files of one process, a killed rank fails the job
-and the rerun completes; one run per case at a time."""
+"""torchrun: two ranks with gloo on the CPU write the files of one process, the DDP epoch is the
+single-process epoch, a killed rank fails the job and the rerun completes; one run per case at a time."""
 from __future__ import annotations
 
 import os
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from helpers import REPO, SETTINGS, assert_clean_error, build_case, hudd
 
@@ -63,6 +64,23 @@ def test_two_ranks_write_the_bytes_of_one_process(single_run, tmp_path):
     assert sorted(ours) == sorted(theirs)
     assert [name for name in ours if ours[name] != theirs[name]] == []
     assert not (two / ".hudd-shards").exists()
+
+
+def test_the_ddp_epochs_equal_the_single_process_epochs(single_run, tmp_path):
+    case, _ = single_run
+    script = REPO / "tests" / "torchrun" / "ddp_epochs.py"
+    alone = subprocess.run([sys.executable, str(script), str(case), str(tmp_path / "one.pt"), "3"],
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr
+    result = torchrun(script, str(case), str(tmp_path / "two.pt"), "3")
+    assert result.returncode == 0, result.stderr
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    original = torch.load(case / "DNNModels" / "OriginalModel.pth")
+    assert pd.DataFrame(one["history"]).equals(pd.DataFrame(two["history"]))  # the same samples, counted alike
+    for key, weights in one["state"].items():
+        moved = (weights - original[key]).abs().max().item()
+        assert moved > 1e-3  # the epochs changed the weights...
+        torch.testing.assert_close(two["state"][key], weights, rtol=1e-5, atol=1e-6)  # ...alike, up to float sums
 
 
 def test_a_killed_rank_fails_the_job_and_the_rerun_completes(single_run, tmp_path):

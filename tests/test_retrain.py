@@ -125,7 +125,7 @@ def test_an_epoch_passes_over_the_training_rows_and_the_bag_once(pipeline_case, 
     data = retrainModule.training_data(ctx)
     assert (data.train.tensor is not None) == cached
     bag = np.array([0, 0, 5, 7, 7, 7])
-    seen = [(x, y) for x, y in retrainModule.epoch_batches(data, bag, 5, ctx, torch.Generator().manual_seed(0))]
+    seen = [(x, y) for x, y, _size, _part in retrainModule.epoch_batches(data, bag, 5, ctx, torch.Generator().manual_seed(0))]
     inputs = torch.cat([x for x, _ in seen])
     labels = torch.cat([y for _, y in seen])
     loader = retrainModule.ImageSource(ctx.sets()["train"], ctx), retrainModule.ImageSource(ctx.sets()["improve"], ctx)
