@@ -298,20 +298,27 @@ def clustering_options(ctx: RunContext) -> dict:
             "min_cluster_size": s.min_cluster_size}
 
 
+def distance_device(ctx: RunContext):
+    """The GPU for the distance blocks when the run has one (float64 there too); None: numpy on the CPU."""
+    return ctx.device if ctx.device.type == "cuda" else None
+
+
 def cluster_rows(ctx: RunContext, layer: str, rows: np.ndarray, options: dict | None = None):
     """(clustering, distances, sample, projection) of one layer's rows: normalised (and projected on
     their principal components with `reduction` pca), exact up to EXACT_LIMIT images, else in two
-    stages (the distances then cover a seeded random sample, whose rows `sample` lists)."""
-    s, n = ctx.settings, len(rows)
+    stages (the distances then cover a seeded random sample, whose rows `sample` lists); the distance
+    blocks on the run's GPU when it has one."""
+    s, n, device = ctx.settings, len(rows), distance_device(ctx)
     options = options or clustering_options(ctx)
     projection = fit_projection(rows, s.normalisation, s.pca_components, ctx.seed) if s.reduction == "pca" else None
     space_rows, normalisation = (project_rows(rows, projection), "none") if projection else (rows, s.normalisation)
     if n > EXACT_LIMIT:
         log.info("%s: %d error images, more than %d: clustering a random sample exactly and the rest by "
                  "nearest sampled row", layer, n, EXACT_LIMIT)
-        result, sample, distances = cluster_two_stage(layer, space_rows, normalisation, EXACT_LIMIT, ctx.seed, **options)
+        result, sample, distances = cluster_two_stage(layer, space_rows, normalisation, EXACT_LIMIT, ctx.seed,
+                                                      device=device, **options)
         return result, distances, sample, projection
-    distances = pairwise_distances(space_rows, normalisation)
+    distances = pairwise_distances(space_rows, normalisation, device=device)
     if n < 2:
         one = np.zeros(1, dtype=np.int64)
         return LayerClustering(layer, 1, one, one, 0.0, 0.0, range(1, 2), np.zeros(2), np.zeros(2)), \

@@ -38,13 +38,16 @@ def _rows(heatmaps: np.ndarray, start: int, stop: int, how: str) -> np.ndarray:
 
 
 def pairwise_distances(heatmaps: np.ndarray, normalisation: str = "none",
-                       chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
+                       chunk_bytes: int = CHUNK_BYTES, device=None) -> np.ndarray:
     """(n, n) float64 Euclidean distances between the rows of `heatmaps` (any trailing shape; a
     memory-mapped .npy works and is read block by block). Each pair is computed once and mirrored,
     so the matrix is exactly symmetric with a zero diagonal.
 
     |a-b|^2 = |a|^2 + |b|^2 - 2 a.b in float64; pairs where that difference cancels badly (near
-    duplicates) are recomputed directly, so identical heatmaps are at distance exactly 0."""
+    duplicates) are recomputed directly, so identical heatmaps are at distance exactly 0. With a torch
+    `device` (a GPU) the blocks are computed there, in float64, the same way (device_distances)."""
+    if device is not None:
+        return device_distances(heatmaps, normalisation, torch_device(device), max(chunk_bytes, DEVICE_CHUNK_BYTES))
     n = len(heatmaps)
     dims = int(np.prod(heatmaps.shape[1:]))
     step = max(1, min(n, chunk_bytes // (8 * max(dims, 1))))
@@ -108,6 +111,83 @@ def fit_projection(rows: np.ndarray, normalisation: str, components: int, seed: 
 def project_rows(rows: np.ndarray, projection: Projection, chunk: int = 1024) -> np.ndarray:
     """Every row projected, block by block (rows may be memory-mapped)."""
     return np.concatenate([projection(rows[start:start + chunk]) for start in range(0, len(rows), chunk)])
+# --------------------------------------------------------------------------------------------
+# The same distances on a torch device (a GPU)
+# --------------------------------------------------------------------------------------------
+
+DEVICE_CHUNK_BYTES = 2 ** 30      # float64 working block on the device
+
+
+def torch_device(device):
+    import torch
+    return torch.device(device)
+
+
+def _device_rows(heatmaps, start: int, stop: int, how: str, device):
+    """Rows start..stop as float64 on the device, normalised as normalise_rows does."""
+    import torch
+    block = torch.as_tensor(np.asarray(heatmaps[start:stop]).reshape(stop - start, -1)).to(device, torch.float64)
+    if how != "none":
+        scale = block.norm(dim=1) if how == "l2" else block.abs().amax(dim=1)
+        block /= torch.where(scale == 0, torch.ones_like(scale), scale)[:, None]
+    return block
+
+
+def device_distances(heatmaps: np.ndarray, normalisation: str, device, chunk_bytes: int = DEVICE_CHUNK_BYTES
+                     ) -> np.ndarray:
+    """pairwise_distances with the blocks computed on a torch device in float64: the product formula, the
+    direct recomputation of near duplicates, one triangle mirrored; each block is copied to the (n, n)
+    host matrix that Ward needs. Float32 is not an option: its rounding error (about 1e-7 of |a|^2) moves
+    the distances of ordinary pairs, not only of near duplicates (bench/bench_scale.py measures it)."""
+    import torch
+    n = len(heatmaps)
+    dims = int(np.prod(heatmaps.shape[1:]))
+    step = max(1, min(n, chunk_bytes // (8 * max(dims, 1))))
+    starts = list(range(0, n, step))
+    squared = torch.cat([(b * b).sum(dim=1) for b in
+                         (_device_rows(heatmaps, s, min(s + step, n), normalisation, device) for s in starts)])
+    distances = np.zeros((n, n))
+    for i in starts:
+        rows_i = _device_rows(heatmaps, i, min(i + step, n), normalisation, device)
+        sq_i = squared[i:i + len(rows_i)]
+        for j in (j for j in starts if j >= i):
+            rows_j = rows_i if j == i else _device_rows(heatmaps, j, min(j + step, n), normalisation, device)
+            sq_j = squared[j:j + len(rows_j)]
+            block = sq_i[:, None] + sq_j[None, :] - 2.0 * rows_i @ rows_j.T
+            suspect = torch.nonzero(block <= 1e-8 * (sq_i[:, None] + sq_j[None, :]))
+            for first in range(0, len(suspect), 4096):  # cancelled digits: those pairs computed directly
+                a, b = suspect[first:first + 4096].T
+                block[a, b] = ((rows_i[a] - rows_j[b]) ** 2).sum(dim=1)
+            block = block.clamp_min_(0.0).sqrt_()
+            if j == i:
+                block = torch.triu(block, 1)
+                block = block + block.T
+            host = block.cpu().numpy()
+            distances[i:i + len(rows_i), j:j + len(rows_j)] = host
+            distances[j:j + len(rows_j), i:i + len(rows_i)] = host.T
+    return distances
+
+
+def device_nearest_rows(queries, references, normalisation: str, device, chunk_bytes: int = DEVICE_CHUNK_BYTES
+                        ) -> np.ndarray:
+    """nearest_rows on a torch device in float64, references in chunks when they do not fit one block
+    (ties go to the first reference, as argmin's)."""
+    import torch
+    dims = int(np.prod(references.shape[1:]))
+    step = max(1, chunk_bytes // (8 * max(dims, 1)))
+    nearest = np.empty(len(queries), dtype=np.int64)
+    for start in range(0, len(queries), step):
+        block = _device_rows(queries, start, min(start + step, len(queries)), normalisation, device)
+        best = torch.full((len(block),), float("inf"), dtype=torch.float64, device=device)
+        where = torch.zeros(len(block), dtype=torch.int64, device=device)
+        for first in range(0, len(references), step):
+            refs = _device_rows(references, first, min(first + step, len(references)), normalisation, device)
+            score = (refs * refs).sum(dim=1)[None, :] - 2.0 * block @ refs.T  # |q|^2 does not change the argmin
+            value, index = score.min(dim=1)
+            better = value < best
+            best, where = torch.where(better, value, best), torch.where(better, index + first, where)
+        nearest[start:start + len(block)] = where.cpu().numpy()
+    return nearest
 
 
 def distance_profiles(distances: np.ndarray) -> np.ndarray:
@@ -418,8 +498,12 @@ EXACT_LIMIT = 20000   # beyond this many error images a layer is clustered in tw
 
 
 def nearest_rows(queries: np.ndarray, references: np.ndarray, normalisation: str = "none",
-                 chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
-    """For each query row, the index of its nearest reference row (Euclidean), block by block."""
+                 chunk_bytes: int = CHUNK_BYTES, device=None) -> np.ndarray:
+    """For each query row, the index of its nearest reference row (Euclidean), block by block (on a
+    torch `device` when given: device_nearest_rows)."""
+    if device is not None:
+        return device_nearest_rows(queries, references, normalisation, torch_device(device),
+                                   max(chunk_bytes, DEVICE_CHUNK_BYTES))
     dims = int(np.prod(references.shape[1:]))
     refs = _rows(references, 0, len(references), normalisation)
     ref_squared = np.einsum("ij,ij->i", refs, refs)
@@ -433,19 +517,19 @@ def nearest_rows(queries: np.ndarray, references: np.ndarray, normalisation: str
 
 
 def cluster_two_stage(layer: str, heatmaps: np.ndarray, normalisation: str = "none", limit: int = EXACT_LIMIT,
-                      seed: int = 0, **options) -> tuple[LayerClustering, np.ndarray, np.ndarray]:
+                      seed: int = 0, device=None, **options) -> tuple[LayerClustering, np.ndarray, np.ndarray]:
     """For more error images than `limit`: cluster a seeded random sample of `limit` heatmaps exactly
     (cluster_layer with `options`), then give every other heatmap the RCCs (both levels) of its
     nearest sampled heatmap (the nearest-member rule the assignment step uses). Returns the
     clustering (labels for all images; WICD and silhouette of the sample), the sample's indices and
-    the sample's distance matrix."""
+    the sample's distance matrix. `device`: a torch device for the distance blocks (None: numpy)."""
     n = len(heatmaps)
     sample = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
     sampled = np.asarray(heatmaps[sample])
-    distances = pairwise_distances(sampled, normalisation)
+    distances = pairwise_distances(sampled, normalisation, device=device)
     result = cluster_layer(layer, distances, **options)
     rest = np.setdiff1d(np.arange(n), sample)
-    nearest = nearest_rows(_Subset(heatmaps, rest), sampled, normalisation)
+    nearest = nearest_rows(_Subset(heatmaps, rest), sampled, normalisation, device=device)
     for level in ("labels", "sub_labels"):
         labels = np.empty(n, dtype=np.int64)
         labels[sample] = getattr(result, level)

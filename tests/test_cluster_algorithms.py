@@ -209,3 +209,41 @@ def test_readable_quality_of_the_largest_rccs():
     assert quality["purity_1"] == pytest.approx(0.8) and quality["coverage_1"] == pytest.approx(1 / 2)
     assert quality["purity_2"] == pytest.approx(0.9) and quality["coverage_2"] == pytest.approx(1.0)
     assert C.readable_quality(labels, None) == {"rccs": 4, "median_size": 3.5, "noise": 1}
+def device_cases():
+    import torch
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", device_cases())
+@pytest.mark.parametrize("normalisation", ["none", "l2", "max"])
+def test_distances_on_a_torch_device_match_the_numpy_path(device, normalisation):
+    """The GPU path's code, run here on torch's CPU device (and on CUDA where there is one)."""
+    x = blobs(seed=6, dims=40).reshape(75, 5, 8).astype(np.float32)
+    x[3] = x[2]                                    # identical heatmaps: exactly 0 apart
+    x[5] = 0.0                                     # a zero heatmap stays zero under any normalisation
+    expected = C.pairwise_distances(x, normalisation)
+    on_device = C.pairwise_distances(x, normalisation, device=device)
+    in_blocks = C.device_distances(x, normalisation, C.torch_device(device), chunk_bytes=8 * 40 * 7)
+    for d in (on_device, in_blocks):
+        np.testing.assert_allclose(d, expected, rtol=1e-12, atol=1e-12)
+        assert np.array_equal(d, d.T) and not d.diagonal().any() and d[2, 3] == 0.0
+
+
+@pytest.mark.parametrize("device", device_cases())
+def test_near_duplicates_are_exact_on_a_device(device):
+    rng = np.random.default_rng(1)
+    base = rng.normal(1000.0, 1.0, size=(1, 5000))
+    x = np.concatenate([base, base, base + 1e-6, rng.normal(1000.0, 1.0, size=(2, 5000))])
+    d = C.pairwise_distances(x, device=device)
+    assert d[0, 1] == 0.0
+    assert d[0, 2] == pytest.approx(np.sqrt(5000) * 1e-6, rel=1e-6)
+
+
+@pytest.mark.parametrize("device", device_cases())
+def test_nearest_rows_on_a_device(device):
+    x = blobs(seed=7, per=40).astype(np.float32)
+    queries, references = x[::2], x[1::2]
+    expected = cdist(queries.astype(np.float64), references.astype(np.float64)).argmin(axis=1)
+    assert np.array_equal(C.nearest_rows(queries, references, device=device), expected)
+    in_chunks = C.device_nearest_rows(queries, references, "none", C.torch_device(device), chunk_bytes=8 * 12 * 7)
+    assert np.array_equal(in_chunks, expected)
