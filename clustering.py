@@ -123,6 +123,12 @@ def torch_device(device):
     return torch.device(device)
 
 
+def _device_step(heatmaps, chunk_bytes: int) -> int:
+    """Rows per block such that a block of rows and a block of pair values each fit chunk_bytes."""
+    dims = int(np.prod(heatmaps.shape[1:]))
+    return max(1, min(chunk_bytes // (8 * max(dims, 1)), int(np.sqrt(chunk_bytes / 8))))
+
+
 def _device_rows(heatmaps, start: int, stop: int, how: str, device):
     """Rows start..stop as float64 on the device, normalised as normalise_rows does."""
     import torch
@@ -141,8 +147,7 @@ def device_distances(heatmaps: np.ndarray, normalisation: str, device, chunk_byt
     the distances of ordinary pairs, not only of near duplicates (bench/bench_scale.py measures it)."""
     import torch
     n = len(heatmaps)
-    dims = int(np.prod(heatmaps.shape[1:]))
-    step = max(1, min(n, chunk_bytes // (8 * max(dims, 1))))
+    step = max(1, min(n, _device_step(heatmaps, chunk_bytes)))
     starts = list(range(0, n, step))
     squared = torch.cat([(b * b).sum(dim=1) for b in
                          (_device_rows(heatmaps, s, min(s + step, n), normalisation, device) for s in starts)])
@@ -153,7 +158,7 @@ def device_distances(heatmaps: np.ndarray, normalisation: str, device, chunk_byt
         for j in (j for j in starts if j >= i):
             rows_j = rows_i if j == i else _device_rows(heatmaps, j, min(j + step, n), normalisation, device)
             sq_j = squared[j:j + len(rows_j)]
-            block = sq_i[:, None] + sq_j[None, :] - 2.0 * rows_i @ rows_j.T
+            block = (rows_i @ rows_j.T).mul_(-2.0).add_(sq_i[:, None]).add_(sq_j[None, :])  # in place: one block
             suspect = torch.nonzero(block <= 1e-8 * (sq_i[:, None] + sq_j[None, :]))
             for first in range(0, len(suspect), 4096):  # cancelled digits: those pairs computed directly
                 a, b = suspect[first:first + 4096].T
@@ -173,8 +178,7 @@ def device_nearest_rows(queries, references, normalisation: str, device, chunk_b
     """nearest_rows on a torch device in float64, references in chunks when they do not fit one block
     (ties go to the first reference, as argmin's)."""
     import torch
-    dims = int(np.prod(references.shape[1:]))
-    step = max(1, chunk_bytes // (8 * max(dims, 1)))
+    step = _device_step(references, chunk_bytes)
     nearest = np.empty(len(queries), dtype=np.int64)
     for start in range(0, len(queries), step):
         block = _device_rows(queries, start, min(start + step, len(queries)), normalisation, device)
