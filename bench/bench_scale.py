@@ -116,13 +116,16 @@ def cluster_size(n: int, dims: int, limit: int) -> dict:
     import bench_cluster
     import clustering as C
     x = bench_cluster.heatmaps(n, dims)
-    start = time.perf_counter()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_before, start = usage.ru_utime + usage.ru_stime, time.perf_counter()
     if n > limit:
         result, _sample, _d = C.cluster_two_stage("bench", x, "l2", limit)
     else:
         result = C.cluster_layer("bench", C.pairwise_distances(x, "l2"))
     seconds = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"n": n, "dims": dims, "k": result.k, "k_sub": result.k_sub, "seconds": seconds, "two_stage": n > limit,
+            "cpu_s": usage.ru_utime + usage.ru_stime - cpu_before,
             "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
@@ -132,7 +135,7 @@ def clusters_at_scale(sizes: list[int], dims: int = 2048, limit: int = 20000) ->
                 f"import bench_scale as b; print(json.dumps(b.cluster_size({n}, {dims}, {limit})))")
         r = json.loads(run([sys.executable, "-c", code], threads=2).stdout.strip().splitlines()[-1])
         how = f"two stages, exact on {limit}" if r["two_stage"] else "exact"
-        print(f"clustering one layer, {r['n']} x {r['dims']} ({how}): {r['seconds']:.1f} s, k {r['k']} "
+        print(f"clustering one layer, {r['n']} x {r['dims']} ({how}): {r['seconds']:.1f} s ({r['cpu_s']:.0f} CPU s), k {r['k']} "
               f"(sub-clusters {r['k_sub']}), "
               f"peak memory {r['peak_gib']:.2f} GiB")
 
