@@ -26,14 +26,16 @@ def torchrun(script: Path, *args: str, timeout: int = 300) -> subprocess.Complet
 
 def case_files(case: Path) -> dict[str, bytes]:
     """Every file a run wrote, as bytes; but the manifest (it holds times), workbooks openpyxl wrote
-    (they hold times: compared as tables) and the report (it names the case's folder)."""
+    (they hold times: compared sheet by sheet as tables; the streamed distance XLSX as bytes) and the
+    report (it names the case's folder)."""
     files = {}
     for path in sorted(p for p in case.rglob("*") if p.is_file()):
         name = path.relative_to(case).as_posix()
         if name in ("hudd_manifest.json", ".hudd.lock"):
             continue
-        if name in ("T/ClusterAnalysis/summary.xlsx",):
-            files[name] = pd.read_excel(path).to_csv().encode()
+        if name.endswith(".xlsx") and not name.endswith("HMDistance.xlsx"):  # openpyxl's: every sheet as a table
+            files[name] = "".join(f"{sheet}\n{table.to_csv()}" for sheet, table in
+                                  pd.read_excel(path, sheet_name=None).items()).encode()
         elif name == "T/report.html":
             files[name] = path.read_bytes().replace(str(case).encode(), b"CASE")
         else:
