@@ -89,7 +89,7 @@ def build_step_case(root: Path, n: int, seed: int = 0) -> Path:
     from PIL import Image
     from architectures import DemoNet
     from lrp import default_layers, relevance
-    if (root / "T" / "Heatmaps" / "index.csv").is_file():
+    if (root / "T" / "Heatmaps" / "index.csv").is_file() and (root / "testDescriptors.csv").is_file():
         return root
     rng = np.random.default_rng(seed)
     classes = [f"class{c}" for c in range(9)]
@@ -109,7 +109,32 @@ def build_step_case(root: Path, n: int, seed: int = 0) -> Path:
     pd.DataFrame([(name, path, "x".join(map(str, shapes[path]))) for name, path in layers],
                  columns=["layer", "module", "shape"]).to_csv(folder / "layers.csv", index=False)
     pd.DataFrame(rows, columns=["image", "expected", "predicted"]).to_csv(folder / "index.csv", index=False)
+    describe_images(root, rows, rng)
     return root
+
+
+def describe_images(root: Path, errors: list[tuple], rng: np.random.Generator) -> None:
+    """testResult.csv (the errors and as many correct images), testDescriptors.csv and testObjects.npz,
+    as the test step writes them: the cluster step compares the errors' descriptors with the correct."""
+    import torch
+    from PIL import Image
+    import Helper
+    import testModule
+    correct = []
+    for i in range(len(errors)):
+        image = f"DataSets/TestSet/class{i % 9}/ok{i:06d}.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / image)
+        correct.append((image, f"class{i % 9}", f"class{i % 9}"))
+    results = pd.DataFrame([(i, "Wrong", e, p) for i, e, p in errors] + [(i, "Correct", e, p) for i, e, p in correct],
+                           columns=["image", "result", "expected", "predicted"])
+    results.to_csv(root / testModule.RESULT_FILES["test"], index=False)
+    images = list(results["image"])
+    describer = testModule.ImageDescriber(Helper.Settings(mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0]))
+    for start in range(0, len(images), 256):
+        batch = np.stack([np.asarray(Image.open(root / image), dtype=np.float32) / 255.0
+                          for image in images[start:start + 256]]).transpose(0, 3, 1, 2)
+        describer(torch.from_numpy(batch), np.arange(start, start + len(batch)))
+    describer.write(Helper.CasePaths(root), pd.DataFrame({"image": images}))
 
 
 def whole_step(case: str) -> dict:
