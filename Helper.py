@@ -285,6 +285,12 @@ class Settings:
     epoch_choice: str = "last"            # epoch kept: "last", best "validation" (10% of TrainingSet) or "training" accuracy (original)
     budget_factor: float = 1.0            # labelled improvement images per RCC = ceil(factor x RCC size), equal for every mode
     assign_level: str = "sub"             # improvement images are assigned to the "sub"-clusters or the "top"-level RCCs
+    # The unsafe set, label-free (docs/method.md, "The unsafe set": the study behind the defaults).
+    assign_distance: str = "nearest"      # image-to-RCC distance: "nearest" member (original), "knn" mean of assign_k nearest, "medoid"
+    assign_k: int = 3
+    assign_radius: float = 0.0            # > 0: an image farther than radius x the RCC's reach joins no RCC (0: off)
+    assign_uncertainty: float = 0.0       # > 0: an image the model is sure of looks up to (1 + this) times farther
+    assign_quota: str = "proportional"    # per-RCC quotas "proportional" to its size, or "equal" (same total)
     runs: int = 1                         # retraining runs per mode (seeded)
 
     @classmethod
@@ -334,11 +340,14 @@ SETTING_CHOICES: dict[str, dict[str, str]] = {
     "distance_xlsx": {"selected": "the selected layer's distance matrix", "all": "every layer's", "none": ""},
     "heatmap_dtype": {"float32": "", "float16": "half the disk; values beyond +-65504 are refused",
                       "bfloat16": "half the disk, float32's range, 8 bits of precision"},
+    "assign_distance": {"nearest": "nearest member (the original's)", "knn": "mean of the assign_k nearest members",
+                        "medoid": "the RCC's medoid"},
+    "assign_quota": {"proportional": "ceil(budget_factor x RCC size)", "equal": "the same total, split evenly"},
     "epoch_choice": {"last": "", "validation": "best on 10% of the training set", "training": "the original's"},
 }
 POSITIVE_NUMBERS = ("learning_rate", "budget_factor")
-NON_NEGATIVE_NUMBERS = ("momentum", "weight_decay")
-POSITIVE_WHOLE_NUMBERS = ("epochs", "batch_size", "runs", "pca_components", "max_rccs", "min_cluster_size")
+NON_NEGATIVE_NUMBERS = ("momentum", "weight_decay", "assign_radius", "assign_uncertainty")
+POSITIVE_WHOLE_NUMBERS = ("epochs", "batch_size", "runs", "pca_components", "max_rccs", "min_cluster_size", "assign_k")
 
 
 def _choice_list(choices) -> str:

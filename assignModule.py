@@ -28,7 +28,8 @@ import distributed
 import testModule
 from clustering import CHUNK_BYTES, normalise_rows
 from features import make_space
-from Helper import CasePaths, HuddError, PipelineStop, RunContext, Step, image_set_digest, write_csv
+from Helper import (CasePaths, HuddError, PipelineStop, RunContext, Step, image_set_digest, make_loader,
+                    stop_on_unreadable, write_csv)
 
 log = logging.getLogger("hudd")
 
@@ -59,7 +60,7 @@ def closest_u(distances: np.ndarray, quota: np.ndarray) -> tuple[np.ndarray, np.
         order = np.lexsort((free, distance, proposal))       # by RCC, then distance, then image
         free, proposal = free[order], proposal[order]
         place = np.arange(len(proposal)) - np.searchsorted(proposal, proposal, side="left")
-        take = place < remaining[proposal]
+        take = (place < remaining[proposal]) & np.isfinite(distance[order])  # inf: beyond an RCC's radius
         assigned[free[take]] = proposal[take]
         rank[free[take]] = r
         remaining -= np.bincount(proposal[take], minlength=rccs)
@@ -69,19 +70,83 @@ def closest_u(distances: np.ndarray, quota: np.ndarray) -> tuple[np.ndarray, np.
 def nearest_member_distances(queries: np.ndarray, members: np.ndarray, member_rcc: np.ndarray,
                              rccs: int) -> np.ndarray:
     """(queries, rccs): for each query, the distance to the nearest member of each RCC (float64)."""
-    q = queries.reshape(len(queries), -1).astype(np.float64)
-    m = members.reshape(len(members), -1).astype(np.float64)
-    m_squared = np.einsum("ij,ij->i", m, m)
-    order = np.argsort(member_rcc, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(member_rcc[order]) != 0])
-    result = np.empty((len(q), rccs))
-    step = max(1, CHUNK_BYTES // (8 * max(len(m), 1)))
-    for start in range(0, len(q), step):
-        block = q[start:start + step]
-        squared = (np.einsum("ij,ij->i", block, block)[:, None] + m_squared[None, :] - 2.0 * block @ m.T)
-        nearest = np.minimum.reduceat(np.maximum(squared, 0.0)[:, order], starts, axis=1)
-        result[start:start + len(block)] = np.sqrt(nearest)
+    return member_distances(queries, members, member_rcc, rccs, "nearest")
+
+
+def squared_distances(block: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """(block, members) squared Euclidean distances in float64 by the matrix-product formula."""
+    q, m = block.reshape(len(block), -1).astype(np.float64), members.reshape(len(members), -1).astype(np.float64)
+    squared = np.einsum("ij,ij->i", q, q)[:, None] + np.einsum("ij,ij->i", m, m)[None, :] - 2.0 * q @ m.T
+    return np.maximum(squared, 0.0)
+
+
+def member_distances(queries: np.ndarray, members: np.ndarray, member_rcc: np.ndarray, rccs: int,
+                     how: str = "nearest", k: int = 3) -> np.ndarray:
+    """(queries, rccs) distance of each query to each RCC (setting `assign_distance`): to its nearest
+    member ("nearest", the original's), the mean distance to its `k` nearest members ("knn"), or the
+    distance to its medoid ("medoid": the member with the smallest summed distance to the others)."""
+    if how == "medoid":
+        medoids = rcc_medoids(members, member_rcc, rccs)
+        members, member_rcc = members[medoids], np.arange(rccs)
+    result = np.empty((len(queries), rccs))
+    step = max(1, CHUNK_BYTES // (8 * max(len(members), 1)))
+    groups = [np.flatnonzero(member_rcc == r) for r in range(rccs)]
+    for start in range(0, len(queries), step):
+        distance = np.sqrt(squared_distances(queries[start:start + step], members))
+        for r, group in enumerate(groups):
+            part = distance[:, group]
+            if how == "knn" and len(group) > k:
+                part = np.partition(part, k - 1, axis=1)[:, :k]
+            result[start:start + len(part), r] = part.mean(axis=1) if how == "knn" else part.min(axis=1)
     return result
+
+
+def rcc_medoids(members: np.ndarray, member_rcc: np.ndarray, rccs: int) -> np.ndarray:
+    """Per RCC, the row of its medoid in `members`."""
+    medoids = np.empty(rccs, dtype=np.int64)
+    for r in range(rccs):
+        group = np.flatnonzero(member_rcc == r)
+        medoids[r] = group[np.argmin(np.sqrt(squared_distances(members[group], members[group])).sum(axis=1))]
+    return medoids
+
+
+def rcc_reach(members: np.ndarray, member_rcc: np.ndarray, rccs: int, how: str = "nearest", k: int = 3
+              ) -> np.ndarray:
+    """Per RCC, the largest distance of one of its own members to it, the member left out (for
+    "medoid": to the medoid, as the original's centroid mode): the RCC's reach, which setting
+    `assign_radius` scales into the distance beyond which an image joins no RCC."""
+    reach = np.zeros(rccs)
+    medoids = rcc_medoids(members, member_rcc, rccs) if how == "medoid" else None
+    for r in range(rccs):
+        group = np.flatnonzero(member_rcc == r)
+        distance = np.sqrt(squared_distances(members[group], members[group]))
+        if how == "medoid":
+            reach[r] = distance[:, list(group).index(medoids[r])].max()
+            continue
+        np.fill_diagonal(distance, np.inf)
+        ranked = np.sort(distance, axis=1)[:, :min(k, len(group) - 1) if how == "knn" else 1]
+        reach[r] = ranked.mean(axis=1).max()
+    return reach
+
+
+def equal_quotas(sizes: np.ndarray, factor: float) -> np.ndarray:
+    """The same total as `quotas`, split evenly over the RCCs (the first ones take the remainder)."""
+    total, count = int(quotas(sizes, factor).sum()), len(sizes)
+    return total // count + (np.arange(count) < total % count).astype(np.int64)
+
+
+def choose(distances: np.ndarray, quota: np.ndarray, uncertainty: np.ndarray | None = None, weight: float = 0.0,
+           reach: np.ndarray | None = None, radius: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The unsafe set from label-free inputs only: ClosestU over the distances, where an image beyond
+    `radius` x an RCC's reach cannot join it, and with `weight` > 0 an image the model is sure of
+    looks farther: its distance x (1 + weight x its certainty percentile, 0 = the least certain)."""
+    effective = np.array(distances, dtype=np.float64)
+    if weight > 0 and uncertainty is not None:
+        certainty = np.argsort(np.argsort(-np.asarray(uncertainty), kind="stable"), kind="stable")
+        effective = effective * (1.0 + weight * certainty / max(len(certainty) - 1, 1))[:, None]
+    if radius > 0 and reach is not None:
+        effective[effective > radius * np.asarray(reach)[None, :]] = np.inf
+    return closest_u(effective, quota)
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +156,8 @@ def nearest_member_distances(queries: np.ndarray, members: np.ndarray, member_rc
 FOLDER = "UnsafeSet"
 ASSIGNMENTS_FILE = "assignments.csv"
 DISTANCES_FILE = "rcc_distances.csv"
+UNCERTAINTY_FILE = "uncertainty.csv"
+ASSIGN_SETTINGS = ("assign_distance", "assign_k", "assign_radius", "assign_uncertainty", "assign_quota")
 
 
 def unsafe_dir(paths: CasePaths) -> Path:
@@ -107,6 +174,14 @@ def read_assignments(paths: CasePaths) -> pd.DataFrame | None:
     """image, rcc, distance, rank of every improvement image in the unsafe set; None before the step ran."""
     path = unsafe_dir(paths) / ASSIGNMENTS_FILE
     return pd.read_csv(path) if path.is_file() else None
+
+
+def read_uncertainty(paths: CasePaths) -> pd.DataFrame:
+    """image, uncertainty (1 - softmax margin; keypoints: shift disagreement) of every improvement image."""
+    path = unsafe_dir(paths) / UNCERTAINTY_FILE
+    if not path.is_file():
+        raise HuddError(f"{path}: not found; run the assignment step again (--steps assign --force)")
+    return pd.read_csv(path)
 
 
 def read_rcc_distances(paths: CasePaths) -> pd.DataFrame:
@@ -170,22 +245,36 @@ def clustering_space(ctx: RunContext, layer: str):
                                         ctx.settings.normalisation)
 
 
-def improvement_distances(ctx: RunContext, clusters: SelectedClusters, stamp: str) -> np.ndarray | None:
-    """Nearest-member distance of every improvement image to every eligible RCC, batch by batch, in the
-    cluster step's feature space (heatmaps: the relevance at the selected layer only, explaining the
-    predicted class; no labels needed) and distance space. Under torchrun each rank computes a
-    contiguous shard of whole batches; rank 0 gets the whole table (the other ranks None)."""
+def member_rows(ctx: RunContext, clusters: SelectedClusters) -> np.ndarray:
+    """The eligible RCCs' error images in the cluster step's distance space."""
     space, to_space = make_space(ctx.settings.features), clustering_space(ctx, clusters.layer)
-    members = to_space(np.asarray(space.error_rows(ctx, clusters.layer)[clusters.member_rows]))
-    improve, channels = ctx.sets()["improve"], improvement_channels(ctx)
+    return to_space(np.asarray(space.error_rows(ctx, clusters.layer)[clusters.member_rows]))
+
+
+def improvement_rows(ctx: RunContext, clusters: SelectedClusters, channels: torch.Tensor, start: int = 0,
+                     stop: int | None = None):
+    """(positions, rows) of the improvement images (those from start to stop: a torchrun rank's shard) in
+    the cluster step's feature space (heatmaps: the relevance at the selected layer only, explaining
+    `channels`) and distance space, batch by batch."""
+    space, to_space = make_space(ctx.settings.features), clustering_space(ctx, clusters.layer)
+    batches = space.image_rows(ctx, clusters.layer, ctx.sets()["improve"], channels, start, stop)
+    for positions, block in tqdm(batches, desc="assigning improvement images", unit="batch", leave=False,
+                                 disable=distributed.progress_off()):
+        yield positions, to_space(block)
+
+
+def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: np.ndarray, channels: torch.Tensor,
+                          stamp: str) -> np.ndarray | None:
+    """Distance (setting `assign_distance`) of every improvement image to every eligible RCC; no labels
+    needed. Under torchrun each rank computes a contiguous shard of whole batches; rank 0 gets the whole
+    table (the other ranks None)."""
+    s, improve = ctx.settings, ctx.sets()["improve"]
 
     def shard(start: int, stop: int) -> dict[str, np.ndarray]:
         distances = np.empty((stop - start, len(clusters.eligible)))
-        batches = space.image_rows(ctx, clusters.layer, improve, channels, start, stop)
-        for positions, block in tqdm(batches, desc="assigning improvement images", unit="batch", leave=False,
-                                     disable=distributed.progress_off()):
-            distances[positions - start] = nearest_member_distances(to_space(block), members, clusters.member_rcc,
-                                                                    len(clusters.eligible))
+        for positions, rows in improvement_rows(ctx, clusters, channels, start, stop):
+            distances[positions - start] = member_distances(rows, members, clusters.member_rcc,
+                                                            len(clusters.eligible), s.assign_distance, s.assign_k)
         return {"distances": distances}
 
     shards = distributed.gather_shards(ctx.paths.scratch / "assign", "distances", len(improve),
@@ -193,12 +282,52 @@ def improvement_distances(ctx: RunContext, clusters: SelectedClusters, stamp: st
     return None if shards is None else np.concatenate([s["distances"] for s in shards])
 
 
-def improvement_channels(ctx: RunContext) -> torch.Tensor:
-    """Per improvement image, the output channel explained, as for the error images (tasks.py)."""
+def improvement_channels(ctx: RunContext, uncertainty: pd.DataFrame) -> torch.Tensor:
+    """Per improvement image, the output channel explained, from label-free columns only (tasks.py):
+    the predicted class, or the keypoint the model is least sure of."""
     improve = ctx.sets()["improve"]
-    results = testModule.read_results(ctx.paths, "improve").set_index("image")
-    rows = results.loc[[ctx.paths.relative(p) for p in improve.paths]]
-    return ctx.task.improvement_channels(rows, ctx.classes)
+    images = [ctx.paths.relative(p) for p in improve.paths]
+    results = testModule.read_results(ctx.paths, "improve").set_index("image").reindex(images)
+    label_free = uncertainty.set_index("image").reindex(images)
+    if "predicted" in results.columns and ctx.task.name == "classification":
+        label_free["predicted"] = results["predicted"]
+    return ctx.task.improvement_channels(label_free, ctx.classes)
+
+
+def improvement_uncertainty(ctx: RunContext) -> pd.DataFrame:
+    """image, uncertainty (higher: the original model is less sure) of every improvement image, from the
+    model's own outputs (tasks.py: 1 - softmax margin; keypoints: disagreement under small shifts),
+    and for keypoints the keypoint it is least sure of. No label is read."""
+    improve, model = ctx.sets()["improve"], ctx.model()
+    parts, positions = [], []
+    loader = make_loader(improve, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
+    with torch.no_grad():
+        for inputs, _labels, rows, failures in loader:
+            stop_on_unreadable(improve, failures)
+            parts.append(ctx.task.uncertainty(model, inputs.to(ctx.device)))
+            positions.append(rows.numpy())
+    per_output = np.empty((len(improve), parts[0].shape[1]))
+    per_output[np.concatenate(positions)] = np.concatenate(parts)
+    table = pd.DataFrame({"image": [ctx.paths.relative(p) for p in improve.paths],
+                          "uncertainty": per_output.mean(axis=1)})
+    if per_output.shape[1] > 1:
+        table["uncertain_keypoint"] = [ctx.classes[k] for k in per_output.argmax(axis=1)]
+    return table
+
+
+def rcc_quotas(settings, sizes: np.ndarray) -> np.ndarray:
+    """Per RCC labelling quota (setting `assign_quota`): ceil(budget_factor x size), or the same total
+    split evenly."""
+    return (equal_quotas if settings.assign_quota == "equal" else quotas)(sizes, settings.budget_factor)
+
+
+def unsafe_choice(ctx: RunContext, clusters: SelectedClusters, members: np.ndarray, distances: np.ndarray,
+                  uncertainty: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The unsafe set under the case's settings: (per image its RCC index or -1, its rank)."""
+    s, count = ctx.settings, len(clusters.eligible)
+    reach = rcc_reach(members, clusters.member_rcc, count, s.assign_distance, s.assign_k) if s.assign_radius else None
+    return choose(distances, rcc_quotas(s, clusters.sizes), uncertainty["uncertainty"].to_numpy(),
+                  s.assign_uncertainty, reach, s.assign_radius)
 
 
 class AssignStep(Step):
@@ -209,22 +338,27 @@ class AssignStep(Step):
         s = ctx.settings
         return {**ctx.model_fingerprint_part(), "clusters": clusterModule.STEP.recorded_fingerprint(ctx),
                 "rules": s.rules, "budget_factor": s.budget_factor, "level": s.assign_level,
+                **{k: getattr(s, k) for k in ASSIGN_SETTINGS},
                 "improve": image_set_digest(ctx.sets()["improve"], ctx.paths.root)}
 
     def outputs(self, ctx: RunContext) -> list[Path]:
-        return [unsafe_dir(ctx.paths) / ASSIGNMENTS_FILE, unsafe_dir(ctx.paths) / DISTANCES_FILE]
+        return [unsafe_dir(ctx.paths) / name for name in (ASSIGNMENTS_FILE, DISTANCES_FILE, UNCERTAINTY_FILE)]
 
     def compute(self, ctx: RunContext) -> None:
         clusters = selected_clusters(ctx)
         if not clusters.eligible:
             raise PipelineStop(f"no RCC of {clusters.layer} has two or more images, so no improvement image can "
                                "be assigned")
-        distances = improvement_distances(ctx, clusters, self.fingerprint(ctx))
+        uncertainty = improvement_uncertainty(ctx)   # one forward pass (and shifts): every rank, cheap
+        members = member_rows(ctx, clusters)
+        distances = improvement_distances(ctx, clusters, members, improvement_channels(ctx, uncertainty),
+                                          self.fingerprint(ctx))
         if distances is None:  # not rank 0
             return
-        assigned, rank = closest_u(distances, quotas(clusters.sizes, ctx.settings.budget_factor))
+        assigned, rank = unsafe_choice(ctx, clusters, members, distances, uncertainty)
         images = [ctx.paths.relative(p) for p in ctx.sets()["improve"].paths]
         write_outputs(ctx, images, clusters.eligible, distances, assigned, rank)
+        write_csv(uncertainty, unsafe_dir(ctx.paths) / UNCERTAINTY_FILE)
         distributed.clear_shards(ctx.paths.scratch / "assign", "distances")
 
     def summary(self, ctx: RunContext) -> dict:

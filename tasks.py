@@ -108,6 +108,10 @@ class ClassificationTask:
         """Improvement images are explained through their predicted class (no label needed)."""
         return torch.tensor([classes.index(c) for c in results["predicted"]], dtype=torch.long)
 
+    def uncertainty(self, model: nn.Module, inputs: torch.Tensor) -> np.ndarray:
+        """(N, 1): 1 - the margin of the model's own softmax output (top-1 minus top-2 probability)."""
+        return (1.0 - softmax_margin(model(inputs))).cpu().numpy()[:, None]
+
     def output_shape(self, model: nn.Module, example: torch.Tensor):
         return None  # class targets need no mask
 
@@ -137,6 +141,18 @@ class ClassificationTask:
         return TestMeasures(correct=pd.Series(predicted == expected, index=images),
                             predicted=pd.Series(names[predicted], index=images),
                             expected=pd.Series(names[expected], index=images))
+
+
+def softmax_margin(logits: torch.Tensor) -> torch.Tensor:
+    """Per row: top-1 minus top-2 softmax probability (1 with a single class)."""
+    probabilities = torch.softmax(logits.float(), dim=1)
+    if probabilities.shape[1] < 2:
+        return torch.ones(len(probabilities), device=probabilities.device)
+    top = probabilities.topk(2, dim=1).values
+    return top[:, 0] - top[:, 1]
+
+
+SHIFT = 2   # pixels: keypoint uncertainty from the disagreement of shifted copies (KeypointTask.uncertainty)
 
 
 class KeypointTask(ClassificationTask):
@@ -200,11 +216,27 @@ class KeypointTask(ClassificationTask):
         return super().error_index(renamed)
 
     def improvement_channels(self, results: pd.DataFrame, classes: list[str]) -> torch.Tensor:
-        """The worst keypoint, which needs labels; -1 (every map) for an unlabelled set or with
-        `"explain": "all"`."""
-        if "worst_keypoint" not in results.columns or self.explain == "all":
+        """The keypoint the model is least sure of (`uncertain_keypoint`, label-free: the worst keypoint
+        would need the labels); -1 (every map) without it or with `"explain": "all"`."""
+        if "uncertain_keypoint" not in results.columns or self.explain == "all":
             return torch.full((len(results),), -1, dtype=torch.long)
-        return torch.tensor([classes.index(k) if k else -1 for k in results["worst_keypoint"]], dtype=torch.long)
+        return torch.tensor([classes.index(k) if isinstance(k, str) else -1 for k in results["uncertain_keypoint"]],
+                            dtype=torch.long)
+
+    def uncertainty(self, model: nn.Module, inputs: torch.Tensor) -> np.ndarray:
+        """(N, keypoints): how far each keypoint's prediction moves when the image is shifted by SHIFT
+        pixels (right, left, down, up; edges replicated), the shift taken back: the mean distance in
+        pixels. A label-free proxy of the model's own uncertainty; a flip would need the left/right
+        pairing of the keypoints, which a case does not declare, and the keypoint networks have no dropout."""
+        base = keypoints.decode(model(inputs))
+        moved = []
+        for dx, dy in ((SHIFT, 0), (-SHIFT, 0), (0, SHIFT), (0, -SHIFT)):
+            padded = nn.functional.pad(inputs, (SHIFT, SHIFT, SHIFT, SHIFT), mode="replicate")
+            height, width = inputs.shape[2:]
+            shifted = padded[:, :, SHIFT - dy:SHIFT - dy + height, SHIFT - dx:SHIFT - dx + width]
+            back = keypoints.decode(model(shifted)) - torch.tensor([dx, dy], device=inputs.device, dtype=base.dtype)
+            moved.append((back - base).norm(dim=2))
+        return torch.stack(moved).mean(dim=0).cpu().numpy()
 
     def output_shape(self, model: nn.Module, example: torch.Tensor):
         """The output shape a keypoint mask needs (one forward of one image)."""
