@@ -1,6 +1,6 @@
 """HUDD command line: finds why an image DNN fails, and retrains it with the images that fix it.
 
-    python HUDD.py -o CASE -m MODEL [-mode HUDD|BL1|BL2] [--runs N]
+    python HUDD.py -o CASE -m MODEL [-mode HUDD|BL1|BL2|BL3] [--runs N]
     python HUDD.py -o CASE -m RETRAINED_MODEL -rq True
     python HUDD.py --demo [DIR]
     torchrun --nproc-per-node N HUDD.py -o CASE ...      (several processes or machines: docs/scaling.md)
@@ -24,15 +24,17 @@ from pathlib import Path
 # No slowdown measured here (bench/README.md); a value the user set wins.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
+import numpy as np  # noqa: E402
+
 import distributed  # noqa: E402
 import Helper  # noqa: E402
 from Helper import HuddError, PipelineStop, RunContext  # noqa: E402
 
 log = logging.getLogger("hudd")
 
-# The pipeline's steps in order; "retrain" runs for the modes given with -mode (the demo: all three).
+# The pipeline's steps in order; "retrain" runs for the modes given with -mode (the demo: all four).
 STEP_NAMES = ("test", "heatmaps", "clusters", "assign", "retrain")
-MODES = ("HUDD", "BL1", "BL2")
+MODES = ("HUDD", "BL1", "BL2", "BL3")
 
 
 def parse_bool(text: str) -> bool:
@@ -84,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="model file in CASE/DNNModels/ or a path to one (default: OriginalModel.pth)")
     case.add_argument("-mode", "--retrainMode", dest="mode", choices=MODES,
                       help="after finding the root causes, retrain with HUDD's unsafe set, BL1 (random misclassified "
-                           "improvement images) or BL2 (random improvement images), at the same labelling budget")
+                           "improvement images), BL2 (random improvement images) or BL3 (the improvement images the "
+                           "model is least sure of), at the same labelling budget")
     case.add_argument("--runs", type=positive_int, metavar="N",
                       help="retraining runs per mode, each seeded (default: the case's 'runs' setting, 1)")
     case.add_argument("-rq", "--RQ1A", dest="rq", metavar="BOOL", **flag,
@@ -193,7 +196,7 @@ def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
     if "retrain" in steps:
         chosen += [retrainModule.RetrainStep(mode) for mode in modes]
         if not modes:
-            results["notes"].append("to retrain the model, add -mode HUDD (or BL1, BL2 for the baselines)")
+            results["notes"].append("to retrain the model, add -mode HUDD (or BL1, BL2, BL3 for the baselines)")
     for step in chosen:
         try:
             summary = run_step(step, ctx)
@@ -256,23 +259,36 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
         print(f"  unsafe set: {unsafe['images']} improvement images assigned to {unsafe['rccs']} RCCs "
               f"-> {unsafe['folder']}")
     if results.get("retrain"):
-        print_retraining(results["retrain"], ctx.paths.models)
+        print_retraining(results["retrain"], ctx.paths)
     for note in results.get("notes", []):
         print(f"  note: {note}")
     if results.get("report"):
         print(f"\nreport: {results['report']}  (open it in a browser)")
 
 
-def print_retraining(summaries: list[dict], models: Path) -> None:
-    first = summaries[0]
+def print_retraining(summaries: list[dict], paths: Helper.CasePaths) -> None:
+    """The modes side by side (every mode on disk, not only this run's): accuracy, gain, the labels each
+    mode needs and the gain per 100 of them, and HUDD against each baseline over the runs."""
+    import retrainModule
+    first, table = summaries[0], retrainModule.comparison(paths)
     print(f"  retraining at one budget: {first['labelled']} improvement images labelled per mode, "
           f"{first['bag']} training samples drawn from them; {first['runs']} run(s) per mode; "
           f"original test accuracy {first['original']:.2f}%")
-    print(f"    {'mode':5s} {'test accuracy: mean (min-max)':>30s} {'gain':>7s} {'improved':>9s} {'worsened':>9s}")
-    for s in summaries:
-        acc = s["accuracy"]
-        print(f"    {s['mode']:5s} {acc['mean']:13.2f}% ({acc['min']:.2f}-{acc['max']:.2f}) "
-              f"{acc['mean'] - s['original']:+7.2f} {s['improved']:9.1f} {s['worsened']:9.1f}")
+    print(f"    {'mode':5s} {'test accuracy: mean (min-max)':>30s} {'gain':>7s} {'improved':>9s} {'worsened':>9s} "
+          f"{'labels needed':>13s} {'gain/100 labels':>15s} {'p (MWU)':>8s} {'A12':>5s}")
+    for row in table.itertuples():
+        stats = ("" if np.isnan(row.a12_HUDD) else f"{row.p_value_vs_HUDD:8.3f} {row.a12_HUDD:5.2f}")
+        print(f"    {row.mode:5s} {row.accuracy:13.2f}% ({row.accuracy_min:.2f}-{row.accuracy_max:.2f}) "
+              f"{row.gain:+7.2f} {row.improved:9.1f} {row.worsened:9.1f} {row.labels_needed:13d} "
+              f"{row.gain_per_100_labels:+15.2f} {stats}")
+    print("    labels needed: HUDD its unsafe set, BL1 every improvement image (to find the misclassified ones), BL2 "
+          "and BL3 their budget; p, A12: HUDD's runs against the mode's (two-sided Mann-Whitney U; A12 > 0.5: HUDD "
+          "ahead)")
+    print_scenario_gains(summaries)
+    print(f"    models -> {paths.models}; tables -> {first['folder']}")
+
+
+def print_scenario_gains(summaries: list[dict]) -> None:
     tables = {s["mode"]: s["scenarios"].set_index("scenario")["gain"] for s in summaries if s["scenarios"] is not None}
     if tables:
         names = list(next(iter(tables.values())).index)
@@ -281,7 +297,6 @@ def print_retraining(summaries: list[dict], models: Path) -> None:
         print(f"    {'mode':5s} " + " ".join(f"{n:>{w}s}" for n, w in zip(names, widths)))
         for mode, gains in tables.items():
             print(f"    {mode:5s} " + " ".join(f"{g:>+{w}.1f}" for g, w in zip(gains.reindex(names), widths)))
-    print(f"    models -> {models}; tables -> {first['folder']}")
 
 
 def write_report(ctx: RunContext, required: bool = False) -> Path | None:
@@ -328,7 +343,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         raise HuddError("-rq True needs -o CASE and -m MODEL (a retrained model), not --demo")
     modes = [args.mode] if args.mode else (list(MODES) if args.demo is not None else [])
     if args.steps == ["retrain"] and not modes:
-        raise HuddError("--steps retrain needs -mode HUDD, BL1 or BL2")
+        raise HuddError("--steps retrain needs -mode HUDD, BL1, BL2 or BL3")
     Helper.seed_everything(args.seed)
     start = time.perf_counter()
     device = distributed.device_for(args.device)

@@ -86,3 +86,29 @@ def original_per_scenario(ctx: RunContext) -> pd.Series:
     if table is None:
         return pd.Series(dtype=float)
     return table[table["set"] == "TestSet"].set_index("scenario")["accuracy"]
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing two modes over their runs (the HUDD paper's statistics)
+# --------------------------------------------------------------------------------------------
+
+def vargha_delaney_a12(first, second) -> float:
+    """A12: the probability that a run of `first` scores higher than a run of `second`, ties counted
+    half (0.5: no difference; the HUDD paper's effect size). NaN when either is empty."""
+    x, y = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    if not len(x) or not len(y):
+        return float("nan")
+    greater = (x[:, None] > y[None, :]).sum()
+    ties = (x[:, None] == y[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(x) * len(y)))
+
+
+def mann_whitney_p(first, second) -> float:
+    """Two-sided Mann-Whitney U p-value (scipy); 1.0 when every value is the same, NaN when either is empty."""
+    from scipy.stats import mannwhitneyu
+    x, y = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    if not len(x) or not len(y):
+        return float("nan")
+    if np.unique(np.concatenate([x, y])).size == 1:
+        return 1.0
+    return float(mannwhitneyu(x, y, alternative="two-sided").pvalue)

@@ -39,7 +39,7 @@ from Helper import (CasePaths, HuddError, ImageSet, RunContext, Step, atomic_pat
 
 log = logging.getLogger("hudd")
 
-MODES = ("HUDD", "BL1", "BL2")
+MODES = ("HUDD", "BL1", "BL2", "BL3")
 VALIDATION_SHARE = 0.1
 CACHE_BYTES = 2 * 2 ** 30   # sets whose decoded tensors fit are read from disk once, not every epoch
 
@@ -80,13 +80,23 @@ def baseline_selection(pool: np.ndarray, budget: int, bag_size: int, rng: np.ran
     return Selection(chosen, np.concatenate([chosen, rng.permutation(extra)]))
 
 
+def lowest_margin(uncertainty: np.ndarray, budget: int) -> np.ndarray:
+    """BL3's images: the `budget` the model is least sure of (highest uncertainty; ties by position)."""
+    return np.sort(np.argsort(-np.asarray(uncertainty, dtype=float), kind="stable")[:budget])
+
+
 def select(mode: str, assigned: np.ndarray, distances: np.ndarray, quota: np.ndarray, wrong: np.ndarray,
-           rng: np.random.Generator) -> Selection:
+           rng: np.random.Generator, uncertainty: np.ndarray | None = None) -> Selection:
     """The mode's selection at the common budget: HUDD's number of distinct images and bag size.
-    HUDD's own draws come from a separate stream so that the baselines' draws do not depend on them."""
+    HUDD's own draws come from a separate stream so that the baselines' draws do not depend on them.
+    BL3 takes the images of highest `uncertainty` (lowest margin), repeated uniformly to the bag size."""
     hudd = hudd_selection(assigned, distances, quota, np.random.default_rng(rng.integers(2 ** 63)))
     if mode == "HUDD":
         return hudd
+    if mode == "BL3":
+        if uncertainty is None:
+            raise ValueError("BL3 needs the improvement images' uncertainty (assignModule.read_uncertainty)")
+        return baseline_selection(lowest_margin(uncertainty, len(hudd.chosen)), len(hudd.chosen), len(hudd.bag), rng)
     pool = np.flatnonzero(wrong) if mode == "BL1" else np.arange(len(wrong))
     if len(pool) < len(hudd.chosen):
         log.warning("%s: only %d improvement images to draw from for a budget of %d", mode, len(pool), len(hudd.chosen))
@@ -339,7 +349,8 @@ class UnsafeInputs:
     assigned: np.ndarray         # per improvement image: index of its RCC in the unsafe set, -1 for none
     distances: np.ndarray        # (improvement images, rccs) nearest-member distances
     quota: np.ndarray            # per RCC labelling quota
-    wrong: np.ndarray            # improvement images the original model misclassifies
+    wrong: np.ndarray            # improvement images the original model misclassifies (BL1 only)
+    uncertainty: np.ndarray      # per improvement image: 1 - softmax margin, or the keypoint proxy (BL3)
 
 
 def unsafe_inputs(ctx: RunContext) -> UnsafeInputs:
@@ -361,8 +372,10 @@ def unsafe_inputs(ctx: RunContext) -> UnsafeInputs:
     return UnsafeInputs(layer=clusters.layer, rccs=list(clusters.eligible), assigned=assigned,
                         rcc_errors=clusters.member_errors,
                         distances=distances[clusters.eligible].to_numpy(),
-                        quota=assignModule.quotas(clusters.sizes, ctx.settings.budget_factor),
-                        wrong=results["result"].eq("Wrong").to_numpy())
+                        quota=assignModule.rcc_quotas(ctx.settings, clusters.sizes),
+                        wrong=results["result"].eq("Wrong").to_numpy(),
+                        uncertainty=assignModule.read_uncertainty(ctx.paths).set_index("image")["uncertainty"]
+                        .reindex(expected).to_numpy())
 
 
 def training_data(ctx: RunContext) -> TrainingData:
@@ -375,11 +388,17 @@ def training_data(ctx: RunContext) -> TrainingData:
                         test=ImageSource(sets["test"], ctx), train_rows=train_rows, validation_rows=validation_rows)
 
 
+def labels_needed(mode: str, labelled: int, improvement_images: int) -> int:
+    """Improvement images an engineer must label to run the mode: BL1 must find the misclassified ones
+    among all of them; HUDD (its unsafe set), BL2 and BL3 label only the images they choose."""
+    return improvement_images if mode == "BL1" else labelled
+
+
 def retrain_once(ctx: RunContext, mode: str, run: int, unsafe: UnsafeInputs, data: TrainingData) -> dict:
     """One seeded run: select, fine-tune, measure on the test set, save the model. Returns the run's
     row and its per-RCC, per-scenario and per-epoch figures."""
     selection = select(mode, unsafe.assigned, unsafe.distances, unsafe.quota, unsafe.wrong,
-                       np.random.default_rng([ctx.seed, run]))
+                       np.random.default_rng([ctx.seed, run]), unsafe.uncertainty)
     runs = ctx.settings.runs
     model, epoch, history = fine_tune(ctx, data, selection.bag, seed=ctx.seed * 1000 + run,
                                       desc=f"retraining {mode} run {run}/{runs}")
@@ -387,7 +406,8 @@ def retrain_once(ctx: RunContext, mode: str, run: int, unsafe: UnsafeInputs, dat
     improved, worsened = evaluation.improved_worsened(measures, ctx)
     path = save_model(model, ctx, mode, run, measures.accuracy)
     row = {"run": run, "accuracy": measures.accuracy, "improved": improved, "worsened": worsened,
-           "epoch": epoch, "labelled": len(selection.chosen), "bag": len(selection.bag),
+           "epoch": epoch, "labelled": len(selection.chosen),
+           "labels_needed": labels_needed(mode, len(selection.chosen), len(unsafe.wrong)), "bag": len(selection.bag),
            "labelled_misclassified": int(unsafe.wrong[selection.chosen].sum()), "model": ctx.paths.relative(path),
            **({} if measures.mean_error is None else {"mean_error": float(measures.mean_error.mean())})}
     return {"row": row, "fixed": evaluation.fixed_per_rcc(measures, unsafe.rcc_errors),
@@ -454,11 +474,12 @@ def write_tables(ctx: RunContext, mode: str, done: list[dict], unsafe: UnsafeInp
     if "scenarios" not in tables and table_path(ctx.paths, mode, "scenarios").exists():
         table_path(ctx.paths, mode, "scenarios").unlink()
     write_workbook(retrain_dir(ctx.paths) / f"{mode}_results.xlsx", tables)
+    write_comparison(ctx.paths)
 
 
 def write_workbook(path: Path, tables: dict[str, pd.DataFrame]) -> None:
     """The tables for people, plus mean/min/max over the runs."""
-    stats = tables["runs"][["accuracy", "improved", "worsened"]].agg(["mean", "min", "max"])
+    stats = tables["runs"][["accuracy", "improved", "worsened", "labels_needed"]].agg(["mean", "min", "max"])
     with atomic_path(path) as temporary:
         with pd.ExcelWriter(temporary, engine="openpyxl") as book:
             tables["runs"].to_excel(book, sheet_name="runs", index=False)
@@ -467,3 +488,50 @@ def write_workbook(path: Path, tables: dict[str, pd.DataFrame]) -> None:
             if "scenarios" in tables:
                 tables["scenarios"].to_excel(book, sheet_name="accuracy per scenario", index=False)
             tables["epochs"].to_excel(book, sheet_name="epochs", index=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The modes side by side: labelling cost and statistics
+# --------------------------------------------------------------------------------------------
+
+COMPARISON = "comparison"
+
+
+def comparison(paths: CasePaths) -> pd.DataFrame | None:
+    """One row per mode that has run: runs, labelled (the budget), labels_needed, training samples,
+    accuracy mean/min/max, gain over the original model, gain per 100 labels needed, improved and
+    worsened, and against HUDD's runs the two-sided Mann-Whitney U p-value and Vargha-Delaney A12
+    (the probability that a HUDD run beats a run of that mode). None before any mode ran."""
+    modes = modes_run(paths)
+    if not modes:
+        return None
+    original = testModule.original_test_accuracy(paths)
+    runs = {mode: pd.read_csv(table_path(paths, mode, "runs")) for mode in modes}
+    improvement_images = len(testModule.read_results(paths, "improve"))
+    rows = []
+    for mode, table in runs.items():
+        labelled = int(table["labelled"].iloc[0])
+        needed = int(table["labels_needed"].iloc[0]) if "labels_needed" in table else \
+            labels_needed(mode, labelled, improvement_images)   # tables written before the column existed
+        gain = table["accuracy"].mean() - original
+        row = {"mode": mode, "runs": len(table), "labelled": labelled, "labels_needed": needed,
+               "bag": int(table["bag"].iloc[0]), "accuracy": table["accuracy"].mean(),
+               "accuracy_min": table["accuracy"].min(), "accuracy_max": table["accuracy"].max(), "gain": gain,
+               "gain_per_100_labels": 100.0 * gain / max(needed, 1), "improved": table["improved"].mean(),
+               "worsened": table["worsened"].mean(), "p_value_vs_HUDD": float("nan"), "a12_HUDD": float("nan")}
+        if mode != "HUDD" and "HUDD" in runs:
+            row["p_value_vs_HUDD"] = evaluation.mann_whitney_p(runs["HUDD"]["accuracy"], table["accuracy"])
+            row["a12_HUDD"] = evaluation.vargha_delaney_a12(runs["HUDD"]["accuracy"], table["accuracy"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_comparison(paths: CasePaths) -> None:
+    """T/Retrain/comparison.csv and comparison.xlsx, from every mode's runs table on disk."""
+    table = comparison(paths)
+    if table is None:
+        return
+    write_csv(table, retrain_dir(paths) / f"{COMPARISON}.csv")
+    with atomic_path(retrain_dir(paths) / f"{COMPARISON}.xlsx") as temporary:
+        with pd.ExcelWriter(temporary, engine="openpyxl") as book:
+            table.to_excel(book, sheet_name="comparison", index=False)

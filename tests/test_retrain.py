@@ -40,8 +40,9 @@ def test_every_mode_labels_as_many_distinct_images_and_trains_on_as_many_samples
     distances, sizes, wrong = random_instance(seed)
     quota = assignModule.quotas(sizes, 1.0)
     assigned, _ = assignModule.closest_u(distances, quota)
-    selections = {mode: retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng(seed))
-                  for mode in retrainModule.MODES}
+    uncertainty = np.random.default_rng(seed + 100).random(len(distances))
+    selections = {mode: retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng(seed),
+                                             uncertainty) for mode in retrainModule.MODES}
     hudd = selections["HUDD"]
     assert len(hudd.chosen) == min(quota.sum(), len(distances))
     for mode, selection in selections.items():
@@ -78,10 +79,11 @@ def test_selection_is_deterministic_for_a_seed_and_changes_with_it():
     distances, sizes, wrong = random_instance(3)
     quota = assignModule.quotas(sizes, 1.0)
     assigned, _ = assignModule.closest_u(distances, quota)
+    uncertainty = np.random.default_rng(3).random(len(distances))
     for mode in retrainModule.MODES:
-        a = retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng([0, 1]))
-        b = retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng([0, 1]))
-        c = retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng([0, 2]))
+        a = retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng([0, 1]), uncertainty)
+        b = retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng([0, 1]), uncertainty)
+        c = retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng([0, 2]), uncertainty)
         np.testing.assert_array_equal(a.bag, b.bag)
         assert not np.array_equal(a.bag, c.bag), mode
 
