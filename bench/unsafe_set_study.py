@@ -1,0 +1,223 @@
+"""Which unsafe set pays for its labels: the study behind the assignment step's defaults.
+
+    python bench/unsafe_set_study.py CASE [CASE ...] [--runs 5] [--retrain NAME,NAME] [--screen-only]
+
+CASE: case studies that ran the test, heatmap and cluster steps (a copy of the demo, seed taken from a
+trailing _s<N> in the folder name). For each case, label-free ingredients once: the improvement
+images' relevance at the selected layer, the RCC members', the model's own uncertainty. Then:
+
+1. screening, no retraining: every candidate of GRID (assignment level, distance, quotas, radius,
+   uncertainty weight) chooses its unsafe set exactly as the assignment step would, and the study
+   MEASURES its composition: share of rare conditions (metadata scenario other than the ordinary one),
+   of images the original model gets wrong, of ordinary images it gets right. Labels and metadata are
+   read only for this measurement, after the choice, never to choose.
+2. retraining: the candidates named with --retrain and BL1, BL2, BL3 at the same budget, `--runs`
+   seeded runs each, as the retraining step runs them; gains pooled over the cases, with the
+   Mann-Whitney U p-value and Vargha-Delaney A12 of each candidate against each baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import Helper  # noqa: E402
+import assignModule  # noqa: E402
+import evaluation  # noqa: E402
+import retrainModule  # noqa: E402
+import testModule  # noqa: E402
+
+GRID = {"assign_level": ("sub", "top"), "assign_distance": ("nearest", "knn", "medoid"),
+        "assign_quota": ("proportional", "equal"), "assign_radius": (0.0, 1.0), "assign_uncertainty": (0.0, 1.0, 4.0)}
+SHORT = {"assign_level": "", "assign_distance": "", "assign_quota": "", "assign_radius": "r", "assign_uncertainty": "u"}
+BASELINES = ("BL1", "BL2", "BL3")
+
+
+def candidate_name(values: dict) -> str:
+    return "/".join(f"{SHORT[k]}{v:g}" if isinstance(v, float) else f"{SHORT[k]}{v}" for k, v in values.items())
+
+
+def candidates() -> dict[str, dict]:
+    return {candidate_name(dict(zip(GRID, combo))): dict(zip(GRID, combo)) for combo in itertools.product(*GRID.values())}
+
+
+def context(case: Path) -> Helper.RunContext:
+    paths = Helper.CasePaths(case)
+    found = re.search(r"_s(\d+)$", case.name)
+    return Helper.RunContext(paths=paths, settings=Helper.load_settings(paths), device=torch.device("cpu"),
+                             model_path=paths.models / "OriginalModel.pth", seed=int(found.group(1)) if found else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Label-free ingredients, then each candidate's choice
+# --------------------------------------------------------------------------------------------
+
+def ingredients(ctx: Helper.RunContext) -> dict:
+    """Per level the clusters; the improvement rows (one relevance pass) and the uncertainty."""
+    uncertainty = assignModule.improvement_uncertainty(ctx)
+    channels = assignModule.improvement_channels(ctx, uncertainty)
+    levels = {level: assignModule.selected_clusters(replace_settings(ctx, assign_level=level))
+              for level in GRID["assign_level"]}
+    rows = np.empty((len(ctx.sets()["improve"]),), dtype=object)
+    for positions, block in assignModule.improvement_rows(ctx, levels["sub"], channels):
+        for position, row in zip(positions, block):
+            rows[position] = row
+    return {"levels": levels, "rows": np.stack(rows), "uncertainty": uncertainty["uncertainty"].to_numpy()}
+
+
+def replace_settings(ctx: Helper.RunContext, **values) -> Helper.RunContext:
+    return replace(ctx, settings=replace(ctx.settings, **values))
+
+
+def choice(ctx: Helper.RunContext, parts: dict, values: dict, memo: dict) -> dict:
+    """The candidate's unsafe set: assigned (per image its RCC or -1), distances, quota."""
+    s = replace(ctx.settings, **values)
+    clusters = parts["levels"][s.assign_level]
+    members = memo.setdefault(("members", s.assign_level), None)
+    if members is None:
+        members = memo[("members", s.assign_level)] = assignModule.member_rows(ctx, clusters)
+    key = ("distances", s.assign_level, s.assign_distance)
+    if key not in memo:
+        memo[key] = assignModule.member_distances(parts["rows"], members, clusters.member_rcc, len(clusters.eligible),
+                                                  s.assign_distance, s.assign_k)
+    reach = (assignModule.rcc_reach(members, clusters.member_rcc, len(clusters.eligible), s.assign_distance, s.assign_k)
+             if s.assign_radius else None)
+    quota = assignModule.rcc_quotas(s, clusters.sizes)
+    assigned, _ = assignModule.choose(memo[key], quota, parts["uncertainty"], s.assign_uncertainty, reach,
+                                      s.assign_radius)
+    return {"assigned": assigned, "distances": memo[key], "quota": quota}
+
+
+def truth(ctx: Helper.RunContext) -> pd.DataFrame:
+    """FOR MEASURING ONLY, after the choice: per improvement image, rare condition and wrong."""
+    images = [ctx.paths.relative(p) for p in ctx.sets()["improve"].paths]
+    wrong = testModule.read_results(ctx.paths, "improve").set_index("image").reindex(images)["result"].eq("Wrong")
+    meta = Helper.read_metadata(ctx.sets()["improve"].root, ctx.paths.root)
+    scenario = meta["scenario"].reindex(images) if meta is not None else pd.Series("", index=images)
+    return pd.DataFrame({"wrong": wrong.to_numpy(), "scenario": scenario.to_numpy(),
+                         "rare": (scenario != ctx.settings.ordinary_scenario).to_numpy()})
+
+
+def composition(chosen: np.ndarray, known: pd.DataFrame) -> dict:
+    picked = known.iloc[chosen]
+    return {"labelled": len(chosen), "rare": 100 * picked["rare"].mean(), "wrong": 100 * picked["wrong"].mean(),
+            "ordinary_right": 100 * (~picked["rare"] & ~picked["wrong"]).mean()}
+
+
+def screen(ctx: Helper.RunContext, parts: dict, known: pd.DataFrame) -> tuple[list[dict], dict]:
+    memo, rows, choices = {}, [], {}
+    for name, values in candidates().items():
+        chosen = choices[name] = choice(ctx, parts, values, memo)
+        rows.append({"case": ctx.paths.root.name, "candidate": name,
+                     **composition(np.flatnonzero(chosen["assigned"] >= 0), known)})
+    budget = len(np.flatnonzero(choices[candidate_name(DEFAULT)]["assigned"] >= 0))
+    for mode in BASELINES:
+        chosen = retrainModule.select(mode, choices[candidate_name(DEFAULT)]["assigned"],
+                                      choices[candidate_name(DEFAULT)]["distances"],
+                                      choices[candidate_name(DEFAULT)]["quota"], known["wrong"].to_numpy(),
+                                      np.random.default_rng([ctx.seed, 1]), parts["uncertainty"]).chosen
+        rows.append({"case": ctx.paths.root.name, "candidate": mode, **composition(chosen, known)})
+    assert all(r["labelled"] <= budget for r in rows[-3:])
+    return rows, choices
+
+
+DEFAULT = {"assign_level": "sub", "assign_distance": "nearest", "assign_quota": "proportional", "assign_radius": 0.0,
+           "assign_uncertainty": 0.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Retraining the chosen candidates against the baselines
+# --------------------------------------------------------------------------------------------
+
+def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.DataFrame, parts: dict,
+            runs: int) -> list[dict]:
+    """Gain (points) of every run of every named candidate and baseline, at the default's budget for the
+    baselines (BL1's pool: the images the model gets wrong, as the product does)."""
+    data = retrainModule.training_data(ctx)
+    original = testModule.original_test_accuracy(ctx.paths)
+    base = choices[candidate_name(DEFAULT)]
+    rows = []
+    for mode in [*names, *BASELINES]:
+        chosen = choices.get(mode, base)
+        for run in range(1, runs + 1):
+            rng = np.random.default_rng([ctx.seed, run])
+            selection = retrainModule.select("HUDD" if mode in choices else mode, chosen["assigned"],
+                                             chosen["distances"], chosen["quota"], known["wrong"].to_numpy(), rng,
+                                             parts["uncertainty"])
+            start = time.perf_counter()
+            model, _, _ = retrainModule.fine_tune(ctx, data, selection.bag, seed=ctx.seed * 1000 + run, desc=mode)
+            outputs = retrainModule.cached_test_outputs(model, data.test, ctx)
+            accuracy = evaluation.measures_from_outputs(outputs, ctx).accuracy
+            rows.append({"case": ctx.paths.root.name, "mode": mode, "run": run, "gain": accuracy - original,
+                         "labelled": len(selection.chosen), "seconds": time.perf_counter() - start})
+            print(f"  {ctx.paths.root.name} {mode} run {run}: {accuracy - original:+.2f} "
+                  f"({rows[-1]['seconds']:.0f} s)", flush=True)
+    return rows
+
+
+def statistics(gains: pd.DataFrame) -> pd.DataFrame:
+    """Per candidate: mean gain, and against each baseline the mean difference, MWU p and A12, pooled."""
+    rows = []
+    for mode, group in gains.groupby("mode", sort=False):
+        row = {"mode": mode, "runs": len(group), "gain": group["gain"].mean(), "labelled": group["labelled"].mean()}
+        if mode not in BASELINES:
+            for baseline in BASELINES:
+                other = gains[gains["mode"] == baseline]["gain"]
+                row[f"vs {baseline}"] = row["gain"] - other.mean()
+                row[f"p {baseline}"] = evaluation.mann_whitney_p(group["gain"], other)
+                row[f"A12 {baseline}"] = evaluation.vargha_delaney_a12(group["gain"], other)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cases", nargs="+", type=Path)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--retrain", default=candidate_name(DEFAULT), help="comma-separated candidate names")
+    parser.add_argument("--screen-only", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the CSVs (default: none)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    screened, gains = [], []
+    for case in args.cases:
+        ctx = context(case)
+        Helper.seed_everything(ctx.seed)
+        parts = ingredients(ctx)
+        known = truth(ctx)                        # read after every choice below is fixed by label-free inputs
+        rows, choices = screen(ctx, parts, known)
+        screened += rows
+        if not args.screen_only:
+            gains += retrain(ctx, choices, args.retrain.split(","), known, parts, args.runs)
+    show(pd.DataFrame(screened), pd.DataFrame(gains), args.out)
+
+
+def show(screened: pd.DataFrame, gains: pd.DataFrame, out: Path | None) -> None:
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_rows", 200)
+    mean = screened.groupby("candidate", sort=False)[["labelled", "rare", "wrong", "ordinary_right"]].mean()
+    print("\ncomposition of the labelled set, mean over the cases (%; sorted by share wrong):")
+    print(mean.sort_values("wrong", ascending=False).round(1).to_string())
+    if len(gains):
+        print("\nper case, mean gain (points):")
+        print(gains.pivot_table(index="case", columns="mode", values="gain", sort=False).round(2).to_string())
+        print("\npooled over the cases (gain in points; p: two-sided Mann-Whitney U; A12: candidate ahead above 0.5):")
+        print(statistics(gains).round(3).to_string(index=False))
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        screened.to_csv(out / "screen.csv", index=False)
+        gains.to_csv(out / "gains.csv", index=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The label-free unsafe set and the fourth mode: candidates' distances, radius and quotas, the model's
+uncertainty, BL3's pick against an independent margin, no improvement label read before the choice,
+labels needed and the statistics of the comparison."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.spatial.distance import cdist
+from scipy.stats import mannwhitneyu
+
+import assignModule
+import clusterModule
+import evaluation
+import heatmapModule
+import retrainModule
+import testModule
+from helpers import CLASSES, context, run_step, run_steps
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates, on small arrays
+# --------------------------------------------------------------------------------------------
+
+def small_space(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    members = rng.normal(size=(12, 6))
+    member_rcc = rng.permutation(np.repeat([0, 1, 2], 4))
+    return members, member_rcc, rng.normal(size=(10, 6))
+
+
+def test_knn_and_medoid_distances_against_cdist():
+    members, member_rcc, queries = small_space()
+    full = cdist(queries, members)
+    knn = assignModule.member_distances(queries, members, member_rcc, 3, "knn", k=2)
+    expected = np.stack([np.sort(full[:, member_rcc == c], axis=1)[:, :2].mean(axis=1) for c in range(3)], axis=1)
+    np.testing.assert_allclose(knn, expected, rtol=1e-10)
+    medoid = assignModule.member_distances(queries, members, member_rcc, 3, "medoid")
+    for c in range(3):
+        group = members[member_rcc == c]
+        centre = group[cdist(group, group).sum(axis=1).argmin()]
+        np.testing.assert_allclose(medoid[:, c], cdist(queries, centre[None])[:, 0], rtol=1e-10)
+
+
+def test_an_image_beyond_the_radius_joins_no_rcc_and_equal_quotas_keep_the_total():
+    distances = np.array([[1.0, 5.0], [2.0, 9.0], [8.0, 9.0], [7.0, 1.5]])
+    assigned, _ = assignModule.choose(distances, np.array([3, 3]), reach=np.array([2.0, 2.0]), radius=1.0)
+    np.testing.assert_array_equal(assigned, [0, 0, -1, 1])          # image 2 is beyond both RCCs' reach
+    assert assignModule.equal_quotas(np.array([2, 9, 4]), 1.0).tolist() == [5, 5, 5]
+    assert assignModule.equal_quotas(np.array([2, 9, 5]), 1.0).sum() == 16
+
+
+def test_uncertainty_weight_prefers_the_images_the_model_is_unsure_of():
+    distances = np.array([[1.0], [1.1], [1.2]])
+    uncertainty = np.array([0.0, 0.5, 0.9])
+    plain, _ = assignModule.choose(distances, np.array([1]))
+    weighted, _ = assignModule.choose(distances, np.array([1]), uncertainty, weight=1.0)
+    assert np.flatnonzero(plain >= 0).tolist() == [0] and np.flatnonzero(weighted >= 0).tolist() == [2]
+
+
+def test_reach_of_an_rcc_is_its_farthest_member_left_out():
+    members, member_rcc, _ = small_space(1)
+    reach = assignModule.rcc_reach(members, member_rcc, 3, "nearest")
+    for c in range(3):
+        inner = cdist(members[member_rcc == c], members[member_rcc == c])
+        np.fill_diagonal(inner, np.inf)
+        assert reach[c] == pytest.approx(inner.min(axis=1).max())
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics: hand-computed cases and scipy
+# --------------------------------------------------------------------------------------------
+
+def test_a12_on_hand_computed_cases():
+    assert evaluation.vargha_delaney_a12([4, 5, 6], [1, 2, 3]) == 1.0
+    assert evaluation.vargha_delaney_a12([1, 2, 3], [4, 5, 6]) == 0.0
+    assert evaluation.vargha_delaney_a12([1, 1], [1, 1]) == 0.5
+    assert evaluation.vargha_delaney_a12([1, 3], [2]) == 0.5           # one win, one loss
+    assert evaluation.vargha_delaney_a12([2, 3], [2, 1]) == 0.875      # (3 wins + half a tie) / 4
+
+
+def test_mann_whitney_on_hand_computed_cases_and_against_scipy():
+    # U = 0 with 3 and 3 runs: exact two-sided p = 2 x 1 / C(6, 3) = 0.1
+    assert evaluation.mann_whitney_p([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+    assert evaluation.mann_whitney_p([1.0, 1.0], [1.0, 1.0]) == 1.0
+    assert np.isnan(evaluation.mann_whitney_p([], [1.0]))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x, y = rng.normal(size=5), rng.normal(0.5, size=7)
+        assert evaluation.mann_whitney_p(x, y) == pytest.approx(mannwhitneyu(x, y, alternative="two-sided").pvalue)
+        u = mannwhitneyu(x, y, alternative="two-sided").statistic
+        assert evaluation.vargha_delaney_a12(x, y) == pytest.approx(u / (len(x) * len(y)))   # A12 = U1 / (m n)
+
+
+# --------------------------------------------------------------------------------------------
+# On a tiny case: the model's uncertainty, BL3, no label read before the choice
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def assigned_case(make_case):
+    case = make_case(per_class=8)
+    run_steps(context(case), testModule.STEP, heatmapModule.STEP, clusterModule.STEP, assignModule.STEP)
+    return case
+
+
+def independent_margins(case) -> pd.Series:
+    """1 - (top-1 minus top-2 softmax probability), from the test step's logits (score_ columns)."""
+    results = pd.read_csv(case / "improveResult.csv").set_index("image")
+    logits = results[[f"score_{c}" for c in CLASSES]].to_numpy(dtype=np.float64)
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    top = np.sort(probabilities, axis=1)[:, ::-1]
+    return pd.Series(1.0 - (top[:, 0] - top[:, 1]), index=results.index)
+
+
+def test_bl3_takes_the_lowest_margin_images_at_the_common_budget(assigned_case):
+    case = assigned_case
+    ctx = context(case)
+    unsafe = retrainModule.unsafe_inputs(ctx)
+    expected = independent_margins(case).reindex([ctx.paths.relative(p) for p in ctx.sets()["improve"].paths])
+    np.testing.assert_allclose(unsafe.uncertainty, expected.to_numpy(), atol=1e-5)
+    budget = (unsafe.assigned >= 0).sum()
+    selections = {mode: retrainModule.select(mode, unsafe.assigned, unsafe.distances, unsafe.quota, unsafe.wrong,
+                                             np.random.default_rng(0), unsafe.uncertainty) for mode in retrainModule.MODES}
+    for mode, selection in selections.items():    # one budget, one bag size, for the four modes
+        assert len(np.unique(selection.chosen)) == budget and len(selection.bag) == len(selections["HUDD"].bag), mode
+    chosen = set(expected.index[selections["BL3"].chosen])
+    threshold = np.sort(expected.to_numpy())[::-1][budget - 1]
+    assert all(expected[i] >= threshold - 1e-6 for i in chosen)
+    assert all(expected[i] <= threshold + 1e-6 for i in set(expected.index) - chosen)
+
+
+def unsafe_set_by_file(case) -> list[tuple[str, str]]:
+    table = pd.read_csv(case / "T" / "UnsafeSet" / "assignments.csv")
+    return sorted(zip(table["image"].str.rsplit("/", n=1).str[-1], table["rcc"]))
+
+
+@pytest.mark.parametrize("settings", [{}, {"assign_uncertainty": 2.0, "assign_radius": 1.5, "assign_quota": "equal"}])
+def test_no_improvement_label_is_read_to_choose_the_unsafe_set(make_case, settings):
+    """Scramble the improvement labels after the choice (the images moved between class folders, the
+    test step rerun): the unsafe set and the uncertainty stay the same."""
+    case = make_case(per_class=8)
+    ctx = context(case, **settings)
+    run_steps(ctx, testModule.STEP, heatmapModule.STEP, clusterModule.STEP, assignModule.STEP)
+    before = unsafe_set_by_file(case)
+    uncertainty = pd.read_csv(case / "T" / "UnsafeSet" / "uncertainty.csv")["uncertainty"].to_numpy()
+    improve = case / "DataSets" / "ImprovementSet"
+    images = sorted(improve.glob("*/*.png"))
+    for number, image in enumerate(images):         # every image to another class folder
+        target = improve / CLASSES[(CLASSES.index(image.parent.name) + 1 + number % 2) % len(CLASSES)]
+        shutil.move(str(image), str(target / image.name))
+    scrambled = context(case, **settings)
+    scrambled.force = True
+    run_steps(scrambled, testModule.STEP, assignModule.STEP)
+    assert pd.read_csv(case / "improveResult.csv")["expected"].tolist() != []
+    assert unsafe_set_by_file(case) == before
+    after = pd.read_csv(case / "T" / "UnsafeSet" / "uncertainty.csv")
+    by_file = dict(zip(after["image"].str.rsplit("/", n=1).str[-1], after["uncertainty"]))
+    original_names = [p.name for p in sorted(images)]
+    np.testing.assert_allclose(sorted(uncertainty), sorted(by_file[n] for n in original_names), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Labels needed, recomputed from the files
+# --------------------------------------------------------------------------------------------
+
+def test_labels_needed_and_the_statistics_recomputed_from_the_files(retrained_case):
+    case, results = retrained_case
+    folder = case / "T" / "Retrain"
+    unsafe = pd.read_csv(case / "T" / "UnsafeSet" / "assignments.csv")
+    improvement = len(pd.read_csv(case / "improveResult.csv"))
+    runs = {mode: pd.read_csv(folder / f"{mode}_runs.csv") for mode in ("HUDD", "BL1", "BL2")}
+    assert (runs["HUDD"]["labels_needed"] == unsafe["image"].nunique()).all()
+    assert (runs["BL1"]["labels_needed"] == improvement).all()
+    assert (runs["BL2"]["labels_needed"] == runs["BL2"]["labelled"]).all()
+    test = pd.read_csv(case / "testResult.csv")
+    original = 100 * (test["result"] == "Correct").mean()
+    table = pd.read_csv(folder / "comparison.csv").set_index("mode")
+    for mode, table_runs in runs.items():
+        gain = table_runs["accuracy"].mean() - original
+        assert table.loc[mode, "labels_needed"] == table_runs["labels_needed"].iloc[0]
+        assert table.loc[mode, "gain"] == pytest.approx(gain)
+        assert table.loc[mode, "gain_per_100_labels"] == pytest.approx(100 * gain / table_runs["labels_needed"].iloc[0])
+        if mode != "HUDD":
+            hudd, other = runs["HUDD"]["accuracy"], table_runs["accuracy"]
+            assert table.loc[mode, "a12_HUDD"] == pytest.approx(evaluation.vargha_delaney_a12(hudd, other))
+            assert table.loc[mode, "p_value_vs_HUDD"] == pytest.approx(evaluation.mann_whitney_p(hudd, other))
+    assert set(pd.ExcelFile(folder / "comparison.xlsx").sheet_names) == {"comparison"}
+    assert "labels needed" in results["BL2"].stdout and "gain/100 labels" in results["BL2"].stdout
+    bl1_line = next(line for line in results["BL2"].stdout.splitlines() if line.startswith("    BL1 "))
+    assert f" {improvement} " in bl1_line
+
+
+def test_bl3_runs_as_a_mode_with_its_budget(assigned_case):
+    case = assigned_case
+    ctx = context(case, epochs=1, runs=1)
+    summary = run_step(retrainModule.RetrainStep("BL3"), ctx)
+    runs = pd.read_csv(case / "T" / "Retrain" / "BL3_runs.csv")
+    unsafe = pd.read_csv(case / "T" / "UnsafeSet" / "assignments.csv")
+    assert summary["labelled"] == runs["labels_needed"].iloc[0] == unsafe["image"].nunique()
+    assert pd.read_csv(case / "T" / "Retrain" / "comparison.csv")["mode"].tolist() == ["BL3"]
