@@ -289,7 +289,7 @@ class Settings:
     assign_distance: str = "nearest"      # image-to-RCC distance: "nearest" member (original), "knn" mean of assign_k nearest, "medoid"
     assign_k: int = 3
     assign_radius: float = 0.0            # > 0: an image farther than radius x the RCC's reach joins no RCC (0: off)
-    assign_uncertainty: float = 0.0       # > 0: an image the model is sure of looks up to (1 + this) times farther
+    assign_uncertainty: float = 4.0       # an image the model is sure of looks up to (1 + this) times farther (0: off, the original)
     assign_quota: str = "proportional"    # per-RCC quotas "proportional" to its size, or "equal" (same total)
     runs: int = 1                         # retraining runs per mode (seeded)
 

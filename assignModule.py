@@ -1,15 +1,19 @@
 """Step 4: assign the improvement images to the root-cause clusters; the unsafe set.
 
-For every improvement image (labels are not needed), the relevance at the selected layer only, its
-nearest-member distance to each RCC of two or more images, then the original's "ClosestU" greedy
-assignment with per-RCC quotas (reference §8.1): images are taken by ascending distance to their
-closest RCC, then to their second closest, and so on, each image at most once and each RCC up to
-its quota of ceil(`budget_factor` x its size). The unsafe set is what an engineer labels, and what
-HUDD's retraining trains on (the original built a 2x set here and retrained with a 1x one).
+For every improvement image (labels are not needed, and none is read), the relevance at the selected
+layer only, its distance to each RCC of two or more images (`assign_distance`: nearest member, the
+original's; mean of the k nearest; medoid), the model's own uncertainty (1 - softmax margin; keypoints:
+disagreement under small shifts), then the original's "ClosestU" greedy assignment with per-RCC quotas
+(reference §8.1): images are taken by ascending distance to their closest RCC, then to their second
+closest, and so on, each image at most once and each RCC up to its quota (`assign_quota`: ceil(
+`budget_factor` x its size), or the same total split evenly). Two label-free refinements: an image
+beyond `assign_radius` x an RCC's reach cannot join it, and with `assign_uncertainty` an image the model
+is sure of looks farther. The unsafe set is what an engineer labels, and what HUDD's retraining trains
+on (the original built a 2x set here and retrained with a 1x one).
 
 Writes `T/UnsafeSet/<RCC>/` (copies of the images), `T/UnsafeSet/assignments.csv` (image, rcc,
-distance, rank; rank 0 = its closest RCC) and `T/UnsafeSet/rcc_distances.csv` (every improvement
-image's distance to every eligible RCC).
+distance, rank; rank 0 = its closest RCC), `T/UnsafeSet/rcc_distances.csv` (every improvement image's
+distance to every eligible RCC) and `T/UnsafeSet/uncertainty.csv` (every improvement image's uncertainty).
 """
 from __future__ import annotations
 

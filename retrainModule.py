@@ -9,8 +9,12 @@ same number of distinct images and trains on the same number of samples:
   up to the largest quota, with replacement, each image weighted by 1 / its distance to the RCC
   (closer images more often);
 - BL1: random improvement images that the original model misclassifies;
-- BL2: random improvement images.
-The baselines' images are repeated uniformly to the size of HUDD's bag.
+- BL2: random improvement images;
+- BL3: the improvement images the model is least sure of (lowest softmax margin; keypoints: the
+  assignment step's shift-disagreement proxy), the first thing an ML engineer tries; no label needed.
+The baselines' images are repeated uniformly to the size of HUDD's bag. Each mode's runs record the
+labels it needs (BL1: the whole improvement set, to find the misclassified images); comparison.csv sets
+the modes side by side with the Mann-Whitney U p-value and Vargha-Delaney A12 of HUDD against each.
 
 Each run fine-tunes a copy of the original weights on the training set (less a validation split)
 plus the bag, with the original's optimiser (SGD, lr 1e-3, momentum 0.9, weight decay 5e-4; §9.1)

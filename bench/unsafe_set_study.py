@@ -120,18 +120,20 @@ def screen(ctx: Helper.RunContext, parts: dict, known: pd.DataFrame) -> tuple[li
         chosen = choices[name] = choice(ctx, parts, values, memo)
         rows.append({"case": ctx.paths.root.name, "candidate": name,
                      **composition(np.flatnonzero(chosen["assigned"] >= 0), known)})
-    budget = len(np.flatnonzero(choices[candidate_name(DEFAULT)]["assigned"] >= 0))
+    budget = len(np.flatnonzero(choices[candidate_name(ORIGINAL)]["assigned"] >= 0))
     for mode in BASELINES:
-        chosen = retrainModule.select(mode, choices[candidate_name(DEFAULT)]["assigned"],
-                                      choices[candidate_name(DEFAULT)]["distances"],
-                                      choices[candidate_name(DEFAULT)]["quota"], known["wrong"].to_numpy(),
+        chosen = retrainModule.select(mode, choices[candidate_name(ORIGINAL)]["assigned"],
+                                      choices[candidate_name(ORIGINAL)]["distances"],
+                                      choices[candidate_name(ORIGINAL)]["quota"], known["wrong"].to_numpy(),
                                       np.random.default_rng([ctx.seed, 1]), parts["uncertainty"]).chosen
         rows.append({"case": ctx.paths.root.name, "candidate": mode, **composition(chosen, known)})
     assert all(r["labelled"] <= budget for r in rows[-3:])
     return rows, choices
 
 
-DEFAULT = {"assign_level": "sub", "assign_distance": "nearest", "assign_quota": "proportional", "assign_radius": 0.0,
+# The original's choice (nearest member, proportional quotas, no radius, no uncertainty): its budget is the
+# baselines' (every candidate without a radius has the same budget).
+ORIGINAL = {"assign_level": "sub", "assign_distance": "nearest", "assign_quota": "proportional", "assign_radius": 0.0,
            "assign_uncertainty": 0.0}
 
 
@@ -140,14 +142,14 @@ DEFAULT = {"assign_level": "sub", "assign_distance": "nearest", "assign_quota": 
 # --------------------------------------------------------------------------------------------
 
 def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.DataFrame, parts: dict,
-            runs: int) -> list[dict]:
+            runs: int, out: Path | None = None) -> list[dict]:
     """Gain (points) of every run of every named candidate and baseline, at the default's budget for the
     baselines (BL1's pool: the images the model gets wrong, as the product does)."""
     data = retrainModule.training_data(ctx)
     original = testModule.original_test_accuracy(ctx.paths)
-    base = choices[candidate_name(DEFAULT)]
+    base = choices[candidate_name(ORIGINAL)]
     rows = []
-    for mode in [*names, *BASELINES]:
+    for mode in [*names[:1], *BASELINES, *names[1:]]:
         chosen = choices.get(mode, base)
         for run in range(1, runs + 1):
             rng = np.random.default_rng([ctx.seed, run])
@@ -160,6 +162,9 @@ def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.D
             accuracy = evaluation.measures_from_outputs(outputs, ctx).accuracy
             rows.append({"case": ctx.paths.root.name, "mode": mode, "run": run, "gain": accuracy - original,
                          "labelled": len(selection.chosen), "seconds": time.perf_counter() - start})
+            if out:   # every run as it ends: a cut-short study still has its figures
+                out.mkdir(parents=True, exist_ok=True)
+                pd.DataFrame(rows).to_csv(out / f"gains_{ctx.paths.root.name}.csv", index=False)
             print(f"  {ctx.paths.root.name} {mode} run {run}: {accuracy - original:+.2f} "
                   f"({rows[-1]['seconds']:.0f} s)", flush=True)
     return rows
@@ -184,11 +189,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="+", type=Path)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--retrain", default=candidate_name(DEFAULT), help="comma-separated candidate names")
+    parser.add_argument("--retrain", default="sub/nearest/proportional/r0/u4,sub/nearest/proportional/r0/u0",
+                        help="comma-separated candidate names; the first runs before the baselines, the others after")
+    parser.add_argument("--from-gains", type=Path, nargs="*", help="only print the tables of gains_*.csv files")
     parser.add_argument("--screen-only", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="folder for the CSVs (default: none)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    if args.from_gains is not None:   # tables from files of earlier runs (e.g. one process per case)
+        read = lambda files: pd.concat([pd.read_csv(f) for f in files]) if files else pd.DataFrame()
+        show(read([f for f in args.from_gains if "screen" in f.name]), read([f for f in args.from_gains if "gains" in f.name]),
+             None)
+        return
     screened, gains = [], []
     for case in args.cases:
         ctx = context(case)
@@ -198,13 +211,15 @@ def main() -> None:
         rows, choices = screen(ctx, parts, known)
         screened += rows
         if not args.screen_only:
-            gains += retrain(ctx, choices, args.retrain.split(","), known, parts, args.runs)
+            gains += retrain(ctx, choices, args.retrain.split(","), known, parts, args.runs, args.out)
     show(pd.DataFrame(screened), pd.DataFrame(gains), args.out)
 
 
 def show(screened: pd.DataFrame, gains: pd.DataFrame, out: Path | None) -> None:
     pd.set_option("display.width", 200)
     pd.set_option("display.max_rows", 200)
+    if not len(screened):
+        screened = pd.DataFrame(columns=["candidate", "labelled", "rare", "wrong", "ordinary_right"])
     mean = screened.groupby("candidate", sort=False)[["labelled", "rare", "wrong", "ordinary_right"]].mean()
     print("\ncomposition of the labelled set, mean over the cases (%; sorted by share wrong):")
     print(mean.sort_values("wrong", ascending=False).round(1).to_string())
@@ -215,8 +230,8 @@ def show(screened: pd.DataFrame, gains: pd.DataFrame, out: Path | None) -> None:
         print(statistics(gains).round(3).to_string(index=False))
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        screened.to_csv(out / "screen.csv", index=False)
-        gains.to_csv(out / "gains.csv", index=False)
+        for case, table in screened.groupby("case"):
+            table.to_csv(out / f"screen_{case}.csv", index=False)
 
 
 if __name__ == "__main__":
