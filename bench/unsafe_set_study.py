@@ -161,7 +161,8 @@ def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.D
             outputs = retrainModule.cached_test_outputs(model, data.test, ctx)
             accuracy = evaluation.measures_from_outputs(outputs, ctx).accuracy
             rows.append({"case": ctx.paths.root.name, "mode": mode, "run": run, "gain": accuracy - original,
-                         "labelled": len(selection.chosen), "seconds": time.perf_counter() - start})
+                         "labelled": len(selection.chosen), "seconds": time.perf_counter() - start,
+                         "labels_needed": retrainModule.labels_needed(mode, len(selection.chosen), len(known))})
             if out:   # every run as it ends: a cut-short study still has its figures
                 out.mkdir(parents=True, exist_ok=True)
                 pd.DataFrame(rows).to_csv(out / f"gains_{ctx.paths.root.name}.csv", index=False)
@@ -175,6 +176,8 @@ def statistics(gains: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for mode, group in gains.groupby("mode", sort=False):
         row = {"mode": mode, "runs": len(group), "gain": group["gain"].mean(), "labelled": group["labelled"].mean()}
+        if "labels_needed" in group:
+            row["gain per 100 labels"] = 100 * row["gain"] / group["labels_needed"].mean()
         if mode not in BASELINES:
             for baseline in BASELINES:
                 other = gains[gains["mode"] == baseline]["gain"]
@@ -187,7 +190,7 @@ def statistics(gains: pd.DataFrame) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cases", nargs="+", type=Path)
+    parser.add_argument("cases", nargs="*", type=Path)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--retrain", default="sub/nearest/proportional/r0/u4,sub/nearest/proportional/r0/u0",
                         help="comma-separated candidate names; the first runs before the baselines, the others after")
