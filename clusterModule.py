@@ -660,7 +660,7 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 class ClusterStep(Step):
     name, title = "clusters", "cluster step"
-    version = 3     # 2: two levels of RCCs, feature spaces; 3: the descriptor characterisation
+    version = 4     # 2: two levels of RCCs, feature spaces; 3: the descriptor characterisation; 4: never the layer before the output
 
     def inputs(self, ctx: RunContext) -> dict:
         s = ctx.settings
@@ -676,8 +676,8 @@ class ClusterStep(Step):
         space = make_space(ctx.settings.features)
         metadata = error_metadata(ctx, index)
         progress = LayerProgress(analysis_dir(ctx.paths), self.fingerprint(ctx), resume=not ctx.force)
-        results, skipped = [], []
-        for layer in tqdm(space.layers(ctx), desc="clustering layers", unit="layer", leave=False, disable=None):
+        results, skipped, layers = [], [], space.layers(ctx)
+        for layer in tqdm(layers, desc="clustering layers", unit="layer", leave=False, disable=None):
             outcome = progress.restore(ctx.paths, layer)
             if outcome is None:
                 outcome = cluster_one_layer(ctx, space, layer, index, metadata)
@@ -686,7 +686,7 @@ class ClusterStep(Step):
         if not results:
             raise HuddError(f"{heatmapModule.heatmaps_dir(ctx.paths)}: no layer could be clustered "
                             f"({'; '.join(skipped)})")
-        chosen = select_layer(results, ctx.settings.layer_criterion)
+        chosen = select_layer(results, ctx.settings.layer_criterion, last_layer=layers[-1])
         write_summary(results, skipped, chosen, scenarios_of(metadata), analysis_dir(ctx.paths),
                       ctx.settings.ordinary_scenario)
         characterise_selected_layer(ctx, index, chosen)
@@ -735,10 +735,11 @@ def compare(ctx: RunContext) -> pd.DataFrame:
     for candidate in tqdm(candidates(ctx), desc="comparing", unit="combination", leave=False, disable=None):
         variant = replace(ctx, settings=replace(ctx.settings, **candidate))
         key = (candidate["features"], candidate["reduction"])   # the clusterers share their distances
+        space = make_space(candidate["features"])
         if key not in measured:
-            measured[key] = layer_distances(variant, make_space(candidate["features"]))
+            measured[key] = layer_distances(variant, space)
         chosen = select_layer([cluster_layer(layer, d, **clustering_options(variant)) for layer, d in measured[key]],
-                              ctx.settings.layer_criterion)
+                              ctx.settings.layer_criterion, last_layer=space.layers(variant)[-1])
         quality = readable_quality(chosen.labels, scenarios, ordinary=ctx.settings.ordinary_scenario)
         rows.append({**candidate, "layer": chosen.layer, **quality,
                      "pixels_purity": pixel_purity(variant, chosen.k, scenarios)})

@@ -109,7 +109,7 @@ def run_section(ctx: RunContext, data: ReportData) -> str:
            if "accuracy" in r else "<td class=muted>unlabelled</td><td></td>") + "</tr>"
         for name, r in data.sets.items())
     why = ("the smallest weighted intra-cluster distance (WICD)" if s.layer_criterion == "wicd"
-           else "the best silhouette")
+           else "the best silhouette") + " among the layers but the input and the one before the output"
     columns = [c for c in ("layer", "k", "sub_k", "median_size", "noise", "wicd", "silhouette", "purity", "coverage",
                            "purity_10", "coverage_10") if c in data.summary]
     layer_rows = "".join(

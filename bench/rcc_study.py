@@ -52,6 +52,7 @@ def study_case(case: Path, best_layer: bool) -> list[dict]:
         variant = replace(ctx, settings=replace(ctx.settings, features=features, reduction=reduction))
         started = time.perf_counter()
         measured = clusterModule.layer_distances(variant, make_space(features))
+        last_layer = make_space(features).layers(variant)[-1]
         seconds = time.perf_counter() - started
         for clusterer, k_criterion, max_rccs in itertools.product(GRID["clusterer"], GRID["k_criterion"],
                                                                   GRID["max_rccs"]):
@@ -60,7 +61,7 @@ def study_case(case: Path, best_layer: bool) -> list[dict]:
             criteria = list(GRID["layer_criterion"]) + (["best"] if best_layer else [])
             for layer_criterion in criteria:
                 chosen = (max(results, key=lambda r: readable_quality(r.labels, scenarios)["purity"])
-                          if layer_criterion == "best" else select_layer(results, layer_criterion))
+                          if layer_criterion == "best" else select_layer(results, layer_criterion, last_layer=last_layer))
                 quality = readable_quality(chosen.labels, scenarios)
                 pixels = labels_at(pixel_tree, len(index), chosen.k) if chosen.k >= 2 else np.zeros(len(index), int)
                 rows.append({"case": case.name, "features": features, "reduction": reduction, "clusterer": clusterer,

@@ -124,6 +124,17 @@ def test_layer_selection_never_takes_the_input_layer():
     assert C.select_layer(layers, "silhouette").layer == "Layer1"
 
 
+def test_layer_selection_leaves_out_the_layer_before_the_output_while_another_is_left():
+    make = lambda name, wicd, sil: C.LayerClustering(name, 2, np.zeros(4, int), np.zeros(4, int), wicd, sil,
+                                                     range(2, 3), np.zeros(5), np.zeros(5))
+    layers = [make("Layer0", 0.1, 0.9), make("Layer1", 5.0, 0.2), make("Layer2", 3.0, 0.1), make("Layer3", 1.0, 0.6)]
+    assert C.select_layer(layers, "wicd").layer == "Layer3"                       # without the name: the original
+    assert C.select_layer(layers, "wicd", last_layer="Layer3").layer == "Layer2"
+    assert C.select_layer(layers, "silhouette", last_layer="Layer3").layer == "Layer1"
+    assert C.select_layer(layers[:1] + layers[3:], "wicd", last_layer="Layer3").layer == "Layer3"  # the only one
+    assert C.select_layer(layers[:1], "wicd", last_layer="Layer3").layer == "Layer0"
+
+
 def test_purity_and_coverage():
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 3])
     scenarios = np.array(["fog", "fog", "fog", "night", "night", "night", "night", "tilt", "tilt", "fog"])
