@@ -34,7 +34,7 @@ log = logging.getLogger("hudd")
 
 # The pipeline's steps in order; "retrain" runs for the modes given with -mode (the demo: all four).
 STEP_NAMES = ("test", "heatmaps", "clusters", "assign", "retrain")
-MODES = ("HUDD", "BL1", "BL2", "BL3")
+MODES = Helper.RETRAIN_MODES
 
 
 def parse_bool(text: str) -> bool:
@@ -182,7 +182,7 @@ def run_step(step, ctx: RunContext) -> dict:
         distributed.together(lambda: step.compute(ctx) if step.every_rank or distributed.is_main() else None)
         log.debug("%s: %.1f s", step.title, time.perf_counter() - started)
         distributed.together(lambda: ctx.manifest.record(step.name, step_print, [
-            ctx.paths.relative(p) for p in step.outputs(ctx)]) if distributed.is_main() else ctx.manifest.reload())
+            ctx.paths.relative(p) for p in step.outputs(ctx)]) if distributed.is_main() else None)
         if not distributed.is_main():
             ctx.manifest.reload()  # what rank 0 recorded: the later steps' fingerprints include it
     return {**step.summary(ctx), "skipped": skipped} if distributed.is_main() else {}

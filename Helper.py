@@ -323,6 +323,8 @@ def load_settings(paths: CasePaths, overrides: dict[str, Any] | None = None) -> 
 
 # Every enumerated setting and what its values mean; checked once, when the settings are read, so a
 # typo in hudd.json never reaches a step. (`explain` depends on the task: tasks.py lists its values.)
+RETRAIN_MODES = ("HUDD", "BL1", "BL2", "BL3")   # -mode: HUDD's unsafe set and the three baselines
+
 SETTING_CHOICES: dict[str, dict[str, str]] = {
     "task": {"classification": "class folders", "keypoints": "regression of keypoint maps"},
     "resize": {"resize": "to input_size", "center-crop": "the original's GD/OC/OD preprocessing", "none": ""},

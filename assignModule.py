@@ -272,12 +272,12 @@ def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: 
     """Distance (setting `assign_distance`) of every improvement image to every eligible RCC; no labels
     needed. Under torchrun each rank computes a contiguous shard of whole batches; rank 0 gets the whole
     table (the other ranks None)."""
-    s, improve = ctx.settings, ctx.sets()["improve"]
+    s, improve, member_rcc = ctx.settings, ctx.sets()["improve"], clusters.member_rcc
 
     def shard(start: int, stop: int) -> dict[str, np.ndarray]:
         distances = np.empty((stop - start, len(clusters.eligible)))
         for positions, rows in improvement_rows(ctx, clusters, channels, start, stop):
-            distances[positions - start] = member_distances(rows, members, clusters.member_rcc,
+            distances[positions - start] = member_distances(rows, members, member_rcc,
                                                             len(clusters.eligible), s.assign_distance, s.assign_k)
         return {"distances": distances}
 

@@ -146,10 +146,6 @@ def read_projection(paths: CasePaths, layer: str) -> Projection | None:
         return Projection(str(saved["normalisation"]), saved["mean"], saved["components"])
 
 
-def read_compare(paths: CasePaths) -> pd.DataFrame:
-    return pd.read_csv(analysis_dir(paths) / COMPARE_FILE)
-
-
 def characterisation_file(paths: CasePaths, layer: str) -> Path:
     return layer_dir(paths, layer) / CHARACTERISATION_FILE
 
@@ -303,15 +299,21 @@ def distance_device(ctx: RunContext):
     return ctx.device if ctx.device.type == "cuda" else None
 
 
-def cluster_rows(ctx: RunContext, layer: str, rows: np.ndarray, options: dict | None = None):
+def measured_rows(ctx: RunContext, rows: np.ndarray) -> tuple[np.ndarray, str, Projection | None]:
+    """(rows to measure, normalisation for the distances, projection): the rows themselves with the
+    case's normalisation, or (`reduction` pca) their principal components, already normalised."""
+    s = ctx.settings
+    projection = fit_projection(rows, s.normalisation, s.pca_components, ctx.seed) if s.reduction == "pca" else None
+    return (project_rows(rows, projection), "none", projection) if projection else (rows, s.normalisation, None)
+
+
+def cluster_rows(ctx: RunContext, layer: str, rows: np.ndarray):
     """(clustering, distances, sample, projection) of one layer's rows: normalised (and projected on
     their principal components with `reduction` pca), exact up to EXACT_LIMIT images, else in two
     stages (the distances then cover a seeded random sample, whose rows `sample` lists); the distance
     blocks on the run's GPU when it has one."""
-    s, n, device = ctx.settings, len(rows), distance_device(ctx)
-    options = options or clustering_options(ctx)
-    projection = fit_projection(rows, s.normalisation, s.pca_components, ctx.seed) if s.reduction == "pca" else None
-    space_rows, normalisation = (project_rows(rows, projection), "none") if projection else (rows, s.normalisation)
+    n, device, options = len(rows), distance_device(ctx), clustering_options(ctx)
+    space_rows, normalisation, projection = measured_rows(ctx, rows)
     if n > EXACT_LIMIT:
         log.info("%s: %d error images, more than %d: clustering a random sample exactly and the rest by "
                  "nearest sampled row", layer, n, EXACT_LIMIT)
@@ -544,13 +546,15 @@ def write_characterisation(labels: pd.DataFrame, metadata: pd.DataFrame, path: P
     scenario, and the numeric parameters whose variance inside the RCC is below half their variance
     over all error images (a parameter only where most of the RCC's members have a value for it)."""
     params = metadata.set_axis(labels["image"].to_numpy()).select_dtypes("number")
-    params = params.loc[:, params.var() > 0]
+    overall = params.var()
+    params = params.loc[:, overall > 0]
+    overall = overall[overall > 0]
     per_rcc, reduced = [], []
     for rcc, group in labels.groupby("rcc"):
         scenario, purity = majority(group["scenario"].to_numpy())
         per_rcc.append({"rcc": rcc, "size": len(group), "majority_scenario": scenario, "purity": purity})
         if len(group) >= 2:
-            reduced += reduced_parameters(rcc, params.loc[group["image"].to_numpy()], params.var())
+            reduced += reduced_parameters(rcc, params.loc[group["image"].to_numpy()], overall)
     codes = np.where(labels["rcc"] == NOISE, -1, pd.Categorical(labels["rcc"]).codes)
     quality = purity_coverage(codes, labels["scenario"].to_numpy())
     summary = pd.DataFrame([{"rccs_with_2+": quality["rccs"], "purity": quality["purity"],
@@ -732,6 +736,7 @@ def compare(ctx: RunContext) -> pd.DataFrame:
     index = heatmapModule.read_index(ctx.paths)
     scenarios = scenarios_of(error_metadata(ctx, index))
     rows, measured = [], {}
+    pixels = pixel_tree(ctx) if scenarios is not None else None   # one Ward tree; each candidate cuts it
     for candidate in tqdm(candidates(ctx), desc="comparing", unit="combination", leave=False, disable=None):
         variant = replace(ctx, settings=replace(ctx.settings, **candidate))
         key = (candidate["features"], candidate["reduction"])   # the clusterers share their distances
@@ -742,7 +747,7 @@ def compare(ctx: RunContext) -> pd.DataFrame:
                               ctx.settings.layer_criterion, last_layer=space.layers(variant)[-1])
         quality = readable_quality(chosen.labels, scenarios, ordinary=ctx.settings.ordinary_scenario)
         rows.append({**candidate, "layer": chosen.layer, **quality,
-                     "pixels_purity": pixel_purity(variant, chosen.k, scenarios)})
+                     "pixels_purity": pixel_purity(pixels, chosen.k, scenarios, ctx.settings.ordinary_scenario)})
     table = pd.DataFrame(rows)
     table.insert(0, "default", [True] + [False] * (len(table) - 1))
     write_csv(table, analysis_dir(ctx.paths) / COMPARE_FILE)
@@ -757,19 +762,20 @@ def layer_distances(ctx: RunContext, space: FeatureSpace) -> list[tuple[str, np.
         rows = space.error_rows(ctx, layer)
         if len(rows) < 2 or finite_rows(rows):
             continue
-        if s.reduction == "pca":
-            found.append((layer, pairwise_distances(project_rows(rows, fit_projection(
-                rows, s.normalisation, s.pca_components, ctx.seed)), "none")))
-        else:
-            found.append((layer, pairwise_distances(rows, s.normalisation)))
+        space_rows, normalisation, _ = measured_rows(ctx, rows)
+        found.append((layer, pairwise_distances(space_rows, normalisation)))
     return found
 
 
-def pixel_purity(ctx: RunContext, k: int, scenarios) -> float:
-    """Purity of Ward on the raw pixels (as the model sees them, unnormalised) cut at `k` RCCs."""
-    if scenarios is None or k < 2:
+def pixel_tree(ctx: RunContext) -> np.ndarray:
+    """Ward's tree of the error images' raw pixels (as the model sees them, unnormalised)."""
+    from clustering import ward_tree
+    return ward_tree(pairwise_distances(PixelSpace().error_rows(ctx, PixelSpace.LAYER), "none"))
+
+
+def pixel_purity(tree: np.ndarray | None, k: int, scenarios, ordinary: str) -> float:
+    """Purity of Ward on the raw pixels (`pixel_tree`) cut at `k` RCCs."""
+    if tree is None or scenarios is None or k < 2:
         return float("nan")
-    from clustering import labels_at, ward_tree
-    distances = pairwise_distances(PixelSpace().error_rows(ctx, PixelSpace.LAYER), "none")
-    return purity_coverage(labels_at(ward_tree(distances), len(distances), k), scenarios,
-                           ordinary=ctx.settings.ordinary_scenario)["purity"]
+    from clustering import labels_at
+    return purity_coverage(labels_at(tree, len(tree) + 1, k), scenarios, ordinary=ordinary)["purity"]

@@ -371,7 +371,6 @@ def silhouette_k(ks: range, silhouette: np.ndarray) -> int:
 
 MAX_RCCS = 20                      # the default readable top level: a reader takes in about 20 cards
 NO_STRUCTURE = 0.25                # mean silhouette at or below which data has no substantial clusters
-TOP_CRITERIA = ("silhouette", "knee", "max")
 
 
 def top_k(ks: range, silhouette: np.ndarray, wicd: np.ndarray, criterion: str = "silhouette") -> int:
@@ -425,11 +424,12 @@ def cluster_layer(layer: str, distances: np.ndarray, space: str = "direct", k_cr
     direct_wicd = curve if space == "direct" else wicd_curve(tree, distances)
     silhouettes = silhouette_curve(tree, distances, ks_all) if n > 2 else np.zeros(n + 1)
     ks = range(2, max(2, min(max_rccs, max(ks_all))) + 1)
-    k = min(top_k(ks, silhouettes, curve, k_criterion), n)
-    labels = labels_at(tree, n, k)
     if clusterer == "hdbscan":
         labels = _renumber(hdbscan_labels(distances, min_cluster_size))
         k = int(labels.max()) + 1
+    else:
+        k = min(top_k(ks, silhouettes, curve, k_criterion), n)
+        labels = labels_at(tree, n, k)
     sub_labels = sub_levels(clustered, distances, labels)
     if clusterer == "hdbscan":  # the criteria of HDBSCAN's own partition (noise left out)
         wicd, silhouette = partition_criteria(distances, labels)

@@ -347,7 +347,7 @@ class HeatmapStep(Step):
         distributed.together(lambda: prepare() if distributed.is_main() else None)
         layers = distributed.together(lambda: compute_heatmaps(ctx, index, folder, step_print))
         if distributed.is_main():
-            publish_heatmaps(folder, layers, index, Progress(folder, step_print))
+            publish_heatmaps(folder, layers, index, progress)
 
     def summary(self, ctx: RunContext) -> dict:
         layers = read_layers(ctx.paths)

@@ -356,7 +356,7 @@ def scenario_gain_rows(data: ReportData) -> str:
 
 
 def comparison_chart(ctx: RunContext, data: ReportData, original: float) -> Path | None:
-    """T/Retrain/comparison.png: gain per mode, overall and per scenario (grouped bars)."""
+    """T/Report/comparison.png: gain per mode, overall and per scenario (grouped bars)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -38,12 +38,12 @@ import assignModule
 import distributed
 import evaluation
 import testModule
-from Helper import (CasePaths, HuddError, ImageSet, RunContext, Step, atomic_path, image_set_digest, make_loader,
+from Helper import (RETRAIN_MODES, CasePaths, HuddError, ImageSet, RunContext, Step, atomic_path, image_set_digest, make_loader,
                     resolve_input_size, stop_on_unreadable, write_csv)
 
 log = logging.getLogger("hudd")
 
-MODES = ("HUDD", "BL1", "BL2", "BL3")
+MODES = RETRAIN_MODES
 VALIDATION_SHARE = 0.1
 CACHE_BYTES = 2 * 2 ** 30   # sets whose decoded tensors fit are read from disk once, not every epoch
 
@@ -312,10 +312,6 @@ def save_model(model: nn.Module, ctx: RunContext, mode: str, run: int, accuracy:
 
 
 # --------------------------------------------------------------------------------------------
-# The step
-# --------------------------------------------------------------------------------------------
-
-# --------------------------------------------------------------------------------------------
 # The files, and their one reader
 # --------------------------------------------------------------------------------------------
 
@@ -383,11 +379,11 @@ def unsafe_inputs(ctx: RunContext) -> UnsafeInputs:
 
 
 def training_data(ctx: RunContext) -> TrainingData:
-    train_rows, validation_rows = split_validation(np.asarray(ctx.sets()["train"].labels),
-                                                   np.random.default_rng(ctx.seed))
-    if ctx.settings.epoch_choice != "validation":  # no split needed: train on the whole training set
-        train_rows, validation_rows = np.arange(len(ctx.sets()["train"])), np.empty(0, dtype=np.int64)
     sets = ctx.sets()
+    if ctx.settings.epoch_choice == "validation":
+        train_rows, validation_rows = split_validation(np.asarray(sets["train"].labels), np.random.default_rng(ctx.seed))
+    else:  # no split needed: train on the whole training set
+        train_rows, validation_rows = np.arange(len(sets["train"])), np.empty(0, dtype=np.int64)
     return TrainingData(train=ImageSource(sets["train"], ctx), improve=ImageSource(sets["improve"], ctx),
                         test=ImageSource(sets["test"], ctx), train_rows=train_rows, validation_rows=validation_rows)
 

@@ -229,10 +229,9 @@ class KeypointTask(ClassificationTask):
         pixels. A label-free proxy of the model's own uncertainty; a flip would need the left/right
         pairing of the keypoints, which a case does not declare, and the keypoint networks have no dropout."""
         base = keypoints.decode(model(inputs))
-        moved = []
+        moved, height, width = [], *inputs.shape[2:]
+        padded = nn.functional.pad(inputs, (SHIFT, SHIFT, SHIFT, SHIFT), mode="replicate")
         for dx, dy in ((SHIFT, 0), (-SHIFT, 0), (0, SHIFT), (0, -SHIFT)):
-            padded = nn.functional.pad(inputs, (SHIFT, SHIFT, SHIFT, SHIFT), mode="replicate")
-            height, width = inputs.shape[2:]
             shifted = padded[:, :, SHIFT - dy:SHIFT - dy + height, SHIFT - dx:SHIFT - dx + width]
             back = keypoints.decode(model(shifted)) - torch.tensor([dx, dy], device=inputs.device, dtype=base.dtype)
             moved.append((back - base).norm(dim=2))
@@ -282,7 +281,3 @@ class KeypointTask(ClassificationTask):
 
 
 TASKS = {task.name: task for task in (ClassificationTask, KeypointTask)}
-
-
-def make_task(name: str, explain: str, error_threshold: float):
-    return TASKS[name](explain=explain, error_threshold=error_threshold)
