@@ -278,6 +278,7 @@ class Settings:
     layer_criterion: str = "wicd"         # layer: smallest "wicd" (original) or best "silhouette", at the top level
     ordinary_scenario: str = "none"       # the metadata scenario of ordinary images (no root cause to cover)
     distance_xlsx: str = "selected"       # <Layer>HMDistance.xlsx for the "selected" layer, "all" layers or "none"
+    knee_plots: str = "selected"          # <Layer>/knee.png for the "selected" layer or "all" layers (k_choice.csv: every layer)
     # Retraining (the original's optimiser, reference §9.1); epochs and batch_size above apply too.
     learning_rate: float = 1e-3           # SGD
     momentum: float = 0.9
@@ -340,6 +341,7 @@ SETTING_CHOICES: dict[str, dict[str, str]] = {
     "layer_criterion": {"wicd": "the original's", "silhouette": ""},
     "assign_level": {"sub": "the sub-clusters", "top": "the top-level RCCs"},
     "distance_xlsx": {"selected": "the selected layer's distance matrix", "all": "every layer's", "none": ""},
+    "knee_plots": {"selected": "the selected layer's k plot", "all": "every layer's"},
     "heatmap_dtype": {"float32": "", "float16": "half the disk; values beyond +-65504 are refused",
                       "bfloat16": "half the disk, float32's range, 8 bits of precision"},
     "assign_distance": {"nearest": "nearest member (the original's)", "knn": "mean of the assign_k nearest members",

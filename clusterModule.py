@@ -9,8 +9,9 @@ cut finer); then one layer is chosen (the algorithms are in clustering.py). Writ
   metadata.csv has it);
 - `<Layer>/rcc_stats.csv` (per top-level RCC) and `sub_rcc_stats.csv` (per sub-cluster): size, icd
   (mean distance between members), majority scenario, purity;
-- `<Layer>/RCC01/`, ...: copies of each RCC's images, named `<expected class>__<file>`;
-- `<Layer>/knee.png`, `distances.npy`, `projection.npz` (with PCA), `characterisation.xlsx`;
+- `<Layer>/RCC01/`, ...: each RCC's images (hard links, else copies), named `<expected class>__<file>`;
+- `<Layer>/k_choice.csv` (WICD and silhouette per k), `knee.png` (their plot: the selected layer's, every
+  layer's with the `knee_plots` setting), `distances.npy`, `projection.npz` (with PCA), `characterisation.xlsx`;
 - `<Layer>/rcc_descriptors.csv` and `<Layer>/descriptor_characterisation.xlsx` (selected layer): per
   top-level RCC, the image and relevance descriptors (descriptors.py) that set it apart, ranked, with
   plain-words sentences; and `relevance_descriptors.csv`: where each error image's input relevance lies;
@@ -31,12 +32,12 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
 import descriptors
@@ -57,7 +58,6 @@ XLSX_MAX_IMAGES = 2000
 # The settings that decide the clusters (besides the feature space's own inputs).
 CLUSTER_SETTINGS = ("cluster_space", "normalisation", "k_criterion", "layer_criterion", "max_rccs", "clusterer",
                     "min_cluster_size", "reduction", "pca_components", "ordinary_scenario")
-OVERLAY_TILE = 96                 # pixels per overlay half (image | image with relevance)
 
 # --------------------------------------------------------------------------------------------
 # The files, and their one reader
@@ -81,6 +81,7 @@ SAMPLE_FILE = "sample.npy"
 PROJECTION_FILE = "projection.npz"
 PROGRESS_FILE = ".progress.json"
 KNEE_PLOT = "knee.png"
+K_CHOICE_FILE = "k_choice.csv"
 CHARACTERISATION_FILE = "characterisation.xlsx"
 OVERLAY_SUFFIX = "_heatmap.png"
 NOISE = "noise"                   # the top-level group of the images HDBSCAN leaves unclustered
@@ -192,7 +193,7 @@ def overlay_file(paths: CasePaths, layer: str, rcc: str, image: str, expected: s
 
 def _copy_name(image: str, expected: str) -> str:
     """`<expected class>__<file name>`, so files of different class folders cannot collide."""
-    return f"{expected}__{Path(image).name}"
+    return f"{expected}__{os.path.basename(image)}"  # os.path, not Path: called per image per layer
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +347,8 @@ def cluster_one_layer(ctx: RunContext, space: FeatureSpace, layer: str, index: p
     if projection is not None:
         save_projection(projection, folder / PROJECTION_FILE)
     save_npy(distances, folder / DISTANCES_FILE)
-    write_layer_files(result, distances, index, metadata, folder, ctx.paths.root, sample)
+    write_layer_files(result, distances, index, metadata, folder, ctx.paths.root, sample,
+                      plot=ctx.settings.knee_plots == "all")
     return result
 
 
@@ -407,13 +409,14 @@ class LayerProgress:
         if entry is None or "skipped" in entry:
             return None if entry is None else entry["skipped"]
         if not all((layer_dir(paths, layer) / name).is_file()
-                   for name in (LABELS_FILE, STATS_FILE, SUB_STATS_FILE, DISTANCES_FILE)):
+                   for name in (LABELS_FILE, STATS_FILE, SUB_STATS_FILE, DISTANCES_FILE, K_CHOICE_FILE)):
             return None
         table = read_labels(paths, layer)
         top = np.array([-1 if name == NOISE else int(name[3:]) - 1 for name in table["rcc"]])  # RCC01 -> 0
         sub = pd.factorize(table["sub_rcc"])[0]  # RCC01.2 -> a number of its own, inside its RCC
-        return LayerClustering(layer, entry["k"], top, sub, entry["wicd"], entry["silhouette"], range(0),
-                               np.empty(0), np.empty(0))
+        ks, wicd_curve, silhouette_curve = read_k_choice(layer_dir(paths, layer) / K_CHOICE_FILE)
+        return LayerClustering(layer, entry["k"], top, sub, entry["wicd"], entry["silhouette"], ks, wicd_curve,
+                               silhouette_curve)
 
     def save(self, outcome: LayerClustering | str) -> None:
         if isinstance(outcome, LayerClustering):
@@ -451,7 +454,7 @@ def _by_size(labels: np.ndarray) -> list:
 
 
 def write_layer_files(result: LayerClustering, distances, index, metadata, folder: Path, case_root: Path,
-                      measured: np.ndarray | None = None) -> None:
+                      measured: np.ndarray | None = None, plot: bool = False) -> None:
     scenarios = scenarios_of(metadata)
     top, sub = level_names(result.labels, result.sub_labels)
     labels = pd.DataFrame({"image": index["image"], "expected": index["expected"],
@@ -466,7 +469,9 @@ def write_layer_files(result: LayerClustering, distances, index, metadata, folde
     sub_stats.insert(1, "rcc", [name.rsplit(".", 1)[0] for name in sub_stats["sub_rcc"]])
     write_csv(sub_stats, folder / SUB_STATS_FILE)
     copy_rcc_images(case_root, labels, folder)
-    if len(result.ks) > 1:
+    write_k_choice(result, folder / K_CHOICE_FILE)
+    (folder / KNEE_PLOT).unlink(missing_ok=True)  # a plot of an earlier clustering; drawn again below or for the selected layer
+    if plot:
         plot_k_choice(result, folder / KNEE_PLOT)
     if scenarios is not None:
         write_characterisation(labels, metadata, folder / CHARACTERISATION_FILE)
@@ -474,19 +479,28 @@ def write_layer_files(result: LayerClustering, distances, index, metadata, folde
 
 def rcc_statistics(names: np.ndarray, distances: np.ndarray, scenarios, measured: np.ndarray | None = None
                    ) -> pd.DataFrame:
-    """Per group (named in `names`, in order of first member): size, ICD (mean distance between
-    members; over the sampled members in a two-stage clustering) and, where scenarios are known,
-    majority scenario and purity."""
-    measured_names = names if measured is None else names[measured]
+    """Per group (named in `names`, RCC02 before RCC10): size, ICD (mean distance between members;
+    over the sampled members in a two-stage clustering) and, where scenarios are known, majority
+    scenario and purity."""
+    members_of = pd.Series(names).groupby(names).indices
+    measured_of = members_of if measured is None else pd.Series(names[measured]).groupby(names[measured]).indices
     rows = []
-    for name in sorted(set(names), key=_name_order):
-        members = np.flatnonzero(measured_names == name)
-        inner = distances[np.ix_(members, members)][np.triu_indices(len(members), 1)]
-        row = {"name": name, "size": int((names == name).sum()), "icd": float(inner.mean()) if len(inner) else 0.0}
+    for name in sorted(members_of, key=_name_order):
+        row = {"name": name, "size": len(members_of[name]), "icd": mean_inner_distance(distances, measured_of.get(name))}
         if scenarios is not None:
-            row.update(zip(("majority_scenario", "purity"), majority(scenarios[names == name])))
+            row.update(zip(("majority_scenario", "purity"), majority(scenarios[members_of[name]])))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def mean_inner_distance(distances: np.ndarray, members: np.ndarray | None) -> float:
+    """The mean distance over the pairs of members (the matrix is symmetric: half its off-diagonal
+    sum over the pairs); 0 for fewer than two."""
+    m = 0 if members is None else len(members)
+    if m < 2:
+        return 0.0
+    block = distances[np.ix_(members, members)]
+    return float((block.sum() - np.trace(block)) / (m * (m - 1)))
 
 
 def _name_order(name: str) -> tuple:
@@ -503,25 +517,43 @@ def majority(scenarios: np.ndarray) -> tuple[str, float]:
 
 
 def copy_rcc_images(case_root: Path, labels: pd.DataFrame, folder: Path) -> None:
-    """One folder per RCC holding copies of its images (copies, so they open on any OS)."""
+    """One folder per RCC holding its images: hard links where the file system allows (each opens as
+    the image itself, on any OS, and costs no disk: a person may delete them freely), else copies."""
     for old in [*folder.glob("RCC*"), folder / NOISE]:
         if old.is_dir():
             shutil.rmtree(old)
-    for row in labels.itertuples():
-        target = folder / row.rcc / _copy_name(row.image, row.expected)
-        target.parent.mkdir(exist_ok=True)
-        shutil.copy2(case_root / row.image, target)
+    for rcc in labels["rcc"].unique():
+        (folder / rcc).mkdir()
+    for image, expected, rcc in zip(labels["image"], labels["expected"], labels["rcc"]):  # strings: 8,000 links a second
+        link_or_copy(os.path.join(case_root, image), os.path.join(folder, rcc, _copy_name(image, expected)))
+
+
+def write_k_choice(result: LayerClustering, path: Path) -> None:
+    """The curves the top level's k was chosen on: per k, WICD and silhouette (empty where not
+    computed), and whether k was in the top level's range."""
+    ks = np.arange(len(result.wicd_curve))
+    write_csv(pd.DataFrame({"k": ks, "wicd": result.wicd_curve, "silhouette": result.silhouette_curve,
+                            "top_level_range": np.isin(ks, list(result.ks))}), path)
+
+
+def read_k_choice(path: Path) -> tuple[range, np.ndarray, np.ndarray]:
+    """(the top level's range of k, WICD curve, silhouette curve) as write_k_choice wrote them."""
+    table = pd.read_csv(path)
+    top = table.loc[table["top_level_range"], "k"]
+    ks = range(int(top.min()), int(top.max()) + 1) if len(top) else range(0)
+    return ks, table["wicd"].to_numpy(float), table["silhouette"].to_numpy(float)
 
 
 def plot_k_choice(result: LayerClustering, path: Path) -> None:
     """WICD, its gradient and the silhouette over k; the top level's range shaded, its k in red, the
-    sub-clusters' k dashed grey."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    sub-clusters' k dashed grey (nothing where the layer had a single choice of k)."""
+    if len(result.ks) < 2:
+        return
+    from matplotlib.figure import Figure  # not pyplot: no global figure state, nothing to close
     ks = np.arange(2, len(result.wicd_curve) - 1) if len(result.wicd_curve) > 4 else np.array(list(result.ks))
     ks = ks[np.isfinite(result.silhouette_curve[ks])] if np.isfinite(result.silhouette_curve[ks]).any() else ks
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    figure = Figure(figsize=(7, 6))
+    top, bottom = figure.subplots(2, 1, sharex=True)
     top.plot(ks, result.wicd_curve[ks], color="tab:blue")
     top.set_ylabel("WICD")
     top.set_title(f"{result.layer}: {result.k} root-cause clusters, {result.k_sub} sub-clusters")
@@ -535,10 +567,9 @@ def plot_k_choice(result: LayerClustering, path: Path) -> None:
         axis.axvline(result.k, color="tab:red", linestyle="--")
         axis.axvline(result.k_sub, color="grey", linestyle=":")
     bottom.set_xlabel("k (shaded: the top level's range)")
-    figure.tight_layout()
+    figure.subplots_adjust(left=0.12, right=0.88, top=0.94, bottom=0.09, hspace=0.08)  # tight_layout's, fixed: half the time
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=90)
-    plt.close(figure)
 
 
 def write_characterisation(labels: pd.DataFrame, metadata: pd.DataFrame, path: Path) -> None:
@@ -604,57 +635,31 @@ def write_summary(results, skipped, chosen, scenarios, analysis: Path, ordinary:
 # The selected layer, published with heatmap overlays
 # --------------------------------------------------------------------------------------------
 
-def relevance_colours(relevance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W) relevance -> RGB colours of a diverging map (red positive, blue negative, white zero,
-    scaled by the largest magnitude) and an opacity growing with the magnitude."""
-    from matplotlib import colormaps
-    scale = float(np.abs(relevance).max()) or 1.0
-    scaled = relevance / scale
-    rgb = colormaps["bwr"]((scaled + 1) / 2)[..., :3]
-    return rgb, np.clip(np.abs(scaled) * 1.5, 0, 1)
-
-
-def overlay_tile(image_path: Path, relevance: np.ndarray, tile: int = OVERLAY_TILE) -> Image.Image:
-    """The image and, beside it, the image in grey with its pixel relevance (summed over channels)
-    overlaid."""
-    heat = relevance.sum(axis=0) if relevance.ndim == 3 else relevance
-    with Image.open(image_path) as source:
-        picture = source.convert("RGB").resize((tile, tile), Image.BILINEAR)
-    rgb, alpha = relevance_colours(heat.astype(np.float64))
-    colour = Image.fromarray((rgb * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
-    opacity = Image.fromarray((alpha * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
-    grey = picture.convert("L").convert("RGB")
-    blended = Image.composite(colour, grey, opacity)
-    tile_image = Image.new("RGB", (2 * tile + 2, tile), "white")
-    tile_image.paste(picture, (0, 0))
-    tile_image.paste(blended, (tile + 2, 0))
-    return tile_image
-
-
 def publish_selected_layer(ctx: RunContext, layer: str) -> None:
-    """The selected layer's RCC folders under T/<Layer>/, each image with its heatmap overlay, and
-    inside each RCC a folder per sub-cluster (hard links to the same files, where the file system
-    allows: no second copy on disk)."""
+    """The selected layer's RCC folders under T/<Layer>/, each image with its heatmap overlay (drawn by
+    the heatmap step), and inside each RCC a folder per sub-cluster; all hard links to the same files
+    where the file system allows (no second copy on disk), else copies."""
     for old in [*ctx.paths.t_dir.glob("Layer*"), ctx.paths.t_dir / PixelSpace.LAYER, ctx.paths.t_dir / BackboneSpace.LAYER]:
         if old.is_dir():
             shutil.rmtree(old)
-    shutil.copytree(layer_dir(ctx.paths, layer), published_dir(ctx.paths, layer),
+    shutil.copytree(layer_dir(ctx.paths, layer), published_dir(ctx.paths, layer), copy_function=link_or_copy,
                     ignore=shutil.ignore_patterns(DISTANCES_FILE, SAMPLE_FILE, PROJECTION_FILE))
-    pixels = heatmapModule.open_layer(ctx.paths, heatmapModule.INPUT_LAYER)
     labels = read_labels(ctx.paths, layer)
+    for rcc, sub_rcc in labels[["rcc", "sub_rcc"]].drop_duplicates().itertuples(index=False):
+        rcc_folder(ctx.paths, layer, rcc, sub_rcc).mkdir(exist_ok=True)
     for row, item in enumerate(labels.itertuples()):  # labels rows are heatmap rows
         overlay = overlay_file(ctx.paths, layer, item.rcc, item.image, item.expected)
-        with atomic_path(overlay) as temporary:
-            overlay_tile(ctx.paths.root / item.image, np.asarray(pixels[row])).save(temporary, format="PNG")
+        link_or_copy(heatmapModule.overlay_of(ctx.paths, row), overlay)
         for source in (member_copy(ctx.paths, layer, item.rcc, item.image, item.expected), overlay):
             link_or_copy(source, rcc_folder(ctx.paths, layer, item.rcc, item.sub_rcc) / source.name)
 
 
-def link_or_copy(source: Path, target: Path) -> None:
-    target.parent.mkdir(exist_ok=True)
+def link_or_copy(source: Path | str, target: Path | str) -> None:
+    """A hard link of `source` at `target`; a copy where the file system has no hard links (another
+    file system, some network shares). The signature of shutil.copytree's copy_function."""
     try:
         os.link(source, target)
-    except OSError:  # no hard links here (another file system, Windows shares): a copy
+    except OSError:
         shutil.copy2(source, target)
 
 
@@ -670,7 +675,8 @@ class ClusterStep(Step):
         s = ctx.settings
         return {"heatmaps": heatmapModule.STEP.recorded_fingerprint(ctx),
                 "descriptors": testModule.STEP.recorded_fingerprint(ctx), **make_space(s.features).inputs(ctx),
-                **{key: getattr(s, key) for key in CLUSTER_SETTINGS}, "distance_xlsx": s.distance_xlsx}
+                **{key: getattr(s, key) for key in CLUSTER_SETTINGS}, "distance_xlsx": s.distance_xlsx,
+                "knee_plots": s.knee_plots}
 
     def outputs(self, ctx: RunContext) -> list[Path]:
         return [analysis_dir(ctx.paths) / SUMMARY_FILE, published_dir(ctx.paths, selected_layer(ctx.paths))]
@@ -694,8 +700,12 @@ class ClusterStep(Step):
         write_summary(results, skipped, chosen, scenarios_of(metadata), analysis_dir(ctx.paths),
                       ctx.settings.ordinary_scenario)
         characterise_selected_layer(ctx, index, chosen)
-        export_distances(ctx, index, [r.layer for r in results], chosen.layer)
-        publish_selected_layer(ctx, chosen.layer)
+        if ctx.settings.knee_plots == "selected":  # the other layers' curves are in their k_choice.csv
+            plot_k_choice(chosen, knee_plot(ctx.paths, chosen.layer))
+        with ThreadPoolExecutor(1) as writer:  # the XLSX's compression beside the publishing's file system calls
+            exported = writer.submit(export_distances, ctx, index, [r.layer for r in results], chosen.layer)
+            publish_selected_layer(ctx, chosen.layer)
+            exported.result()
         progress.clear()
 
     def summary(self, ctx: RunContext) -> dict:

@@ -5,7 +5,10 @@ For the images that `testResult.csv` marks Wrong, writes under `CASE/T/Heatmaps/
   `heatmap_dtype`: float16, or bfloat16 stored as its 16 bits, '<u2', since .npy has no bfloat16); `Layer0`
   is the relevance at the input (pixels), `Layer1`... the selected layers in execution order;
 - `index.csv`: the rows' images (path relative to CASE), expected and predicted class;
-- `layers.csv`: layer name, module path, shape.
+- `layers.csv`: layer name, module path, shape;
+- `overlays/<row>.png`: per error image (index.csv's row), the image and beside it its input relevance in
+  colour over the image in grey: the pictures an engineer looks at in the RCC folders and the report,
+  drawn here, where the rows are, so that ranks share the work and reclustering never redraws them.
 Batches go straight to disk, so memory does not grow with the number of images, and an interrupted
 run resumes where it stopped. Under torchrun each rank explains a contiguous shard of whole batches and
 writes its rows in place into the shared files; rank 0 renames them once every row is there. The LRP
@@ -13,16 +16,19 @@ engine itself is the `lrp` package; `relevance` is re-exported here.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import distributed
@@ -34,6 +40,9 @@ from testModule import error_index
 log = logging.getLogger("hudd")
 
 INPUT_LAYER = "Layer0"
+OVERLAYS = "overlays"
+OVERLAY_TILE = 96          # pixels per overlay half (image | image with relevance)
+BWR_LEVELS = 256           # the diverging map's table, as matplotlib's colormap object samples it
 
 
 # How each heatmap_dtype is stored: .npy has no bfloat16, so its 16 bits are stored as '<u2'.
@@ -155,6 +164,57 @@ def open_layer(paths: CasePaths, layer: str) -> np.ndarray:
     return Bfloat16Rows(array) if array.dtype == np.uint16 else array
 
 
+def overlay_dir(paths: CasePaths) -> Path:
+    return heatmaps_dir(paths) / OVERLAYS
+
+
+def overlay_of(paths: CasePaths, row: int) -> Path:
+    """The overlay of the error image in index.csv's row `row`."""
+    return overlay_dir(paths) / f"{row}.png"
+
+
+@functools.lru_cache(maxsize=1)
+def _bwr_table() -> np.ndarray:
+    from matplotlib import colormaps
+    return colormaps["bwr"].resampled(BWR_LEVELS)(np.arange(BWR_LEVELS))[:, :3]
+
+
+def relevance_colours(relevance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) relevance -> RGB colours of a diverging map (matplotlib's "bwr": red positive, blue
+    negative, white zero, scaled by the largest magnitude) and an opacity growing with the magnitude.
+    One table lookup: a colormap call per image costs more than the rest of the tile."""
+    scale = float(np.abs(relevance).max()) or 1.0
+    scaled = relevance / scale
+    level = np.clip(((scaled + 1) / 2 * BWR_LEVELS).astype(np.int64), 0, BWR_LEVELS - 1)
+    return _bwr_table()[level], np.clip(np.abs(scaled) * 1.5, 0, 1)
+
+
+def overlay_tile(image_path: Path, relevance: np.ndarray, tile: int = OVERLAY_TILE) -> Image.Image:
+    """The image and, beside it, the image in grey with its pixel relevance (summed over channels)
+    overlaid."""
+    heat = relevance.sum(axis=0) if relevance.ndim == 3 else relevance
+    with Image.open(image_path) as source:
+        picture = source.convert("RGB").resize((tile, tile), Image.BILINEAR)
+    rgb, alpha = relevance_colours(heat.astype(np.float64))
+    colour = Image.fromarray((rgb * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
+    opacity = Image.fromarray((alpha * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
+    grey = picture.convert("L").convert("RGB")
+    blended = Image.composite(colour, grey, opacity)
+    tile_image = Image.new("RGB", (2 * tile + 2, tile), "white")
+    tile_image.paste(picture, (0, 0))
+    tile_image.paste(blended, (tile + 2, 0))
+    return tile_image
+
+
+def write_overlays(paths: CasePaths, images: list[Path], pixel_relevance: np.ndarray, first_row: int) -> None:
+    """The overlays of rows first_row.. (their images and input relevance). Written in place, not
+    through atomic_path (a rename costs as much as the file): an interrupted run redraws the batches
+    its progress file does not hold. PNG level 1: a third of the default's time, 13% larger."""
+    for offset, (image, relevance) in enumerate(zip(images, pixel_relevance)):
+        overlay_tile(image, np.asarray(relevance)).save(overlay_of(paths, first_row + offset), format="PNG",
+                                                        compress_level=1)
+
+
 def module_of(paths: CasePaths, layer: str) -> str:
     """The module path whose output relevance a layer holds ("input" for Layer0)."""
     return str(read_layers(paths).set_index("layer").loc[layer, "module"])
@@ -230,6 +290,7 @@ class Progress:
         for old in [*self.folder.glob("*.npy"), *self.folder.glob(".*.partial"),
                     *self.folder.glob(PROGRESS_FILE.format(rank="*"))]:
             old.unlink()
+        shutil.rmtree(self.folder / OVERLAYS, ignore_errors=True)
 
     def clear(self) -> None:
         for path in self.folder.glob(PROGRESS_FILE.format(rank="*")):
@@ -297,7 +358,9 @@ def compute_heatmaps(ctx: RunContext, index: pd.DataFrame, folder: Path, step_pr
         for inputs, _labels, rows, failures in tqdm(loader, desc="heatmaps", unit="batch", leave=False,
                                                     disable=distributed.progress_off()):
             stop_on_unreadable(image_set, failures)
-            writers.write(explain(inputs.to(ctx.device), channels[rows]), int(rows[0]))
+            blocks = explain(inputs.to(ctx.device), channels[rows])
+            writers.write(blocks, int(rows[0]))
+            write_overlays(ctx.paths, [image_set.paths[int(r)] for r in rows], blocks[INPUT_LAYER], int(rows[0]))
             progress.save(int(rows[0]), int(rows[-1]) + 1)
     finally:
         writers.close()
@@ -319,6 +382,7 @@ def publish_heatmaps(folder: Path, layers: dict, index: pd.DataFrame, progress: 
 class HeatmapStep(Step):
     name, title = "heatmaps", "heatmap step"
     every_rank = True
+    version = 2     # 2: the overlays drawn here
 
     def inputs(self, ctx: RunContext) -> dict:
         index = error_index(ctx)
@@ -332,7 +396,7 @@ class HeatmapStep(Step):
     def outputs(self, ctx: RunContext) -> list[Path]:
         layers = read_layers(ctx.paths)
         return ([layer_file(ctx.paths, name) for name in layers["layer"]]
-                + [heatmaps_dir(ctx.paths) / INDEX_FILE, heatmaps_dir(ctx.paths) / LAYERS_FILE])
+                + [heatmaps_dir(ctx.paths) / INDEX_FILE, heatmaps_dir(ctx.paths) / LAYERS_FILE, overlay_dir(ctx.paths)])
 
     def compute(self, ctx: RunContext) -> None:
         """Every rank explains its shard (compute_heatmaps); rank 0 then publishes the files."""
@@ -343,6 +407,7 @@ class HeatmapStep(Step):
             folder.mkdir(parents=True, exist_ok=True)
             if ctx.force or not progress.rows_done():
                 progress.start_fresh()
+            overlay_dir(ctx.paths).mkdir(exist_ok=True)
 
         distributed.together(lambda: prepare() if distributed.is_main() else None)
         layers = distributed.together(lambda: compute_heatmaps(ctx, index, folder, step_print))

@@ -25,7 +25,7 @@ import descriptors
 import heatmapModule
 import retrainModule
 import testModule
-from clusterModule import OVERLAY_TILE as TILE
+from heatmapModule import OVERLAY_TILE as TILE
 from Helper import CasePaths, RunContext, atomic_path
 
 log = logging.getLogger("hudd")

@@ -101,10 +101,20 @@ def steps_side_by_side(root: Path, images: int, step: str, repeats: int) -> None
             figures[ranks].append(json.loads(out))
     rates = {r: [f["images"] / f["seconds"] for f in runs] for r, runs in figures.items()}
     what = "error images" if step == "heatmaps" else "improvement images"
+    shards = shard_sizes(figures[1][0]["images"], 32)
     print(f"{step} step, {figures[1][0]['images']} {what}, AlexNet128, 1 thread per rank: "
           f"1 rank {', '.join(f'{v:.1f}' for v in rates[1])} images/s; "
           f"2 ranks {', '.join(f'{v:.1f}' for v in rates[2])} images/s; "
-          f"2 ranks / 1 rank {', '.join(f'{b / a:.2f}x' for a, b in zip(rates[1], rates[2]))}")
+          f"2 ranks / 1 rank {', '.join(f'{b / a:.2f}x' for a, b in zip(rates[1], rates[2]))} "
+          f"(shards of whole batches of 32: {' and '.join(map(str, shards))} images, so at most "
+          f"{sum(shards) / max(shards):.2f}x)")
+
+
+def shard_sizes(rows: int, batch_size: int, ranks: int = 2) -> list[int]:
+    """The images each rank explains (distributed.batch_shard's split: whole batches)."""
+    batches = -(-rows // batch_size)
+    edges = [min(rows, batches * r // ranks * batch_size) for r in range(ranks + 1)]
+    return [b - a for a, b in zip(edges, edges[1:])]
 
 
 # --------------------------------------------------------------------------------------------

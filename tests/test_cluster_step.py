@@ -57,13 +57,19 @@ def test_outputs_read_back(make_case):
             assert rcc.icd == pytest.approx(pairs.mean() if len(pairs) else 0.0)
         row = table[table["layer"] == layer].iloc[0]
         assert row["k"] == len(stats)
-        assert (folder / "knee.png").read_bytes()[:4] == b"\x89PNG"
+        curves = pd.read_csv(folder / "k_choice.csv").set_index("k")
+        assert curves.loc[row["k"], "top_level_range"]
+        assert curves.loc[row["k"], "silhouette"] == pytest.approx(row["silhouette"])
+        assert curves.loc[row["k"], "wicd"] == pytest.approx(row["wicd"])
+        # The k plot by default only for the selected layer (every layer's curves are in k_choice.csv).
+        assert (folder / "knee.png").exists() == (layer == summary["layer"])
         exported = analysis / f"{layer}HMDistance.xlsx"
         assert exported.exists() == (layer == summary["layer"])  # by default only the selected layer's
         if exported.exists():
             sheet = pd.read_excel(exported, index_col=0)
             assert list(sheet.index) == list(sheet.columns) == list(index["image"])
             np.testing.assert_array_equal(sheet.to_numpy(), distances)
+    assert (analysis / summary["layer"] / "knee.png").read_bytes()[:4] == b"\x89PNG"
     # The selected layer's RCCs are published under T/<layer>/, images included.
     published = case / "T" / summary["layer"]
     assert sorted(p.name for p in published.glob("RCC*")) == sorted(
@@ -177,6 +183,17 @@ def test_the_distance_export_setting(make_case, choice):
     assert exported == [f"{summary['layer']}HMDistance.xlsx"]
 
 
+def test_every_layers_k_plot_on_request_and_none_left_from_it_after(make_case):
+    case = make_case(per_class=4)
+    ctx, _ = run_steps(case, knee_plots="all")
+    analysis = case / "T" / "ClusterAnalysis"
+    layers = pd.read_csv(case / "T" / "Heatmaps" / "layers.csv")["layer"]
+    assert all((analysis / layer / "knee.png").read_bytes()[:4] == b"\x89PNG" for layer in layers)
+    run_step(clusterModule.STEP, context(case))
+    chosen = clusterModule.selected_layer(ctx.paths)
+    assert [layer for layer in layers if (analysis / layer / "knee.png").exists()] == [chosen]
+
+
 def test_no_distance_export_above_the_limit(make_case, monkeypatch, caplog):
     case = make_case(per_class=4)
     monkeypatch.setattr(clusterModule, "XLSX_MAX_IMAGES", 3)
@@ -221,3 +238,4 @@ def test_an_interrupted_step_keeps_its_finished_layers(make_case, monkeypatch):
     assert {p.relative_to(analysis): p.read_bytes() for p in analysis.rglob("*.csv")} == clean
     for layer, distances in clean_distances.items():
         np.testing.assert_array_equal(np.load(analysis / layer / "distances.npy"), distances)
+    assert (analysis / clusterModule.selected_layer(ctx.paths) / "knee.png").is_file()
