@@ -47,6 +47,14 @@ def test_heatmap_files_read_back_and_match_the_engine(make_case):
             direct = heatmapModule.relevance(model, inputs[i:i + 1], target=int(targets[i]), rules="hudd",
                                              layers=[m for m in layers["module"][1:]])
             np.testing.assert_allclose(stored[i], direct[row.module][0].numpy(), rtol=1e-4, atol=1e-6)
+    # One overlay per row: on the left the image itself, resized to the tile.
+    assert sorted(p.name for p in (folder / "overlays").iterdir()) == sorted(f"{i}.png" for i in range(len(index)))
+    tile = heatmapModule.OVERLAY_TILE
+    for i in (0, len(index) - 1):
+        overlay = Image.open(folder / "overlays" / f"{i}.png")
+        assert overlay.size == (2 * tile + 2, tile)
+        picture = Image.open(case / index["image"][i]).convert("RGB").resize((tile, tile), Image.BILINEAR)
+        assert np.array_equal(np.asarray(overlay)[:, :tile], np.asarray(picture))
 
 
 def test_rerun_skips_and_a_changed_model_recomputes(make_case):
@@ -72,6 +80,7 @@ def test_an_interrupted_run_resumes_and_matches_a_clean_run(make_case, monkeypat
     case = make_case(per_class=4, settings=None)
     clean_ctx, _ = run_both(case, batch_size=2)
     clean = {p.name: np.load(p) for p in (case / "T" / "Heatmaps").glob("*.npy")}
+    clean_overlays = {p.name: p.read_bytes() for p in (case / "T" / "Heatmaps" / "overlays").iterdir()}
     import shutil
     shutil.rmtree(case / "T")
     (case / "hudd_manifest.json").unlink()
@@ -105,6 +114,7 @@ def test_an_interrupted_run_resumes_and_matches_a_clean_run(make_case, monkeypat
     assert sum(seen_rows) == 1 + errors - 4  # the probe image plus only the rows not yet on disk
     for name, array in clean.items():
         np.testing.assert_array_equal(np.load(folder / name), array)
+    assert {p.name: p.read_bytes() for p in (folder / "overlays").iterdir()} == clean_overlays
     assert not list(folder.glob(".progress*"))
 
 
