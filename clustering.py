@@ -3,8 +3,8 @@
 Pairwise Euclidean distances between heatmaps (float64 matrix products, in chunks), Ward hierarchical
 clustering, the number of clusters and the layer chosen automatically, and the measures of root-cause
 clusters where scenarios are known. The merge tree is walked once to get the weighted intra-cluster
-distance (WICD) and the silhouette for every k, so sweeping k = 2..500 costs about as much as one
-clustering.
+distance (WICD) for every k and the silhouette over a range of k, so a sweep of k costs about as much
+as one clustering.
 """
 from __future__ import annotations
 
