@@ -348,7 +348,7 @@ def cluster_one_layer(ctx: RunContext, space: FeatureSpace, layer: str, index: p
         save_projection(projection, folder / PROJECTION_FILE)
     save_npy(distances, folder / DISTANCES_FILE)
     write_layer_files(result, distances, index, metadata, folder, ctx.paths.root, sample,
-                      plot=ctx.settings.knee_plots == "all")
+                      plot=ctx.settings.knee_plots == "all", ordinary=ctx.settings.ordinary_scenario)
     return result
 
 
@@ -454,7 +454,7 @@ def _by_size(labels: np.ndarray) -> list:
 
 
 def write_layer_files(result: LayerClustering, distances, index, metadata, folder: Path, case_root: Path,
-                      measured: np.ndarray | None = None, plot: bool = False) -> None:
+                      measured: np.ndarray | None = None, plot: bool = False, ordinary: str = "none") -> None:
     scenarios = scenarios_of(metadata)
     top, sub = level_names(result.labels, result.sub_labels)
     labels = pd.DataFrame({"image": index["image"], "expected": index["expected"],
@@ -474,7 +474,7 @@ def write_layer_files(result: LayerClustering, distances, index, metadata, folde
     if plot:
         plot_k_choice(result, folder / KNEE_PLOT)
     if scenarios is not None:
-        write_characterisation(labels, metadata, folder / CHARACTERISATION_FILE)
+        write_characterisation(labels, metadata, folder / CHARACTERISATION_FILE, ordinary)
 
 
 def rcc_statistics(names: np.ndarray, distances: np.ndarray, scenarios, measured: np.ndarray | None = None
@@ -572,7 +572,7 @@ def plot_k_choice(result: LayerClustering, path: Path) -> None:
         figure.savefig(temporary, format="png", dpi=90)
 
 
-def write_characterisation(labels: pd.DataFrame, metadata: pd.DataFrame, path: Path) -> None:
+def write_characterisation(labels: pd.DataFrame, metadata: pd.DataFrame, path: Path, ordinary: str = "none") -> None:
     """The original's RQ1 analysis (reference §10.1): per top-level RCC, its purity and majority
     scenario, and the numeric parameters whose variance inside the RCC is below half their variance
     over all error images (a parameter only where most of the RCC's members have a value for it)."""
@@ -587,7 +587,7 @@ def write_characterisation(labels: pd.DataFrame, metadata: pd.DataFrame, path: P
         if len(group) >= 2:
             reduced += reduced_parameters(rcc, params.loc[group["image"].to_numpy()], overall)
     codes = np.where(labels["rcc"] == NOISE, -1, pd.Categorical(labels["rcc"]).codes)
-    quality = purity_coverage(codes, labels["scenario"].to_numpy())
+    quality = purity_coverage(codes, labels["scenario"].to_numpy(), ordinary=ordinary)  # as summary.csv counts it
     summary = pd.DataFrame([{"rccs_with_2+": quality["rccs"], "purity": quality["purity"],
                              "coverage": quality["coverage"]}])
     with atomic_path(path) as temporary:

@@ -183,6 +183,18 @@ def test_the_distance_export_setting(make_case, choice):
     assert exported == [f"{summary['layer']}HMDistance.xlsx"]
 
 
+def test_the_characterisation_counts_coverage_as_the_summary_does(make_case):
+    case = make_case(per_class=8)
+    add_scenarios(case)
+    run_steps(case, ordinary_scenario="night")  # night names the ordinary images: no root cause to cover
+    analysis = case / "T" / "ClusterAnalysis"
+    table = pd.read_csv(analysis / "summary.csv").set_index("layer")
+    for layer in table.index:
+        sheet = pd.read_excel(analysis / layer / "characterisation.xlsx", sheet_name="Summary")
+        np.testing.assert_equal(sheet.loc[0, "coverage"], table.loc[layer, "coverage"])
+        np.testing.assert_equal(sheet.loc[0, "purity"], table.loc[layer, "purity"])
+
+
 def test_every_layers_k_plot_on_request_and_none_left_from_it_after(make_case):
     case = make_case(per_class=4)
     ctx, _ = run_steps(case, knee_plots="all")
