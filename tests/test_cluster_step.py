@@ -195,6 +195,18 @@ def test_the_characterisation_counts_coverage_as_the_summary_does(make_case):
         assert sheet.loc[0, "purity"] == pytest.approx(table.loc[layer, "purity"], rel=1e-12)  # summed in another order
 
 
+def test_the_characterisation_leaves_the_ordinary_scenario_out_of_coverage(tmp_path):
+    # fog (5 errors) is nowhere the majority, night everywhere: with night ordinary, nothing is covered.
+    scenarios = ["night"] * 5 + ["fog"] * 3 + ["night"] * 3 + ["fog"] * 2
+    labels = pd.DataFrame({"image": [f"i{k}.png" for k in range(13)], "rcc": ["RCC01"] * 8 + ["RCC02"] * 5,
+                           "scenario": scenarios})
+    metadata = pd.DataFrame({"scenario": scenarios, "angle": np.arange(13.0)})
+    clusterModule.write_characterisation(labels, metadata, tmp_path / "c.xlsx", ordinary="night")
+    assert pd.read_excel(tmp_path / "c.xlsx", sheet_name="Summary").loc[0, "coverage"] == 0.0
+    clusterModule.write_characterisation(labels, metadata, tmp_path / "c.xlsx")
+    assert pd.read_excel(tmp_path / "c.xlsx", sheet_name="Summary").loc[0, "coverage"] == 0.5
+
+
 def test_every_layers_k_plot_on_request_and_none_left_from_it_after(make_case):
     case = make_case(per_class=4)
     ctx, _ = run_steps(case, knee_plots="all")
