@@ -44,7 +44,7 @@ import descriptors
 import heatmapModule
 import testModule
 from clustering import (EXACT_LIMIT, LayerClustering, Projection, cluster_layer, cluster_two_stage, fit_projection,
-                        five_point_gradient, pairwise_distances, project_rows, purity_coverage, readable_quality,
+                        five_point_gradient, k_range, pairwise_distances, project_rows, purity_coverage, readable_quality,
                         select_layer)
 from features import BackboneSpace, FeatureSpace, PixelSpace, make_space
 import xlsxMatrix
@@ -550,8 +550,9 @@ def plot_k_choice(result: LayerClustering, path: Path) -> None:
     if len(result.ks) < 2:
         return
     from matplotlib.figure import Figure  # not pyplot: no global figure state, nothing to close
-    ks = np.arange(2, len(result.wicd_curve) - 1) if len(result.wicd_curve) > 4 else np.array(list(result.ks))
-    ks = ks[np.isfinite(result.silhouette_curve[ks])] if np.isfinite(result.silhouette_curve[ks]).any() else ks
+    # WICD over the original's sweep of k; the silhouette where it was computed (the top level's range)
+    ks = np.array(list(k_range(len(result.wicd_curve) - 1))) if len(result.wicd_curve) > 4 else np.array(list(result.ks))
+    silhouette_ks = ks[np.isfinite(result.silhouette_curve[ks])]
     figure = Figure(figsize=(7, 6))
     top, bottom = figure.subplots(2, 1, sharex=True)
     top.plot(ks, result.wicd_curve[ks], color="tab:blue")
@@ -560,7 +561,7 @@ def plot_k_choice(result: LayerClustering, path: Path) -> None:
     bottom.plot(ks, five_point_gradient(result.wicd_curve[ks]), color="tab:blue", label="WICD gradient")
     bottom.set_ylabel("gradient of WICD")
     twin = bottom.twinx()
-    twin.plot(ks, result.silhouette_curve[ks], color="tab:orange", label="silhouette")
+    twin.plot(silhouette_ks, result.silhouette_curve[silhouette_ks], color="tab:orange", label="silhouette")
     twin.set_ylabel("silhouette", color="tab:orange")
     for axis in (top, bottom):
         axis.axvspan(min(result.ks), max(result.ks), color="tab:green", alpha=0.08)
