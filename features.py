@@ -127,7 +127,9 @@ class ActivationSpace(FeatureSpace):
     def _outputs(ctx: RunContext, inputs: torch.Tensor, layers: list[str]) -> dict[str, np.ndarray]:
         """The named layers' outputs for a batch, from one forward pass (Layer0: the input)."""
         modules = dict(ctx.model().named_modules())
-        paths = {layer: heatmapModule.module_of(ctx.paths, layer) for layer in layers}
+        module_of = ctx.memo("module of each layer", lambda: dict(heatmapModule.read_layers(ctx.paths)[["layer", "module"]]
+                                                                   .itertuples(index=False)))  # read once, not per batch
+        paths = {layer: module_of[layer] for layer in layers}
         found: dict[str, np.ndarray] = {}
         hooks = [modules[path].register_forward_hook(
             lambda _m, _args, output, name=layer: found.__setitem__(name, output.detach().float().cpu().numpy()))
