@@ -272,13 +272,16 @@ def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: 
     """Distance (setting `assign_distance`) of every improvement image to every eligible RCC; no labels
     needed. Under torchrun each rank computes a contiguous shard of whole batches; rank 0 gets the whole
     table (the other ranks None)."""
-    s, improve, member_rcc = ctx.settings, ctx.sets()["improve"], clusters.member_rcc
+    s, improve, member_rcc, rccs = ctx.settings, ctx.sets()["improve"], clusters.member_rcc, len(clusters.eligible)
+    how = s.assign_distance
+    if how == "medoid":  # the medoids once, not per batch: the distance to an RCC's medoid is to its one member
+        medoids = rcc_medoids(members, member_rcc, rccs)
+        members, member_rcc, how = members[medoids], np.arange(rccs), "nearest"
 
     def shard(start: int, stop: int) -> dict[str, np.ndarray]:
-        distances = np.empty((stop - start, len(clusters.eligible)))
+        distances = np.empty((stop - start, rccs))
         for positions, rows in improvement_rows(ctx, clusters, channels, start, stop):
-            distances[positions - start] = member_distances(rows, members, member_rcc,
-                                                            len(clusters.eligible), s.assign_distance, s.assign_k)
+            distances[positions - start] = member_distances(rows, members, member_rcc, rccs, how, s.assign_k)
         return {"distances": distances}
 
     shards = distributed.gather_shards(ctx.paths.scratch / "assign", "distances", len(improve),

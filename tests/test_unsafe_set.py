@@ -137,7 +137,8 @@ def unsafe_set_by_file(case) -> list[tuple[str, str]]:
     return sorted(zip(table["image"].str.rsplit("/", n=1).str[-1], table["rcc"]))
 
 
-@pytest.mark.parametrize("settings", [{}, {"assign_uncertainty": 2.0, "assign_radius": 1.5, "assign_quota": "equal"}])
+@pytest.mark.parametrize("settings", [{}, {"assign_uncertainty": 2.0, "assign_radius": 1.5, "assign_quota": "equal"},
+                                      {"assign_distance": "medoid", "assign_level": "top"}])
 def test_no_improvement_label_is_read_to_choose_the_unsafe_set(make_case, settings):
     """Scramble the improvement labels after the choice (the images moved between class folders, the
     test step rerun): the unsafe set and the uncertainty stay the same."""
