@@ -668,6 +668,29 @@ def link_or_copy(source: Path | str, target: Path | str) -> None:
 # The step
 # --------------------------------------------------------------------------------------------
 
+def cluster_every_layer(ctx: RunContext, index: pd.DataFrame, metadata, progress: LayerProgress
+                        ) -> tuple[list[LayerClustering], list[str], str]:
+    """(clusterings, reasons of the skipped layers, the last layer) of every layer of the feature space;
+    a layer an interrupted run finished is restored, not clustered again."""
+    space = make_space(ctx.settings.features)
+    results, skipped, layers = [], [], space.layers(ctx)
+    for layer in tqdm(layers, desc="clustering layers", unit="layer", leave=False, disable=None):
+        outcome = progress.restore(ctx.paths, layer)
+        if outcome is None:
+            outcome = cluster_one_layer(ctx, space, layer, index, metadata)
+            progress.save(outcome)
+        (results if isinstance(outcome, LayerClustering) else skipped).append(outcome)
+    if not results:
+        raise HuddError(f"{heatmapModule.heatmaps_dir(ctx.paths)}: no layer could be clustered "
+                        f"({'; '.join(skipped)})")
+    return results, skipped, layers[-1]
+
+
+def _import_plotting() -> None:
+    import matplotlib.figure  # noqa: F401  (the k plot's; imported ahead, on a thread)
+    import matplotlib.backends.backend_agg  # noqa: F401
+
+
 class ClusterStep(Step):
     name, title = "clusters", "cluster step"
     version = 4     # 2: two levels of RCCs, feature spaces; 3: the descriptor characterisation; 4: never the layer before the output
@@ -684,27 +707,19 @@ class ClusterStep(Step):
 
     def compute(self, ctx: RunContext) -> None:
         index = heatmapModule.read_index(ctx.paths)
-        space = make_space(ctx.settings.features)
         metadata = error_metadata(ctx, index)
         progress = LayerProgress(analysis_dir(ctx.paths), self.fingerprint(ctx), resume=not ctx.force)
-        results, skipped, layers = [], [], space.layers(ctx)
-        for layer in tqdm(layers, desc="clustering layers", unit="layer", leave=False, disable=None):
-            outcome = progress.restore(ctx.paths, layer)
-            if outcome is None:
-                outcome = cluster_one_layer(ctx, space, layer, index, metadata)
-                progress.save(outcome)
-            (results if isinstance(outcome, LayerClustering) else skipped).append(outcome)
-        if not results:
-            raise HuddError(f"{heatmapModule.heatmaps_dir(ctx.paths)}: no layer could be clustered "
-                            f"({'; '.join(skipped)})")
-        chosen = select_layer(results, ctx.settings.layer_criterion, last_layer=layers[-1])
-        write_summary(results, skipped, chosen, scenarios_of(metadata), analysis_dir(ctx.paths),
-                      ctx.settings.ordinary_scenario)
-        characterise_selected_layer(ctx, index, chosen)
-        if ctx.settings.knee_plots == "selected":  # the other layers' curves are in their k_choice.csv
-            plot_k_choice(chosen, knee_plot(ctx.paths, chosen.layer))
-        with ThreadPoolExecutor(1) as writer:  # the XLSX's compression beside the publishing's file system calls
-            exported = writer.submit(export_distances, ctx, index, [r.layer for r in results], chosen.layer)
+        with ThreadPoolExecutor(1) as background:
+            background.submit(_import_plotting)  # half a second, hidden behind the distances' matrix products
+            results, skipped, last_layer = cluster_every_layer(ctx, index, metadata, progress)
+            chosen = select_layer(results, ctx.settings.layer_criterion, last_layer=last_layer)
+            # The distance workbook (a second of formatting and deflating at 1,000 images) beside the rest.
+            exported = background.submit(export_distances, ctx, index, [r.layer for r in results], chosen.layer)
+            write_summary(results, skipped, chosen, scenarios_of(metadata), analysis_dir(ctx.paths),
+                          ctx.settings.ordinary_scenario)
+            characterise_selected_layer(ctx, index, chosen)
+            if ctx.settings.knee_plots == "selected":  # the other layers' curves are in their k_choice.csv
+                plot_k_choice(chosen, knee_plot(ctx.paths, chosen.layer))
             publish_selected_layer(ctx, chosen.layer)
             exported.result()
         progress.clear()
