@@ -181,8 +181,8 @@ def run_step(step, ctx: RunContext) -> dict:
         started = time.perf_counter()
         distributed.together(lambda: step.compute(ctx) if step.every_rank or distributed.is_main() else None)
         log.debug("%s: %.1f s", step.title, time.perf_counter() - started)
-        distributed.together(lambda: ctx.manifest.record(step.name, step_print, [
-            ctx.paths.relative(p) for p in step.outputs(ctx)]) if distributed.is_main() else None)
+        distributed.on_main(lambda: ctx.manifest.record(step.name, step_print, [
+            ctx.paths.relative(p) for p in step.outputs(ctx)]))
         if not distributed.is_main():
             ctx.manifest.reload()  # what rank 0 recorded: the later steps' fingerprints include it
     return {**step.summary(ctx), "skipped": skipped} if distributed.is_main() else {}
@@ -350,7 +350,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     distributed.start(device)
     case = demo_kind_and_folder(args.demo)[1] if args.demo is not None else Path(args.case)
     lock = Helper.CaseLock(Helper.CasePaths(case))
-    distributed.together(lambda: take_lock(lock, case, args.demo is not None) if distributed.is_main() else None)
+    distributed.on_main(lambda: take_lock(lock, case, args.demo is not None))
     try:
         return run_locked(args, case, modes, device, start)
     finally:
@@ -366,21 +366,19 @@ def take_lock(lock: Helper.CaseLock, case: Path, demo: bool) -> None:
 
 
 def run_locked(args: argparse.Namespace, case: Path, modes: list[str], device, start: float) -> int:
-    main_only = distributed.is_main
     if args.rq:
-        distributed.together(lambda: run_rq1(args, case, device) if main_only() else None)
+        distributed.on_main(lambda: run_rq1(args, case, device))
         return 0
-    distributed.together(lambda: (prepare_demo(args, device) if args.demo is not None else
-                                  import_fld_package(args, case)) if main_only() else None)
+    distributed.on_main(lambda: prepare_demo(args, device) if args.demo is not None else import_fld_package(args, case))
     ctx = distributed.together(lambda: make_context(args, case, device))
     if args.report:
-        distributed.together(lambda: print(f"report: {write_report(ctx, required=True)}") if main_only() else None)
+        distributed.on_main(lambda: print(f"report: {write_report(ctx, required=True)}"))
         return 0
     if args.compare:
-        distributed.together(lambda: run_compare(ctx) if main_only() else None)
+        distributed.on_main(lambda: run_compare(ctx))
         return 0
     results = run_pipeline(ctx, args.steps, modes)
-    if main_only():
+    if distributed.is_main():
         results["report"] = write_report(ctx)
         print_summary(ctx, results, time.perf_counter() - start)
     return 0

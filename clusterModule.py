@@ -124,8 +124,11 @@ def read_labels(paths: CasePaths, layer: str) -> pd.DataFrame:
     return pd.read_csv(layer_dir(paths, layer) / LABELS_FILE, keep_default_na=False)
 
 
+DISTANCE_XLSX_SUFFIX = "HMDistance.xlsx"
+
+
 def distance_xlsx_file(paths: CasePaths, layer: str) -> Path:
-    return analysis_dir(paths) / f"{layer}HMDistance.xlsx"
+    return analysis_dir(paths) / f"{layer}{DISTANCE_XLSX_SUFFIX}"
 
 
 def read_rcc_stats(paths: CasePaths, layer: str) -> pd.DataFrame:
@@ -365,12 +368,11 @@ def save_npy(array: np.ndarray, path: Path) -> None:
             np.save(stream, array)
 
 
-def write_distance_xlsx(distances: np.ndarray, index: pd.DataFrame, path: Path) -> None:
+def write_distance_xlsx(distances: np.ndarray, index: pd.DataFrame, path: Path, layer: str) -> None:
     """The distance matrix for people, named by image, streamed (xlsxMatrix); not above XLSX_MAX_IMAGES."""
     if len(distances) > XLSX_MAX_IMAGES:
         log.info("%s not written: %d images is more than %d, past what anyone reads in a spreadsheet; "
-                 "%s/%s holds the matrix", path.name, len(distances), XLSX_MAX_IMAGES, path.stem[:-len("HMDistance")],
-                 DISTANCES_FILE)
+                 "%s/%s holds the matrix", path.name, len(distances), XLSX_MAX_IMAGES, layer, DISTANCES_FILE)
         if path.exists():
             path.unlink()
         return
@@ -384,13 +386,13 @@ def export_distances(ctx: RunContext, index: pd.DataFrame, clustered: list[str],
     default; "all" clustered layers; "none"), from each layer's distances.npy; other layers' exports
     are removed, so no stale matrix is left beside the new clustering."""
     wanted = {"selected": [chosen], "all": clustered, "none": []}[ctx.settings.distance_xlsx]
-    for path in analysis_dir(ctx.paths).glob("*HMDistance.xlsx"):
-        if path.name[:-len("HMDistance.xlsx")] not in wanted:
+    for path in analysis_dir(ctx.paths).glob(f"*{DISTANCE_XLSX_SUFFIX}"):
+        if path.name[:-len(DISTANCE_XLSX_SUFFIX)] not in wanted:
             path.unlink()
     for layer in wanted:
         distances = np.load(layer_dir(ctx.paths, layer) / DISTANCES_FILE, mmap_mode="r")
         rows = index if len(distances) == len(index) else index.iloc[np.load(layer_dir(ctx.paths, layer) / SAMPLE_FILE)]
-        write_distance_xlsx(distances, rows, distance_xlsx_file(ctx.paths, layer))
+        write_distance_xlsx(distances, rows, distance_xlsx_file(ctx.paths, layer), layer)
 
 
 class LayerProgress:

@@ -52,11 +52,12 @@ def pairwise_distances(heatmaps: np.ndarray, normalisation: str = "none",
     dims = int(np.prod(heatmaps.shape[1:]))
     step = max(1, min(n, chunk_bytes // (8 * max(dims, 1))))
     starts = list(range(0, n, step))
+    if len(starts) == 1:  # one block: the rows read once, and the block is the matrix (no second n x n array)
+        rows = _rows(heatmaps, 0, n, normalisation)
+        squared = np.einsum("ij,ij->i", rows, rows)
+        return _distance_block(rows, rows, squared, squared, diagonal=True)
     squared = np.concatenate([np.einsum("ij,ij->i", b, b) for b in
                               (_rows(heatmaps, s, min(s + step, n), normalisation) for s in starts)])
-    if len(starts) == 1:  # one block: it is the matrix (no second n x n array)
-        rows = _rows(heatmaps, 0, n, normalisation)
-        return _distance_block(rows, rows, squared, squared, diagonal=True)
     distances = np.empty((n, n))
     for i in starts:
         rows_i = _rows(heatmaps, i, min(i + step, n), normalisation)

@@ -69,6 +69,7 @@ def image_descriptors(rgb: np.ndarray, objects: tuple[np.ndarray, np.ndarray] | 
     grey = luma(rgb)
     gx, gy = gradients(grey)
     magnitude = np.hypot(gx, gy)
+    degrees = np.degrees(np.arctan2(gy, gx))   # the gradient's direction, shared by two descriptors
     edges = magnitude > EDGE_THRESHOLD
     masks, valid = objects if objects is not None else object_masks(rgb)
     region = np.where(valid[:, None, None], ndimage.binary_dilation(masks, _PLANE), True)   # with its outline
@@ -77,9 +78,9 @@ def image_descriptors(rgb: np.ndarray, objects: tuple[np.ndarray, np.ndarray] | 
         "contrast": grey.std(axis=(1, 2)),
         "sharpness": _interior(_filter(grey, LAPLACIAN)).var(axis=(1, 2)),
         "noise": noise_sigma(grey, edges),
-        "edge_density": _interior(edges & ridge(gx, gy, magnitude)).mean(axis=(1, 2)),
+        "edge_density": _interior(edges & ridge(degrees, magnitude)).mean(axis=(1, 2)),
         "edge_orientation": dominant_orientation(gx * region, gy * region),
-        "edge_obliqueness": edge_obliqueness(gx, gy, edges & region),
+        "edge_obliqueness": edge_obliqueness(degrees, magnitude, edges & region),
         "object_share": np.where(valid, masks.mean(axis=(1, 2)), np.nan),
         "object_tilt": np.where(valid, object_tilt(masks), np.nan),
     })
@@ -124,11 +125,12 @@ def dominant_hue(hue: np.ndarray, weight: np.ndarray, bins: int = 36) -> np.ndar
     return np.where(histogram.sum(axis=1) > 0, centre, np.nan)
 
 
-def ridge(gx: np.ndarray, gy: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
+def ridge(degrees: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
     """Where the gradient magnitude is a maximum across the edge (non-maximum suppression, as in
     Canny's detector: the neighbours along the gradient direction, rounded to 45 degrees, are not
-    larger), so an edge counts once along its length however blurred it is."""
-    angle = np.mod(np.degrees(np.arctan2(gy, gx)), 180.0)
+    larger), so an edge counts once along its length however blurred it is. `degrees`: the gradient's
+    direction (arctan2(gy, gx) in degrees)."""
+    angle = np.mod(degrees, 180.0)
     sector = np.floor((angle + 22.5) / 45.0).astype(np.int64) % 4      # 0: along x, 1: diagonal /, 2: y, 3: \
     padded = np.pad(magnitude, ((0, 0), (1, 1), (1, 1)), mode="edge")
     height, width = magnitude.shape[1:]
@@ -161,13 +163,13 @@ def dominant_orientation(gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
     return np.mod(gradient_angle + 90.0, 180.0)
 
 
-def edge_obliqueness(gx: np.ndarray, gy: np.ndarray, edges: np.ndarray) -> np.ndarray:
+def edge_obliqueness(degrees: np.ndarray, magnitude: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Per image, the mean angle (degrees, 0-45) between its edges and the nearest image axis,
     weighted by edge strength: 0 for horizontal and vertical edges, 45 for diagonal ones; NaN
-    without edges."""
-    angle = np.mod(np.degrees(np.arctan2(gy, gx)), 90.0)
+    without edges. `degrees`, `magnitude`: the gradient's direction and size."""
+    angle = np.mod(degrees, 90.0)
     off_axis = np.minimum(angle, 90.0 - angle)
-    weight = np.where(edges, np.hypot(gx, gy), 0.0)
+    weight = np.where(edges, magnitude, 0.0)
     total = weight.sum(axis=(1, 2))
     return np.where(total > 0, (off_axis * weight).sum(axis=(1, 2)) / np.where(total > 0, total, 1), np.nan)
 

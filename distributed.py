@@ -147,6 +147,12 @@ def _collective(call: Callable[[], Any]) -> Any:
                         "to resume") from None
 
 
+def on_main(work: Callable[[], Any]) -> Any:
+    """`work` on rank 0 while the other ranks wait (together's failure handling); its result on rank 0,
+    None elsewhere."""
+    return together(lambda: work() if is_main() else None)
+
+
 def together(work: Callable[[], Any]) -> Any:
     """Runs `work` on every rank and waits for all. When a rank fails, every rank stops the same way:
     rank 0 raises the failing rank's error (naming the rank), the other ranks stop quietly with the same

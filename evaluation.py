@@ -14,6 +14,7 @@ import pandas as pd
 from torch import nn
 
 import testModule
+from descriptors import cliffs_delta
 from Helper import HuddError, RunContext, read_metadata
 from tasks import TestMeasures
 
@@ -95,12 +96,7 @@ def original_per_scenario(ctx: RunContext) -> pd.Series:
 def vargha_delaney_a12(first, second) -> float:
     """A12: the probability that a run of `first` scores higher than a run of `second`, ties counted
     half (0.5: no difference; the HUDD paper's effect size). NaN when either is empty."""
-    x, y = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
-    if not len(x) or not len(y):
-        return float("nan")
-    greater = (x[:, None] > y[None, :]).sum()
-    ties = (x[:, None] == y[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(x) * len(y)))
+    return (cliffs_delta(first, second) + 1.0) / 2.0   # A12 = (Cliff's delta + 1) / 2
 
 
 def mann_whitney_p(first, second) -> float:

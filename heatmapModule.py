@@ -95,11 +95,11 @@ class Bfloat16Rows:
 class NpyRowWriter:
     """Writes the rows of a `.npy` file whose final shape is known in place, at their offsets, without
     keeping the array in memory; the ranks of a torchrun job write their rows into the same file. The file
-    is made at its full size under a temporary name; rank 0 renames it (`finish`) once every row is there."""
+    is made at its full size under a temporary name; rank 0 renames it (publish_heatmaps) once every row
+    is there."""
 
     def __init__(self, final: Path, rows: int, row_shape: tuple[int, ...], descr: str = "<f4"):
-        self.final, self.partial = final, partial_file(final)
-        self.rows, self.row_shape = rows, row_shape
+        self.partial = partial_file(final)
         header = io.BytesIO()
         np.lib.format.write_array_header_2_0(header, {"descr": descr, "fortran_order": False,
                                                       "shape": (rows, *row_shape)})
@@ -287,10 +287,10 @@ class Progress:
 
     def start_fresh(self) -> None:
         """Drops an earlier run's files (another layer selection, dtype or model), progress included."""
-        for old in [*self.folder.glob("*.npy"), *self.folder.glob(".*.partial"),
-                    *self.folder.glob(PROGRESS_FILE.format(rank="*"))]:
+        for old in [*self.folder.glob("*.npy"), *self.folder.glob(".*.partial")]:
             old.unlink()
         shutil.rmtree(self.folder / OVERLAYS, ignore_errors=True)
+        self.clear()
 
     def clear(self) -> None:
         for path in self.folder.glob(PROGRESS_FILE.format(rank="*")):
@@ -409,7 +409,7 @@ class HeatmapStep(Step):
                 progress.start_fresh()
             overlay_dir(ctx.paths).mkdir(exist_ok=True)
 
-        distributed.together(lambda: prepare() if distributed.is_main() else None)
+        distributed.on_main(prepare)
         layers = distributed.together(lambda: compute_heatmaps(ctx, index, folder, step_print))
         if distributed.is_main():
             publish_heatmaps(folder, layers, index, progress)

@@ -307,7 +307,7 @@ def save_model(model: nn.Module, ctx: RunContext, mode: str, run: int, accuracy:
             torch.save({k: v.cpu() for k, v in model.state_dict().items()}, temporary)
         return path
 
-    saved = distributed.together(lambda: save() if distributed.is_main() else None)
+    saved = distributed.on_main(save)
     return Path(distributed.broadcast(str(saved) if saved is not None else None))
 
 
