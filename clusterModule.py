@@ -671,9 +671,9 @@ def link_or_copy(source: Path | str, target: Path | str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def cluster_every_layer(ctx: RunContext, index: pd.DataFrame, metadata, progress: LayerProgress
-                        ) -> tuple[list[LayerClustering], list[str], str]:
-    """(clusterings, reasons of the skipped layers, the last layer) of every layer of the feature space;
-    a layer an interrupted run finished is restored, not clustered again."""
+                        ) -> tuple[list[LayerClustering], list[str], str | None]:
+    """(clusterings, reasons of the skipped layers, the layer before the output) of every layer of the
+    feature space; a layer an interrupted run finished is restored, not clustered again."""
     space = make_space(ctx.settings.features)
     results, skipped, layers = [], [], space.layers(ctx)
     for layer in tqdm(layers, desc="clustering layers", unit="layer", leave=False, disable=None):
@@ -685,7 +685,7 @@ def cluster_every_layer(ctx: RunContext, index: pd.DataFrame, metadata, progress
     if not results:
         raise HuddError(f"{heatmapModule.heatmaps_dir(ctx.paths)}: no layer could be clustered "
                         f"({'; '.join(skipped)})")
-    return results, skipped, layers[-1]
+    return results, skipped, space.layer_before_output(ctx)
 
 
 def _import_plotting() -> None:
@@ -713,8 +713,8 @@ class ClusterStep(Step):
         progress = LayerProgress(analysis_dir(ctx.paths), self.fingerprint(ctx), resume=not ctx.force)
         with ThreadPoolExecutor(1) as background:
             background.submit(_import_plotting)  # half a second, hidden behind the distances' matrix products
-            results, skipped, last_layer = cluster_every_layer(ctx, index, metadata, progress)
-            chosen = select_layer(results, ctx.settings.layer_criterion, last_layer=last_layer)
+            results, skipped, before_output = cluster_every_layer(ctx, index, metadata, progress)
+            chosen = select_layer(results, ctx.settings.layer_criterion, last_layer=before_output)
             # The distance workbook (a second of formatting and deflating at 1,000 images) beside the rest.
             exported = background.submit(export_distances, ctx, index, [r.layer for r in results], chosen.layer)
             write_summary(results, skipped, chosen, scenarios_of(metadata), analysis_dir(ctx.paths),
@@ -772,7 +772,7 @@ def compare(ctx: RunContext) -> pd.DataFrame:
         if key not in measured:
             measured[key] = layer_distances(variant, space)
         chosen = select_layer([cluster_layer(layer, d, **clustering_options(variant)) for layer, d in measured[key]],
-                              ctx.settings.layer_criterion, last_layer=space.layers(variant)[-1])
+                              ctx.settings.layer_criterion, last_layer=space.layer_before_output(variant))
         quality = readable_quality(chosen.labels, scenarios, ordinary=ctx.settings.ordinary_scenario)
         rows.append({**candidate, "layer": chosen.layer, **quality,
                      "pixels_purity": pixel_purity(pixels, chosen.k, scenarios, ctx.settings.ordinary_scenario)})

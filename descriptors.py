@@ -39,7 +39,6 @@ IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float64)
 
 IMAGE_DESCRIPTORS = ("brightness", "contrast", "saturation", *(f"hue_{h}" for h in HUES), "sharpness", "noise",
                      "edge_density", "edge_obliqueness", "object_share", "object_tilt")
-INFORMATIVE = ("dominant_hue", "edge_orientation")    # circular (degrees): kept in the table, not ranked
 IMAGE_COLUMNS = ("brightness", "contrast", "saturation", "dominant_hue", *(f"hue_{h}" for h in HUES), "sharpness",
                  "noise", "edge_density", "edge_orientation", "edge_obliqueness", "object_share", "object_tilt")
 

@@ -40,6 +40,12 @@ class FeatureSpace:
     def layers(self, ctx: RunContext) -> list[str]:
         return list(heatmapModule.read_layers(ctx.paths)["layer"])
 
+    def layer_before_output(self, ctx: RunContext) -> str | None:
+        """The layer the choice of layer passes over (clustering.select_layer): the last one, which by
+        default (lrp.default_layers leaves the output layer out) lies right before the output; None where
+        the user named the layers (`layers`), since theirs need not end there."""
+        return None if ctx.settings.layers else self.layers(ctx)[-1]
+
     def inputs(self, ctx: RunContext) -> dict:
         """What decides the rows, besides the heatmap step's outputs (for the cluster step's fingerprint)."""
         return {"features": self.name}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import clusterModule
 import heatmapModule
 import testModule
+from features import make_space
 from helpers import context, run_step
 
 
@@ -205,6 +207,16 @@ def test_the_characterisation_leaves_the_ordinary_scenario_out_of_coverage(tmp_p
     assert pd.read_excel(tmp_path / "c.xlsx", sheet_name="Summary").loc[0, "coverage"] == 0.0
     clusterModule.write_characterisation(labels, metadata, tmp_path / "c.xlsx")
     assert pd.read_excel(tmp_path / "c.xlsx", sheet_name="Summary").loc[0, "coverage"] == 0.5
+
+
+def test_the_layer_before_the_output_is_passed_over_only_among_the_default_layers(make_case):
+    case = make_case(per_class=4)
+    ctx, _ = run_steps(case)
+    space = make_space("heatmaps")
+    assert space.layer_before_output(ctx) == space.layers(ctx)[-1]
+    named = replace(ctx, settings=replace(ctx.settings, layers=list(pd.read_csv(
+        case / "T" / "Heatmaps" / "layers.csv")["module"][1:])))   # the same layers, named by the user
+    assert space.layer_before_output(named) is None
 
 
 def test_every_layers_k_plot_on_request_and_none_left_from_it_after(make_case):
