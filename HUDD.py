@@ -270,7 +270,7 @@ def print_retraining(summaries: list[dict], paths: Helper.CasePaths) -> None:
     """The modes side by side (every mode on disk, not only this run's): accuracy, gain, the labels each
     mode needs and the gain per 100 of them, and HUDD against each baseline over the runs."""
     import retrainModule
-    first, table = summaries[0], retrainModule.comparison(paths)
+    first, table = summaries[0], retrainModule.read_comparison(paths)
     print(f"  retraining at one budget: {first['labelled']} improvement images labelled per mode, "
           f"{first['bag']} training samples drawn from them; {first['runs']} run(s) per mode; "
           f"original test accuracy {first['original']:.2f}%")

@@ -289,22 +289,43 @@ def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: 
     return None if shards is None else np.concatenate([s["distances"] for s in shards])
 
 
-def improvement_channels(ctx: RunContext, uncertainty: pd.DataFrame) -> torch.Tensor:
+def improvement_results(ctx: RunContext) -> pd.DataFrame:
+    """improveResult.csv in the improvement set's order (the test step's rows: label-free columns are
+    read from it, never `expected` or `result`)."""
+    images = [ctx.paths.relative(p) for p in ctx.sets()["improve"].paths]
+    results = testModule.read_results(ctx.paths, "improve").set_index("image")
+    missing = [image for image in images if image not in results.index]
+    if missing:
+        raise HuddError(f"{testModule.result_path(ctx.paths, 'improve')}: no row for {len(missing)} improvement "
+                        f"image(s), e.g. {missing[0]}; run the test step again (--steps test assign)")
+    return results.reindex(images)
+
+
+def improvement_channels(ctx: RunContext, results: pd.DataFrame, uncertainty: pd.DataFrame) -> torch.Tensor:
     """Per improvement image, the output channel explained, from label-free columns only (tasks.py):
     the predicted class, or the keypoint the model is least sure of."""
-    improve = ctx.sets()["improve"]
-    images = [ctx.paths.relative(p) for p in improve.paths]
-    results = testModule.read_results(ctx.paths, "improve").set_index("image").reindex(images)
-    label_free = uncertainty.set_index("image").reindex(images)
+    label_free = uncertainty.set_index("image").reindex(results.index)
     if "predicted" in results.columns and ctx.task.name == "classification":
         label_free["predicted"] = results["predicted"]
     return ctx.task.improvement_channels(label_free, ctx.classes)
 
 
-def improvement_uncertainty(ctx: RunContext) -> pd.DataFrame:
+def improvement_uncertainty(ctx: RunContext, results: pd.DataFrame) -> pd.DataFrame:
     """image, uncertainty (higher: the original model is less sure) of every improvement image, from the
-    model's own outputs (tasks.py: 1 - softmax margin; keypoints: disagreement under small shifts),
-    and for keypoints the keypoint it is least sure of. No label is read."""
+    model's own outputs (tasks.py: 1 - softmax margin, from the test step's logits in `results`;
+    keypoints: disagreement under small shifts, a forward pass of its own), and for keypoints the
+    keypoint it is least sure of. No label is read."""
+    per_output = ctx.task.uncertainty_of_results(results, ctx.classes)
+    if per_output is None:
+        per_output = model_uncertainty(ctx)
+    table = pd.DataFrame({"image": results.index, "uncertainty": per_output.mean(axis=1)})
+    if per_output.shape[1] > 1:
+        table["uncertain_keypoint"] = [ctx.classes[k] for k in per_output.argmax(axis=1)]
+    return table
+
+
+def model_uncertainty(ctx: RunContext) -> np.ndarray:
+    """(images, outputs): the task's uncertainty of every improvement image, from the model."""
     improve, model = ctx.sets()["improve"], ctx.model()
     parts, positions = [], []
     loader = make_loader(improve, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
@@ -315,11 +336,7 @@ def improvement_uncertainty(ctx: RunContext) -> pd.DataFrame:
             positions.append(rows.numpy())
     per_output = np.empty((len(improve), parts[0].shape[1]))
     per_output[np.concatenate(positions)] = np.concatenate(parts)
-    table = pd.DataFrame({"image": [ctx.paths.relative(p) for p in improve.paths],
-                          "uncertainty": per_output.mean(axis=1)})
-    if per_output.shape[1] > 1:
-        table["uncertain_keypoint"] = [ctx.classes[k] for k in per_output.argmax(axis=1)]
-    return table
+    return per_output
 
 
 def rcc_quotas(settings, sizes: np.ndarray) -> np.ndarray:
@@ -356,9 +373,10 @@ class AssignStep(Step):
         if not clusters.eligible:
             raise PipelineStop(f"no RCC of {clusters.layer} has two or more images, so no improvement image can "
                                "be assigned")
-        uncertainty = improvement_uncertainty(ctx)   # one forward pass (and shifts): every rank, cheap
+        results = improvement_results(ctx)
+        uncertainty = improvement_uncertainty(ctx, results)  # keypoints: a forward pass with shifts, every rank
         members = member_rows(ctx, clusters)
-        distances = improvement_distances(ctx, clusters, members, improvement_channels(ctx, uncertainty),
+        distances = improvement_distances(ctx, clusters, members, improvement_channels(ctx, results, uncertainty),
                                           self.fingerprint(ctx))
         if distances is None:  # not rank 0
             return

@@ -23,16 +23,18 @@ and publishes the selected layer's RCCs under `CASE/T/<Layer>/RCCxx/` (what an e
 HUDD step 2), each image with `<file>_heatmap.png` beside it, each sub-cluster in a folder inside.
 
 This module owns those files: the other steps and the report read them through the readers below.
-An interrupted step keeps the layers it finished (`.progress.json`): a rerun with the same inputs resumes
-at the first unfinished layer.
+The layers the step finishes are recorded (`.progress.json`) under the clustering's own inputs: a rerun
+after an interruption resumes at the first unfinished layer, and one that changes only what is written
+(`distance_xlsx`, `knee_plots`) restores every layer and writes the outputs again.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +50,7 @@ from clustering import (EXACT_LIMIT, LayerClustering, Projection, cluster_layer,
                         select_layer)
 from features import BackboneSpace, FeatureSpace, PixelSpace, make_space
 import xlsxMatrix
-from Helper import CasePaths, HuddError, RunContext, Step, atomic_path, read_metadata, write_csv
+from Helper import CasePaths, HuddError, RunContext, Step, atomic_path, fingerprint, read_metadata, write_csv
 
 log = logging.getLogger("hudd")
 
@@ -58,6 +60,7 @@ XLSX_MAX_IMAGES = 2000
 # The settings that decide the clusters (besides the feature space's own inputs).
 CLUSTER_SETTINGS = ("cluster_space", "normalisation", "k_criterion", "layer_criterion", "max_rccs", "clusterer",
                     "min_cluster_size", "reduction", "pca_components", "ordinary_scenario")
+OUTPUT_SETTINGS = ("distance_xlsx", "knee_plots")  # what is written, not how the layers are clustered
 
 # --------------------------------------------------------------------------------------------
 # The files, and their one reader
@@ -190,8 +193,12 @@ def member_copy(paths: CasePaths, layer: str, rcc: str, image: str, expected: st
 
 
 def overlay_file(paths: CasePaths, layer: str, rcc: str, image: str, expected: str, sub_rcc: str | None = None) -> Path:
-    copy = member_copy(paths, layer, rcc, image, expected, sub_rcc)
-    return copy.with_name(copy.stem + OVERLAY_SUFFIX)
+    return rcc_folder(paths, layer, rcc, sub_rcc) / _overlay_name(_copy_name(image, expected))
+
+
+def _overlay_name(copy_name: str) -> str:
+    """The overlay's file name beside an image's copy: `<stem>_heatmap.png`."""
+    return os.path.splitext(copy_name)[0] + OVERLAY_SUFFIX
 
 
 def _copy_name(image: str, expected: str) -> str:
@@ -350,8 +357,7 @@ def cluster_one_layer(ctx: RunContext, space: FeatureSpace, layer: str, index: p
     if projection is not None:
         save_projection(projection, folder / PROJECTION_FILE)
     save_npy(distances, folder / DISTANCES_FILE)
-    write_layer_files(result, distances, index, metadata, folder, ctx.paths.root, sample,
-                      plot=ctx.settings.knee_plots == "all", ordinary=ctx.settings.ordinary_scenario)
+    write_layer_files(result, distances, index, metadata, folder, sample, ordinary=ctx.settings.ordinary_scenario)
     return result
 
 
@@ -368,37 +374,48 @@ def save_npy(array: np.ndarray, path: Path) -> None:
             np.save(stream, array)
 
 
-def write_distance_xlsx(distances: np.ndarray, index: pd.DataFrame, path: Path, layer: str) -> None:
-    """The distance matrix for people, named by image, streamed (xlsxMatrix); not above XLSX_MAX_IMAGES."""
-    if len(distances) > XLSX_MAX_IMAGES:
-        log.info("%s not written: %d images is more than %d, past what anyone reads in a spreadsheet; "
-                 "%s/%s holds the matrix", path.name, len(distances), XLSX_MAX_IMAGES, layer, DISTANCES_FILE)
-        if path.exists():
-            path.unlink()
-        return
-    names = list(index["image"])
-    with atomic_path(path) as temporary:
-        xlsxMatrix.write_matrix(temporary, distances, names, names, sheet="distances")
-
-
-def export_distances(ctx: RunContext, index: pd.DataFrame, clustered: list[str], chosen: str) -> None:
+def export_distances(ctx: RunContext, index: pd.DataFrame, clustered: list[str], chosen: str,
+                     writer: xlsxMatrix.WriterProcess | None) -> None:
     """`<Layer>HMDistance.xlsx` for the layers the `distance_xlsx` setting names (the selected one by
-    default; "all" clustered layers; "none"), from each layer's distances.npy; other layers' exports
-    are removed, so no stale matrix is left beside the new clustering."""
+    default; "all" clustered layers; "none"), from each layer's distances.npy, named by image, written
+    by `writer`'s child process; none above XLSX_MAX_IMAGES. Other layers' exports are removed, so no
+    stale matrix is left beside the new clustering."""
     wanted = {"selected": [chosen], "all": clustered, "none": []}[ctx.settings.distance_xlsx]
     for path in analysis_dir(ctx.paths).glob(f"*{DISTANCE_XLSX_SUFFIX}"):
         if path.name[:-len(DISTANCE_XLSX_SUFFIX)] not in wanted:
             path.unlink()
+    jobs = []
     for layer in wanted:
-        distances = np.load(layer_dir(ctx.paths, layer) / DISTANCES_FILE, mmap_mode="r")
-        rows = index if len(distances) == len(index) else index.iloc[np.load(layer_dir(ctx.paths, layer) / SAMPLE_FILE)]
-        write_distance_xlsx(distances, rows, distance_xlsx_file(ctx.paths, layer), layer)
+        folder, path = layer_dir(ctx.paths, layer), distance_xlsx_file(ctx.paths, layer)
+        sampled = folder / SAMPLE_FILE  # a two-stage clustering's distances cover its sample only
+        names = list((index.iloc[np.load(sampled)] if sampled.is_file() else index)["image"])
+        if len(names) > XLSX_MAX_IMAGES:
+            log.info("%s not written: %d images is more than %d, past what anyone reads in a spreadsheet; "
+                     "%s/%s holds the matrix", path.name, len(names), XLSX_MAX_IMAGES, layer, DISTANCES_FILE)
+            path.unlink(missing_ok=True)
+        else:
+            jobs.append((path, folder / DISTANCES_FILE, names))
+    if jobs:
+        write_workbooks(writer, jobs)
+
+
+def write_workbooks(writer: xlsxMatrix.WriterProcess, jobs: list[tuple[Path, Path, list[str]]]) -> None:
+    """Each (workbook, distances.npy, image names) through the writer's child process, atomically."""
+    with contextlib.ExitStack() as files:
+        temporaries = [files.enter_context(atomic_path(path)) for path, _, _ in jobs]
+        try:
+            writer.write([(temporary, matrix, names, "distances")
+                          for temporary, (_, matrix, names) in zip(temporaries, jobs)])
+        except RuntimeError as error:
+            raise HuddError(f"{jobs[0][0].parent}: the distance workbook could not be written ({error}); "
+                            f"set distance_xlsx: none to go without it") from None
 
 
 class LayerProgress:
-    """`ClusterAnalysis/.progress.json`: the layers an unfinished run has clustered and written (k, WICD,
-    silhouette, or why the layer was skipped), under the step's fingerprint, so that a rerun with the
-    same inputs resumes at the first unfinished layer instead of the first layer."""
+    """`ClusterAnalysis/.progress.json`: the layers clustered and written (k, WICD, silhouette, or why
+    the layer was skipped), under the clustering's fingerprint (ClusterStep.clustering_fingerprint), so
+    that a rerun with the same clustering inputs restores them: an interrupted run resumes at the first
+    unfinished layer, and a change of `distance_xlsx` or `knee_plots` only rewrites the outputs."""
 
     def __init__(self, folder: Path, step_print: str, resume: bool):
         self.path, self.step_print = folder / PROGRESS_FILE, step_print
@@ -414,6 +431,8 @@ class LayerProgress:
                    for name in (LABELS_FILE, STATS_FILE, SUB_STATS_FILE, DISTANCES_FILE, K_CHOICE_FILE)):
             return None
         table = read_labels(paths, layer)
+        if not all((layer_dir(paths, layer) / rcc).is_dir() for rcc in table["rcc"].unique()):
+            return None  # a person deleted RCC folders (they may): written again
         top = np.array([-1 if name == NOISE else int(name[3:]) - 1 for name in table["rcc"]])  # RCC01 -> 0
         sub = pd.factorize(table["sub_rcc"])[0]  # RCC01.2 -> a number of its own, inside its RCC
         ks, wicd_curve, silhouette_curve = read_k_choice(layer_dir(paths, layer) / K_CHOICE_FILE)
@@ -428,10 +447,6 @@ class LayerProgress:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as temporary:
             temporary.write_text(json.dumps({"fingerprint": self.step_print, "layers": self.layers}))
-
-    def clear(self) -> None:
-        if self.path.exists():
-            self.path.unlink()
 
 
 def level_names(labels: np.ndarray, sub_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -455,8 +470,10 @@ def _by_size(labels: np.ndarray) -> list:
     return [values[i] for i in np.lexsort((first, -counts))]
 
 
-def write_layer_files(result: LayerClustering, distances, index, metadata, folder: Path, case_root: Path,
-                      measured: np.ndarray | None = None, plot: bool = False, ordinary: str = "none") -> None:
+def write_layer_files(result: LayerClustering, distances, index, metadata, folder: Path,
+                      measured: np.ndarray | None = None, ordinary: str = "none") -> None:
+    """labels.csv, the statistics of both levels, k_choice.csv, the characterisation where scenarios
+    are known; the RCC folders come after (finish_layer), the k plots at the step's end (plot_layers)."""
     scenarios = scenarios_of(metadata)
     top, sub = level_names(result.labels, result.sub_labels)
     labels = pd.DataFrame({"image": index["image"], "expected": index["expected"],
@@ -470,11 +487,8 @@ def write_layer_files(result: LayerClustering, distances, index, metadata, folde
     sub_stats = rcc_statistics(sub, distances, scenarios, measured).rename(columns={"name": "sub_rcc"})
     sub_stats.insert(1, "rcc", [name.rsplit(".", 1)[0] for name in sub_stats["sub_rcc"]])
     write_csv(sub_stats, folder / SUB_STATS_FILE)
-    copy_rcc_images(case_root, labels, folder)
     write_k_choice(result, folder / K_CHOICE_FILE)
-    (folder / KNEE_PLOT).unlink(missing_ok=True)  # a plot of an earlier clustering; drawn again below or for the selected layer
-    if plot:
-        plot_k_choice(result, folder / KNEE_PLOT)
+    (folder / KNEE_PLOT).unlink(missing_ok=True)  # a plot of an earlier clustering
     if scenarios is not None:
         write_characterisation(labels, metadata, folder / CHARACTERISATION_FILE, ordinary)
 
@@ -575,6 +589,17 @@ def plot_k_choice(result: LayerClustering, path: Path) -> None:
         figure.savefig(temporary, format="png", dpi=90)
 
 
+def plot_layers(ctx: RunContext, results: list[LayerClustering], chosen: LayerClustering) -> None:
+    """The k plot of the selected layer (`knee_plots` selected) or of every clustered layer (all); no
+    other layer keeps one (every layer's curves are in its k_choice.csv)."""
+    plotted = results if ctx.settings.knee_plots == "all" else [chosen]
+    for old in analysis_dir(ctx.paths).glob(f"*/{KNEE_PLOT}"):
+        if old.parent.name not in {result.layer for result in plotted}:
+            old.unlink()
+    for result in plotted:
+        plot_k_choice(result, knee_plot(ctx.paths, result.layer))
+
+
 def write_characterisation(labels: pd.DataFrame, metadata: pd.DataFrame, path: Path, ordinary: str = "none") -> None:
     """The original's RQ1 analysis (reference §10.1): per top-level RCC, its purity and majority
     scenario, and the numeric parameters whose variance inside the RCC is below half their variance
@@ -650,11 +675,15 @@ def publish_selected_layer(ctx: RunContext, layer: str) -> None:
     labels = read_labels(ctx.paths, layer)
     for rcc, sub_rcc in labels[["rcc", "sub_rcc"]].drop_duplicates().itertuples(index=False):
         rcc_folder(ctx.paths, layer, rcc, sub_rcc).mkdir(exist_ok=True)
-    for row, item in enumerate(labels.itertuples()):  # labels rows are heatmap rows
-        overlay = overlay_file(ctx.paths, layer, item.rcc, item.image, item.expected)
-        link_or_copy(heatmapModule.overlay_of(ctx.paths, row), overlay)
-        for source in (member_copy(ctx.paths, layer, item.rcc, item.image, item.expected), overlay):
-            link_or_copy(source, rcc_folder(ctx.paths, layer, item.rcc, item.sub_rcc) / source.name)
+    published, overlays = str(published_dir(ctx.paths, layer)), str(heatmapModule.overlay_dir(ctx.paths))
+    columns = (labels[name] for name in ("image", "expected", "rcc", "sub_rcc"))
+    for row, (image, expected, rcc, sub_rcc) in enumerate(zip(*columns)):  # labels rows are heatmap rows
+        # strings, not Path: four links per error image (the RCC's folder took 0.8 s at 1,000 with Path)
+        copy, top = _copy_name(image, expected), os.path.join(published, rcc)
+        overlay = _overlay_name(copy)
+        link_or_copy(os.path.join(overlays, heatmapModule.overlay_name(row)), os.path.join(top, overlay))
+        for name in (copy, overlay):
+            link_or_copy(os.path.join(top, name), os.path.join(top, sub_rcc, name))
 
 
 def link_or_copy(source: Path | str, target: Path | str) -> None:
@@ -670,27 +699,45 @@ def link_or_copy(source: Path | str, target: Path | str) -> None:
 # The step
 # --------------------------------------------------------------------------------------------
 
-def cluster_every_layer(ctx: RunContext, index: pd.DataFrame, metadata, progress: LayerProgress
-                        ) -> tuple[list[LayerClustering], list[str], str | None]:
-    """(clusterings, reasons of the skipped layers, the layer before the output) of every layer of the
-    feature space; a layer an interrupted run finished is restored, not clustered again."""
+def cluster_every_layer(ctx: RunContext, index: pd.DataFrame, metadata, progress: LayerProgress,
+                        files: ThreadPoolExecutor) -> tuple[list[LayerClustering], list[str], str | None, list[Future]]:
+    """(clusterings, reasons of the skipped layers, the layer before the output, the pending jobs of
+    `files`) of every layer of the feature space; a layer an interrupted run finished is restored, not
+    clustered again. Each layer's RCC folders are linked on the `files` thread (system calls, free of
+    the GIL) while the next layer's distances run, and only then is the layer saved as finished."""
     space = make_space(ctx.settings.features)
-    results, skipped, layers = [], [], space.layers(ctx)
+    results, skipped, layers, pending = [], [], space.layers(ctx), []
     for layer in tqdm(layers, desc="clustering layers", unit="layer", leave=False, disable=None):
         outcome = progress.restore(ctx.paths, layer)
         if outcome is None:
             outcome = cluster_one_layer(ctx, space, layer, index, metadata)
-            progress.save(outcome)
+            pending.append(files.submit(finish_layer, ctx.paths, outcome, progress))
         (results if isinstance(outcome, LayerClustering) else skipped).append(outcome)
     if not results:
         raise HuddError(f"{heatmapModule.heatmaps_dir(ctx.paths)}: no layer could be clustered "
                         f"({'; '.join(skipped)})")
-    return results, skipped, space.layer_before_output(ctx)
+    return results, skipped, space.layer_before_output(ctx), pending
 
 
-def _import_plotting() -> None:
-    import matplotlib.figure  # noqa: F401  (the k plot's; imported ahead, on a thread)
+def finish_layer(paths: CasePaths, outcome: LayerClustering | str, progress: LayerProgress) -> None:
+    """A clustered layer's RCC folders (from its labels.csv), then the layer saved as finished: a
+    resumed run trusts both, so a failed link leaves the layer unfinished."""
+    if isinstance(outcome, LayerClustering):
+        copy_rcc_images(paths.root, read_labels(paths, outcome.layer), layer_dir(paths, outcome.layer))
+    progress.save(outcome)
+
+
+def distance_writer(ctx: RunContext) -> contextlib.AbstractContextManager:
+    """The distance workbooks' writer process, started with the step (none with distance_xlsx none)."""
+    return xlsxMatrix.WriterProcess() if ctx.settings.distance_xlsx != "none" else contextlib.nullcontext()
+
+
+def _import_ahead() -> None:
+    """What the step's end imports (a second together), imported on a thread while the distances run."""
+    import matplotlib.figure  # noqa: F401  (the k plot's)
     import matplotlib.backends.backend_agg  # noqa: F401
+    import openpyxl  # noqa: F401  (the workbooks')
+    import pandas.io.excel._openpyxl  # noqa: F401
 
 
 class ClusterStep(Step):
@@ -701,8 +748,7 @@ class ClusterStep(Step):
         s = ctx.settings
         return {"heatmaps": heatmapModule.STEP.recorded_fingerprint(ctx),
                 "descriptors": testModule.STEP.recorded_fingerprint(ctx), **make_space(s.features).inputs(ctx),
-                **{key: getattr(s, key) for key in CLUSTER_SETTINGS}, "distance_xlsx": s.distance_xlsx,
-                "knee_plots": s.knee_plots}
+                **{key: getattr(s, key) for key in CLUSTER_SETTINGS + OUTPUT_SETTINGS}}
 
     def outputs(self, ctx: RunContext) -> list[Path]:
         return [analysis_dir(ctx.paths) / SUMMARY_FILE, published_dir(ctx.paths, selected_layer(ctx.paths))]
@@ -710,21 +756,31 @@ class ClusterStep(Step):
     def compute(self, ctx: RunContext) -> None:
         index = heatmapModule.read_index(ctx.paths)
         metadata = error_metadata(ctx, index)
-        progress = LayerProgress(analysis_dir(ctx.paths), self.fingerprint(ctx), resume=not ctx.force)
-        with ThreadPoolExecutor(1) as background:
-            background.submit(_import_plotting)  # half a second, hidden behind the distances' matrix products
-            results, skipped, before_output = cluster_every_layer(ctx, index, metadata, progress)
+        progress = LayerProgress(analysis_dir(ctx.paths), self.clustering_fingerprint(ctx), resume=not ctx.force)
+        # Beside the algorithm: the `files` thread imports ahead, then links the RCC folders (in layer
+        # order); the `workbook` thread hands the distance workbooks to their writer process (a second
+        # of formatting at 1,000 images, started now) and waits while the selected layer is published.
+        with ThreadPoolExecutor(1) as files, ThreadPoolExecutor(1) as workbook, distance_writer(ctx) as writer:
+            pending = [files.submit(_import_ahead)]  # hidden behind the distances' matrix products
+            results, skipped, before_output, linked = cluster_every_layer(ctx, index, metadata, progress, files)
             chosen = select_layer(results, ctx.settings.layer_criterion, last_layer=before_output)
-            # The distance workbook (a second of formatting and deflating at 1,000 images) beside the rest.
-            exported = background.submit(export_distances, ctx, index, [r.layer for r in results], chosen.layer)
+            pending += [workbook.submit(export_distances, ctx, index, [r.layer for r in results], chosen.layer,
+                                        writer)]
             write_summary(results, skipped, chosen, scenarios_of(metadata), analysis_dir(ctx.paths),
                           ctx.settings.ordinary_scenario)
             characterise_selected_layer(ctx, index, chosen)
-            if ctx.settings.knee_plots == "selected":  # the other layers' curves are in their k_choice.csv
-                plot_k_choice(chosen, knee_plot(ctx.paths, chosen.layer))
-            publish_selected_layer(ctx, chosen.layer)
-            exported.result()
-        progress.clear()
+            plot_layers(ctx, results, chosen)
+            for job in linked:
+                job.result()  # a thread's error, raised here
+            publish_selected_layer(ctx, chosen.layer)  # after every file of its folder is written
+            for job in pending:
+                job.result()
+
+    def clustering_fingerprint(self, ctx: RunContext) -> str:
+        """The fingerprint of what decides the clustering itself: the step's inputs but the settings
+        that only choose what is written (a change of those restores every layer, LayerProgress)."""
+        inputs = {k: v for k, v in self.inputs(ctx).items() if k not in OUTPUT_SETTINGS}
+        return fingerprint({"step": self.name, "version": self.version, **inputs})
 
     def summary(self, ctx: RunContext) -> dict:
         table = read_summary(ctx.paths)

@@ -170,7 +170,11 @@ def overlay_dir(paths: CasePaths) -> Path:
 
 def overlay_of(paths: CasePaths, row: int) -> Path:
     """The overlay of the error image in index.csv's row `row`."""
-    return overlay_dir(paths) / f"{row}.png"
+    return overlay_dir(paths) / overlay_name(row)
+
+
+def overlay_name(row: int) -> str:
+    return f"{row}.png"
 
 
 @functools.lru_cache(maxsize=1)

@@ -309,7 +309,7 @@ def retrain_section(ctx: RunContext, data: ReportData) -> str:
         return ("<h2>Retraining</h2><p class=muted>Not run yet: <code>python HUDD.py -o CASE -mode HUDD</code> "
                 "(and BL1, BL2, BL3) retrains at one labelling budget.</p>")
     original = data.sets["TestSet"]["accuracy"]
-    rows = [retrain_row(row, original) for row in retrainModule.comparison(ctx.paths).itertuples()]
+    rows = [retrain_row(row, original) for row in retrainModule.read_comparison(ctx.paths).itertuples()]
     chart = comparison_chart(ctx, data, original)
     scenario_rows = scenario_gain_rows(data)
     return f"""

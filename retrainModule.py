@@ -526,6 +526,13 @@ def comparison(paths: CasePaths) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
+def read_comparison(paths: CasePaths) -> pd.DataFrame | None:
+    """comparison.csv as the step wrote it after its last mode (computed from the runs tables of a case
+    retrained before the file existed); None before any mode ran."""
+    path = retrain_dir(paths) / f"{COMPARISON}.csv"
+    return pd.read_csv(path) if path.is_file() else comparison(paths)
+
+
 def write_comparison(paths: CasePaths) -> None:
     """T/Retrain/comparison.csv and comparison.xlsx, from every mode's runs table on disk."""
     table = comparison(paths)

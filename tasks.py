@@ -112,6 +112,12 @@ class ClassificationTask:
         """(N, 1): 1 - the margin of the model's own softmax output (top-1 minus top-2 probability)."""
         return (1.0 - softmax_margin(model(inputs))).cpu().numpy()[:, None]
 
+    def uncertainty_of_results(self, results: pd.DataFrame, classes: list[str]) -> np.ndarray | None:
+        """`uncertainty` from a set's result rows (their score_ columns: the model's logits, no label),
+        without running the model again."""
+        logits = results[[f"score_{c}" for c in classes]].to_numpy(dtype=np.float32)
+        return (1.0 - softmax_margin(torch.from_numpy(logits))).numpy()[:, None]
+
     def output_shape(self, model: nn.Module, example: torch.Tensor):
         return None  # class targets need no mask
 
@@ -222,6 +228,10 @@ class KeypointTask(ClassificationTask):
             return torch.full((len(results),), -1, dtype=torch.long)
         return torch.tensor([classes.index(k) if isinstance(k, str) else -1 for k in results["uncertain_keypoint"]],
                             dtype=torch.long)
+
+    def uncertainty_of_results(self, results: pd.DataFrame, classes: list[str]) -> None:
+        """None: the shift proxy needs the model's outputs on shifted images, not in the result rows."""
+        return None
 
     def uncertainty(self, model: nn.Module, inputs: torch.Tensor) -> np.ndarray:
         """(N, keypoints): how far each keypoint's prediction moves when the image is shifted by SHIFT

@@ -6,10 +6,18 @@ significant digits (text that reads back to the same float64), streamed into the
 inline strings, so there is no shared-string table to build. The package holds only the parts Excel,
 LibreOffice and openpyxl need (content types, relationships, workbook, styles, one sheet), and fixed
 zip timestamps, so the same matrix always gives the same bytes.
+
+`WriterProcess` runs the writer in a child Python process (`python xlsxMatrix.py`, its jobs as JSON on
+stdin): the formatting is a second of Python at 1,000 x 1,000, which a thread would run under the
+caller's GIL, slowing whatever the caller does meanwhile. The child is started ahead of its jobs, so
+that its start-up (Python and numpy, a few tenths of a second) is done by the time they come.
 """
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -109,3 +117,35 @@ def write_matrix(path: Path, matrix: np.ndarray, row_names: list[str], column_na
             for number, (name, values) in enumerate(zip(row_names, np.asarray(matrix, dtype=np.float64)), start=2):
                 stream.write(f'<row r="{number}">{_text(name)}{_numbers(values, row_format)}</row>'.encode())
             stream.write(b"</sheetData></worksheet>")
+
+
+class WriterProcess:
+    """A child process that writes matrices stored as .npy files as workbooks (`write_matrix`), started
+    now and given its jobs later; a context manager that ends the child however the block ends."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)
+
+    def write(self, jobs: list[tuple[Path, Path, list[str], str]]) -> None:
+        """Writes each (workbook, matrix .npy, names of its rows and columns, sheet) and waits for the
+        child to end (a caller's thread waits without the GIL). Raises RuntimeError with the child's
+        last error line when it fails."""
+        _, errors = self.process.communicate(json.dumps([[str(book), str(matrix), names, sheet]
+                                                         for book, matrix, names, sheet in jobs]))
+        if self.process.returncode:
+            lines = errors.strip().splitlines() or [f"exit status {self.process.returncode}"]
+            raise RuntimeError(lines[-1])
+
+    def __enter__(self) -> "WriterProcess":
+        return self
+
+    def __exit__(self, *exception) -> None:
+        if self.process.poll() is None:  # never given its jobs: the block failed before
+            self.process.kill()
+            self.process.communicate()
+
+
+if __name__ == "__main__":
+    for _book, _matrix, _names, _sheet in json.load(sys.stdin):
+        write_matrix(Path(_book), np.load(_matrix, mmap_mode="r"), _names, _names, _sheet)

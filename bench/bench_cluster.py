@@ -159,7 +159,7 @@ def whole_step(case: str, repeats: int = 1) -> dict:
     layers = list(heatmapModule.read_layers(paths)["layer"])
     ctx = Helper.RunContext(paths=paths, settings=settings, model_path=paths.models / "none.pth",
                             device=torch.device("cpu"), force=True)
-    names = ("cluster_rows", "save_npy", "copy_rcc_images", "plot_k_choice", "export_distances",
+    names = ("cluster_rows", "save_npy", "write_layer_files", "plot_k_choice", "characterise_selected_layer",
              "publish_selected_layer")
     originals = {name: getattr(clusterModule, name) for name in names}
     algorithm, step, fastest_parts = [], [], {}

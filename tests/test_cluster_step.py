@@ -270,8 +270,43 @@ def test_an_interrupted_step_keeps_its_finished_layers(make_case, monkeypatch):
     layers = list(pd.read_csv(case / "T" / "Heatmaps" / "layers.csv")["layer"])
     assert resumed == layers[2:]  # the finished layers are not clustered again
     assert (analysis / "Layer1" / "distances.npy").stat().st_mtime_ns == kept
-    assert not (analysis / ".progress.json").exists()
+    assert (analysis / ".progress.json").is_file()  # kept: what decides the clustering has not changed
     assert {p.relative_to(analysis): p.read_bytes() for p in analysis.rglob("*.csv")} == clean
     for layer, distances in clean_distances.items():
         np.testing.assert_array_equal(np.load(analysis / layer / "distances.npy"), distances)
     assert (analysis / clusterModule.selected_layer(ctx.paths) / "knee.png").is_file()
+
+
+def test_a_failed_distance_workbook_is_one_clear_error_and_no_partial_file(make_case, monkeypatch):
+    case = make_case(per_class=4)
+    ctx, _ = run_steps(case, distance_xlsx="none")
+
+    def failing(self, jobs):
+        raise RuntimeError("OSError: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(clusterModule.xlsxMatrix.WriterProcess, "write", failing)
+    with pytest.raises(clusterModule.HuddError, match="No space left on device.*distance_xlsx: none"):
+        clusterModule.STEP.compute(context(case, distance_xlsx="all"))
+    assert not [p.name for p in (case / "T" / "ClusterAnalysis").glob("*.xlsx*") if "HMDistance" in p.name]
+
+
+def test_a_change_of_what_is_written_restores_every_layer_and_force_clusters_again(make_case, monkeypatch):
+    case = make_case(per_class=4)
+    ctx, summary = run_steps(case)
+    analysis = case / "T" / "ClusterAnalysis"
+    layers = list(pd.read_csv(case / "T" / "Heatmaps" / "layers.csv")["layer"])
+    shutil.rmtree(analysis / layers[1] / "RCC01")  # a person may delete RCC folders: that layer is clustered again
+    labels = {layer: (analysis / layer / "rcc_labels.csv").read_bytes() for layer in layers}
+    original = clusterModule.cluster_one_layer
+    clustered = []
+    monkeypatch.setattr(clusterModule, "cluster_one_layer",
+                        lambda ctx, space, layer, *rest: clustered.append(layer) or original(ctx, space, layer, *rest))
+    run_step(clusterModule.STEP, context(case, distance_xlsx="all", knee_plots="all"))
+    assert clustered == [layers[1]]
+    assert sorted(p.name for p in analysis.glob("*HMDistance.xlsx")) == sorted(f"{layer}HMDistance.xlsx" for layer in layers)
+    assert all((analysis / layer / "knee.png").is_file() and (analysis / layer / "RCC01").is_dir() for layer in layers)
+    assert {layer: (analysis / layer / "rcc_labels.csv").read_bytes() for layer in layers} == labels
+    forced = context(case, distance_xlsx="all", knee_plots="all")
+    forced.force = True
+    run_step(clusterModule.STEP, forced)
+    assert clustered == [layers[1]] + layers

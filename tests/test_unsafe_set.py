@@ -132,6 +132,19 @@ def test_bl3_takes_the_lowest_margin_images_at_the_common_budget(assigned_case):
     assert all(expected[i] <= threshold + 1e-6 for i in set(expected.index) - chosen)
 
 
+def test_the_uncertainty_comes_from_the_test_steps_logits_and_a_missing_row_is_named(assigned_case, monkeypatch):
+    case = assigned_case
+    ctx = context(case)
+    monkeypatch.setattr(assignModule, "model_uncertainty", lambda ctx: pytest.fail("the model was run again"))
+    results = assignModule.improvement_results(ctx)
+    table = assignModule.improvement_uncertainty(ctx, results)
+    np.testing.assert_allclose(table["uncertainty"], independent_margins(case).reindex(table["image"]), atol=1e-6)
+    frame = pd.read_csv(case / "improveResult.csv")
+    frame.iloc[1:].to_csv(case / "improveResult.csv", index=False)
+    with pytest.raises(testModule.HuddError, match=f"no row for 1 improvement image.*{frame['image'][0]}"):
+        assignModule.improvement_results(ctx)
+
+
 def unsafe_set_by_file(case) -> list[tuple[str, str]]:
     table = pd.read_csv(case / "T" / "UnsafeSet" / "assignments.csv")
     return sorted(zip(table["image"].str.rsplit("/", n=1).str[-1], table["rcc"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import openpyxl
 import pandas as pd
+import pytest
 
 import xlsxMatrix
 
@@ -31,3 +32,19 @@ def test_the_same_matrix_gives_the_same_bytes_and_gaps_stay_empty(tmp_path):
     assert first.read_bytes() == second.read_bytes()
     cells = [[c.value for c in row] for row in openpyxl.load_workbook(first).active.iter_rows()]
     assert cells == [[None, "a", "b"], ["a", 0, None], ["b", None, 2.5]]
+
+
+def test_the_writer_process_writes_the_same_bytes_and_names_a_failure(tmp_path):
+    values = np.random.default_rng(1).random((3, 3))
+    np.save(tmp_path / "d.npy", values)
+    names = ["a.png", "b & c.png", "d.png"]
+    xlsxMatrix.write_matrix(tmp_path / "here.xlsx", values, names, names, sheet="distances")
+    with xlsxMatrix.WriterProcess() as writer:
+        writer.write([(tmp_path / "child.xlsx", tmp_path / "d.npy", names, "distances")])
+    assert (tmp_path / "child.xlsx").read_bytes() == (tmp_path / "here.xlsx").read_bytes()
+    with xlsxMatrix.WriterProcess() as writer:
+        with pytest.raises(RuntimeError, match="missing.npy"):
+            writer.write([(tmp_path / "x.xlsx", tmp_path / "missing.npy", names, "distances")])
+    with xlsxMatrix.WriterProcess() as unused:  # a block that ends before the jobs: the child is ended
+        process = unused.process
+    assert process.returncode is not None and not (tmp_path / "x.xlsx").exists()
