@@ -38,7 +38,7 @@ import retrainModule  # noqa: E402
 import testModule  # noqa: E402
 
 GRID = {"assign_level": ("sub", "top"), "assign_distance": ("nearest", "knn", "medoid"),
-        "assign_quota": ("proportional", "equal"), "assign_radius": (0.0, 1.0), "assign_uncertainty": (0.0, 1.0, 4.0)}
+        "assign_quota": ("proportional", "equal"), "assign_radius": (0.0, 1.0), "assign_uncertainty": (0.0, 1.0, 4.0, 16.0)}
 SHORT = {"assign_level": "", "assign_distance": "", "assign_quota": "", "assign_radius": "r", "assign_uncertainty": "u"}
 BASELINES = ("BL1", "BL2", "BL3")
 
@@ -143,14 +143,14 @@ ORIGINAL = {"assign_level": "sub", "assign_distance": "nearest", "assign_quota":
 # --------------------------------------------------------------------------------------------
 
 def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.DataFrame, parts: dict,
-            runs: int, out: Path | None = None) -> list[dict]:
-    """Gain (points) of every run of every named candidate and baseline, at the default's budget for the
-    baselines (BL1's pool: the images the model gets wrong, as the product does)."""
+            runs: int, out: Path | None = None, baselines: tuple[str, ...] = BASELINES) -> list[dict]:
+    """Gain (points) of every run of every named candidate and of the `baselines`, at the default's
+    budget for the baselines (BL1's pool: the images the model gets wrong, as the product does)."""
     data = retrainModule.training_data(ctx)
     original = testModule.original_test_accuracy(ctx.paths)
     base = choices[candidate_name(ORIGINAL)]
     rows = []
-    for mode in [*names[:1], *BASELINES, *names[1:]]:
+    for mode in [*names[:1], *baselines, *names[1:]]:
         chosen = choices.get(mode, base)
         for run in range(1, runs + 1):
             rng = np.random.default_rng([ctx.seed, run])
@@ -199,6 +199,9 @@ def main() -> None:
     parser.add_argument("--screen-only", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="folder for the CSVs (default: none)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help="baselines to retrain beside the candidates ('' for none: their runs of an earlier "
+                             "study, merged with --from-gains; the same seeds give the same selections)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.from_gains is not None:   # tables from files of earlier runs (e.g. one process per case)
@@ -215,7 +218,8 @@ def main() -> None:
         rows, choices = screen(ctx, parts, known)
         screened += rows
         if not args.screen_only:
-            gains += retrain(ctx, choices, args.retrain.split(","), known, parts, args.runs, args.out)
+            gains += retrain(ctx, choices, args.retrain.split(","), known, parts, args.runs, args.out,
+                             tuple(filter(None, args.baselines.split(","))))
     show(pd.DataFrame(screened), pd.DataFrame(gains), args.out)
 
 
