@@ -398,23 +398,25 @@ def silhouette_k(ks: range, silhouette: np.ndarray) -> int:
 # --------------------------------------------------------------------------------------------
 
 MAX_RCCS = 20                      # the default readable top level: a reader takes in about 20 cards
-NO_STRUCTURE = 0.25                # mean silhouette at or below which data has no substantial clusters
+WEAK_STRUCTURE = 0.5               # mean silhouette at or below which a structure is weak or absent (Kaufman and Rousseeuw)
 
 
 def top_k(ks: range, silhouette: np.ndarray, wicd: np.ndarray, criterion: str = "silhouette") -> int:
     """The number of top-level RCCs among `ks` (2..max_rccs).
 
-    "silhouette": the best mean silhouette where it shows substantial structure (above 0.25, Kaufman
-    and Rousseeuw's bound for "no substantial structure"); on data without such structure the
-    largest k, since finer groups are then purer and the reader's budget is the only limit. It never
-    drifts past max_rccs, and collapses to a few groups only where the data really has a few.
+    "silhouette": the best mean silhouette where it shows a reasonable structure (above 0.5; Kaufman
+    and Rousseeuw call 0.26-0.50 weak, "could be artificial"); elsewhere the largest k, since finer
+    groups are then purer and the reader's budget is the only limit. The largest k cuts the same tree
+    finer, so a weakly separated few groups (a minority split off: silhouette 0.3 on a demo layer)
+    stay apart in it, inside their own RCCs. It never drifts past max_rccs, and collapses to a few
+    groups only where the data really has a few.
     "knee": the original's knee of the WICD gradient within the range; "max": always the largest k."""
     if criterion == "max" or len(ks) == 1:
         return max(ks)
     if criterion == "knee":
         return knee_k(ks, wicd)
     best = silhouette_k(ks, silhouette)
-    return best if silhouette[best] > NO_STRUCTURE else max(ks)
+    return best if silhouette[best] > WEAK_STRUCTURE else max(ks)
 
 
 @dataclass
