@@ -742,7 +742,9 @@ def _import_ahead() -> None:
 
 class ClusterStep(Step):
     name, title = "clusters", "cluster step"
-    version = 5     # 2: two levels of RCCs, feature spaces; 3: the descriptor characterisation; 4: never the layer before the output; 5: a few groups only above silhouette 0.5
+    # 2: two levels of RCCs, feature spaces; 3: the descriptor characterisation; 4: never the layer before
+    # the output; 5: a few top-level groups only above a silhouette of 0.5
+    version = 5
 
     def inputs(self, ctx: RunContext) -> dict:
         s = ctx.settings

@@ -398,7 +398,7 @@ def silhouette_k(ks: range, silhouette: np.ndarray) -> int:
 # --------------------------------------------------------------------------------------------
 
 MAX_RCCS = 20                      # the default readable top level: a reader takes in about 20 cards
-WEAK_STRUCTURE = 0.5               # mean silhouette at or below which a structure is weak or absent (Kaufman and Rousseeuw)
+WEAK_STRUCTURE = 0.5   # mean silhouette at or below which a structure is weak or absent (Kaufman and Rousseeuw)
 
 
 def top_k(ks: range, silhouette: np.ndarray, wicd: np.ndarray, criterion: str = "silhouette") -> int:

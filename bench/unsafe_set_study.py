@@ -38,7 +38,8 @@ import retrainModule  # noqa: E402
 import testModule  # noqa: E402
 
 GRID = {"assign_level": ("sub", "top"), "assign_distance": ("nearest", "knn", "medoid"),
-        "assign_quota": ("proportional", "equal"), "assign_radius": (0.0, 1.0), "assign_uncertainty": (0.0, 1.0, 4.0, 16.0)}
+        "assign_quota": ("proportional", "equal"), "assign_radius": (0.0, 1.0),
+        "assign_uncertainty": (0.0, 1.0, 4.0, 16.0)}
 SHORT = {"assign_level": "", "assign_distance": "", "assign_quota": "", "assign_radius": "r", "assign_uncertainty": "u"}
 BASELINES = ("BL1", "BL2", "BL3")
 

@@ -303,7 +303,8 @@ def test_a_change_of_what_is_written_restores_every_layer_and_force_clusters_aga
                         lambda ctx, space, layer, *rest: clustered.append(layer) or original(ctx, space, layer, *rest))
     run_step(clusterModule.STEP, context(case, distance_xlsx="all", knee_plots="all"))
     assert clustered == [layers[1]]
-    assert sorted(p.name for p in analysis.glob("*HMDistance.xlsx")) == sorted(f"{layer}HMDistance.xlsx" for layer in layers)
+    exported = sorted(p.name for p in analysis.glob("*HMDistance.xlsx"))
+    assert exported == sorted(f"{layer}HMDistance.xlsx" for layer in layers)
     assert all((analysis / layer / "knee.png").is_file() and (analysis / layer / "RCC01").is_dir() for layer in layers)
     assert {layer: (analysis / layer / "rcc_labels.csv").read_bytes() for layer in layers} == labels
     forced = context(case, distance_xlsx="all", knee_plots="all")
