@@ -59,28 +59,39 @@ class Selection:
 
 
 def hudd_selection(assigned: np.ndarray, distances: np.ndarray, quota: np.ndarray,
-                   rng: np.random.Generator) -> Selection:
+                   rng: np.random.Generator, wrong: np.ndarray | None = None) -> Selection:
     """The unsafe set (`assigned`: per improvement image its RCC, -1 for none; each image at most
     once), then the balanced bag: every RCC that got images holds each of them once and is filled up
-    to the largest quota by draws weighted by 1 / distance (closer images more often)."""
+    to the largest quota by draws weighted by 1 / distance (closer images more often). With `wrong`
+    (known once the images are labelled), the draws come from the RCC's images the model gets wrong,
+    where it has any."""
     per_rcc = max(int(quota.max()), 1)
     bag = []
     for rcc in range(len(quota)):
         members = np.flatnonzero(assigned == rcc)
         if len(members):
-            weights = 1.0 / np.maximum(distances[members, rcc], 1e-12)
-            extra = rng.choice(members, size=per_rcc - len(members), replace=True, p=weights / weights.sum())
+            drawn = _failures_first(members, wrong)
+            weights = 1.0 / np.maximum(distances[drawn, rcc], 1e-12)
+            extra = rng.choice(drawn, size=per_rcc - len(members), replace=True, p=weights / weights.sum())
             bag.append(np.concatenate([members, extra]))
     chosen = np.flatnonzero(assigned >= 0)
     return Selection(chosen, np.concatenate(bag) if bag else chosen)
 
 
-def baseline_selection(pool: np.ndarray, budget: int, bag_size: int, rng: np.random.Generator) -> Selection:
-    """`budget` distinct images drawn at random from `pool`, repeated uniformly up to `bag_size`."""
+def _failures_first(images: np.ndarray, wrong: np.ndarray | None) -> np.ndarray:
+    """The images the model gets wrong among `images` (all of them without `wrong` or without any)."""
+    failures = images[wrong[images]] if wrong is not None else images
+    return failures if len(failures) else images
+
+
+def baseline_selection(pool: np.ndarray, budget: int, bag_size: int, rng: np.random.Generator,
+                       wrong: np.ndarray | None = None) -> Selection:
+    """`budget` distinct images drawn at random from `pool`, repeated uniformly up to `bag_size` (with
+    `wrong`: the repeats drawn from those the model gets wrong, where there are any)."""
     chosen = np.sort(rng.choice(pool, size=min(budget, len(pool)), replace=False))
     if not len(chosen):
         return Selection(chosen, chosen)
-    extra = rng.choice(chosen, size=max(bag_size - len(chosen), 0), replace=True)
+    extra = rng.choice(_failures_first(chosen, wrong), size=max(bag_size - len(chosen), 0), replace=True)
     return Selection(chosen, np.concatenate([chosen, rng.permutation(extra)]))
 
 
@@ -90,21 +101,26 @@ def lowest_margin(uncertainty: np.ndarray, budget: int) -> np.ndarray:
 
 
 def select(mode: str, assigned: np.ndarray, distances: np.ndarray, quota: np.ndarray, wrong: np.ndarray,
-           rng: np.random.Generator, uncertainty: np.ndarray | None = None) -> Selection:
+           rng: np.random.Generator, uncertainty: np.ndarray | None = None, repeat_failures: bool = False
+           ) -> Selection:
     """The mode's selection at the common budget: HUDD's number of distinct images and bag size.
     HUDD's own draws come from a separate stream so that the baselines' draws do not depend on them.
-    BL3 takes the images of highest `uncertainty` (lowest margin), repeated uniformly to the bag size."""
-    hudd = hudd_selection(assigned, distances, quota, np.random.default_rng(rng.integers(2 ** 63)))
+    BL3 takes the images of highest `uncertainty` (lowest margin), repeated uniformly to the bag size.
+    With `repeat_failures`, every mode's repeats come from its labelled images that the model gets
+    wrong (`wrong` read only for the images the mode labelled)."""
+    failures = wrong if repeat_failures else None
+    hudd = hudd_selection(assigned, distances, quota, np.random.default_rng(rng.integers(2 ** 63)), failures)
     if mode == "HUDD":
         return hudd
     if mode == "BL3":
         if uncertainty is None:
             raise ValueError("BL3 needs the improvement images' uncertainty (assignModule.read_uncertainty)")
-        return baseline_selection(lowest_margin(uncertainty, len(hudd.chosen)), len(hudd.chosen), len(hudd.bag), rng)
+        return baseline_selection(lowest_margin(uncertainty, len(hudd.chosen)), len(hudd.chosen), len(hudd.bag), rng,
+                                  failures)
     pool = np.flatnonzero(wrong) if mode == "BL1" else np.arange(len(wrong))
     if len(pool) < len(hudd.chosen):
         log.warning("%s: only %d improvement images to draw from for a budget of %d", mode, len(pool), len(hudd.chosen))
-    return baseline_selection(pool, len(hudd.chosen), len(hudd.bag), rng)
+    return baseline_selection(pool, len(hudd.chosen), len(hudd.bag), rng, failures)
 
 
 # --------------------------------------------------------------------------------------------

@@ -144,7 +144,8 @@ ORIGINAL = {"assign_level": "sub", "assign_distance": "nearest", "assign_quota":
 # --------------------------------------------------------------------------------------------
 
 def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.DataFrame, parts: dict,
-            runs: int, out: Path | None = None, baselines: tuple[str, ...] = BASELINES) -> list[dict]:
+            runs: int, out: Path | None = None, baselines: tuple[str, ...] = BASELINES,
+            repeat_failures: bool = False) -> list[dict]:
     """Gain (points) of every run of every named candidate and of the `baselines`, at the default's
     budget for the baselines (BL1's pool: the images the model gets wrong, as the product does)."""
     data = retrainModule.training_data(ctx)
@@ -157,7 +158,7 @@ def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.D
             rng = np.random.default_rng([ctx.seed, run])
             selection = retrainModule.select("HUDD" if mode in choices else mode, chosen["assigned"],
                                              chosen["distances"], chosen["quota"], known["wrong"].to_numpy(), rng,
-                                             parts["uncertainty"])
+                                             parts["uncertainty"], repeat_failures)
             start = time.perf_counter()
             model, _, _ = retrainModule.fine_tune(ctx, data, selection.bag, seed=ctx.seed * 1000 + run, desc=mode)
             outputs = retrainModule.cached_test_outputs(model, data.test, ctx)
@@ -200,6 +201,9 @@ def main() -> None:
     parser.add_argument("--screen-only", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="folder for the CSVs (default: none)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--repeat-failures", action="store_true",
+                        help="every mode's bag repeats its labelled images that the model gets wrong "
+                             "(retrainModule.select)")
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help="baselines to retrain beside the candidates ('' for none: their runs of an earlier "
                              "study, merged with --from-gains; the same seeds give the same selections)")
@@ -220,7 +224,7 @@ def main() -> None:
         screened += rows
         if not args.screen_only:
             gains += retrain(ctx, choices, args.retrain.split(","), known, parts, args.runs, args.out,
-                             tuple(filter(None, args.baselines.split(","))))
+                             tuple(filter(None, args.baselines.split(","))), args.repeat_failures)
     show(pd.DataFrame(screened), pd.DataFrame(gains), args.out)
 
 

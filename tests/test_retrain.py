@@ -63,6 +63,25 @@ def test_hudd_takes_the_closest_images_per_rcc_and_balances_the_bag():
     assert (counts[counts > 0] == quota.max()).all()  # every RCC brought up to the largest quota
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_repeating_the_failures_keeps_every_labelled_set_and_repeats_only_labelled_failures(seed):
+    distances, sizes, wrong = random_instance(seed)
+    quota = assignModule.quotas(sizes, 1.0)
+    assigned, _ = assignModule.closest_u(distances, quota)
+    uncertainty = np.random.default_rng(seed + 100).random(len(distances))
+    for mode in retrainModule.MODES:
+        plain, focused = (retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng(seed),
+                                               uncertainty, repeat_failures=flag) for flag in (False, True))
+        np.testing.assert_array_equal(focused.chosen, plain.chosen)   # the same images labelled
+        assert len(focused.bag) == len(plain.bag) and set(focused.bag) == set(focused.chosen), mode
+        groups = [assigned[focused.chosen] == r for r in range(len(quota))] if mode == "HUDD" else [slice(None)]
+        extra = np.bincount(focused.bag, minlength=len(distances)) - np.isin(np.arange(len(distances)), focused.chosen)
+        for group in groups:  # per RCC for HUDD: repeats only of its failures, where it has any
+            members = focused.chosen[group]
+            if wrong[members].any():
+                assert extra[members[~wrong[members]]].sum() == 0, mode
+
+
 def test_closer_images_are_drawn_more_often():
     distances = np.array([[1.0], [3.0]])
     selection = retrainModule.hudd_selection(np.array([0, 0]), distances, np.array([2]), np.random.default_rng(0))
