@@ -226,16 +226,16 @@ class ImageDescriber:
     def __init__(self, settings: Settings):
         self.mean = np.asarray(settings.mean, dtype=np.float64)[None, :, None, None]
         self.std = np.asarray(settings.std, dtype=np.float64)[None, :, None, None]
-        self.tables, self.masks, self.valid, self.indices = [], [], [], []
+        self.tables, self.masks, self.valid = [], [], []
         self.shape = (0, 0)
 
-    def __call__(self, inputs: torch.Tensor, indices: np.ndarray) -> None:
+    def __call__(self, inputs: torch.Tensor, _positions: np.ndarray) -> None:
+        """predict_rows' on_batch: the batches come in the set's order, so their positions are not kept."""
         pixels = np.clip(inputs.detach().cpu().numpy() * self.std + self.mean, 0.0, 1.0).transpose(0, 2, 3, 1)
         masks, valid = descriptors.object_masks(pixels)
         self.tables.append(descriptors.image_descriptors(pixels, (masks, valid)))
         self.masks.append(np.packbits(masks.reshape(len(masks), -1), axis=1))
         self.valid.append(valid)
-        self.indices.append(indices)
         self.shape = masks.shape[1:]
 
     def arrays(self) -> dict[str, np.ndarray]:
