@@ -46,8 +46,8 @@ import descriptors
 import heatmapModule
 import testModule
 from clustering import (EXACT_LIMIT, LayerClustering, Projection, cluster_layer, cluster_two_stage, fit_projection,
-                        five_point_gradient, k_range, pairwise_distances, project_rows, purity_coverage, readable_quality,
-                        select_layer)
+                        five_point_gradient, k_range, output_alignment, pairwise_distances, project_rows, purity_coverage,
+                        readable_quality, select_layer)
 from features import BackboneSpace, FeatureSpace, PixelSpace, make_space
 import xlsxMatrix
 from Helper import CasePaths, HuddError, RunContext, Step, atomic_path, fingerprint, read_metadata, write_csv
@@ -281,6 +281,12 @@ def characterise_selected_layer(ctx: RunContext, index: pd.DataFrame, chosen: La
     write_csv(pd.concat([index[["image"]], described.relevance], axis=1), analysis_dir(ctx.paths) / RELEVANCE_FILE)
     top, _sub = level_names(chosen.labels, chosen.sub_labels)
     write_descriptor_characterisation(top, described, layer_dir(ctx.paths, chosen.layer))
+
+
+def explained_outputs(ctx: RunContext, index: pd.DataFrame) -> np.ndarray:
+    """Per error image (heatmap row), the output its relevance explains: the predicted class (or the
+    expected one, `explain`), the worst keypoint."""
+    return ctx.task.explained_channels(index, ctx.classes).numpy()
 
 
 def scenarios_of(metadata: pd.DataFrame | None) -> np.ndarray | None:
@@ -642,16 +648,17 @@ def reduced_parameters(rcc: str, values: pd.DataFrame, overall: pd.Series) -> li
     return rows
 
 
-def layer_row(result: LayerClustering, scenarios, ordinary: str) -> dict:
+def layer_row(result: LayerClustering, scenarios, ordinary: str, explained: np.ndarray) -> dict:
     """One layer's line of summary.csv: both levels' sizes, the criteria, and what a reader sees."""
     row = {"layer": result.layer, "k": result.k, "sub_k": result.k_sub, "wicd": result.wicd,
-           "silhouette": result.silhouette}
+           "silhouette": result.silhouette, "output_alignment": output_alignment(result.labels, explained)}
     row.update(readable_quality(result.labels, scenarios, ordinary=ordinary))
     return row
 
 
-def write_summary(results, skipped, chosen, scenarios, analysis: Path, ordinary: str = "none") -> None:
-    rows = [{**layer_row(r, scenarios, ordinary), "selected": r.layer == chosen.layer} for r in results]
+def write_summary(results, skipped, chosen, scenarios, explained: np.ndarray, analysis: Path,
+                  ordinary: str = "none") -> None:
+    rows = [{**layer_row(r, scenarios, ordinary, explained), "selected": r.layer == chosen.layer} for r in results]
     rows += [{"layer": reason.split(":")[0], "skipped": reason.split(": ", 1)[1]} for reason in skipped]
     table = pd.DataFrame(rows)
     write_csv(table, analysis / SUMMARY_FILE)
@@ -743,8 +750,9 @@ def _import_ahead() -> None:
 class ClusterStep(Step):
     name, title = "clusters", "cluster step"
     # 2: two levels of RCCs, feature spaces; 3: the descriptor characterisation; 4: never the layer before
-    # the output; 5: a few top-level groups only above a silhouette of 0.5
-    version = 5
+    # the output; 5: a few top-level groups only above a silhouette of 0.5; 6: nor a layer whose RCCs are
+    # the explained output again (output_alignment)
+    version = 6
 
     def inputs(self, ctx: RunContext) -> dict:
         s = ctx.settings
@@ -765,10 +773,11 @@ class ClusterStep(Step):
         with ThreadPoolExecutor(1) as files, ThreadPoolExecutor(1) as workbook, distance_writer(ctx) as writer:
             pending = [files.submit(_import_ahead)]  # hidden behind the distances' matrix products
             results, skipped, before_output, linked = cluster_every_layer(ctx, index, metadata, progress, files)
-            chosen = select_layer(results, ctx.settings.layer_criterion, last_layer=before_output)
+            explained = explained_outputs(ctx, index)
+            chosen = select_layer(results, ctx.settings.layer_criterion, last_layer=before_output, explained=explained)
             pending += [workbook.submit(export_distances, ctx, index, [r.layer for r in results], chosen.layer,
                                         writer)]
-            write_summary(results, skipped, chosen, scenarios_of(metadata), analysis_dir(ctx.paths),
+            write_summary(results, skipped, chosen, scenarios_of(metadata), explained, analysis_dir(ctx.paths),
                           ctx.settings.ordinary_scenario)
             characterise_selected_layer(ctx, index, chosen)
             plot_layers(ctx, results, chosen)
@@ -820,7 +829,7 @@ def compare(ctx: RunContext) -> pd.DataFrame:
     Ward on the raw pixels at the same k for comparison. Written to T/ClusterAnalysis/compare.csv."""
     from dataclasses import replace
     index = heatmapModule.read_index(ctx.paths)
-    scenarios = scenarios_of(error_metadata(ctx, index))
+    scenarios, explained = scenarios_of(error_metadata(ctx, index)), explained_outputs(ctx, index)
     rows, measured = [], {}
     pixels = pixel_tree(ctx) if scenarios is not None else None   # one Ward tree; each candidate cuts it
     for candidate in tqdm(candidates(ctx), desc="comparing", unit="combination", leave=False, disable=None):
@@ -830,7 +839,8 @@ def compare(ctx: RunContext) -> pd.DataFrame:
         if key not in measured:
             measured[key] = layer_distances(variant, space)
         chosen = select_layer([cluster_layer(layer, d, **clustering_options(variant)) for layer, d in measured[key]],
-                              ctx.settings.layer_criterion, last_layer=space.layer_before_output(variant))
+                              ctx.settings.layer_criterion, last_layer=space.layer_before_output(variant),
+                              explained=explained)
         quality = readable_quality(chosen.labels, scenarios, ordinary=ctx.settings.ordinary_scenario)
         rows.append({**candidate, "layer": chosen.layer, **quality,
                      "pixels_purity": pixel_purity(pixels, chosen.k, scenarios, ctx.settings.ordinary_scenario)})

@@ -585,17 +585,34 @@ class _Subset:
         return np.asarray(self.array[self.index[rows]])
 
 
-def select_layer(results: list[LayerClustering], criterion: str = "wicd",
-                 last_layer: str | None = None) -> LayerClustering:
+MAX_OUTPUT_ALIGNMENT = 0.6   # adjusted mutual information with the explained output above which a layer is passed over
+
+
+def output_alignment(labels: np.ndarray, explained: np.ndarray) -> float:
+    """How much of a layer's top-level clustering is the explained output again (the predicted class,
+    the worst keypoint): their adjusted mutual information, 0 for independent groupings, 1 for the
+    same partition."""
+    from sklearn.metrics import adjusted_mutual_info_score
+    return float(adjusted_mutual_info_score(explained, labels))
+
+
+def select_layer(results: list[LayerClustering], criterion: str = "wicd", last_layer: str | None = None,
+                 explained: np.ndarray | None = None) -> LayerClustering:
     """The original's choice: the smallest WICD (raw distances; never the input layer). The
     alternative compares layers on a common, scale-free footing: the highest silhouette.
 
     Nor the layer before the output (`last_layer`, where another is left): one linear map from the
     logits, its relevance groups by the predicted class, not by the cause, in compact groups whose
     small WICD wins the comparison. It was the least pure layer on every demo case, and on a held-out
-    case the criterion picked it and missed a cause (docs/method.md)."""
+    case the criterion picked it and missed a cause (docs/method.md). The same holds, less strongly,
+    for the layers just before it: where the output each image's relevance explains (`explained`) is
+    given, a layer whose RCCs share more than MAX_OUTPUT_ALIGNMENT of their information with it
+    (output_alignment) is passed over too, where another is left."""
     inner = [r for r in results if r.layer != "Layer0"] or results
     candidates = [r for r in inner if r.layer != last_layer] or inner
+    if explained is not None:
+        candidates = [r for r in candidates if output_alignment(r.labels, explained) <= MAX_OUTPUT_ALIGNMENT] \
+            or candidates
     if criterion == "wicd":
         return min(candidates, key=lambda r: r.wicd)
     return max(candidates, key=lambda r: r.silhouette)

@@ -25,6 +25,7 @@ import descriptors
 import heatmapModule
 import retrainModule
 import testModule
+from clustering import MAX_OUTPUT_ALIGNMENT
 from heatmapModule import OVERLAY_TILE as TILE
 from Helper import CasePaths, RunContext, atomic_path
 
@@ -109,9 +110,11 @@ def run_section(ctx: RunContext, data: ReportData) -> str:
            if "accuracy" in r else "<td class=muted>unlabelled</td><td></td>") + "</tr>"
         for name, r in data.sets.items())
     why = ("the smallest weighted intra-cluster distance (WICD)" if s.layer_criterion == "wicd"
-           else "the best silhouette") + " among the layers but the input and the one before the output"
-    columns = [c for c in ("layer", "k", "sub_k", "median_size", "noise", "wicd", "silhouette", "purity", "coverage",
-                           "purity_10", "coverage_10") if c in data.summary]
+           else "the best silhouette") + (" among the layers but the input, the one before the output and those "
+                                           f"whose RCCs repeat the explained output (output_alignment above "
+                                           f"{MAX_OUTPUT_ALIGNMENT})")
+    columns = [c for c in ("layer", "k", "sub_k", "median_size", "noise", "wicd", "silhouette", "output_alignment",
+                           "purity", "coverage", "purity_10", "coverage_10") if c in data.summary]
     layer_rows = "".join(
         f"<tr class='{'sel' if row['layer'] == data.layer else ''}'>"
         + "".join(f"<td>{format_cell(row[c])}</td>" for c in columns) + "</tr>"

@@ -135,6 +135,19 @@ def test_layer_selection_leaves_out_the_layer_before_the_output_while_another_is
     assert C.select_layer(layers[:1], "wicd", last_layer="Layer3").layer == "Layer0"
 
 
+def test_layer_selection_passes_over_a_layer_whose_rccs_repeat_the_explained_output():
+    explained = np.repeat([0, 1, 2, 3], 6)                     # e.g. the predicted class of 24 error images
+    scattered = np.tile([0, 1, 2, 3, 4, 5], 4)                  # RCCs across the classes
+    make = lambda name, labels, wicd: C.LayerClustering(name, 4, labels, labels, wicd, 0.1, range(2, 5),
+                                                        np.zeros(6), np.zeros(6))
+    layers = [make("Layer0", scattered, 0.1), make("Layer1", scattered, 0.5), make("Layer2", explained, 0.2)]
+    assert C.output_alignment(explained, explained) == pytest.approx(1.0)
+    assert C.output_alignment(scattered, explained) < 0.1
+    assert C.select_layer(layers, "wicd").layer == "Layer2"                       # without the outputs: the original
+    assert C.select_layer(layers, "wicd", explained=explained).layer == "Layer1"
+    assert C.select_layer(layers[:1] + layers[2:], "wicd", explained=explained).layer == "Layer2"  # the only one
+
+
 def test_purity_and_coverage():
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 3])
     scenarios = np.array(["fog", "fog", "fog", "night", "night", "night", "night", "tilt", "tilt", "fog"])

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import adjusted_mutual_info_score
 
 import clusterModule
 import heatmapModule
@@ -58,6 +59,8 @@ def test_outputs_read_back(make_case):
             pairs = distances[np.ix_(members, members)][np.triu_indices(len(members), 1)]
             assert rcc.icd == pytest.approx(pairs.mean() if len(pairs) else 0.0)
         row = table[table["layer"] == layer].iloc[0]
+        # the layer's RCCs against the class its relevance explains (predicted): what the choice passes over
+        assert row["output_alignment"] == pytest.approx(adjusted_mutual_info_score(labels["predicted"], labels["rcc"]))
         assert row["k"] == len(stats)
         curves = pd.read_csv(folder / "k_choice.csv").set_index("k")
         assert curves.loc[row["k"], "top_level_range"]
