@@ -284,9 +284,9 @@ def characterise_selected_layer(ctx: RunContext, index: pd.DataFrame, chosen: La
 
 
 def explained_outputs(ctx: RunContext, index: pd.DataFrame) -> np.ndarray:
-    """Per error image (heatmap row), the output its relevance explains: the predicted class (or the
-    expected one, `explain`), the worst keypoint."""
-    return ctx.task.explained_channels(index, ctx.classes).numpy()
+    """Per error image (heatmap row), the output its relevance explains, as a group number: the
+    predicted class (or the expected one, `explain`), the worst keypoint."""
+    return pd.factorize(index[ctx.task.explained_column()])[0]
 
 
 def scenarios_of(metadata: pd.DataFrame | None) -> np.ndarray | None:

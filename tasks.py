@@ -100,9 +100,12 @@ class ClassificationTask:
         return wrong[["image", "expected", "predicted"]].reset_index(drop=True)
 
     # ---- what LRP explains
+    def explained_column(self) -> str:
+        """The column of the error index naming the output each error image's relevance explains."""
+        return "expected" if self.explain == "expected" else "predicted"
+
     def explained_channels(self, index: pd.DataFrame, classes: list[str]) -> torch.Tensor:
-        column = "expected" if self.explain == "expected" else "predicted"
-        return torch.tensor([classes.index(c) for c in index[column]], dtype=torch.long)
+        return torch.tensor([classes.index(c) for c in index[self.explained_column()]], dtype=torch.long)
 
     def improvement_channels(self, results: pd.DataFrame, classes: list[str]) -> torch.Tensor:
         """Improvement images are explained through their predicted class (no label needed)."""

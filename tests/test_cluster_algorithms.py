@@ -135,6 +135,21 @@ def test_layer_selection_leaves_out_the_layer_before_the_output_while_another_is
     assert C.select_layer(layers[:1], "wicd", last_layer="Layer3").layer == "Layer0"
 
 
+def test_adjusted_mutual_information_against_scikit_learn():
+    from sklearn.metrics import adjusted_mutual_info_score
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n, groups = int(rng.integers(2, 300)), rng.integers(1, 25, size=2)
+        first, second = rng.integers(0, groups[0], n), rng.integers(0, groups[1], n)
+        if trial % 3 == 0:   # related groupings, not only independent ones
+            second = (first + rng.integers(0, 2, n)) % groups[1]
+        assert C.adjusted_mutual_information(first, second) == pytest.approx(adjusted_mutual_info_score(first, second),
+                                                                             abs=1e-9)
+    for first, second in [([0, 0, 0], [1, 1, 1]), ([0, 1], [1, 0]), (["x", "y", "y"], [3, 3, 1]), ([0, 0, 1], [0, 1, 2])]:
+        assert C.adjusted_mutual_information(np.array(first), np.array(second)) == pytest.approx(
+            adjusted_mutual_info_score(first, second), abs=1e-9)
+
+
 def test_layer_selection_passes_over_a_layer_whose_rccs_repeat_the_explained_output():
     explained = np.repeat([0, 1, 2, 3], 6)                     # e.g. the predicted class of 24 error images
     scattered = np.tile([0, 1, 2, 3, 4, 5], 4)                  # RCCs across the classes
