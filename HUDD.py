@@ -220,11 +220,10 @@ def demo_kind_and_folder(values: list[str]) -> tuple[str, Path]:
     return kind, Path(rest[0] if rest else KINDS[kind])
 
 
-def prepare_demo(args: argparse.Namespace, device) -> None:
-    """Builds the demo case study, trains its model and checks it, where they are missing."""
+def prepare_demo(args: argparse.Namespace, case: Path, device) -> None:
+    """Builds the demo case study in `case`, trains its model and checks it, where they are missing."""
     import demo
-    kind, case = demo_kind_and_folder(args.demo)
-    demo.prepare(kind, case, seed=args.seed, device=device)
+    demo.prepare(demo_kind_and_folder(args.demo)[0], case, seed=args.seed, device=device)
 
 
 def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
@@ -369,7 +368,8 @@ def run_locked(args: argparse.Namespace, case: Path, modes: list[str], device, s
     if args.rq:
         distributed.on_main(lambda: run_rq1(args, case, device))
         return 0
-    distributed.on_main(lambda: prepare_demo(args, device) if args.demo is not None else import_fld_package(args, case))
+    distributed.on_main(lambda: prepare_demo(args, case, device) if args.demo is not None
+                        else import_fld_package(args, case))
     ctx = distributed.together(lambda: make_context(args, case, device))
     if args.report:
         distributed.on_main(lambda: print(f"report: {write_report(ctx, required=True)}"))

@@ -309,22 +309,17 @@ def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, d
     return model.eval(), best_epoch, history
 
 
-def save_model(model: nn.Module, ctx: RunContext, mode: str, run: int, accuracy: float):
-    """DNNModels/<mode>_<run>_<accuracy>.pth; never overwrites: a taken name gets a _2, _3... suffix.
-    Under torchrun rank 0 saves and every rank gets the path."""
-    def save() -> Path:
-        stem = f"{mode}_{run}_{accuracy:.2f}"
-        path = ctx.paths.models / f"{stem}.pth"
-        suffix = 2
-        while path.exists():
-            path = ctx.paths.models / f"{stem}_{suffix}.pth"
-            suffix += 1
-        with atomic_path(path) as temporary:
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, temporary)
-        return path
-
-    saved = distributed.on_main(save)
-    return Path(distributed.broadcast(str(saved) if saved is not None else None))
+def save_model(model: nn.Module, ctx: RunContext, mode: str, run: int, accuracy: float) -> Path:
+    """DNNModels/<mode>_<run>_<accuracy>.pth; never overwrites: a taken name gets a _2, _3... suffix."""
+    stem = f"{mode}_{run}_{accuracy:.2f}"
+    path = ctx.paths.models / f"{stem}.pth"
+    suffix = 2
+    while path.exists():
+        path = ctx.paths.models / f"{stem}_{suffix}.pth"
+        suffix += 1
+    with atomic_path(path) as temporary:
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, temporary)
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,14 +405,23 @@ def labels_needed(mode: str, labelled: int, improvement_images: int) -> int:
     return improvement_images if mode == "BL1" else labelled
 
 
-def retrain_once(ctx: RunContext, mode: str, run: int, unsafe: UnsafeInputs, data: TrainingData) -> dict:
+def retrain_once(ctx: RunContext, mode: str, run: int, unsafe: UnsafeInputs, data: TrainingData) -> dict | None:
     """One seeded run: select, fine-tune, measure on the test set, save the model. Returns the run's
-    row and its per-RCC, per-scenario and per-epoch figures."""
+    row and its per-RCC, per-scenario and per-epoch figures (None on the other ranks of a torchrun job)."""
     selection = select(mode, unsafe.assigned, unsafe.distances, unsafe.quota, unsafe.wrong,
                        np.random.default_rng([ctx.seed, run]), unsafe.uncertainty)
     runs = ctx.settings.runs
     model, epoch, history = fine_tune(ctx, data, selection.bag, seed=ctx.seed * 1000 + run,
                                       desc=f"retraining {mode} run {run}/{runs}")
+    # Under torchrun every rank trained (DDP, the same weights after each step); rank 0 alone measures
+    # and saves the model, the others wait.
+    return distributed.on_main(lambda: measured_run(ctx, mode, run, model, selection, epoch, history, unsafe, data))
+
+
+def measured_run(ctx: RunContext, mode: str, run: int, model: nn.Module, selection: Selection, epoch: int,
+                 history: list[dict], unsafe: UnsafeInputs, data: TrainingData) -> dict:
+    """A retrained model measured on the test set and saved: its row of <mode>_runs.csv, its errors
+    fixed per RCC, its accuracy per scenario and its epochs."""
     measures = evaluation.measures_from_outputs(cached_test_outputs(model, data.test, ctx), ctx)
     improved, worsened = evaluation.improved_worsened(measures, ctx)
     path = save_model(model, ctx, mode, run, measures.accuracy)
