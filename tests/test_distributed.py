@@ -85,6 +85,18 @@ def test_the_ddp_epochs_equal_the_single_process_epochs(single_run, tmp_path):
         torch.testing.assert_close(two["state"][key], weights, rtol=1e-5, atol=1e-6)  # ...alike, up to float sums
 
 
+def test_a_retraining_mode_under_torchrun_writes_its_run_once_from_rank_0(single_run, tmp_path):
+    case, _ = single_run
+    two = tmp_path / "case"
+    shutil.copytree(case, two)   # the analysis steps done: only the retraining runs
+    result = torchrun(REPO / "HUDD.py", "-o", str(two), "-mode", "BL2", "--runs", "1")
+    assert result.returncode == 0, result.stderr
+    runs = pd.read_csv(two / "T" / "Retrain" / "BL2_runs.csv")
+    models = sorted(p.name for p in (two / "DNNModels").glob("BL2_*.pth"))
+    assert len(runs) == 1 and models == [Path(runs["model"].iloc[0]).name]   # one model, saved once
+    assert result.stdout.count("retraining at one budget") == 1
+
+
 def test_a_killed_rank_fails_the_job_and_the_rerun_completes(single_run, tmp_path):
     case, pristine = single_run
     two = tmp_path / "case"
