@@ -35,12 +35,17 @@ def test_budget_is_the_rcc_sizes_rounded_up_times_the_factor():
     np.testing.assert_array_equal(assignModule.quotas([10], 0.3), [3])  # 0.3 x 10 is not 3.0000000000000004
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_every_mode_labels_as_many_distinct_images_and_trains_on_as_many_samples(seed):
+def assigned_instance(seed: int):
+    """A random instance with its unsafe set: distances, wrong, quota, assigned, uncertainty."""
     distances, sizes, wrong = random_instance(seed)
     quota = assignModule.quotas(sizes, 1.0)
     assigned, _ = assignModule.closest_u(distances, quota)
-    uncertainty = np.random.default_rng(seed + 100).random(len(distances))
+    return distances, wrong, quota, assigned, np.random.default_rng(seed + 100).random(len(distances))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_mode_labels_as_many_distinct_images_and_trains_on_as_many_samples(seed):
+    distances, wrong, quota, assigned, uncertainty = assigned_instance(seed)
     selections = {mode: retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng(seed),
                                              uncertainty) for mode in retrainModule.MODES}
     hudd = selections["HUDD"]
@@ -65,10 +70,7 @@ def test_hudd_takes_the_closest_images_per_rcc_and_balances_the_bag():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_repeating_the_failures_keeps_every_labelled_set_and_repeats_only_labelled_failures(seed):
-    distances, sizes, wrong = random_instance(seed)
-    quota = assignModule.quotas(sizes, 1.0)
-    assigned, _ = assignModule.closest_u(distances, quota)
-    uncertainty = np.random.default_rng(seed + 100).random(len(distances))
+    distances, wrong, quota, assigned, uncertainty = assigned_instance(seed)
     for mode in retrainModule.MODES:
         plain, focused = (retrainModule.select(mode, assigned, distances, quota, wrong, np.random.default_rng(seed),
                                                uncertainty, repeat_failures=flag) for flag in (False, True))
