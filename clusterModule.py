@@ -46,7 +46,7 @@ import descriptors
 import heatmapModule
 import testModule
 from clustering import (EXACT_LIMIT, LayerClustering, Projection, cluster_layer, cluster_two_stage, fit_projection,
-                        five_point_gradient, k_range, output_alignment, pairwise_distances, project_rows, purity_coverage,
+                        five_point_gradient, k_range, output_alignments, pairwise_distances, project_rows, purity_coverage,
                         readable_quality, select_layer)
 from features import BackboneSpace, FeatureSpace, PixelSpace, make_space
 import xlsxMatrix
@@ -648,17 +648,18 @@ def reduced_parameters(rcc: str, values: pd.DataFrame, overall: pd.Series) -> li
     return rows
 
 
-def layer_row(result: LayerClustering, scenarios, ordinary: str, explained: np.ndarray) -> dict:
+def layer_row(result: LayerClustering, scenarios, ordinary: str, alignment: float) -> dict:
     """One layer's line of summary.csv: both levels' sizes, the criteria, and what a reader sees."""
     row = {"layer": result.layer, "k": result.k, "sub_k": result.k_sub, "wicd": result.wicd,
-           "silhouette": result.silhouette, "output_alignment": output_alignment(result.labels, explained)}
+           "silhouette": result.silhouette, "output_alignment": alignment}
     row.update(readable_quality(result.labels, scenarios, ordinary=ordinary))
     return row
 
 
-def write_summary(results, skipped, chosen, scenarios, explained: np.ndarray, analysis: Path,
+def write_summary(results, skipped, chosen, scenarios, alignments: dict[str, float], analysis: Path,
                   ordinary: str = "none") -> None:
-    rows = [{**layer_row(r, scenarios, ordinary, explained), "selected": r.layer == chosen.layer} for r in results]
+    rows = [{**layer_row(r, scenarios, ordinary, alignments[r.layer]), "selected": r.layer == chosen.layer}
+            for r in results]
     rows += [{"layer": reason.split(":")[0], "skipped": reason.split(": ", 1)[1]} for reason in skipped]
     table = pd.DataFrame(rows)
     write_csv(table, analysis / SUMMARY_FILE)
@@ -734,9 +735,11 @@ def finish_layer(paths: CasePaths, outcome: LayerClustering | str, progress: Lay
     progress.save(outcome)
 
 
-def distance_writer(ctx: RunContext) -> contextlib.AbstractContextManager:
-    """The distance workbooks' writer process, started with the step (none with distance_xlsx none)."""
-    return xlsxMatrix.WriterProcess() if ctx.settings.distance_xlsx != "none" else contextlib.nullcontext()
+def distance_writer(ctx: RunContext, errors: int) -> contextlib.AbstractContextManager:
+    """The distance workbooks' writer process, started with the step; none with distance_xlsx none or
+    more than XLSX_MAX_IMAGES error images (no workbook is written then)."""
+    wanted = ctx.settings.distance_xlsx != "none" and errors <= XLSX_MAX_IMAGES
+    return xlsxMatrix.WriterProcess() if wanted else contextlib.nullcontext()
 
 
 def _import_ahead() -> None:
@@ -770,14 +773,17 @@ class ClusterStep(Step):
         # Beside the algorithm: the `files` thread imports ahead, then links the RCC folders (in layer
         # order); the `workbook` thread hands the distance workbooks to their writer process (a second
         # of formatting at 1,000 images, started now) and waits while the selected layer is published.
-        with ThreadPoolExecutor(1) as files, ThreadPoolExecutor(1) as workbook, distance_writer(ctx) as writer:
+        # The writer is entered first so that it ends last, after the thread waiting on it.
+        with distance_writer(ctx, len(index)) as writer, ThreadPoolExecutor(1) as files, \
+                ThreadPoolExecutor(1) as workbook:
             pending = [files.submit(_import_ahead)]  # hidden behind the distances' matrix products
             results, skipped, before_output, linked = cluster_every_layer(ctx, index, metadata, progress, files)
-            explained = explained_outputs(ctx, index)
-            chosen = select_layer(results, ctx.settings.layer_criterion, last_layer=before_output, explained=explained)
+            alignments = output_alignments(results, explained_outputs(ctx, index))
+            chosen = select_layer(results, ctx.settings.layer_criterion, last_layer=before_output,
+                                  alignments=alignments)
             pending += [workbook.submit(export_distances, ctx, index, [r.layer for r in results], chosen.layer,
                                         writer)]
-            write_summary(results, skipped, chosen, scenarios_of(metadata), explained, analysis_dir(ctx.paths),
+            write_summary(results, skipped, chosen, scenarios_of(metadata), alignments, analysis_dir(ctx.paths),
                           ctx.settings.ordinary_scenario)
             characterise_selected_layer(ctx, index, chosen)
             plot_layers(ctx, results, chosen)
@@ -838,9 +844,9 @@ def compare(ctx: RunContext) -> pd.DataFrame:
         space = make_space(candidate["features"])
         if key not in measured:
             measured[key] = layer_distances(variant, space)
-        chosen = select_layer([cluster_layer(layer, d, **clustering_options(variant)) for layer, d in measured[key]],
-                              ctx.settings.layer_criterion, last_layer=space.layer_before_output(variant),
-                              explained=explained)
+        clustered = [cluster_layer(layer, d, **clustering_options(variant)) for layer, d in measured[key]]
+        chosen = select_layer(clustered, ctx.settings.layer_criterion, last_layer=space.layer_before_output(variant),
+                              alignments=output_alignments(clustered, explained))
         quality = readable_quality(chosen.labels, scenarios, ordinary=ctx.settings.ordinary_scenario)
         rows.append({**candidate, "layer": chosen.layer, **quality,
                      "pixels_purity": pixel_purity(pixels, chosen.k, scenarios, ctx.settings.ordinary_scenario)})

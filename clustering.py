@@ -595,6 +595,11 @@ def output_alignment(labels: np.ndarray, explained: np.ndarray) -> float:
     return adjusted_mutual_information(explained, labels)
 
 
+def output_alignments(results: list[LayerClustering], explained: np.ndarray) -> dict[str, float]:
+    """Each layer's output_alignment, by layer name (computed once: the choice and summary.csv use it)."""
+    return {r.layer: output_alignment(r.labels, explained) for r in results}
+
+
 def adjusted_mutual_information(first: np.ndarray, second: np.ndarray) -> float:
     """The adjusted mutual information of two groupings of the same items (Vinh, Epps and Bailey,
     2010), normalised by the mean of their entropies, as scikit-learn's adjusted_mutual_info_score
@@ -632,7 +637,7 @@ def _expected_mutual_information(rows: np.ndarray, columns: np.ndarray, n: float
 
 
 def select_layer(results: list[LayerClustering], criterion: str = "wicd", last_layer: str | None = None,
-                 explained: np.ndarray | None = None) -> LayerClustering:
+                 alignments: dict[str, float] | None = None) -> LayerClustering:
     """The original's choice: the smallest WICD (raw distances; never the input layer). The
     alternative compares layers on a common, scale-free footing: the highest silhouette.
 
@@ -640,14 +645,13 @@ def select_layer(results: list[LayerClustering], criterion: str = "wicd", last_l
     logits, its relevance groups by the predicted class, not by the cause, in compact groups whose
     small WICD wins the comparison. It was the least pure layer on every demo case, and on a held-out
     case the criterion picked it and missed a cause (docs/method.md). The same holds, less strongly,
-    for the layers just before it: where the output each image's relevance explains (`explained`) is
-    given, a layer whose RCCs share more than MAX_OUTPUT_ALIGNMENT of their information with it
-    (output_alignment) is passed over too, where another is left."""
+    for the layers just before it: where each layer's `alignments` are given (output_alignments), a
+    layer whose RCCs share more than MAX_OUTPUT_ALIGNMENT of their information with the explained
+    output is passed over too, where another is left."""
     inner = [r for r in results if r.layer != "Layer0"] or results
     candidates = [r for r in inner if r.layer != last_layer] or inner
-    if explained is not None:
-        candidates = [r for r in candidates if output_alignment(r.labels, explained) <= MAX_OUTPUT_ALIGNMENT] \
-            or candidates
+    if alignments is not None:
+        candidates = [r for r in candidates if alignments[r.layer] <= MAX_OUTPUT_ALIGNMENT] or candidates
     if criterion == "wicd":
         return min(candidates, key=lambda r: r.wicd)
     return max(candidates, key=lambda r: r.silhouette)

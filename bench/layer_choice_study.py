@@ -36,7 +36,8 @@ def choice(results: list[C.LayerClustering], labels: pd.DataFrame, bound: float 
     original = C.MAX_OUTPUT_ALIGNMENT
     C.MAX_OUTPUT_ALIGNMENT = bound if bound is not None else 1.0
     try:
-        chosen = C.select_layer(results, "wicd", last_layer=results[-1].layer, explained=explained)
+        chosen = C.select_layer(results, "wicd", last_layer=results[-1].layer,
+                                alignments=C.output_alignments(results, explained))
     finally:
         C.MAX_OUTPUT_ALIGNMENT = original
     quality = C.readable_quality(chosen.labels, labels["scenario"].to_numpy())

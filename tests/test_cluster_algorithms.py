@@ -159,8 +159,9 @@ def test_layer_selection_passes_over_a_layer_whose_rccs_repeat_the_explained_out
     assert C.output_alignment(explained, explained) == pytest.approx(1.0)
     assert C.output_alignment(scattered, explained) < 0.1
     assert C.select_layer(layers, "wicd").layer == "Layer2"                       # without the outputs: the original
-    assert C.select_layer(layers, "wicd", explained=explained).layer == "Layer1"
-    assert C.select_layer(layers[:1] + layers[2:], "wicd", explained=explained).layer == "Layer2"  # the only one
+    assert C.select_layer(layers, "wicd", alignments=C.output_alignments(layers, explained)).layer == "Layer1"
+    assert C.select_layer(layers[:1] + layers[2:], "wicd",
+                          alignments=C.output_alignments(layers, explained)).layer == "Layer2"  # the only one
 
 
 def test_purity_and_coverage():
