@@ -776,13 +776,16 @@ class ClusterStep(Step):
         # The writer is entered first so that it ends last, after the thread waiting on it.
         with distance_writer(ctx, len(index)) as writer, ThreadPoolExecutor(1) as files, \
                 ThreadPoolExecutor(1) as workbook:
-            pending = [files.submit(_import_ahead)]  # hidden behind the distances' matrix products
+            imported = files.submit(_import_ahead)  # hidden behind the distances' matrix products
             results, skipped, before_output, linked = cluster_every_layer(ctx, index, metadata, progress, files)
+            # Finished before this thread imports any of it: two threads importing openpyxl together
+            # can meet a partly initialised module (ImportError, seen on a tiny case in CI).
+            imported.result()
             alignments = output_alignments(results, explained_outputs(ctx, index))
             chosen = select_layer(results, ctx.settings.layer_criterion, last_layer=before_output,
                                   alignments=alignments)
-            pending += [workbook.submit(export_distances, ctx, index, [r.layer for r in results], chosen.layer,
-                                        writer)]
+            exported = workbook.submit(export_distances, ctx, index, [r.layer for r in results], chosen.layer,
+                                       writer)
             write_summary(results, skipped, chosen, scenarios_of(metadata), alignments, analysis_dir(ctx.paths),
                           ctx.settings.ordinary_scenario)
             characterise_selected_layer(ctx, index, chosen)
@@ -790,8 +793,7 @@ class ClusterStep(Step):
             for job in linked:
                 job.result()  # a thread's error, raised here
             publish_selected_layer(ctx, chosen.layer)  # after every file of its folder is written
-            for job in pending:
-                job.result()
+            exported.result()
 
     def clustering_fingerprint(self, ctx: RunContext) -> str:
         """The fingerprint of what decides the clustering itself: the step's inputs but the settings
