@@ -57,6 +57,10 @@ log = logging.getLogger("hudd")
 # Above this many images a distance matrix is not exported to XLSX: 4 million cells (40 MB, seconds to
 # write) is already past what anyone reads cell by cell, and distances.npy holds the matrix anyway.
 XLSX_MAX_IMAGES = 2000
+# The workbook's significant digits: the heatmaps are float32 (7-8 significant digits; fewer in float16),
+# so past 9 a distance's digits carry no information, and 9 instead of 17 formats and deflates in 0.6 of
+# the time into 0.6 of the bytes. distances.npy holds every bit.
+DISTANCE_XLSX_DIGITS = 9
 # The settings that decide the clusters (besides the feature space's own inputs).
 CLUSTER_SETTINGS = ("cluster_space", "normalisation", "k_criterion", "layer_criterion", "max_rccs", "clusterer",
                     "min_cluster_size", "reduction", "pca_components", "ordinary_scenario")
@@ -411,7 +415,7 @@ def write_workbooks(writer: xlsxMatrix.WriterProcess, jobs: list[tuple[Path, Pat
         temporaries = [files.enter_context(atomic_path(path)) for path, _, _ in jobs]
         try:
             writer.write([(temporary, matrix, names, "distances")
-                          for temporary, (_, matrix, names) in zip(temporaries, jobs)])
+                          for temporary, (_, matrix, names) in zip(temporaries, jobs)], DISTANCE_XLSX_DIGITS)
         except RuntimeError as error:
             raise HuddError(f"{jobs[0][0].parent}: the distance workbook could not be written ({error}); "
                             f"set distance_xlsx: none to go without it") from None

@@ -1,8 +1,9 @@
 """A streaming writer of one numeric matrix with named rows and columns as an XLSX workbook.
 
 openpyxl builds an XML element per cell (about 30 us each): a 1,000 x 1,000 distance matrix took half a
-minute per layer. Here each row is one string of `<c><v>...</v></c>` cells formatted with 17
-significant digits (text that reads back to the same float64), streamed into the zip member; names are
+minute per layer. Here each row is one string of `<c><v>...</v></c>` cells formatted with `digits`
+significant digits (17, the default, is text that reads back to the same float64), streamed into the
+zip member; names are
 inline strings, so there is no shared-string table to build. The package holds only the parts Excel,
 LibreOffice and openpyxl need (content types, relationships, workbook, styles, one sheet), and fixed
 zip timestamps, so the same matrix always gives the same bytes.
@@ -74,17 +75,13 @@ def _text(value: str) -> str:
     return f'<c t="inlineStr"><is><t xml:space="preserve">{escape(str(value))}</t></is></c>'
 
 
-def _numbers(row: np.ndarray, row_format: str) -> str:
-    """One row's cells. 17 significant digits read back to the same float64 (as repr does), and one
-    %-format over the row (`row_format`: the cell pattern once per column) is twice as fast as repr per
-    value; gaps (inf, nan) are empty cells."""
+def _numbers(row: np.ndarray, cell: str, row_format: str) -> str:
+    """One row's cells. One %-format over the row (`row_format`: the `cell` pattern once per column) is
+    twice as fast as repr per value; gaps (inf, nan) are empty cells."""
     values = row.tolist()
     if all(map(math.isfinite, values)):
         return row_format % tuple(values)
-    return "".join(_CELL % v if math.isfinite(v) else "<c/>" for v in values)
-
-
-_CELL = "<c><v>%.17g</v></c>"
+    return "".join(cell % v if math.isfinite(v) else "<c/>" for v in values)
 
 
 def _member(name: str, level: int) -> zipfile.ZipInfo:
@@ -97,10 +94,13 @@ def _member(name: str, level: int) -> zipfile.ZipInfo:
 
 
 def write_matrix(path: Path, matrix: np.ndarray, row_names: list[str], column_names: list[str],
-                 sheet: str = "Sheet1", compresslevel: int = 1) -> None:
+                 sheet: str = "Sheet1", compresslevel: int = 1, digits: int = 17) -> None:
     """`matrix` (rows x columns, float) with a header row of `column_names` and the `row_names` in
-    column A, as pandas' `to_excel` lays out a named frame. Writes `path` directly: wrap it in an
-    atomic write."""
+    column A, as pandas' `to_excel` lays out a named frame, each number with `digits` significant digits
+    (17 read back to the same float64, as repr does; fewer are faster to format and deflate). Writes
+    `path` directly: wrap it in an atomic write."""
+    if not 1 <= digits <= 17:
+        raise ValueError(f"digits {digits}: between 1 and 17")
     rows, columns = matrix.shape
     if columns + 1 > MAX_COLUMNS or len(row_names) != rows or len(column_names) != columns:
         raise ValueError(f"{rows}x{columns} matrix with {len(row_names)} row and {len(column_names)} column names")
@@ -113,9 +113,10 @@ def write_matrix(path: Path, matrix: np.ndarray, row_names: list[str], column_na
             stream.write((f'{_HEAD}<worksheet xmlns="{_MAIN}"><dimension ref="A1:{_column_letters(columns + 1)}'
                           f'{rows + 1}"/><sheetData><row r="1"><c/>'
                           + "".join(map(_text, column_names)) + "</row>").encode())
-            row_format = _CELL * columns
+            cell = f"<c><v>%.{digits}g</v></c>"
+            row_format = cell * columns
             for number, (name, values) in enumerate(zip(row_names, np.asarray(matrix, dtype=np.float64)), start=2):
-                stream.write(f'<row r="{number}">{_text(name)}{_numbers(values, row_format)}</row>'.encode())
+                stream.write(f'<row r="{number}">{_text(name)}{_numbers(values, cell, row_format)}</row>'.encode())
             stream.write(b"</sheetData></worksheet>")
 
 
@@ -127,11 +128,11 @@ class WriterProcess:
         self.process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True)
 
-    def write(self, jobs: list[tuple[Path, Path, list[str], str]]) -> None:
-        """Writes each (workbook, matrix .npy, names of its rows and columns, sheet) and waits for the
-        child to end (a caller's thread waits without the GIL). Raises RuntimeError with the child's
-        last error line when it fails."""
-        _, errors = self.process.communicate(json.dumps([[str(book), str(matrix), names, sheet]
+    def write(self, jobs: list[tuple[Path, Path, list[str], str]], digits: int = 17) -> None:
+        """Writes each (workbook, matrix .npy, names of its rows and columns, sheet) with `digits`
+        significant digits and waits for the child to end (a caller's thread waits without the GIL).
+        Raises RuntimeError with the child's last error line when it fails."""
+        _, errors = self.process.communicate(json.dumps([[str(book), str(matrix), names, sheet, digits]
                                                          for book, matrix, names, sheet in jobs]))
         if self.process.returncode:
             lines = errors.strip().splitlines() or [f"exit status {self.process.returncode}"]
@@ -147,5 +148,5 @@ class WriterProcess:
 
 
 if __name__ == "__main__":
-    for _book, _matrix, _names, _sheet in json.load(sys.stdin):
-        write_matrix(Path(_book), np.load(_matrix, mmap_mode="r"), _names, _names, _sheet)
+    for _book, _matrix, _names, _sheet, _digits in json.load(sys.stdin):
+        write_matrix(Path(_book), np.load(_matrix, mmap_mode="r"), _names, _names, _sheet, digits=_digits)
