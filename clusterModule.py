@@ -95,6 +95,8 @@ NOISE = "noise"                   # the top-level group of the images HDBSCAN le
 RELEVANCE_FILE = "relevance_descriptors.csv"
 RCC_DESCRIPTORS_FILE = "rcc_descriptors.csv"
 DESCRIPTOR_WORKBOOK = "descriptor_characterisation.xlsx"
+# What the step writes into the selected layer's folder while publish_selected_layer runs on a thread.
+LATE_FILES = (KNEE_PLOT, RCC_DESCRIPTORS_FILE, DESCRIPTOR_WORKBOOK)
 
 
 def layer_dir(paths: CasePaths, layer: str) -> Path:
@@ -275,14 +277,19 @@ def write_descriptor_characterisation(rccs: np.ndarray, described: ErrorDescript
             deltas[table["descriptor"].unique()].to_excel(book, sheet_name="Effect sizes")
 
 
-def characterise_selected_layer(ctx: RunContext, index: pd.DataFrame, chosen: LayerClustering) -> None:
-    """relevance_descriptors.csv, and the descriptor characterisation of the selected layer's top-level
-    RCCs (of that layer only: the workbook alone takes about a second per layer)."""
+def describe_and_write_relevance(ctx: RunContext, index: pd.DataFrame) -> ErrorDescriptors:
+    """describe_errors, and relevance_descriptors.csv from it (whichever layer is chosen)."""
+    described = describe_errors(ctx, index)
+    write_csv(pd.concat([index[["image"]], described.relevance], axis=1), analysis_dir(ctx.paths) / RELEVANCE_FILE)
+    return described
+
+
+def characterise_selected_layer(ctx: RunContext, described: ErrorDescriptors, chosen: LayerClustering) -> None:
+    """The descriptor characterisation of the selected layer's top-level RCCs (of that layer only: the
+    workbook alone takes about a second per layer)."""
     for name in (RCC_DESCRIPTORS_FILE, DESCRIPTOR_WORKBOOK):
         for old in analysis_dir(ctx.paths).glob(f"*/{name}"):
             old.unlink()
-    described = describe_errors(ctx, index)
-    write_csv(pd.concat([index[["image"]], described.relevance], axis=1), analysis_dir(ctx.paths) / RELEVANCE_FILE)
     top, _sub = level_names(chosen.labels, chosen.sub_labels)
     write_descriptor_characterisation(top, described, layer_dir(ctx.paths, chosen.layer))
 
@@ -678,12 +685,13 @@ def write_summary(results, skipped, chosen, scenarios, alignments: dict[str, flo
 def publish_selected_layer(ctx: RunContext, layer: str) -> None:
     """The selected layer's RCC folders under T/<Layer>/, each image with its heatmap overlay (drawn by
     the heatmap step), and inside each RCC a folder per sub-cluster; all hard links to the same files
-    where the file system allows (no second copy on disk), else copies."""
+    where the file system allows (no second copy on disk), else copies. The files the step writes into
+    the layer's folder meanwhile (LATE_FILES, and their temporaries) are left to publish_late_files."""
     for old in [*ctx.paths.t_dir.glob("Layer*"), ctx.paths.t_dir / PixelSpace.LAYER, ctx.paths.t_dir / BackboneSpace.LAYER]:
         if old.is_dir():
             shutil.rmtree(old)
     shutil.copytree(layer_dir(ctx.paths, layer), published_dir(ctx.paths, layer), copy_function=link_or_copy,
-                    ignore=shutil.ignore_patterns(DISTANCES_FILE, SAMPLE_FILE, PROJECTION_FILE))
+                    ignore=shutil.ignore_patterns(DISTANCES_FILE, SAMPLE_FILE, PROJECTION_FILE, *LATE_FILES, ".*"))
     labels = read_labels(ctx.paths, layer)
     for rcc, sub_rcc in labels[["rcc", "sub_rcc"]].drop_duplicates().itertuples(index=False):
         rcc_folder(ctx.paths, layer, rcc, sub_rcc).mkdir(exist_ok=True)
@@ -696,6 +704,13 @@ def publish_selected_layer(ctx: RunContext, layer: str) -> None:
         link_or_copy(os.path.join(overlays, heatmapModule.overlay_name(row)), os.path.join(top, overlay))
         for name in (copy, overlay):
             link_or_copy(os.path.join(top, name), os.path.join(top, sub_rcc, name))
+
+
+def publish_late_files(ctx: RunContext, layer: str) -> None:
+    """The selected layer's LATE_FILES, written while its folders were published, linked in beside them."""
+    for name in LATE_FILES:
+        if (layer_dir(ctx.paths, layer) / name).is_file():
+            link_or_copy(layer_dir(ctx.paths, layer) / name, published_dir(ctx.paths, layer) / name)
 
 
 def link_or_copy(source: Path | str, target: Path | str) -> None:
@@ -774,13 +789,15 @@ class ClusterStep(Step):
         index = heatmapModule.read_index(ctx.paths)
         metadata = error_metadata(ctx, index)
         progress = LayerProgress(analysis_dir(ctx.paths), self.clustering_fingerprint(ctx), resume=not ctx.force)
-        # Beside the algorithm: the `files` thread imports ahead, then links the RCC folders (in layer
-        # order); the `workbook` thread hands the distance workbooks to their writer process (a second
-        # of formatting at 1,000 images, started now) and waits while the selected layer is published.
-        # The writer is entered first so that it ends last, after the thread waiting on it.
+        # Beside the algorithm, on two threads. `files` imports ahead, links each layer's RCC folders (in
+        # layer order) and at the end publishes the selected layer; `side` describes the error images
+        # (whichever layer is chosen), then hands the distance workbook to its writer process (a second
+        # of formatting at 1,000 images, started now) and waits for it. Meanwhile this thread writes the
+        # summary, the characterisation and the k plot. The writer is entered first so that it ends last.
         with distance_writer(ctx, len(index)) as writer, ThreadPoolExecutor(1) as files, \
-                ThreadPoolExecutor(1) as workbook:
+                ThreadPoolExecutor(1) as side:
             imported = files.submit(_import_ahead)  # hidden behind the distances' matrix products
+            described = side.submit(describe_and_write_relevance, ctx, index)
             results, skipped, before_output, linked = cluster_every_layer(ctx, index, metadata, progress, files)
             # Finished before this thread imports any of it: two threads importing openpyxl together
             # can meet a partly initialised module (ImportError, seen on a tiny case in CI).
@@ -788,15 +805,15 @@ class ClusterStep(Step):
             alignments = output_alignments(results, explained_outputs(ctx, index))
             chosen = select_layer(results, ctx.settings.layer_criterion, last_layer=before_output,
                                   alignments=alignments)
-            exported = workbook.submit(export_distances, ctx, index, [r.layer for r in results], chosen.layer,
-                                       writer)
+            published = files.submit(publish_selected_layer, ctx, chosen.layer)  # after the links, in order
+            exported = side.submit(export_distances, ctx, index, [r.layer for r in results], chosen.layer, writer)
             write_summary(results, skipped, chosen, scenarios_of(metadata), alignments, analysis_dir(ctx.paths),
                           ctx.settings.ordinary_scenario)
-            characterise_selected_layer(ctx, index, chosen)
+            characterise_selected_layer(ctx, described.result(), chosen)
             plot_layers(ctx, results, chosen)
-            for job in linked:
+            for job in [*linked, published]:
                 job.result()  # a thread's error, raised here
-            publish_selected_layer(ctx, chosen.layer)  # after every file of its folder is written
+            publish_late_files(ctx, chosen.layer)
             exported.result()
 
     def clustering_fingerprint(self, ctx: RunContext) -> str:

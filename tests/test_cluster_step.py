@@ -81,6 +81,13 @@ def test_outputs_read_back(make_case):
     published = case / "T" / summary["layer"]
     assert sorted(p.name for p in published.glob("RCC*")) == sorted(
         pd.read_csv(analysis / summary["layer"] / "rcc_stats.csv")["rcc"])
+    # every file of the layer's folder but the matrices, those written while it was published included
+    # (the k plot, the descriptor characterisation): the same bytes, and no temporary left
+    files = {p.name for p in (analysis / summary["layer"]).iterdir() if p.is_file()} - {"distances.npy"}
+    assert {"knee.png", "descriptor_characterisation.xlsx", "rcc_descriptors.csv"} <= files
+    assert {p.name for p in published.iterdir() if p.is_file()} == files
+    for name in files:
+        assert (published / name).read_bytes() == (analysis / summary["layer"] / name).read_bytes()
     copied = next(p for p in published.glob("RCC*/*.png") if not p.name.endswith("_heatmap.png"))
     expected_class, file_name = copied.name.split("__")
     assert copied.read_bytes() == (case / "DataSets" / "TestSet" / expected_class / file_name).read_bytes()
