@@ -204,16 +204,18 @@ def device_distances(heatmaps: np.ndarray, normalisation: str, device, chunk_byt
 def device_nearest_rows(queries, references, normalisation: str, device, chunk_bytes: int = DEVICE_CHUNK_BYTES
                         ) -> np.ndarray:
     """nearest_rows on a torch device in float64, references in chunks when they do not fit one block
-    (ties go to the first reference, as argmin's)."""
+    (ties go to the first reference, as argmin's). References that fit one block are sent once."""
     import torch
     step = _device_step(references, chunk_bytes)
     nearest = np.empty(len(queries), dtype=np.int64)
+    resident = _device_rows(references, 0, len(references), normalisation, device) if len(references) <= step else None
     for start in range(0, len(queries), step):
         block = _device_rows(queries, start, min(start + step, len(queries)), normalisation, device)
         best = torch.full((len(block),), float("inf"), dtype=torch.float64, device=device)
         where = torch.zeros(len(block), dtype=torch.int64, device=device)
         for first in range(0, len(references), step):
-            refs = _device_rows(references, first, min(first + step, len(references)), normalisation, device)
+            refs = resident if resident is not None else \
+                _device_rows(references, first, min(first + step, len(references)), normalisation, device)
             score = (refs * refs).sum(dim=1)[None, :] - 2.0 * block @ refs.T  # |q|^2 does not change the argmin
             value, index = score.min(dim=1)
             better = value < best
