@@ -59,23 +59,28 @@ class Selection:
 
 
 def hudd_selection(assigned: np.ndarray, distances: np.ndarray, quota: np.ndarray,
-                   rng: np.random.Generator, wrong: np.ndarray | None = None) -> Selection:
+                   rng: np.random.Generator, wrong: np.ndarray | None = None, bag: str = "balanced") -> Selection:
     """The unsafe set (`assigned`: per improvement image its RCC, -1 for none; each image at most
     once), then the balanced bag: every RCC that got images holds each of them once and is filled up
     to the largest quota by draws weighted by 1 / distance (closer images more often). With `wrong`
     (known once the images are labelled), the draws come from the RCC's images the model gets wrong,
-    where it has any."""
+    where it has any. `bag` "uniform": the same number of samples, the chosen images repeated
+    uniformly as the baselines' are (no RCC weighs more than its images)."""
     per_rcc = max(int(quota.max()), 1)
-    bag = []
+    chosen = np.flatnonzero(assigned >= 0)
+    balanced = []
     for rcc in range(len(quota)):
         members = np.flatnonzero(assigned == rcc)
         if len(members):
             drawn = _failures_first(members, wrong)
             weights = 1.0 / np.maximum(distances[drawn, rcc], 1e-12)
             extra = rng.choice(drawn, size=per_rcc - len(members), replace=True, p=weights / weights.sum())
-            bag.append(np.concatenate([members, extra]))
-    chosen = np.flatnonzero(assigned >= 0)
-    return Selection(chosen, np.concatenate(bag) if bag else chosen)
+            balanced.append(np.concatenate([members, extra]))
+    if not balanced:
+        return Selection(chosen, chosen)
+    if bag == "uniform":
+        return baseline_selection(chosen, len(chosen), sum(map(len, balanced)), rng, wrong)
+    return Selection(chosen, np.concatenate(balanced))
 
 
 def _failures_first(images: np.ndarray, wrong: np.ndarray | None) -> np.ndarray:
@@ -101,15 +106,15 @@ def lowest_margin(uncertainty: np.ndarray, budget: int) -> np.ndarray:
 
 
 def select(mode: str, assigned: np.ndarray, distances: np.ndarray, quota: np.ndarray, wrong: np.ndarray,
-           rng: np.random.Generator, uncertainty: np.ndarray | None = None, repeat_failures: bool = False
-           ) -> Selection:
+           rng: np.random.Generator, uncertainty: np.ndarray | None = None, repeat_failures: bool = False,
+           hudd_bag: str = "balanced") -> Selection:
     """The mode's selection at the common budget: HUDD's number of distinct images and bag size.
     HUDD's own draws come from a separate stream so that the baselines' draws do not depend on them.
     BL3 takes the images of highest `uncertainty` (lowest margin), repeated uniformly to the bag size.
     With `repeat_failures`, every mode's repeats come from its labelled images that the model gets
     wrong (`wrong` read only for the images the mode labelled)."""
     failures = wrong if repeat_failures else None
-    hudd = hudd_selection(assigned, distances, quota, np.random.default_rng(rng.integers(2 ** 63)), failures)
+    hudd = hudd_selection(assigned, distances, quota, np.random.default_rng(rng.integers(2 ** 63)), failures, hudd_bag)
     if mode == "HUDD":
         return hudd
     if mode == "BL3":

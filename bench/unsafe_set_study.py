@@ -145,7 +145,7 @@ ORIGINAL = {"assign_level": "sub", "assign_distance": "nearest", "assign_quota":
 
 def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.DataFrame, parts: dict,
             runs: int, out: Path | None = None, baselines: tuple[str, ...] = BASELINES,
-            repeat_failures: bool = False) -> list[dict]:
+            repeat_failures: bool = False, hudd_bag: str = "balanced") -> list[dict]:
     """Gain (points) of every run of every named candidate and of the `baselines`, at the default's
     budget for the baselines (BL1's pool: the images the model gets wrong, as the product does)."""
     data = retrainModule.training_data(ctx)
@@ -158,7 +158,7 @@ def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.D
             rng = np.random.default_rng([ctx.seed, run])
             selection = retrainModule.select("HUDD" if mode in choices else mode, chosen["assigned"],
                                              chosen["distances"], chosen["quota"], known["wrong"].to_numpy(), rng,
-                                             parts["uncertainty"], repeat_failures)
+                                             parts["uncertainty"], repeat_failures, hudd_bag)
             start = time.perf_counter()
             model, _, _ = retrainModule.fine_tune(ctx, data, selection.bag, seed=ctx.seed * 1000 + run, desc=mode)
             outputs = retrainModule.cached_test_outputs(model, data.test, ctx)
@@ -204,6 +204,9 @@ def main() -> None:
     parser.add_argument("--repeat-failures", action="store_true",
                         help="every mode's bag repeats its labelled images that the model gets wrong "
                              "(retrainModule.select)")
+    parser.add_argument("--hudd-bag", choices=("balanced", "uniform"), default="balanced",
+                        help="the candidates' training bag: balanced over the RCCs (the product's) or their images "
+                             "repeated uniformly as the baselines' (retrainModule.hudd_selection)")
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help="baselines to retrain beside the candidates ('' for none: their runs of an earlier "
                              "study, merged with --from-gains; the same seeds give the same selections)")
@@ -224,7 +227,7 @@ def main() -> None:
         screened += rows
         if not args.screen_only:
             gains += retrain(ctx, choices, args.retrain.split(","), known, parts, args.runs, args.out,
-                             tuple(filter(None, args.baselines.split(","))), args.repeat_failures)
+                             tuple(filter(None, args.baselines.split(","))), args.repeat_failures, args.hudd_bag)
     show(pd.DataFrame(screened), pd.DataFrame(gains), args.out)
 
 

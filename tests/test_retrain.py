@@ -68,6 +68,22 @@ def test_hudd_takes_the_closest_images_per_rcc_and_balances_the_bag():
     assert (counts[counts > 0] == quota.max()).all()  # every RCC brought up to the largest quota
 
 
+def test_a_uniform_bag_labels_the_same_images_and_weighs_each_alike_whatever_its_rcc():
+    distances, sizes, wrong = random_instance(7)
+    quota = assignModule.quotas(sizes, 1.0)
+    assigned, _ = assignModule.closest_u(distances, quota)
+    balanced, uniform = (retrainModule.hudd_selection(assigned, distances, quota, np.random.default_rng(0), bag=bag)
+                         for bag in ("balanced", "uniform"))
+    np.testing.assert_array_equal(uniform.chosen, balanced.chosen)
+    assert len(uniform.bag) == len(balanced.bag) and set(uniform.bag) == set(uniform.chosen)
+    # one RCC of one image beside one of 400: balanced gives the lone image half the bag, uniform its share
+    lone = {bag: np.bincount(retrainModule.hudd_selection(np.array([0] + [1] * 400), np.ones((401, 2)),
+                                                          np.array([1, 400]), np.random.default_rng(0), bag=bag).bag,
+                             minlength=401) for bag in ("balanced", "uniform")}
+    assert lone["balanced"].sum() == lone["uniform"].sum() == 800 and lone["balanced"][0] == 400
+    assert lone["uniform"].min() >= 1 and lone["uniform"][0] < 8   # about 2 of 800
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_repeating_the_failures_keeps_every_labelled_set_and_repeats_only_labelled_failures(seed):
     distances, wrong, quota, assigned, uncertainty = assigned_instance(seed)
