@@ -794,6 +794,8 @@ class ClusterStep(Step):
         # (whichever layer is chosen), then hands the distance workbook to its writer process (a second
         # of formatting at 1,000 images, started now) and waits for it. Meanwhile this thread writes the
         # summary, the characterisation and the k plot. The writer is entered first so that it ends last.
+        if ctx.settings.k_criterion == "knee":
+            import kneed  # noqa: F401  (it imports matplotlib.pyplot: here, never beside the thread importing ahead)
         with distance_writer(ctx, len(index)) as writer, ThreadPoolExecutor(1) as files, \
                 ThreadPoolExecutor(1) as side:
             imported = files.submit(_import_ahead)  # hidden behind the distances' matrix products
