@@ -285,6 +285,7 @@ class Settings:
     weight_decay: float = 5e-4
     epoch_choice: str = "last"            # epoch kept: "last", best "validation" (10% of TrainingSet) or "training" accuracy (original)
     budget_factor: float = 1.0            # labelled improvement images per RCC = ceil(factor x RCC size), equal for every mode
+    hudd_bag: str = "uniform"             # HUDD's training samples: its images repeated "uniform"ly (as the baselines'), or "balanced" over the RCCs (original)
     assign_level: str = "sub"             # improvement images are assigned to the "sub"-clusters or the "top"-level RCCs
     # The unsafe set, label-free (docs/method.md, "The unsafe set": the study behind the defaults).
     assign_distance: str = "nearest"      # image-to-RCC distance: "nearest" member (original), "knn" mean of assign_k nearest, "medoid"
@@ -348,6 +349,8 @@ SETTING_CHOICES: dict[str, dict[str, str]] = {
                         "medoid": "the RCC's medoid"},
     "assign_quota": {"proportional": "ceil(budget_factor x RCC size)", "equal": "the same total, split evenly"},
     "epoch_choice": {"last": "", "validation": "best on 10% of the training set", "training": "the original's"},
+    "hudd_bag": {"uniform": "each labelled image repeated alike, as the baselines'",
+                 "balanced": "every RCC filled to the largest quota (the original's)"},
 }
 POSITIVE_NUMBERS = ("learning_rate", "budget_factor")
 NON_NEGATIVE_NUMBERS = ("momentum", "weight_decay", "assign_radius", "assign_uncertainty")

@@ -356,8 +356,11 @@ def cluster_rows(ctx: RunContext, layer: str, rows: np.ndarray):
     return cluster_layer(layer, distances, **options), distances, None, projection
 
 
-def cluster_one_layer(ctx: RunContext, space: FeatureSpace, layer: str, index: pd.DataFrame, metadata):
-    """Distances, clustering and the files of one layer; a reason string where it is skipped."""
+def cluster_one_layer(ctx: RunContext, space: FeatureSpace, layer: str, index: pd.DataFrame, metadata,
+                      imported: Future | None = None):
+    """Distances, clustering and the files of one layer; a reason string where it is skipped. The files
+    are written once `imported` (the thread importing ahead) is done: the characterisation workbook
+    imports openpyxl, and two threads importing it together can meet a partly initialised module."""
     rows = space.error_rows(ctx, layer)
     problem = finite_rows(rows)
     if problem:
@@ -374,6 +377,8 @@ def cluster_one_layer(ctx: RunContext, space: FeatureSpace, layer: str, index: p
     if projection is not None:
         save_projection(projection, folder / PROJECTION_FILE)
     save_npy(distances, folder / DISTANCES_FILE)
+    if imported is not None:
+        imported.result()
     write_layer_files(result, distances, index, metadata, folder, sample, ordinary=ctx.settings.ordinary_scenario)
     return result
 
@@ -727,7 +732,8 @@ def link_or_copy(source: Path | str, target: Path | str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def cluster_every_layer(ctx: RunContext, index: pd.DataFrame, metadata, progress: LayerProgress,
-                        files: ThreadPoolExecutor) -> tuple[list[LayerClustering], list[str], str | None, list[Future]]:
+                        files: ThreadPoolExecutor, imported: Future | None = None
+                        ) -> tuple[list[LayerClustering], list[str], str | None, list[Future]]:
     """(clusterings, reasons of the skipped layers, the layer before the output, the pending jobs of
     `files`) of every layer of the feature space; a layer an interrupted run finished is restored, not
     clustered again. Each layer's RCC folders are linked on the `files` thread (system calls, free of
@@ -737,7 +743,7 @@ def cluster_every_layer(ctx: RunContext, index: pd.DataFrame, metadata, progress
     for layer in tqdm(layers, desc="clustering layers", unit="layer", leave=False, disable=None):
         outcome = progress.restore(ctx.paths, layer)
         if outcome is None:
-            outcome = cluster_one_layer(ctx, space, layer, index, metadata)
+            outcome = cluster_one_layer(ctx, space, layer, index, metadata, imported)
             pending.append(files.submit(finish_layer, ctx.paths, outcome, progress))
         (results if isinstance(outcome, LayerClustering) else skipped).append(outcome)
     if not results:
@@ -800,9 +806,10 @@ class ClusterStep(Step):
                 ThreadPoolExecutor(1) as side:
             imported = files.submit(_import_ahead)  # hidden behind the distances' matrix products
             described = side.submit(describe_and_write_relevance, ctx, index)
-            results, skipped, before_output, linked = cluster_every_layer(ctx, index, metadata, progress, files)
-            # Finished before this thread imports any of it: two threads importing openpyxl together
-            # can meet a partly initialised module (ImportError, seen on a tiny case in CI).
+            results, skipped, before_output, linked = cluster_every_layer(ctx, index, metadata, progress, files,
+                                                                          imported)
+            # Finished before this thread imports any of it (cluster_one_layer): two threads importing
+            # openpyxl together can meet a partly initialised module (ImportError, seen in CI).
             imported.result()
             alignments = output_alignments(results, explained_outputs(ctx, index))
             chosen = select_layer(results, ctx.settings.layer_criterion, last_layer=before_output,

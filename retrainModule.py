@@ -5,9 +5,10 @@ two or more images of ceil(budget_factor x RCC size) (factor 1: the original's H
 §9.2). The original gave HUDD about 3.3x the baselines' images (§9.3); here every mode labels the
 same number of distinct images and trains on the same number of samples:
 - HUDD: the assignment step's unsafe set (the ClosestU greedy with those quotas, each image chosen
-  once; the original could draw the same image for several RCCs), then a balanced bag: every RCC drawn
-  up to the largest quota, with replacement, each image weighted by 1 / its distance to the RCC
-  (closer images more often);
+  once; the original could draw the same image for several RCCs), repeated uniformly to the bag size
+  as the baselines' images are (setting `hudd_bag`; "balanced", the original's: every RCC drawn up to
+  the largest quota, with replacement, each image weighted by 1 / its distance to the RCC; the bag's
+  size is that balanced bag's in both cases);
 - BL1: random improvement images that the original model misclassifies;
 - BL2: random improvement images;
 - BL3: the improvement images the model is least sure of (lowest softmax margin; keypoints: the
@@ -59,13 +60,14 @@ class Selection:
 
 
 def hudd_selection(assigned: np.ndarray, distances: np.ndarray, quota: np.ndarray,
-                   rng: np.random.Generator, wrong: np.ndarray | None = None, bag: str = "balanced") -> Selection:
+                   rng: np.random.Generator, wrong: np.ndarray | None = None, bag: str = "uniform") -> Selection:
     """The unsafe set (`assigned`: per improvement image its RCC, -1 for none; each image at most
-    once), then the balanced bag: every RCC that got images holds each of them once and is filled up
-    to the largest quota by draws weighted by 1 / distance (closer images more often). With `wrong`
-    (known once the images are labelled), the draws come from the RCC's images the model gets wrong,
-    where it has any. `bag` "uniform": the same number of samples, the chosen images repeated
-    uniformly as the baselines' are (no RCC weighs more than its images)."""
+    once) and its training bag. `bag` "balanced" (the original's): every RCC that got images holds
+    each of them once and is filled up to the largest quota by draws weighted by 1 / distance (closer
+    images more often). "uniform" (the default, docs/method.md): as many samples, the chosen images
+    repeated uniformly as the baselines' are, so no small RCC's few images fill a large share. With
+    `wrong` (known once the images are labelled), the draws come from the images the model gets
+    wrong (per RCC when balanced), where there are any."""
     per_rcc = max(int(quota.max()), 1)
     chosen = np.flatnonzero(assigned >= 0)
     balanced = []
@@ -107,7 +109,7 @@ def lowest_margin(uncertainty: np.ndarray, budget: int) -> np.ndarray:
 
 def select(mode: str, assigned: np.ndarray, distances: np.ndarray, quota: np.ndarray, wrong: np.ndarray,
            rng: np.random.Generator, uncertainty: np.ndarray | None = None, repeat_failures: bool = False,
-           hudd_bag: str = "balanced") -> Selection:
+           hudd_bag: str = "uniform") -> Selection:
     """The mode's selection at the common budget: HUDD's number of distinct images and bag size.
     HUDD's own draws come from a separate stream so that the baselines' draws do not depend on them.
     BL3 takes the images of highest `uncertainty` (lowest margin), repeated uniformly to the bag size.
@@ -414,7 +416,7 @@ def retrain_once(ctx: RunContext, mode: str, run: int, unsafe: UnsafeInputs, dat
     """One seeded run: select, fine-tune, measure on the test set, save the model. Returns the run's
     row and its per-RCC, per-scenario and per-epoch figures (None on the other ranks of a torchrun job)."""
     selection = select(mode, unsafe.assigned, unsafe.distances, unsafe.quota, unsafe.wrong,
-                       np.random.default_rng([ctx.seed, run]), unsafe.uncertainty)
+                       np.random.default_rng([ctx.seed, run]), unsafe.uncertainty, hudd_bag=ctx.settings.hudd_bag)
     runs = ctx.settings.runs
     model, epoch, history = fine_tune(ctx, data, selection.bag, seed=ctx.seed * 1000 + run,
                                       desc=f"retraining {mode} run {run}/{runs}")
@@ -453,7 +455,8 @@ class RetrainStep(Step):
 
     def inputs(self, ctx: RunContext) -> dict:
         s = ctx.settings
-        return {"mode": self.mode, "runs": s.runs, "seed": ctx.seed,
+        own = {"hudd_bag": s.hudd_bag} if self.mode == "HUDD" else {}   # the baselines' bags do not depend on it
+        return {"mode": self.mode, "runs": s.runs, "seed": ctx.seed, **own,
                 "assign": assignModule.STEP.recorded_fingerprint(ctx),
                 "train": image_set_digest(ctx.sets()["train"], ctx.paths.root),
                 **{k: getattr(s, k) for k in ("epochs", "batch_size", "learning_rate", "momentum",

@@ -1,4 +1,4 @@
-"""Which retraining epoch to keep: every epoch measured, for the three modes, on demo case studies.
+"""Which retraining epoch to keep: every epoch measured, for every mode, on demo case studies.
 
     python bench/retrain_epochs_study.py CASE [CASE ...] [--runs 2] [--epochs 20]
 
@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import Helper  # noqa: E402
+import distributed  # noqa: E402
 import retrainModule as R  # noqa: E402
 
 
@@ -40,14 +41,16 @@ def study_case(case: Path, runs: int, epochs: int) -> list[dict]:
     rows = []
     for mode in R.MODES:
         for run in range(1, runs + 1):
-            selection = R.select(mode, unsafe.distances, unsafe.quota, unsafe.wrong, np.random.default_rng([0, run]))
-            torch.manual_seed(run)
+            selection = R.select(mode, unsafe.assigned, unsafe.distances, unsafe.quota, unsafe.wrong,
+                                 np.random.default_rng([0, run]), unsafe.uncertainty, hudd_bag=settings.hudd_bag)
+            torch.manual_seed(run)   # as R.fine_tune does, every epoch measured on the way
             generator = torch.Generator().manual_seed(run)
             model = copy.deepcopy(ctx.model())
-            optimiser = R.make_optimiser(model, ctx)
+            dropouts = distributed.batch_dropout(model)
+            optimiser = ctx.task.optimiser(model, settings)
             for epoch in range(epochs + 1):
-                train_accuracy = (R.train_epoch(model, optimiser, data, selection.bag, ctx, generator)
-                                  if epoch else float("nan"))
+                train_accuracy = (R.train_epoch(model, optimiser, data, selection.bag, ctx, generator, dropouts,
+                                                (run, epoch)) if epoch else float("nan"))
                 rows.append({"case": case.name, "mode": mode, "run": run, "epoch": epoch, "train": train_accuracy,
                              "validation": R.accuracy_on(model, data.train, data.validation_rows, ctx),
                              "test": R.accuracy_on(model, test, test_rows, ctx)})

@@ -204,9 +204,9 @@ def main() -> None:
     parser.add_argument("--repeat-failures", action="store_true",
                         help="every mode's bag repeats its labelled images that the model gets wrong "
                              "(retrainModule.select)")
-    parser.add_argument("--hudd-bag", choices=("balanced", "uniform"), default="balanced",
-                        help="the candidates' training bag: balanced over the RCCs (the product's) or their images "
-                             "repeated uniformly as the baselines' (retrainModule.hudd_selection)")
+    parser.add_argument("--hudd-bag", choices=("uniform", "balanced"), default="uniform",
+                        help="the candidates' training bag: their images repeated uniformly as the baselines' (the "
+                             "product's default) or balanced over the RCCs (the original's; retrainModule.hudd_selection)")
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help="baselines to retrain beside the candidates ('' for none: their runs of an earlier "
                              "study, merged with --from-gains; the same seeds give the same selections)")

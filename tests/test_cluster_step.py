@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -323,3 +325,27 @@ def test_a_change_of_what_is_written_restores_every_layer_and_force_clusters_aga
     forced.force = True
     run_step(clusterModule.STEP, forced)
     assert clustered == [layers[1]] + layers
+
+
+def test_no_workbook_is_written_while_a_thread_imports_ahead(make_case, monkeypatch):
+    """Two threads importing openpyxl together can meet a partly initialised module (an ImportError
+    seen in CI): the layers' characterisation workbooks wait for the thread that imports ahead."""
+    case = make_case(per_class=4)
+    add_scenarios(case)
+    run_steps(case)
+    imported, written = threading.Event(), []
+    import_ahead, write_characterisation = clusterModule._import_ahead, clusterModule.write_characterisation
+
+    def slow_import():
+        time.sleep(0.5)  # longer than the first layer's clustering here
+        import_ahead()
+        imported.set()
+
+    def noting_write(*args, **kwargs):
+        written.append(imported.is_set())
+        return write_characterisation(*args, **kwargs)
+
+    monkeypatch.setattr(clusterModule, "_import_ahead", slow_import)
+    monkeypatch.setattr(clusterModule, "write_characterisation", noting_write)
+    clusterModule.STEP.compute(replace(context(case), force=True))
+    assert written and all(written)

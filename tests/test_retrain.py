@@ -61,7 +61,7 @@ def test_hudd_takes_the_closest_images_per_rcc_and_balances_the_bag():
     distances, sizes, wrong = random_instance(7)
     quota = assignModule.quotas(sizes, 1.0)
     assigned, _ = assignModule.closest_u(distances, quota)
-    selection = retrainModule.hudd_selection(assigned, distances, quota, np.random.default_rng(0))
+    selection = retrainModule.hudd_selection(assigned, distances, quota, np.random.default_rng(0), bag="balanced")
     np.testing.assert_array_equal(selection.chosen, np.flatnonzero(assigned >= 0))
     bag_rcc = assigned[selection.bag]
     counts = np.bincount(bag_rcc, minlength=len(quota))
@@ -102,10 +102,11 @@ def test_repeating_the_failures_keeps_every_labelled_set_and_repeats_only_labell
 
 def test_closer_images_are_drawn_more_often():
     distances = np.array([[1.0], [3.0]])
-    selection = retrainModule.hudd_selection(np.array([0, 0]), distances, np.array([2]), np.random.default_rng(0))
+    selection = retrainModule.hudd_selection(np.array([0, 0]), distances, np.array([2]), np.random.default_rng(0),
+                                             bag="balanced")
     assert sorted(selection.bag) == [0, 1]  # the quota is the largest: nothing to draw
     big = retrainModule.hudd_selection(np.array([0, 0, 1]), np.array([[1.0, 9.0], [3.0, 9.0], [9.0, 0.5]]),
-                                       np.array([2, 4000]), np.random.default_rng(0))
+                                       np.array([2, 4000]), np.random.default_rng(0), bag="balanced")
     first_rcc = big.bag[np.isin(big.bag, [0, 1])]
     draws = np.bincount(first_rcc, minlength=2) - 1     # less the one copy of each member
     assert draws.sum() == 4000 - 2
@@ -175,6 +176,29 @@ def test_an_epoch_passes_over_the_training_rows_and_the_bag_once(pipeline_case, 
     train_labels = np.asarray(ctx.sets()["train"].labels)[data.train_rows]
     improve_labels = np.asarray(ctx.sets()["improve"].labels)[bag]
     assert sorted(labels.tolist()) == sorted(np.concatenate([train_labels, improve_labels]).tolist())
+
+
+@pytest.mark.parametrize("bag", ["uniform", "balanced"])
+def test_the_hudd_bag_setting_decides_what_hudd_trains_on_and_only_hudd(pipeline_case, monkeypatch, bag):
+    ctx = context(pipeline_case, hudd_bag=bag)
+    unsafe, data = retrainModule.unsafe_inputs(ctx), retrainModule.training_data(ctx)
+    trained = {}
+
+    def stop_here(ctx, data, bag_rows, seed, desc=""):
+        trained["bag"] = bag_rows
+        raise KeyboardInterrupt  # the bag is all this test needs
+
+    monkeypatch.setattr(retrainModule, "fine_tune", stop_here)
+    for mode in ("HUDD", "BL2"):
+        with pytest.raises(KeyboardInterrupt):
+            retrainModule.retrain_once(ctx, mode, 1, unsafe, data)
+        expected = retrainModule.select(mode, unsafe.assigned, unsafe.distances, unsafe.quota, unsafe.wrong,
+                                        np.random.default_rng([ctx.seed, 1]), unsafe.uncertainty, hudd_bag=bag)
+        np.testing.assert_array_equal(trained["bag"], expected.bag)
+    fingerprints = {b: {m: retrainModule.RetrainStep(m).inputs(context(pipeline_case, hudd_bag=b))
+                        for m in ("HUDD", "BL1")} for b in ("uniform", "balanced")}
+    assert fingerprints["uniform"]["HUDD"] != fingerprints["balanced"]["HUDD"]   # HUDD retrains again
+    assert fingerprints["uniform"]["BL1"] == fingerprints["balanced"]["BL1"]     # a baseline does not
 
 
 def test_hudd_retrains_with_the_assignment_steps_unsafe_set(pipeline_case):
