@@ -265,11 +265,11 @@ def test_an_interrupted_step_keeps_its_finished_layers(make_case, monkeypatch):
     original = clusterModule.cluster_one_layer
     clustered = []
 
-    def killed_at_the_third_layer(ctx, space, layer, index, metadata):
+    def killed_at_the_third_layer(ctx, space, layer, *rest):
         if len(clustered) == 2:
             raise KeyboardInterrupt
         clustered.append(layer)
-        return original(ctx, space, layer, index, metadata)
+        return original(ctx, space, layer, *rest)
 
     monkeypatch.setattr(clusterModule, "cluster_one_layer", killed_at_the_third_layer)
     with pytest.raises(KeyboardInterrupt):
