@@ -208,15 +208,19 @@ def device_nearest_rows(queries, references, normalisation: str, device, chunk_b
     import torch
     step = _device_step(references, chunk_bytes)
     nearest = np.empty(len(queries), dtype=np.int64)
-    resident = _device_rows(references, 0, len(references), normalisation, device) if len(references) <= step else None
+
+    def reference_block(first: int):
+        refs = _device_rows(references, first, min(first + step, len(references)), normalisation, device)
+        return refs, (refs * refs).sum(dim=1)
+
+    resident = reference_block(0) if len(references) <= step else None  # with its squared norms, once
     for start in range(0, len(queries), step):
         block = _device_rows(queries, start, min(start + step, len(queries)), normalisation, device)
         best = torch.full((len(block),), float("inf"), dtype=torch.float64, device=device)
         where = torch.zeros(len(block), dtype=torch.int64, device=device)
         for first in range(0, len(references), step):
-            refs = resident if resident is not None else \
-                _device_rows(references, first, min(first + step, len(references)), normalisation, device)
-            score = (refs * refs).sum(dim=1)[None, :] - 2.0 * block @ refs.T  # |q|^2 does not change the argmin
+            refs, squared = resident or reference_block(first)
+            score = squared[None, :] - 2.0 * block @ refs.T  # |q|^2 does not change the argmin
             value, index = score.min(dim=1)
             better = value < best
             best, where = torch.where(better, value, best), torch.where(better, index + first, where)

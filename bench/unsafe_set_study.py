@@ -145,7 +145,7 @@ ORIGINAL = {"assign_level": "sub", "assign_distance": "nearest", "assign_quota":
 
 def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.DataFrame, parts: dict,
             runs: int, out: Path | None = None, baselines: tuple[str, ...] = BASELINES,
-            repeat_failures: bool = False, hudd_bag: str = "balanced") -> list[dict]:
+            repeat_failures: bool = False, hudd_bag: str = "uniform") -> list[dict]:
     """Gain (points) of every run of every named candidate and of the `baselines`, at the default's
     budget for the baselines (BL1's pool: the images the model gets wrong, as the product does)."""
     data = retrainModule.training_data(ctx)
