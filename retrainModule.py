@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,18 +71,20 @@ def hudd_selection(assigned: np.ndarray, distances: np.ndarray, quota: np.ndarra
     wrong (per RCC when balanced), where there are any."""
     per_rcc = max(int(quota.max()), 1)
     chosen = np.flatnonzero(assigned >= 0)
-    balanced = []
-    for rcc in range(len(quota)):
-        members = np.flatnonzero(assigned == rcc)
-        if len(members):
-            drawn = _failures_first(members, wrong)
-            weights = 1.0 / np.maximum(distances[drawn, rcc], 1e-12)
-            extra = rng.choice(drawn, size=per_rcc - len(members), replace=True, p=weights / weights.sum())
-            balanced.append(np.concatenate([members, extra]))
-    if not balanced:
+    rccs = np.unique(assigned[chosen])
+    if not len(rccs):
         return Selection(chosen, chosen)
     if bag == "uniform":
-        return baseline_selection(chosen, len(chosen), sum(map(len, balanced)), rng, wrong)
+        # As many samples as the balanced bag would hold: each RCC that got images, filled to the largest quota.
+        bag_size = int(sum(max(int(np.sum(assigned == rcc)), per_rcc) for rcc in rccs))
+        return baseline_selection(chosen, len(chosen), bag_size, rng, wrong)
+    balanced = []
+    for rcc in rccs:
+        members = np.flatnonzero(assigned == rcc)
+        drawn = _failures_first(members, wrong)
+        weights = 1.0 / np.maximum(distances[drawn, rcc], 1e-12)
+        extra = rng.choice(drawn, size=max(per_rcc - len(members), 0), replace=True, p=weights / weights.sum())
+        balanced.append(np.concatenate([members, extra]))
     return Selection(chosen, np.concatenate(balanced))
 
 
@@ -288,10 +291,11 @@ def train_epoch(model, optimiser, data: TrainingData, bag: np.ndarray, ctx: RunC
     return correct / max(seen, 1)
 
 
-def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, desc: str
-              ) -> tuple[nn.Module, int, list[dict]]:
+def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, desc: str,
+              each_epoch: Callable[[nn.Module, int, float], None] | None = None) -> tuple[nn.Module, int, list[dict]]:
     """Fine-tunes a copy of the original model; returns it at the chosen epoch, that epoch, and the
-    per-epoch history (training and validation accuracy). Under torchrun the copy trains with
+    per-epoch history (training and validation accuracy). `each_epoch(model, epoch, training accuracy)`
+    is called after every epoch (bench/retrain_epochs_study.py measures each on the way). Under torchrun the copy trains with
     DistributedDataParallel (every rank ends each epoch with the same weights, so each makes the same
     choice of epoch). Dropout draws its masks per global batch (distributed.BatchDropout), the same for
     one process or N ranks."""
@@ -308,6 +312,8 @@ def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, d
         validation = (accuracy_on(model, data.train, data.validation_rows, ctx)
                       if s.epoch_choice == "validation" else float("nan"))
         history.append({"epoch": epoch, "train_accuracy": 100 * train_accuracy, "validation_accuracy": 100 * validation})
+        if each_epoch is not None:
+            each_epoch(model, epoch, train_accuracy)
         score = {"validation": validation, "training": train_accuracy, "last": epoch}[s.epoch_choice]
         if score >= best_score:  # ties go to the later epoch: it has trained on the new images longer
             best_score, best_epoch = score, epoch

@@ -14,7 +14,6 @@ The test accuracy is measured for this study only; the tool never looks at it to
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import Helper  # noqa: E402
-import distributed  # noqa: E402
 import retrainModule as R  # noqa: E402
 
 
@@ -43,17 +41,14 @@ def study_case(case: Path, runs: int, epochs: int) -> list[dict]:
         for run in range(1, runs + 1):
             selection = R.select(mode, unsafe.assigned, unsafe.distances, unsafe.quota, unsafe.wrong,
                                  np.random.default_rng([0, run]), unsafe.uncertainty, hudd_bag=settings.hudd_bag)
-            torch.manual_seed(run)   # as R.fine_tune does, every epoch measured on the way
-            generator = torch.Generator().manual_seed(run)
-            model = copy.deepcopy(ctx.model())
-            dropouts = distributed.batch_dropout(model)
-            optimiser = ctx.task.optimiser(model, settings)
-            for epoch in range(epochs + 1):
-                train_accuracy = (R.train_epoch(model, optimiser, data, selection.bag, ctx, generator, dropouts,
-                                                (run, epoch)) if epoch else float("nan"))
+
+            def measure(model: torch.nn.Module, epoch: int, train_accuracy: float) -> None:
                 rows.append({"case": case.name, "mode": mode, "run": run, "epoch": epoch, "train": train_accuracy,
                              "validation": R.accuracy_on(model, data.train, data.validation_rows, ctx),
                              "test": R.accuracy_on(model, test, test_rows, ctx)})
+
+            measure(ctx.model(), 0, float("nan"))  # epoch 0: the original weights
+            R.fine_tune(ctx, data, selection.bag, run, f"{mode} run {run}", each_epoch=measure)
             print(f"{case.name} {mode} run {run}: last-epoch test accuracy {100 * rows[-1]['test']:.2f}%", flush=True)
     return rows
 
