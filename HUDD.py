@@ -178,6 +178,9 @@ def run_step(step, ctx: RunContext) -> dict:
     if skipped:
         log.info("%s: inputs unchanged, reusing its outputs", step.title)
     else:
+        # Forgotten before its outputs are touched: a run killed mid-step (even by SIGKILL) must not
+        # leave the old entry vouching for half-rewritten outputs.
+        distributed.on_main(lambda: ctx.manifest.forget(step.name))
         started = time.perf_counter()
         distributed.together(lambda: step.compute(ctx) if step.every_rank or distributed.is_main() else None)
         log.debug("%s: %.1f s", step.title, time.perf_counter() - started)

@@ -291,6 +291,23 @@ def test_an_interrupted_step_keeps_its_finished_layers(make_case, monkeypatch):
     assert (analysis / clusterModule.selected_layer(ctx.paths) / "knee.png").is_file()
 
 
+def test_a_step_killed_while_it_is_recomputed_is_not_reused_afterwards(make_case, monkeypatch):
+    case = make_case(per_class=4)
+    ctx, _ = run_steps(case)
+    assert ctx.manifest.is_current(clusterModule.STEP.name, clusterModule.STEP.fingerprint(ctx))
+
+    def killed(*_args):
+        raise KeyboardInterrupt  # what matters of a SIGKILL: nothing after this point runs
+
+    monkeypatch.setattr(clusterModule, "cluster_one_layer", killed)
+    forced = context(case)
+    forced.force = True
+    with pytest.raises(KeyboardInterrupt):
+        run_step(clusterModule.STEP, forced)
+    again = context(case)  # a new run reads the manifest from disk
+    assert not again.manifest.is_current(clusterModule.STEP.name, clusterModule.STEP.fingerprint(again))
+
+
 def test_a_failed_distance_workbook_is_one_clear_error_and_no_partial_file(make_case, monkeypatch):
     case = make_case(per_class=4)
     ctx, _ = run_steps(case, distance_xlsx="none")
