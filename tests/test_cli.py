@@ -81,6 +81,14 @@ def test_truncated_image_stops_naming_it_then_can_be_skipped(make_case):
     assert len(pd.read_csv(case / "trainResult.csv")) == 5
 
 
+def test_a_skipped_improvement_image_stops_the_assignment_step_naming_it(make_case):
+    case = make_case(per_class=2)
+    image = sorted((case / "DataSets" / "ImprovementSet").rglob("*.png"))[0]
+    image.write_bytes(image.read_bytes()[:100])
+    assert_clean_error(hudd("-o", str(case), "--skip-bad-images"), image.name, "left out by --skip-bad-images",
+                       "replace or remove")
+
+
 def test_output_size_mismatch(make_case):
     case = make_case(per_class=1)
     save_model(case / "DNNModels" / "Wide.pth", num_classes=7)
