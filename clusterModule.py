@@ -867,6 +867,9 @@ def compare(ctx: RunContext) -> pd.DataFrame:
     Ward on the raw pixels at the same k for comparison. Written to T/ClusterAnalysis/compare.csv."""
     from dataclasses import replace
     index = heatmapModule.read_index(ctx.paths)
+    if len(index) < 2:
+        raise HuddError(f"{ctx.paths.root}: --compare needs at least 2 error images to cluster, the case has "
+                        f"{len(index)}; its single RCC is in T/ClusterAnalysis")
     scenarios, explained = scenarios_of(error_metadata(ctx, index)), explained_outputs(ctx, index)
     rows, measured = [], {}
     pixels = pixel_tree(ctx) if scenarios is not None else None   # one Ward tree; each candidate cuts it

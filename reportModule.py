@@ -121,6 +121,9 @@ def run_section(ctx: RunContext, data: ReportData) -> str:
         for _, row in data.summary.iterrows())
     errors = data.errors
     knee = clusterModule.knee_plot(ctx.paths, data.layer)
+    # No plot where the layer had a single choice of k (one to three error images): say so, link nothing.
+    knee_figure = (f'<p><img src="{rel(knee, ctx.paths.t_dir)}" alt="choice of k for {esc(data.layer)}" width=640></p>'
+                   if knee.is_file() else "<p>No plot of the choice of k: with so few error images there was one choice.</p>")
     return f"""
 <h2>The run</h2>
 <p>Model <b>{esc(ctx.model_path.name)}</b> ({esc(s.arch)}), case <code>{esc(ctx.paths.root)}</code>.
@@ -134,8 +137,7 @@ def run_section(ctx: RunContext, data: ReportData) -> str:
 {s.max_rccs} top-level RCCs (<code>max_rccs</code>, k by <code>k_criterion</code> {esc(s.k_criterion)}), each split
 into sub-clusters (sub_k: the best silhouette among finer cuts).</p>
 <table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>{layer_rows}</table>
-<p><img src="{rel(knee, ctx.paths.t_dir)}" alt="choice of k for {esc(data.layer)}" width=640></p>
-"""
+{knee_figure}"""
 
 
 def sign_class(value: float) -> str:

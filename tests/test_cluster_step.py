@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
@@ -15,7 +16,9 @@ from sklearn.metrics import adjusted_mutual_info_score
 
 import clusterModule
 import heatmapModule
+import reportModule
 import testModule
+from Helper import HuddError
 from features import make_space
 from helpers import context, run_step
 
@@ -144,6 +147,14 @@ def test_one_to_three_error_images(make_case, errors):
     labels = pd.read_csv(case / "T" / "ClusterAnalysis" / summary["layer"] / "rcc_labels.csv")
     assert len(labels) == errors
     assert summary["k"] == min(errors, 2)
+    page = reportModule.write_report(ctx)  # no link to a k plot that a single choice of k never drew
+    for source in re.findall(r'src="([^"]+)"', page.read_text(encoding="utf-8")):
+        assert (page.parent / source).is_file(), source
+    if errors == 1:
+        with pytest.raises(HuddError, match="--compare needs at least 2 error images"):
+            clusterModule.compare(ctx)
+    else:
+        assert len(clusterModule.compare(ctx))
 
 
 def test_identical_heatmaps_and_a_nan_layer(make_case):
