@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     run.add_argument("--batch-size", type=positive_int, metavar="N", help="images per batch (default 128)")
     run.add_argument("--workers", type=non_negative_int, metavar="N", help="data-loading processes (default 2)")
-    run.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch (default 0)")
+    run.add_argument("--seed", type=non_negative_int, default=0, help="seed for python, numpy and torch (default 0)")
     run.add_argument("--force", metavar="BOOL", **flag, help="recompute steps even when their inputs are unchanged")
     run.add_argument("--debug", metavar="BOOL", **flag, help="verbose log, tracebacks on errors")
     return parser

@@ -371,30 +371,43 @@ def _validate_settings(s: Settings, source: Path) -> None:
     explain_choices = task_class(s.task).explain_choices
     if s.explain not in explain_choices:
         raise bad("explain", f"for {s.task} models use one of {', '.join(repr(c) for c in explain_choices)}")
-    if s.channels not in (1, 3):
+    if not isinstance(s.arch, str) or not s.arch.strip():
+        raise bad("arch", "use an architecture name (e.g. resnet18) or path/to/file.py:ClassName")
+    if not _whole(s.channels) or s.channels not in (1, 3):
         raise bad("channels", "use 3 (RGB) or 1 (grayscale)")
-    if len(s.mean) != s.channels or len(s.std) != s.channels or any(v <= 0 for v in s.std):
-        raise bad("std" if len(s.mean) == s.channels else "mean",
-                  f"mean and std need {s.channels} values each, std positive")
+    for key in ("mean", "std"):
+        values = getattr(s, key)
+        if not (isinstance(values, list) and len(values) == s.channels and all(_number(v) for v in values)):
+            raise bad(key, f"give a list of {s.channels} number(s), one per input channel, the normalisation the "
+                           "model was trained with (both mean and std)")
+    if any(v <= 0 for v in s.std):
+        raise bad("std", "every value must be positive")
     if s.input_size is not None:
-        if isinstance(s.input_size, int):
+        if _whole(s.input_size):
             s.input_size = [s.input_size, s.input_size]
-        if len(s.input_size) != 2 or min(s.input_size) < 1:
-            raise bad("input_size", "use one size or [height, width]")
+        if not (isinstance(s.input_size, list) and len(s.input_size) == 2
+                and all(_whole(v) and v >= 1 for v in s.input_size)):
+            raise bad("input_size", "use one whole number of pixels or [height, width]")
     if s.features == "backbone" and not (isinstance(s.backbone, str) and isinstance(s.backbone_weights, str)):
         raise bad("features", "'backbone' needs the settings backbone (an architecture) and backbone_weights (its "
                               "state_dict file); no weights are ever downloaded")
-    if s.max_rccs is not None and isinstance(s.max_rccs, int) and s.max_rccs < 2:
-        raise bad("max_rccs", "must be at least 2")
+    if s.max_rccs is not None and (not _whole(s.max_rccs) or s.max_rccs < 2):
+        raise bad("max_rccs", "must be a whole number of at least 2")
     if s.layers is not None and (not isinstance(s.layers, list) or not all(isinstance(p, str) for p in s.layers)):
         raise bad("layers", "use a list of module paths, e.g. [\"features.0\", \"classifier.1\"]")
     _validate_numbers(s, bad)
 
 
-def _validate_numbers(s: Settings, bad) -> None:
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_numbers(s: Settings, bad) -> None:
+    number = _number
     for key in POSITIVE_NUMBERS:
         if not number(getattr(s, key)) or not getattr(s, key) > 0:
             raise bad(key, "must be a positive number")
@@ -404,9 +417,9 @@ def _validate_numbers(s: Settings, bad) -> None:
     if not number(s.error_threshold) or not s.error_threshold > 0:
         raise bad("error_threshold", "must be a positive number (pixels for keypoints)")
     for key in POSITIVE_WHOLE_NUMBERS:
-        if not isinstance(getattr(s, key), int) or isinstance(getattr(s, key), bool) or getattr(s, key) < 1:
+        if not _whole(getattr(s, key)) or getattr(s, key) < 1:
             raise bad(key, "must be a positive whole number")
-    if not isinstance(s.workers, int) or s.workers < 0:
+    if not _whole(s.workers) or s.workers < 0:
         raise bad("workers", "must be 0 or a positive whole number")
 
 
@@ -512,7 +525,12 @@ def build_architecture(arch: str, num_classes: int, channels: int = 3) -> nn.Mod
     if arch.lower() in BUILTIN_ARCHITECTURES:
         return BUILTIN_ARCHITECTURES[arch.lower()](num_classes=num_classes, in_channels=channels)
     if ":" in arch and arch.split(":")[0].endswith(".py"):
-        return _user_class(arch)(num_classes=num_classes)
+        user_class = _user_class(arch)
+        try:
+            return user_class(num_classes=num_classes)
+        except TypeError as error:  # its constructor cannot be called as HUDD calls it
+            raise HuddError(f"{arch}: {user_class.__name__}(num_classes={num_classes}) failed ({error}); its "
+                            "constructor must take num_classes, every other argument with a default") from error
     import torchvision
     if arch in torchvision.models.list_models():
         return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)

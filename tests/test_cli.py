@@ -43,7 +43,8 @@ def test_flags_alone_mean_yes_and_numbers_are_numbers():
 
 
 def test_bad_option_values_exit_2():
-    for bad in (["--batch-size", "many"], ["-rq", "perhaps"], ["--steps", "dream"], ["-mode", "HUD"]):
+    for bad in (["--batch-size", "many"], ["-rq", "perhaps"], ["--steps", "dream"], ["-mode", "HUD"],
+                ["--seed", "-1"]):
         result = hudd("-o", "x", *bad)
         assert result.returncode == 2 and "Traceback" not in result.stderr, bad
 

@@ -80,7 +80,19 @@ def test_settings_precedence_defaults_json_command_line(case):
     ("{not json", "not valid JSON"),
     (json.dumps({"archh": "demonet"}), "unknown setting.*archh"),
     (json.dumps({"resize": "stretch"}), "resize='stretch'"),
-    (json.dumps({"mean": [0.5]}), "mean and std need 3 values"),
+    (json.dumps({"mean": [0.5]}), "mean=\\[0.5\\].*list of 3 number"),
+    (json.dumps({"mean": 0.5}), "mean=0.5.*list of 3 number"),
+    (json.dumps({"mean": None}), "mean=None.*list of 3 number"),
+    (json.dumps({"std": ["a", "b", "c"]}), "std=.*list of 3 number"),
+    (json.dumps({"std": [0.2, 0.0, 0.2]}), "std=.*positive"),
+    (json.dumps({"channels": 1}), "mean=.*list of 1 number"),        # greyscale needs its own normalisation
+    (json.dumps({"channels": True}), "channels=True"),
+    (json.dumps({"input_size": "64"}), "input_size='64'.*whole number"),
+    (json.dumps({"input_size": 64.5}), "input_size=64.5.*whole number"),
+    (json.dumps({"input_size": True}), "input_size=True.*whole number"),
+    (json.dumps({"arch": 5}), "arch=5.*architecture name"),
+    (json.dumps({"arch": None}), "arch=None.*architecture name"),
+    (json.dumps({"max_rccs": 2.5}), "max_rccs=2.5.*whole number"),
     (json.dumps({"rules": "hud"}), "rules='hud'.*'hudd'"),             # checked when read, not after the test step
     (json.dumps({"k_criterion": "elbow"}), "k_criterion='elbow'.*'silhouette'"),
     (json.dumps({"explain": "worst"}), "explain='worst'.*classification"),  # a keypoint value for a classifier
@@ -209,3 +221,10 @@ def test_manifest_needs_matching_fingerprint_and_existing_outputs(tmp_path):
     assert not reread.is_current("test", "abd")
     os.remove(tmp_path / "a.csv")
     assert not reread.is_current("test", "abc")
+
+
+def test_a_user_class_without_num_classes_is_a_clear_error(tmp_path):
+    (tmp_path / "nets.py").write_text("from torch import nn\n\nclass Block(nn.Module):\n"
+                                      "    def __init__(self, width):\n        super().__init__()\n")
+    with pytest.raises(HuddError, match="Block\\(num_classes=3\\) failed.*must take num_classes"):
+        Helper.build_architecture(f"{tmp_path / 'nets.py'}:Block", 3)
