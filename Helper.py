@@ -5,6 +5,7 @@ A step module imports from here and from nothing later in the pipeline.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -483,6 +484,12 @@ def collate_images(batch):
     """Stacks the readable images; returns (inputs, labels, indices, [(index, error), ...])."""
     good = [item for item in batch if not item[3]]
     failed = [(item[2], item[3]) for item in batch if item[3]]
+    if good and any(item[0].shape != good[0][0].shape for item in good):  # only with resize "none"
+        shape = collections.Counter(item[0].shape for item in good).most_common(1)[0][0]
+        failed += [(item[2], f"its size {item[0].shape[-2]}x{item[0].shape[-1]} differs from the other images' "
+                             f"{shape[-2]}x{shape[-1]}; with setting resize 'none' every image must have the model's "
+                             "input size: use resize 'resize'") for item in good if item[0].shape != shape]
+        good = [item for item in good if item[0].shape == shape]
     if good:
         inputs = torch.stack([item[0] for item in good])
     else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -10,9 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 import HUDD
-from helpers import REPO, assert_clean_error, hudd, save_model
+from helpers import REPO, SETTINGS, assert_clean_error, hudd, save_model
 
 
 def test_original_package_layout_runs(make_case):
@@ -116,6 +118,15 @@ def test_bad_settings_file(make_case):
     case = make_case(per_class=1)
     (case / "hudd.json").write_text('{"epochs": 0}')
     assert_clean_error(hudd("-o", str(case)), "epochs=0", "positive whole number")
+
+
+def test_an_image_of_another_size_without_resizing_is_named(make_case):
+    case = make_case(per_class=2)
+    (case / "hudd.json").write_text(json.dumps({**SETTINGS, "resize": "none"}))
+    image = sorted((case / "DataSets" / "TestSet").rglob("*.png"))[1]
+    Image.open(image).resize((24, 24)).save(image)
+    assert_clean_error(hudd("-o", str(case)), image.name, "24x24 differs from the other images' 32x32",
+                       "use resize 'resize'")
 
 
 def test_rq_needs_the_pipeline_to_have_run(make_case):
