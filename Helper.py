@@ -225,19 +225,36 @@ def load_case_sets(paths: CasePaths, task=None, set_keys=("train", "test", "impr
     return sets
 
 
+def metadata_file(set_root: Path) -> Path | None:
+    """The `metadata.csv` read_metadata reads for a set (in its folder or the one above), or None."""
+    return next((folder / "metadata.csv" for folder in (set_root, set_root.parent)
+                 if (folder / "metadata.csv").is_file()), None)
+
+
+def metadata_digest(set_root: Path) -> str | None:
+    """Fingerprint of a set's metadata.csv (its bytes: the file is small), None without one."""
+    path = metadata_file(set_root)
+    return None if path is None else hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def read_metadata(set_root: Path, case_root: Path) -> pd.DataFrame | None:
     """The optional `metadata.csv` of a set (column `image`: paths relative to the folder holding the
     file, which is the set folder or, for the doubled improvement layout, the one above it), indexed
     by image path relative to the case directory, as in the result files; None where there is none."""
-    for folder in (set_root, set_root.parent):
-        meta_path = folder / "metadata.csv"
-        if meta_path.is_file():
-            meta = pd.read_csv(meta_path)
-            if "image" not in meta.columns:
-                raise HuddError(f"{meta_path}: needs an 'image' column with paths relative to {folder}")
-            meta["image"] = [Path(os.path.relpath(folder / p, case_root)).as_posix() for p in meta["image"]]
-            return meta.set_index("image")
-    return None
+    meta_path = metadata_file(set_root)
+    if meta_path is None:
+        return None
+    meta = pd.read_csv(meta_path)
+    if "image" not in meta.columns:
+        raise HuddError(f"{meta_path}: needs an 'image' column with paths relative to {meta_path.parent}")
+    empty = np.flatnonzero(meta["image"].isna().to_numpy())
+    if len(empty):
+        raise HuddError(f"{meta_path}: line {empty[0] + 2} has no image path; fill it in or delete the line")
+    repeated = meta["image"][meta["image"].duplicated()]
+    if len(repeated):
+        raise HuddError(f"{meta_path}: image {repeated.iloc[0]!r} has more than one line; keep one per image")
+    meta["image"] = [Path(os.path.relpath(meta_path.parent / str(p), case_root)).as_posix() for p in meta["image"]]
+    return meta.set_index("image")
 
 
 # --------------------------------------------------------------------------------------------

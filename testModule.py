@@ -35,7 +35,7 @@ from tqdm import tqdm
 import descriptors
 import distributed
 from Helper import (SET_FOLDERS, CasePaths, HuddError, ImageSet, RunContext, Settings, Step, atomic_path,
-                    image_set_digest, make_loader, read_metadata, resolve_input_size, write_csv)
+                    image_set_digest, make_loader, metadata_digest, read_metadata, resolve_input_size, write_csv)
 
 log = logging.getLogger("hudd")
 
@@ -281,6 +281,8 @@ class TestStep(Step):
     def inputs(self, ctx: RunContext) -> dict:
         return {**ctx.model_fingerprint_part(),
                 "sets": {k: image_set_digest(s, ctx.paths.root) for k, s in ctx.sets().items()},
+                # the scenarios of every later figure (accuracy per scenario, purity, coverage) come from these
+                "metadata": {k: metadata_digest(s.root) for k, s in ctx.sets().items()},
                 "skip_bad_images": ctx.skip_bad_images, "error_threshold": ctx.settings.error_threshold}
 
     def outputs(self, ctx: RunContext) -> list[Path]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -96,6 +97,29 @@ def test_metadata_missing_an_image_is_named(make_case):
         case / "DataSets" / "TestSet" / "metadata.csv", index=False)
     with pytest.raises(Helper.HuddError, match="has no scenario for image 'DataSets/TestSet/"):
         run_step(testModule.STEP, context(case))
+
+
+@pytest.mark.parametrize("images, message", [
+    (["class_a/x.png", "class_a/x.png"], "image 'class_a/x.png' has more than one line"),
+    (["class_a/x.png", None], "line 3 has no image path"),
+])
+def test_a_metadata_file_without_one_line_per_image_is_named(make_case, images, message):
+    case = make_case(per_class=2)
+    metadata = case / "DataSets" / "TestSet" / "metadata.csv"
+    pd.DataFrame({"image": images, "scenario": ["none", "fog"]}).to_csv(metadata, index=False)
+    with pytest.raises(Helper.HuddError, match=re.escape(f"{metadata}: {message}")):
+        run_step(testModule.STEP, context(case))
+
+
+def test_an_edited_metadata_file_recomputes_the_test_step(make_case):
+    case = make_case(per_class=2)
+    test_dir = case / "DataSets" / "TestSet"
+    images = sorted(p.relative_to(test_dir).as_posix() for p in test_dir.rglob("*.png"))
+    pd.DataFrame({"image": images, "scenario": ["none"] * len(images)}).to_csv(test_dir / "metadata.csv", index=False)
+    assert run_step(testModule.STEP, context(case))["skipped"] is False
+    assert run_step(testModule.STEP, context(case))["skipped"] is True
+    pd.DataFrame({"image": images, "scenario": ["fog"] * len(images)}).to_csv(test_dir / "metadata.csv", index=False)
+    assert run_step(testModule.STEP, context(case))["skipped"] is False
 
 
 def test_rerun_skips_and_changed_inputs_recompute(make_case):
