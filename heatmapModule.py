@@ -331,9 +331,16 @@ class ErrorExplainer:
     def setup(self, example: torch.Tensor, channels: torch.Tensor) -> dict[str, tuple[int, ...]]:
         ctx, model = self.ctx, self.ctx.model()
         self.layers = selected_layers(model, ctx, example)
-        self.explainer = LRPExplainer(model, rules=ctx.settings.rules, layers=[p for _n, p in self.layers[1:]])
         self.output_shape = ctx.task.output_shape(model, example)
-        probe = self(example, channels)
+        try:  # the engine names an operation it has no rule for when it meets it: here, on one image
+            self.explainer = LRPExplainer(model, rules=ctx.settings.rules, layers=[p for _n, p in self.layers[1:]])
+            probe = self(example, channels)
+        except ValueError as error:
+            if not str(error).startswith("LRP:"):
+                raise
+            raise HuddError(f"architecture {ctx.settings.arch!r} cannot be explained: {error}. HUDD's LRP covers "
+                            "convolutional networks (ResNet, VGG, DenseNet, MobileNet, EfficientNet, ConvNeXt, ...), "
+                            "not attention or recurrent layers") from error
         return {name: tuple(block.shape[1:]) for name, block in probe.items()}
 
     def __call__(self, inputs: torch.Tensor, channels: torch.Tensor) -> dict[str, np.ndarray]:

@@ -71,7 +71,12 @@ engine traces the model with torch.fx and applies the rules to functions too:
   proportional (epsilon on the op); ``F.linear`` / ``F.conv*d`` -> the preset's linear/conv rule;
 * arithmetic of an input-dependent tensor with a constant (``x * 0.5``, ``(x - mean) / std``
   inside the model) -> pass-through (zennit: the gradient, which rescales relevance);
-* ``F.dropout(x, p)`` with ``training`` hard-coded True -> identity (eval semantics);
+* ``F.dropout(x, p)`` with ``training`` hard-coded True -> identity (eval semantics); torchvision's
+  ``stochastic_depth`` -> identity; ``F.layer_norm``, ``F.group_norm`` & co. -> pass-through, as
+  their modules;
+* torchvision's ``SqueezeExcitation`` (MobileNetV3, EfficientNet, RegNetY: the input times a gate
+  computed from it) -> pass-through to the gated signal, none to the gate (the usual treatment of
+  multiplicative gates, Arras et al. 2017), by default wherever the model holds one;
 * normalisation layers that cannot be merged (BatchNorm not preceded by a conv/linear layer,
   LayerNorm, GroupNorm, InstanceNorm, LocalResponseNorm) -> pass-through (zennit: ``Pass`` for
   BatchNorm, the gradient for the others);

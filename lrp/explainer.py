@@ -52,6 +52,19 @@ def _check_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str] |
     return paths
 
 
+def gating_module_rules(model: nn.Module) -> dict:
+    """Default rules for the gating blocks of torchvision's models: a squeeze-and-excitation block
+    (MobileNetV3, EfficientNet, RegNet) multiplies its input by a gate computed from it, a product of two
+    input-dependent tensors. Its relevance passes to the gated signal whole and none to the gate
+    ("pass": out = gate * x, element-wise), the usual LRP treatment of multiplicative gates (Arras et
+    al., 2017). Only types the model holds are listed; the user's module_rules override them."""
+    try:
+        from torchvision.ops import SqueezeExcitation
+    except ImportError:  # torchvision is optional for the engine
+        return {}
+    return {SqueezeExcitation: "pass"} if any(isinstance(m, SqueezeExcitation) for m in model.modules()) else {}
+
+
 class LRPExplainer:
     """Prepared LRP explainer: ``LRPExplainer(model, rules)(inputs, target) -> dict``.
 
@@ -80,7 +93,7 @@ class LRPExplainer:
             raise TypeError("LRP: model must be a torch.nn.Module")
         self.preset, preset = resolve_preset(rules)
         self.epsilon = float(epsilon)
-        self.module_rules = dict(module_rules or {})
+        self.module_rules = {**gating_module_rules(model), **(module_rules or {})}
         check_module_rules(self.module_rules)
         self._composite = Composite(preset, self.epsilon, self.module_rules)
         self.rules = self._composite.affine_rule_names()

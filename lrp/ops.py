@@ -45,12 +45,19 @@ OUT_OF_PLACE_FUNCTIONS: dict[Callable, Callable] = {
 _PASS = _fns("relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish",
              "hardswish", "hardsigmoid", "hardtanh", "softplus", "softsign", "tanh", "sigmoid",
              "logsigmoid", "softmax", "log_softmax", "softmin", "threshold", "rrelu",
-             "tanhshrink", "softshrink", "hardshrink") + _fns(
+             "tanhshrink", "softshrink", "hardshrink",
+             # functional normalisations, as their (unmerged) modules: pass-through
+             "layer_norm", "group_norm", "instance_norm", "local_response_norm") + _fns(
     "relu", "sigmoid", "tanh", "softmax", "log_softmax", "clamp", "clip", "clamp_min", "neg",
     mod=torch) + [operator.neg] + list(_INPLACE_ACTIVATIONS)
+try:  # torchvision's stochastic depth (EfficientNet, ConvNeXt, ...): dropout of a whole residual branch
+    import torchvision.ops as _tv_ops
+except ImportError:  # torchvision is optional for the engine
+    _tv_ops = None
 _IDENTITY = _fns("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
                  "feature_alpha_dropout") + _fns("dropout", "alpha_dropout", "feature_dropout",
-                                                 mod=torch)
+                                                 mod=torch) + (
+    _fns("stochastic_depth", mod=_tv_ops) if _tv_ops is not None else [])
 _PROPORTIONAL = _fns("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
                      "adaptive_avg_pool2d", "adaptive_avg_pool3d", "interpolate", "upsample",
                      "upsample_nearest", "upsample_bilinear") + _fns(

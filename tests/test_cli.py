@@ -129,6 +129,25 @@ def test_an_image_of_another_size_without_resizing_is_named(make_case):
                        "use resize 'resize'")
 
 
+def test_an_architecture_lrp_cannot_explain_is_one_clear_error(make_case):
+    case = make_case(per_class=2)
+    (case / "nets.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Gated(nn.Module):\n"
+        "    def __init__(self, num_classes=3):\n        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 4, 3, padding=1)\n        self.fc = nn.Linear(4, num_classes)\n\n"
+        "    def forward(self, x):\n        h = self.conv(x)\n        h = h * torch.sigmoid(h)  # a gate: no LRP rule\n"
+        "        return self.fc(h.mean((2, 3)))\n")
+    sys.path.insert(0, str(case))
+    try:
+        from nets import Gated
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("nets", None)
+    torch.save(Gated().state_dict(), case / "DNNModels" / "OriginalModel.pth")
+    assert_clean_error(hudd("-o", str(case), "--arch", f"{case / 'nets.py'}:Gated"),
+                       "architecture", "cannot be explained", "'mul' of two input-dependent tensors")
+
+
 def test_rq_needs_the_pipeline_to_have_run(make_case):
     case = make_case(per_class=1)
     assert_clean_error(hudd("-o", str(case), "-rq", "True"), "no clustering results", "OriginalModel.pth")

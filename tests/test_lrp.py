@@ -831,6 +831,43 @@ def test_module_rules_for_custom_types():
     assert_close(rel["conv"], expected, 1e-10, "conv")
 
 
+def test_torchvision_gating_and_stochastic_depth_get_their_rules_by_default():
+    """Squeeze-and-excitation (MobileNetV3, EfficientNet) passes its relevance to the gated signal, as
+    module_rules {SqueezeExcitation: "pass"} would; stochastic depth and a functional layer norm in eval
+    mode are the identity and pass-through: the same relevance as the network without them."""
+    from torchvision.ops import SqueezeExcitation, stochastic_depth
+
+    class Net(nn.Module):
+        def __init__(self, extras: bool):
+            super().__init__()
+            self.conv, self.extras = nn.Conv2d(3, 4, 3), extras
+            self.se = SqueezeExcitation(4, 2)
+            self.fc = nn.Linear(4 * 2 * 2, 3)
+
+        def forward(self, x):
+            h = self.se(torch.relu(self.conv(x)))
+            if self.extras:
+                h = stochastic_depth(h, 0.5, "row", self.training)
+                h = nn.functional.layer_norm(h, h.shape[1:])
+            return self.fc(h.flatten(1))
+
+    torch.manual_seed(12)
+    net = Net(extras=False).double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    default = lrp.LRPExplainer(net, rules="epsilon")(x)
+    # pass-through: the relevance at the block's input equals the one at its output
+    h = net.se(torch.relu(net.conv(x)))
+    z = net.fc(h.flatten(1))
+    expected = h * ((seed_of(z, z.argmax(1)) / _stab(z)) @ net.fc.weight).reshape(h.shape)
+    assert_close(default["conv"], expected, 1e-10, "conv")
+    explicit = lrp.LRPExplainer(net, rules="epsilon", module_rules={SqueezeExcitation: "pass"})(x)
+    assert_close(default["input"], explicit["input"], 1e-12, "input")
+    with_extras = Net(extras=True).double().eval()
+    with_extras.load_state_dict(net.state_dict())
+    rel = lrp.LRPExplainer(with_extras, rules="epsilon")(x)
+    assert set(rel) >= {"conv", "input"}   # explained, no "no relevance rule" error
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
     """Same relevance on CUDA as on CPU (float64: no TF32 convolutions), results on the GPU."""
