@@ -17,6 +17,7 @@ import pickle
 import random
 import shutil
 import sys
+import unicodedata
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -143,9 +144,16 @@ def list_image_set(set_root: Path, classes: list[str] | None = None, name: str =
         raise HuddError(f"{set_root}: image set folder not found; create it with one sub-folder per class")
     class_dirs = _subdirs(set_root)
     if class_dirs:
+        loose = sorted(p for p in set_root.iterdir() if _is_image(p))
+        if loose:  # they would be left out silently: a set is either labelled by folders or not at all
+            raise HuddError(f"{set_root}: holds class folders and {len(loose)} image(s) outside them (e.g. "
+                            f"{loose[0].name}); move them into their class folders, or, for an unlabelled set, "
+                            "take every image out of the folders")
         folder_classes = [d.name for d in class_dirs]
         classes = folder_classes if classes is None else classes
-        unknown = [c for c in folder_classes if c not in classes]
+        # names compared in one Unicode form: macOS writes "ü" decomposed (NFD), other systems composed
+        index = {unicodedata.normalize("NFC", c): i for i, c in enumerate(classes)}
+        unknown = [c for c in folder_classes if unicodedata.normalize("NFC", c) not in index]
         if unknown:
             raise HuddError(
                 f"{set_root}: class folder(s) {', '.join(repr(c) for c in unknown)} are not classes of the "
@@ -154,7 +162,7 @@ def list_image_set(set_root: Path, classes: list[str] | None = None, name: str =
         for folder in class_dirs:
             for image in sorted(p for p in folder.iterdir() if _is_image(p)):
                 paths.append(image)
-                labels.append(classes.index(folder.name))
+                labels.append(index[unicodedata.normalize("NFC", folder.name)])
     else:
         paths = sorted(p for p in set_root.iterdir() if _is_image(p))
         labels = [UNLABELLED] * len(paths)

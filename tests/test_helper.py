@@ -52,6 +52,26 @@ def test_a_class_folder_with_the_set_name_is_not_taken_for_the_doubled_layout(tm
     assert Helper.list_image_set(set_dir).classes == ["ImprovementSet", "other"]
 
 
+def test_images_beside_class_folders_are_refused_not_dropped(tmp_path):
+    rng = np.random.default_rng(0)
+    write_image(tmp_path / "Set" / "cat" / "a.png", rng)
+    write_image(tmp_path / "Set" / "loose.png", rng)
+    with pytest.raises(HuddError, match="class folders and 1 image.*loose.png.*move them into their class folders"):
+        Helper.list_image_set(tmp_path / "Set")
+
+
+def test_a_class_folder_named_in_another_unicode_form_is_the_same_class(tmp_path):
+    import unicodedata
+    rng = np.random.default_rng(0)
+    composed, decomposed = unicodedata.normalize("NFC", "Über"), unicodedata.normalize("NFD", "Über")
+    write_image(tmp_path / "Train" / composed / "a.png", rng)
+    write_image(tmp_path / "Train" / "zebra" / "b.png", rng)
+    write_image(tmp_path / "Test" / decomposed / "c.png", rng)   # as macOS writes the name
+    train = Helper.list_image_set(tmp_path / "Train")
+    test = Helper.list_image_set(tmp_path / "Test", classes=train.classes)
+    assert test.labels == [train.classes.index(composed)]
+
+
 def test_test_set_class_unknown_to_training_is_refused(case):
     write_image(case / "DataSets" / "TestSet" / "zebra crossing" / "x.png", np.random.default_rng(0))
     with pytest.raises(HuddError, match="zebra crossing.*not classes of the training set"):
