@@ -198,7 +198,7 @@ def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
     chosen = [step for step in analysis_steps() if step.name in steps]
     if "retrain" in steps:
         chosen += [retrainModule.RetrainStep(mode) for mode in modes]
-        if not modes:
+        if not modes and not any(retrainModule.table_path(ctx.paths, mode, "runs").is_file() for mode in MODES):
             results["notes"].append("to retrain the model, add -mode HUDD (or BL1, BL2, BL3 for the baselines)")
     for step in chosen:
         try:

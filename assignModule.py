@@ -378,7 +378,7 @@ class AssignStep(Step):
         clusters = selected_clusters(ctx)
         if not clusters.eligible:
             raise PipelineStop(f"no RCC of {clusters.layer} has two or more images, so no improvement image can "
-                               "be assigned")
+                               "be assigned: there is no unsafe set, and so nothing to retrain with")
         results = improvement_results(ctx)
         uncertainty = improvement_uncertainty(ctx, results)  # keypoints: a forward pass with shifts, every rank
         members = member_rows(ctx, clusters)

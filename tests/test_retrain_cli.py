@@ -34,6 +34,13 @@ def test_a_rerun_reuses_the_results_and_more_runs_recompute(retrained_case):
     assert sorted(p.name for p in (case / "DNNModels").iterdir()) == models
 
 
+def test_the_hint_to_retrain_is_given_only_where_no_mode_has_run(retrained_case, make_case):
+    case, _ = retrained_case
+    assert "to retrain the model, add -mode HUDD" not in hudd("-o", str(case)).stdout
+    fresh = hudd("-o", str(make_case(per_class=2)))
+    assert fresh.returncode == 0 and "to retrain the model, add -mode HUDD" in fresh.stdout
+
+
 def test_rq1_results_match_the_retraining_tables(retrained_case):
     case, _ = retrained_case
     runs = pd.read_csv(case / "T" / "Retrain" / "HUDD_runs.csv")
