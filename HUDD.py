@@ -343,6 +343,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("give a case study with -o CASE, or --demo")
     if args.rq and (args.demo is not None or args.case is None):
         raise HuddError("-rq True needs -o CASE and -m MODEL (a retrained model), not --demo")
+    actions = [name for name, on in (("--report", args.report), ("--compare", args.compare), ("-rq True", args.rq)) if on]
+    if len(actions) > 1:
+        raise HuddError(f"{' and '.join(actions)}: give one of them per run")
     modes = [args.mode] if args.mode else (list(MODES) if args.demo is not None else [])
     if args.steps == ["retrain"] and not modes:
         raise HuddError("--steps retrain needs -mode HUDD, BL1, BL2 or BL3")

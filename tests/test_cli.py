@@ -148,6 +148,11 @@ def test_an_architecture_lrp_cannot_explain_is_one_clear_error(make_case):
                        "architecture", "cannot be explained", "'mul' of two input-dependent tensors")
 
 
+def test_report_and_compare_together_are_refused(make_case):
+    case = make_case(per_class=1)
+    assert_clean_error(hudd("-o", str(case), "--compare", "--report"), "--report and --compare", "one of them")
+
+
 def test_rq_needs_the_pipeline_to_have_run(make_case):
     case = make_case(per_class=1)
     assert_clean_error(hudd("-o", str(case), "-rq", "True"), "no clustering results", "OriginalModel.pth")
