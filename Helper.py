@@ -343,6 +343,10 @@ def load_settings(paths: CasePaths, overrides: dict[str, Any] | None = None) -> 
         if unknown:
             raise HuddError(f"{paths.settings_file}: unknown setting(s) {', '.join(unknown)}; "
                             f"known ones are {', '.join(Settings.keys())}")
+    if _is_class_spec(values.get("arch")):  # a file named in hudd.json is relative to the case, as the file is
+        file_name, class_name = values["arch"].rsplit(":", 1)
+        if not Path(file_name).is_absolute():
+            values["arch"] = f"{paths.root / file_name}:{class_name}"
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     settings = Settings(**values)
     _validate_settings(settings, paths.settings_file)
@@ -556,7 +560,7 @@ def build_architecture(arch: str, num_classes: int, channels: int = 3) -> nn.Mod
     from architectures import BUILTIN_ARCHITECTURES
     if arch.lower() in BUILTIN_ARCHITECTURES:
         return BUILTIN_ARCHITECTURES[arch.lower()](num_classes=num_classes, in_channels=channels)
-    if ":" in arch and arch.split(":")[0].endswith(".py"):
+    if _is_class_spec(arch):
         user_class = _user_class(arch)
         try:
             return user_class(num_classes=num_classes)
@@ -571,11 +575,28 @@ def build_architecture(arch: str, num_classes: int, channels: int = 3) -> nn.Mod
         "model name (e.g. resnet18), or your own class as path/to/file.py:ClassName")
 
 
+def _is_class_spec(arch: Any) -> bool:
+    """`path/to/file.py:ClassName`, the user's own architecture class."""
+    return isinstance(arch, str) and ":" in arch and arch.rsplit(":", 1)[0].endswith(".py")
+
+
+def arch_identity(arch: str) -> str:
+    """The architecture as fingerprints see it: a built-in or torchvision name as it is; the user's class
+    by its name and its file's content, so an edited file counts and a path spelled otherwise does not."""
+    if not _is_class_spec(arch):
+        return arch
+    file_name, class_name = arch.rsplit(":", 1)
+    path = Path(file_name)
+    content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    return f"{class_name}@{content}"
+
+
 def _user_class(spec: str) -> type:
     file_name, class_name = spec.rsplit(":", 1)
     file_path = Path(file_name)
     if not file_path.is_file():
-        raise HuddError(f"{file_path}: architecture file not found (from --arch {spec})")
+        raise HuddError(f"{file_path}: architecture file not found (from arch {spec}; a path in hudd.json is "
+                        "relative to the case folder, one given with --arch to the current folder)")
     module_spec = importlib.util.spec_from_file_location(f"hudd_user_{file_path.stem}", file_path)
     module = importlib.util.module_from_spec(module_spec)
     sys.path.insert(0, str(file_path.parent.resolve()))
@@ -584,7 +605,7 @@ def _user_class(spec: str) -> type:
     finally:
         sys.path.pop(0)
     if not hasattr(module, class_name):
-        raise HuddError(f"{file_path}: has no class {class_name!r} (from --arch {spec})")
+        raise HuddError(f"{file_path}: has no class {class_name!r} (from arch {spec})")
     return getattr(module, class_name)
 
 
@@ -965,7 +986,8 @@ class RunContext:
     def model_fingerprint_part(self) -> dict[str, Any]:
         """What decides the model's outputs: its file's content and how inputs are prepared."""
         s = self.settings
-        return {"model": self.model_digest(), "arch": s.arch, "task": s.task, "input_size": resolve_input_size(s),
+        return {"model": self.model_digest(), "arch": arch_identity(s.arch), "task": s.task,
+                "input_size": resolve_input_size(s),
                 "resize": s.resize, "channels": s.channels, "mean": s.mean, "std": s.std}
 
 

@@ -248,3 +248,18 @@ def test_a_user_class_without_num_classes_is_a_clear_error(tmp_path):
                                       "    def __init__(self, width):\n        super().__init__()\n")
     with pytest.raises(HuddError, match="Block\\(num_classes=3\\) failed.*must take num_classes"):
         Helper.build_architecture(f"{tmp_path / 'nets.py'}:Block", 3)
+
+
+def test_a_class_file_in_hudd_json_is_found_from_the_case_and_known_by_its_content(case, monkeypatch, tmp_path):
+    (case / "nets.py").write_text("from torch import nn\n\nclass Net(nn.Linear):\n"
+                                  "    def __init__(self, num_classes=3):\n        super().__init__(4, num_classes)\n")
+    (case / "hudd.json").write_text(json.dumps({"arch": "nets.py:Net"}))
+    monkeypatch.chdir(tmp_path)   # not the case folder: the path is the case's
+    settings = Helper.load_settings(CasePaths(case))
+    assert settings.arch == f"{case / 'nets.py'}:Net"
+    assert isinstance(Helper.build_architecture(settings.arch, 3), nn.Linear)
+    monkeypatch.chdir(case.parent)   # the same file spelled otherwise is the same architecture
+    identity = Helper.arch_identity(settings.arch)
+    assert Helper.arch_identity(f"{case.name}/nets.py:Net") == identity
+    (case / "nets.py").write_text((case / "nets.py").read_text() + "# edited\n")
+    assert Helper.arch_identity(settings.arch) != identity   # an edited class recomputes the steps
