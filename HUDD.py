@@ -198,7 +198,7 @@ def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
     chosen = [step for step in analysis_steps() if step.name in steps]
     if "retrain" in steps:
         chosen += [retrainModule.RetrainStep(mode) for mode in modes]
-        if not modes and not any(retrainModule.table_path(ctx.paths, mode, "runs").is_file() for mode in MODES):
+        if not modes and not retrainModule.modes_run(ctx.paths):
             results["notes"].append("to retrain the model, add -mode HUDD (or BL1, BL2, BL3 for the baselines)")
     for step in chosen:
         try:
@@ -286,12 +286,16 @@ def print_retraining(summaries: list[dict], paths: Helper.CasePaths) -> None:
     print("    labels needed: HUDD its unsafe set, BL1 every improvement image (to find the misclassified ones), BL2 "
           "and BL3 their budget; p, A12: HUDD's runs against the mode's (two-sided Mann-Whitney U; A12 > 0.5: HUDD "
           "ahead)")
-    print_scenario_gains(summaries)
+    print_scenario_gains(paths)
     print(f"    models -> {paths.models}; tables -> {first['folder']}")
 
 
-def print_scenario_gains(summaries: list[dict]) -> None:
-    tables = {s["mode"]: s["scenarios"].set_index("scenario")["gain"] for s in summaries if s["scenarios"] is not None}
+def print_scenario_gains(paths: Helper.CasePaths) -> None:
+    """Every mode on disk (as the comparison above), not only this run's."""
+    import retrainModule
+    tables = {mode: tables["scenarios"].set_index("scenario")["gain"]
+              for mode, tables in ((m, retrainModule.read_tables(paths, m)) for m in retrainModule.modes_run(paths))
+              if "scenarios" in tables}
     if tables:
         names = list(next(iter(tables.values())).index)
         widths = [max(len(n), 6) for n in names]
