@@ -293,9 +293,11 @@ def print_retraining(summaries: list[dict], paths: Helper.CasePaths) -> None:
 def print_scenario_gains(paths: Helper.CasePaths) -> None:
     """Every mode on disk (as the comparison above), not only this run's."""
     import retrainModule
-    tables = {mode: tables["scenarios"].set_index("scenario")["gain"]
-              for mode, tables in ((m, retrainModule.read_tables(paths, m)) for m in retrainModule.modes_run(paths))
-              if "scenarios" in tables}
+    tables = {}
+    for mode in retrainModule.modes_run(paths):
+        scenarios = retrainModule.read_tables(paths, mode).get("scenarios")
+        if scenarios is not None:
+            tables[mode] = scenarios.set_index("scenario")["gain"]
     if tables:
         names = list(next(iter(tables.values())).index)
         widths = [max(len(n), 6) for n in names]

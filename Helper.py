@@ -437,14 +437,13 @@ def _whole(value) -> bool:
 
 
 def _validate_numbers(s: Settings, bad) -> None:
-    number = _number
     for key in POSITIVE_NUMBERS:
-        if not number(getattr(s, key)) or not getattr(s, key) > 0:
+        if not _number(getattr(s, key)) or not getattr(s, key) > 0:
             raise bad(key, "must be a positive number")
     for key in NON_NEGATIVE_NUMBERS:
-        if not number(getattr(s, key)) or not getattr(s, key) >= 0:
+        if not _number(getattr(s, key)) or not getattr(s, key) >= 0:
             raise bad(key, "must be a number of at least 0")
-    if not number(s.error_threshold) or not s.error_threshold > 0:
+    if not _number(s.error_threshold) or not s.error_threshold > 0:
         raise bad("error_threshold", "must be a positive number (pixels for keypoints)")
     for key in POSITIVE_WHOLE_NUMBERS:
         if not _whole(getattr(s, key)) or getattr(s, key) < 1:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import distributed
 from Helper import (CasePaths, HuddError, ImageDataset, ImageSet, PipelineStop, RunContext, Step, atomic_path,
                     make_loader, stop_on_unreadable, write_csv)
-from lrp import RULE_PRESETS, LRPExplainer, default_layers, relevance  # noqa: F401  (public API)
+from lrp import RULE_PRESETS, LRPExplainer, NoRuleError, default_layers, relevance  # noqa: F401  (public API)
 from testModule import error_index
 
 log = logging.getLogger("hudd")
@@ -335,9 +335,7 @@ class ErrorExplainer:
         try:  # the engine names an operation it has no rule for when it meets it: here, on one image
             self.explainer = LRPExplainer(model, rules=ctx.settings.rules, layers=[p for _n, p in self.layers[1:]])
             probe = self(example, channels)
-        except ValueError as error:
-            if not str(error).startswith("LRP:"):
-                raise
+        except NoRuleError as error:
             raise HuddError(f"architecture {ctx.settings.arch!r} cannot be explained: {error}. HUDD's LRP covers "
                             "convolutional networks (ResNet, VGG, DenseNet, MobileNet, EfficientNet, ConvNeXt, ...), "
                             "not attention or recurrent layers") from error

@@ -71,12 +71,13 @@ def hudd_selection(assigned: np.ndarray, distances: np.ndarray, quota: np.ndarra
     wrong (per RCC when balanced), where there are any."""
     per_rcc = max(int(quota.max()), 1)
     chosen = np.flatnonzero(assigned >= 0)
-    rccs = np.unique(assigned[chosen])
+    counts = np.bincount(assigned[chosen], minlength=len(quota))
+    rccs = np.flatnonzero(counts)
     if not len(rccs):
         return Selection(chosen, chosen)
     if bag == "uniform":
         # As many samples as the balanced bag would hold: each RCC that got images, filled to the largest quota.
-        bag_size = int(sum(max(int(np.sum(assigned == rcc)), per_rcc) for rcc in rccs))
+        bag_size = int(np.maximum(counts[rccs], per_rcc).sum())
         return baseline_selection(chosen, len(chosen), bag_size, rng, wrong)
     balanced = []
     for rcc in rccs:
@@ -292,11 +293,12 @@ def train_epoch(model, optimiser, data: TrainingData, bag: np.ndarray, ctx: RunC
 
 
 def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, desc: str,
-              each_epoch: Callable[[nn.Module, int, float], None] | None = None) -> tuple[nn.Module, int, list[dict]]:
+              each_epoch: Callable[[nn.Module, int, float], None] | None = None
+              ) -> tuple[nn.Module, int, list[dict]]:
     """Fine-tunes a copy of the original model; returns it at the chosen epoch, that epoch, and the
     per-epoch history (training and validation accuracy). `each_epoch(model, epoch, training accuracy)`
-    is called after every epoch (bench/retrain_epochs_study.py measures each on the way). Under torchrun the copy trains with
-    DistributedDataParallel (every rank ends each epoch with the same weights, so each makes the same
+    is called after every epoch (bench/retrain_epochs_study.py measures each on the way). Under
+    torchrun the copy trains with DistributedDataParallel (every rank ends each epoch with the same weights, so each makes the same
     choice of epoch). Dropout draws its masks per global batch (distributed.BatchDropout), the same for
     one process or N ranks."""
     s = ctx.settings

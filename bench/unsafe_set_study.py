@@ -196,8 +196,8 @@ def main() -> None:
     parser.add_argument("cases", nargs="*", type=Path)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--retrain", default="sub/nearest/proportional/r0/u4,sub/nearest/proportional/r0/u0",
-                        help="comma-separated candidate names; the first runs before the baselines, the others after ('' for "
-                             "none: the baselines alone)")
+                        help="comma-separated candidate names; the first runs before the baselines, the others "
+                             "after ('' for none: the baselines alone)")
     parser.add_argument("--from-gains", type=Path, nargs="*", help="only print the tables of gains_*.csv files")
     parser.add_argument("--screen-only", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="folder for the CSVs (default: none)")
@@ -227,7 +227,8 @@ def main() -> None:
         rows, choices = screen(ctx, parts, known)
         screened += rows
         if not args.screen_only:
-            gains += retrain(ctx, choices, [name for name in args.retrain.split(",") if name], known, parts, args.runs, args.out,
+            candidates = [name for name in args.retrain.split(",") if name]
+            gains += retrain(ctx, choices, candidates, known, parts, args.runs, args.out,
                              tuple(filter(None, args.baselines.split(","))), args.repeat_failures, args.hudd_bag)
     show(pd.DataFrame(screened), pd.DataFrame(gains), args.out)
 

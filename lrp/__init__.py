@@ -133,7 +133,7 @@ from __future__ import annotations
 
 from .explainer import LRPExplainer, default_layers, relevance
 from .presets import PRESET_NAMES, RULE_PRESETS
-from .rules import DEFAULT_EPSILON
+from .rules import DEFAULT_EPSILON, NoRuleError
 
 __all__ = [
     "DEFAULT_EPSILON",

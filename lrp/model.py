@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from .rules import NoRuleError
+
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_state_dict_pre_hooks",
@@ -43,8 +45,8 @@ def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-def no_rule_error(path: str, module: nn.Module) -> ValueError:
-    return ValueError(
+def no_rule_error(path: str, module: nn.Module) -> NoRuleError:
+    return NoRuleError(
         f"LRP: no relevance rule for module '{path}' ({type(module).__name__}); supported are "
         "convolutions, linear, pooling, BatchNorm (merged), activations, dropout and shape layers; "
         "give the type a rule with module_rules={Type: 'pass'|'gradient'|'proportional'}")

@@ -294,12 +294,17 @@ class Identity(OpRule):
         return self.untraced(fn, args, kwargs)
 
 
+class NoRuleError(ValueError):
+    """A module or operation the engine has no relevance rule for (gating, attention, recurrence, ...):
+    callers tell it from other errors by type, not by message."""
+
+
 class NoRule(OpRule):
     """An operation without a rule: fine on constants, an error on input-dependent tensors."""
     name = "none"
 
     def traced(self, fn, name, args, kwargs):
-        raise ValueError(f"LRP: no relevance rule for operation '{name}' on input-dependent "
+        raise NoRuleError(f"LRP: no relevance rule for operation '{name}' on input-dependent "
                          "tensors")
 
 
@@ -310,7 +315,7 @@ class _Unary(OpRule):
     def traced(self, fn, name, args, kwargs):
         x, rest = args[0], args[1:]
         if not traced(x) or any_traced(rest, kwargs):
-            raise ValueError(f"LRP: no relevance rule for '{name}' with input-dependent "
+            raise NoRuleError(f"LRP: no relevance rule for '{name}' with input-dependent "
                              "arguments other than its first")
         return self.run(x, lambda t: fn(t, *rest, **kwargs))
 
@@ -379,7 +384,7 @@ class Binary(OpRule):
         return self.with_constant.run(b, lambda t: fn(a, t, **kw))
 
     def both_traced(self, a, b, kw: dict, name: str):
-        raise ValueError(
+        raise NoRuleError(
             f"LRP: no relevance rule for '{name}' of two input-dependent tensors (a product "
             "such as gating or attention); give the enclosing module a rule with module_rules")
 
@@ -461,7 +466,7 @@ class AffineCall(OpRule):
         bound = bind_call(self.kind, args, kwargs)
         w, b = bound["weight"], bound.get("bias")
         if traced(w) or traced(b):
-            raise ValueError(f"LRP: no relevance rule for {getattr(fn, '__name__', fn)} with "
+            raise NoRuleError(f"LRP: no relevance rule for {getattr(fn, '__name__', fn)} with "
                              "input-dependent weights")
         if not traced(bound["input"]):
             return fn(*args, **kwargs)
