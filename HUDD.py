@@ -260,6 +260,9 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
     if unsafe:
         print(f"  unsafe set: {unsafe['images']} improvement images assigned to {unsafe['rccs']} RCCs "
               f"-> {unsafe['folder']}")
+        if unsafe.get("to_label") and not ctx.paths.improvement_labels.is_file():
+            print(f"    the improvement set has no labels: to retrain, fill the label column(s) of {unsafe['to_label']} "
+                  f"and save it as {ctx.paths.improvement_labels}")
     if results.get("retrain"):
         print_retraining(results["retrain"], ctx.paths)
     for note in results.get("notes", []):

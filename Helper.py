@@ -19,7 +19,7 @@ import shutil
 import sys
 import unicodedata
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -58,6 +58,7 @@ class QuietExit(Exception):
 # --------------------------------------------------------------------------------------------
 
 SET_FOLDERS = {"train": "TrainingSet", "test": "TestSet", "improve": "ImprovementSet"}
+IMPROVEMENT_LABELS = "ImprovementLabels.csv"
 
 
 def _under_root(name: str) -> property:
@@ -77,6 +78,10 @@ class CasePaths:
     lock_file = _under_root(".hudd.lock")
     scratch = _under_root(".hudd-shards")    # the ranks' partial results under torchrun, until rank 0 merges them
     t_dir = _under_root("T")
+    # labels of some improvement images (the unsafe set), for an improvement set without labels; the user
+    # writes it (from T/UnsafeSet/to_label.csv), the tool only reads it
+    improvement_labels = property(lambda self: self.datasets / IMPROVEMENT_LABELS,
+                                  doc="CASE/DataSets/ImprovementLabels.csv")
 
     def set_dir(self, set_key: str) -> Path:
         """The folder that holds a set's class folders (or its images, when unlabelled).
@@ -231,6 +236,67 @@ def load_case_sets(paths: CasePaths, task=None, set_keys=("train", "test", "impr
         raise HuddError(f"{sets['test'].root}: the test set needs {task.label_layout} (labels are needed to find "
                         "the error-inducing images)")
     return sets
+
+
+# --------------------------------------------------------------------------------------------
+# Labels for part of an unlabelled improvement set (HUDD's promise: label the unsafe set only)
+# --------------------------------------------------------------------------------------------
+
+TO_LABEL_COLUMNS = ("image", "rcc")   # the columns before the label columns in a to_label.csv
+
+
+def write_label_template(path: Path, images: list[str], rccs: list[str], task, classes: list[str]) -> None:
+    """A to_label.csv: the images (relative to the case), their RCC and the task's label columns left
+    empty, for an engineer to fill and save as DataSets/ImprovementLabels.csv."""
+    table = pd.DataFrame({"image": images, "rcc": rccs})
+    for column in task.label_columns(classes):
+        table[column] = ""
+    write_csv(table, path)
+
+
+def with_partial_labels(image_set: ImageSet, label_file: Path, task, case_root: Path) -> tuple[ImageSet, np.ndarray]:
+    """An unlabelled set with the labels `label_file` gives some of its images: `image` (relative to
+    the case, as in to_label.csv), then the task's label columns (other columns are ignored; a row
+    whose label columns are all empty labels nothing). Returns the set, labels UNLABELLED (keypoints:
+    NaN) where there is none, and the mask of its labelled images."""
+    table = _read_label_table(label_file, task.label_columns(image_set.classes))
+    position = {Path(os.path.relpath(p, case_root)).as_posix(): i for i, p in enumerate(image_set.paths)}
+    unknown = [image for image in table["image"] if image not in position]
+    if unknown:
+        raise HuddError(f"{label_file}: lists {unknown[0]!r}, which is not an image of {image_set.root} (give paths "
+                        "relative to the case folder, as T/UnsafeSet/to_label.csv does)")
+    rows = np.array([position[image] for image in table["image"]], dtype=np.int64)
+    labels, targets = task.parse_labels(table, image_set.classes, label_file)
+    given = ~np.asarray(pd.isna(labels) if targets is None else np.isnan(targets).all(axis=(1, 2)))
+    full_labels = np.full(len(image_set), UNLABELLED, dtype=np.int64)
+    full_targets = None if targets is None else np.full((len(image_set), *targets.shape[1:]), np.nan)
+    if targets is None:
+        full_labels[rows[given]] = np.asarray(labels)[given].astype(np.int64)
+    else:
+        full_labels[rows[given]] = 0
+        full_targets[rows[given]] = targets[given]
+    labelled = full_labels != UNLABELLED
+    return replace(image_set, labels=full_labels.tolist(), targets=full_targets), labelled
+
+
+def _read_label_table(label_file: Path, label_columns: list[str]) -> pd.DataFrame:
+    """The label file's image and label columns, labels as text; one error line for each way it can be wrong."""
+    try:
+        table = pd.read_csv(label_file, dtype=str, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise HuddError(f"{label_file}: not a readable CSV file ({error}); save it as CSV with a header line") from None
+    missing = [c for c in ("image", *label_columns) if c not in table.columns]
+    if missing:
+        raise HuddError(f"{label_file}: has no column {', '.join(repr(c) for c in missing[:4])}; it needs 'image' and "
+                        f"{', '.join(label_columns[:4])}{' ...' if len(label_columns) > 4 else ''}, as "
+                        "T/UnsafeSet/to_label.csv has")
+    empty = np.flatnonzero(table["image"].isna().to_numpy())
+    if len(empty):
+        raise HuddError(f"{label_file}: line {empty[0] + 2} has no image path; fill it in or delete the line")
+    repeated = table["image"][table["image"].duplicated()]
+    if len(repeated):
+        raise HuddError(f"{label_file}: {repeated.iloc[0]!r} has more than one line; keep one label per image")
+    return table[["image", *label_columns]].reset_index(drop=True)
 
 
 def metadata_file(set_root: Path) -> Path | None:

@@ -14,6 +14,8 @@ on (the original built a 2x set here and retrained with a 1x one).
 Writes `T/UnsafeSet/<RCC>/` (copies of the images), `T/UnsafeSet/assignments.csv` (image, rcc,
 distance, rank; rank 0 = its closest RCC), `T/UnsafeSet/rcc_distances.csv` (every improvement image's
 distance to every eligible RCC) and `T/UnsafeSet/uncertainty.csv` (every improvement image's uncertainty).
+Where the improvement set has no labels, also `T/UnsafeSet/to_label.csv`: the unsafe set's images with
+empty label columns, which the engineer fills and saves as `DataSets/ImprovementLabels.csv` to retrain.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import testModule
 from clustering import CHUNK_BYTES, normalise_rows
 from features import make_space
 from Helper import (CasePaths, HuddError, PipelineStop, RunContext, Step, image_set_digest, make_loader,
-                    stop_on_unreadable, write_csv)
+                    stop_on_unreadable, write_csv, write_label_template)
 
 log = logging.getLogger("hudd")
 
@@ -161,11 +163,16 @@ FOLDER = "UnsafeSet"
 ASSIGNMENTS_FILE = "assignments.csv"
 DISTANCES_FILE = "rcc_distances.csv"
 UNCERTAINTY_FILE = "uncertainty.csv"
+TO_LABEL_FILE = "to_label.csv"   # an unlabelled improvement set: the unsafe set's images, label columns empty
 ASSIGN_SETTINGS = ("assign_distance", "assign_k", "assign_radius", "assign_uncertainty", "assign_quota")
 
 
 def unsafe_dir(paths: CasePaths) -> Path:
     return paths.t_dir / FOLDER
+
+
+def to_label_path(paths: CasePaths) -> Path:
+    return unsafe_dir(paths) / TO_LABEL_FILE
 
 
 def unsafe_copy(paths: CasePaths, rcc: str, image: str) -> Path:
@@ -394,7 +401,9 @@ class AssignStep(Step):
 
     def summary(self, ctx: RunContext) -> dict:
         table = read_assignments(ctx.paths)
-        return {"images": len(table), "rccs": table["rcc"].nunique(), "folder": unsafe_dir(ctx.paths)}
+        to_label = to_label_path(ctx.paths)
+        return {"images": len(table), "rccs": table["rcc"].nunique(), "folder": unsafe_dir(ctx.paths),
+                "to_label": to_label if to_label.is_file() and not ctx.sets()["improve"].labelled else None}
 
 
 def write_outputs(ctx: RunContext, images: list[str], eligible: list[str], distances: np.ndarray,
@@ -413,6 +422,8 @@ def write_outputs(ctx: RunContext, images: list[str], eligible: list[str], dista
         target.parent.mkdir(exist_ok=True)
         shutil.copy2(ctx.paths.root / row.image, target)
     write_csv(table, folder / ASSIGNMENTS_FILE)
+    if not ctx.sets()["improve"].labelled:  # the only images an engineer must label before retraining
+        write_label_template(to_label_path(ctx.paths), list(table["image"]), list(table["rcc"]), ctx.task, ctx.classes)
     distance_table = pd.DataFrame(distances, columns=eligible)
     distance_table.insert(0, "image", images)
     write_csv(distance_table, folder / DISTANCES_FILE)

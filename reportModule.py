@@ -311,8 +311,13 @@ def unsafe_strip(ctx: RunContext, data: ReportData, rcc: str) -> str:
 
 def retrain_section(ctx: RunContext, data: ReportData) -> str:
     if not data.retrain:
+        to_label = assignModule.to_label_path(ctx.paths)
+        labelling = (f" The improvement set has no labels: first fill the label column(s) of "
+                     f"<a href='{esc(rel(to_label, ctx.paths.t_dir))}'>UnsafeSet/to_label.csv</a> (the unsafe set's "
+                     f"images) and save it as <code>DataSets/ImprovementLabels.csv</code>."
+                     if to_label.is_file() and not ctx.paths.improvement_labels.is_file() else "")
         return ("<h2>Retraining</h2><p class=muted>Not run yet: <code>python HUDD.py -o CASE -mode HUDD</code> "
-                "(and BL1, BL2, BL3) retrains at one labelling budget.</p>")
+                f"(and BL1, BL2, BL3) retrains at one labelling budget.{labelling}</p>")
     original = data.sets["TestSet"]["accuracy"]
     rows = [retrain_row(row, original) for row in retrainModule.read_comparison(ctx.paths).itertuples()]
     chart = comparison_chart(ctx, data, original)

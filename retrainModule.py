@@ -17,6 +17,10 @@ The baselines' images are repeated uniformly to the size of HUDD's bag. Each mod
 labels it needs (BL1: the whole improvement set, to find the misclassified images); comparison.csv sets
 the modes side by side with the Mann-Whitney U p-value and Vargha-Delaney A12 of HUDD against each.
 
+An unlabelled improvement set takes its labels from DataSets/ImprovementLabels.csv (Helper.with_partial_labels):
+a mode that would train on an image without one stops and lists them in T/Retrain/<mode>_to_label.csv;
+BL1, which must find the misclassified images, needs every label.
+
 Each run fine-tunes a copy of the original weights on the training set (less a validation split)
 plus the bag, with the original's optimiser (SGD, lr 1e-3, momentum 0.9, weight decay 5e-4; §9.1)
 and the case's epochs and batch size, keeps one epoch (setting `epoch_choice`) and is measured on
@@ -40,8 +44,9 @@ import assignModule
 import distributed
 import evaluation
 import testModule
-from Helper import (RETRAIN_MODES, CasePaths, HuddError, ImageSet, RunContext, Step, atomic_path, image_set_digest, make_loader,
-                    resolve_input_size, stop_on_unreadable, write_csv)
+from Helper import (RETRAIN_MODES, CasePaths, HuddError, ImageSet, RunContext, Step, atomic_path, file_digest,
+                    image_set_digest, make_loader, resolve_input_size, stop_on_unreadable, with_partial_labels, write_csv,
+                    write_label_template)
 
 log = logging.getLogger("hudd")
 
@@ -375,17 +380,47 @@ class UnsafeInputs:
     assigned: np.ndarray         # per improvement image: index of its RCC in the unsafe set, -1 for none
     distances: np.ndarray        # (improvement images, rccs) nearest-member distances
     quota: np.ndarray            # per RCC labelling quota
-    wrong: np.ndarray            # improvement images the original model misclassifies (BL1 only)
+    wrong: np.ndarray            # improvement images the original model misclassifies (False where unlabelled)
     uncertainty: np.ndarray      # per improvement image: 1 - softmax margin, or the keypoint proxy (BL3)
+    labelled: np.ndarray         # per improvement image: has a label (all of them, unless labels come from a file)
+
+
+def improvement_for_training(ctx: RunContext) -> tuple[ImageSet, np.ndarray]:
+    """The improvement set with its labels, and which images have one: every image of a labelled set;
+    for an unlabelled set, those DataSets/ImprovementLabels.csv labels (none without the file)."""
+    def load() -> tuple[ImageSet, np.ndarray]:
+        improve = ctx.sets()["improve"]
+        if improve.labelled:
+            if ctx.paths.improvement_labels.is_file():
+                log.warning("%s: not read, the improvement set is labelled by its class folders",
+                            ctx.paths.improvement_labels)
+            return improve, np.ones(len(improve), dtype=bool)
+        if ctx.paths.improvement_labels.is_file():
+            return with_partial_labels(improve, ctx.paths.improvement_labels, ctx.task, ctx.paths.root)
+        return improve, np.zeros(len(improve), dtype=bool)
+    return ctx.memo("improvement labels", load)
+
+
+def misclassified(ctx: RunContext, results: pd.DataFrame, improve: ImageSet, labelled: np.ndarray) -> np.ndarray:
+    """Which improvement images the original model gets wrong: the test step's `result` for a labelled
+    set; for labels from a file, the stored outputs against them (False where there is no label)."""
+    if "result" in results.columns:
+        return results["result"].eq("Wrong").to_numpy()
+    rows = np.flatnonzero(labelled)
+    wrong = np.zeros(len(improve), dtype=bool)
+    if len(rows):
+        outputs = ctx.task.rows_of_results(results.iloc[rows], ctx.classes)
+        targets = None if improve.targets is None else improve.targets[rows]
+        measures = ctx.task.measures(outputs, [improve.labels[i] for i in rows], targets,
+                                     list(results["image"].iloc[rows]), ctx.classes)
+        wrong[rows] = ~measures.correct.to_numpy()
+    return wrong
 
 
 def unsafe_inputs(ctx: RunContext) -> UnsafeInputs:
     """What the assignment step left: the unsafe set, the distances of the improvement images to the
     RCCs, the RCC sizes, and which improvement images the original model gets wrong."""
-    improve = ctx.sets()["improve"]
-    if not improve.labelled:
-        raise HuddError(f"{improve.root}: retraining needs the improvement images labelled (BL1 needs to know which "
-                        f"ones the model gets wrong, and every mode trains on labels); {ctx.task.labelling_hint}")
+    improve, labelled = improvement_for_training(ctx)
     clusters = assignModule.selected_clusters(ctx)
     distances = assignModule.read_rcc_distances(ctx.paths)
     expected = [ctx.paths.relative(p) for p in improve.paths]
@@ -399,9 +434,41 @@ def unsafe_inputs(ctx: RunContext) -> UnsafeInputs:
                         rcc_errors=clusters.member_errors,
                         distances=distances[clusters.eligible].to_numpy(),
                         quota=assignModule.rcc_quotas(ctx.settings, clusters.sizes),
-                        wrong=results["result"].eq("Wrong").to_numpy(),
+                        wrong=misclassified(ctx, results.reset_index(), improve, labelled), labelled=labelled,
                         uncertainty=assignModule.read_uncertainty(ctx.paths).set_index("image")["uncertainty"]
                         .reindex(expected).to_numpy())
+
+
+def check_labels(ctx: RunContext, mode: str, selections: list[Selection], unsafe: UnsafeInputs) -> None:
+    """Every image a mode trains on must have a label. Where some have none, their list is written to
+    T/Retrain/<mode>_to_label.csv (the rows to fill and add to DataSets/ImprovementLabels.csv) and the
+    step stops with what to do; once they all have one, that list is removed."""
+    template = retrain_dir(ctx.paths) / f"{mode}_to_label.csv"
+    chosen = np.unique(np.concatenate([s.chosen for s in selections]))
+    missing = chosen[~unsafe.labelled[chosen]]
+    if not len(missing):
+        template.unlink(missing_ok=True)
+        return
+    label_file = ctx.paths.improvement_labels
+    images = np.asarray(testModule.read_results(ctx.paths, "improve")["image"], dtype=object)
+    if distributed.is_main():  # every rank of a torchrun job stops here alike; one writes the list
+        write_label_template(template, list(images[missing]),
+                             [unsafe.rccs[a] if a >= 0 else "" for a in unsafe.assigned[missing]], ctx.task, ctx.classes)
+    where = "add the filled rows to" if label_file.is_file() else "save it as"
+    runs = f"{mode}'s {len(selections)} runs train" if len(selections) > 1 else f"{mode} trains"
+    raise HuddError(f"{runs} on {len(chosen)} improvement images and {len(missing)} of them have no label: in "
+                    f"{ctx.paths.root}, fill the label columns of {ctx.paths.relative(template)} and {where} "
+                    f"{ctx.paths.relative(label_file)}, then run again (or label the whole improvement set: "
+                    f"{ctx.task.labelling_hint})")
+
+
+def refuse_bl1_without_labels(ctx: RunContext, unsafe: UnsafeInputs) -> None:
+    """BL1 draws from the improvement images the model gets wrong: finding them takes every label."""
+    if not unsafe.labelled.all():
+        raise HuddError(f"BL1 draws from the improvement images the model gets wrong, so it needs every improvement "
+                        f"image labelled ({int(unsafe.labelled.sum())} of {len(unsafe.labelled)} have a label); "
+                        f"{ctx.task.labelling_hint}, or run -mode HUDD, BL2 or BL3, which need labels only for "
+                        "the images they choose")
 
 
 def training_data(ctx: RunContext) -> TrainingData:
@@ -410,7 +477,7 @@ def training_data(ctx: RunContext) -> TrainingData:
         train_rows, validation_rows = split_validation(np.asarray(sets["train"].labels), np.random.default_rng(ctx.seed))
     else:  # no split needed: train on the whole training set
         train_rows, validation_rows = np.arange(len(sets["train"])), np.empty(0, dtype=np.int64)
-    return TrainingData(train=ImageSource(sets["train"], ctx), improve=ImageSource(sets["improve"], ctx),
+    return TrainingData(train=ImageSource(sets["train"], ctx), improve=ImageSource(improvement_for_training(ctx)[0], ctx),
                         test=ImageSource(sets["test"], ctx), train_rows=train_rows, validation_rows=validation_rows)
 
 
@@ -420,11 +487,16 @@ def labels_needed(mode: str, labelled: int, improvement_images: int) -> int:
     return improvement_images if mode == "BL1" else labelled
 
 
-def retrain_once(ctx: RunContext, mode: str, run: int, unsafe: UnsafeInputs, data: TrainingData) -> dict | None:
-    """One seeded run: select, fine-tune, measure on the test set, save the model. Returns the run's
-    row and its per-RCC, per-scenario and per-epoch figures (None on the other ranks of a torchrun job)."""
-    selection = select(mode, unsafe.assigned, unsafe.distances, unsafe.quota, unsafe.wrong,
-                       np.random.default_rng([ctx.seed, run]), unsafe.uncertainty, hudd_bag=ctx.settings.hudd_bag)
+def run_selection(ctx: RunContext, mode: str, run: int, unsafe: UnsafeInputs) -> Selection:
+    """The images one seeded run labels and trains on (label-free: `wrong` is read by BL1 alone)."""
+    return select(mode, unsafe.assigned, unsafe.distances, unsafe.quota, unsafe.wrong,
+                  np.random.default_rng([ctx.seed, run]), unsafe.uncertainty, hudd_bag=ctx.settings.hudd_bag)
+
+
+def retrain_once(ctx: RunContext, mode: str, run: int, unsafe: UnsafeInputs, data: TrainingData,
+                 selection: Selection) -> dict | None:
+    """One seeded run: fine-tune on the selection, measure on the test set, save the model. Returns the
+    run's row and its per-RCC, per-scenario and per-epoch figures (None on the other ranks of a torchrun job)."""
     runs = ctx.settings.runs
     model, epoch, history = fine_tune(ctx, data, selection.bag, seed=ctx.seed * 1000 + run,
                                       desc=f"retraining {mode} run {run}/{runs}")
@@ -464,6 +536,9 @@ class RetrainStep(Step):
     def inputs(self, ctx: RunContext) -> dict:
         s = ctx.settings
         own = {"hudd_bag": s.hudd_bag} if self.mode == "HUDD" else {}   # the baselines' bags do not depend on it
+        labels = ctx.paths.improvement_labels
+        if not ctx.sets()["improve"].labelled:  # labels from a file are read by this step alone
+            own["improvement_labels"] = file_digest(labels) if labels.is_file() else None
         return {"mode": self.mode, "runs": s.runs, "seed": ctx.seed, **own,
                 "assign": assignModule.STEP.recorded_fingerprint(ctx),
                 "train": image_set_digest(ctx.sets()["train"], ctx.paths.root),
@@ -475,8 +550,12 @@ class RetrainStep(Step):
 
     def compute(self, ctx: RunContext) -> None:
         unsafe = unsafe_inputs(ctx)
+        if self.mode == "BL1":
+            refuse_bl1_without_labels(ctx, unsafe)
+        selections = {run: run_selection(ctx, self.mode, run, unsafe) for run in range(1, ctx.settings.runs + 1)}
+        check_labels(ctx, self.mode, list(selections.values()), unsafe)
         data = ctx.memo("retraining data", lambda: training_data(ctx))
-        done = [retrain_once(ctx, self.mode, run, unsafe, data) for run in range(1, ctx.settings.runs + 1)]
+        done = [retrain_once(ctx, self.mode, run, unsafe, data, selection) for run, selection in selections.items()]
         if distributed.is_main():  # under torchrun every rank trained; rank 0 writes
             write_tables(ctx, self.mode, done, unsafe)
 

@@ -12,6 +12,7 @@ The keypoint primitives themselves (decoding, errors, components, target maps) a
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 import keypoints
-from Helper import ImageSet, list_image_set, list_keypoint_set
+from Helper import HuddError, ImageSet, list_image_set, list_keypoint_set
 
 WRONG, CORRECT = "Wrong", "Correct"
 
@@ -66,6 +67,27 @@ class ClassificationTask:
     def list_set(self, set_root, name: str, known: list[str] | None = None) -> ImageSet:
         """A set's images and labels; `known`: the training set's classes."""
         return list_image_set(set_root, classes=known, name=name)
+
+    # ---- labels given in a file for part of an unlabelled set (Helper.with_partial_labels)
+    def label_columns(self, classes: list[str]) -> list[str]:
+        return ["label"]
+
+    def parse_labels(self, table: pd.DataFrame, classes: list[str], where) -> tuple[np.ndarray, None]:
+        """Per row its class index (NaN where the label is empty); a name that is no class is an error."""
+        index = {unicodedata.normalize("NFC", c): i for i, c in enumerate(classes)}
+        labels = np.full(len(table), np.nan)
+        for row, name in enumerate(table["label"]):
+            if isinstance(name, str) and name.strip():
+                key = unicodedata.normalize("NFC", name.strip())
+                if key not in index:
+                    raise HuddError(f"{where}: the label {name!r} of {table['image'].iloc[row]!r} is not a class of the "
+                                    f"training set ({', '.join(classes)}); write one of those names")
+                labels[row] = index[key]
+        return labels, None
+
+    def rows_of_results(self, results: pd.DataFrame, classes: list[str]) -> np.ndarray:
+        """The model's output rows as a result table holds them (the logits)."""
+        return results[[f"score_{c}" for c in classes]].to_numpy(dtype=np.float64)
 
     def check_images(self, image_set: ImageSet, input_size: list[int]) -> str:
         """Why the set's images do not suit the model ("" when they do)."""
@@ -179,6 +201,26 @@ class KeypointTask(ClassificationTask):
 
     def list_set(self, set_root, name: str, known: list[str] | None = None) -> ImageSet:
         return list_keypoint_set(set_root, name=name, keypoints=known)
+
+    def label_columns(self, classes: list[str]) -> list[str]:
+        """As labels.csv: an x and a y column per keypoint."""
+        return [f"{name}_{axis}" for name in classes for axis in ("x", "y")]
+
+    def parse_labels(self, table: pd.DataFrame, classes: list[str], where) -> tuple[None, np.ndarray]:
+        """(images, keypoints, 2) pixel coordinates, NaN in the rows left empty; a row filled in part, or
+        a value that is not a number, is an error (a missing keypoint is 0 or -1, as in labels.csv)."""
+        columns = self.label_columns(classes)
+        values = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+        given = table[columns].notna().to_numpy()
+        bad = np.flatnonzero((given & np.isnan(values)).any(axis=1) | (given.any(axis=1) & ~given.all(axis=1)))
+        if len(bad):
+            raise HuddError(f"{where}: the row of {table['image'].iloc[bad[0]]!r} has an empty or non-numeric "
+                            "coordinate; give every keypoint (0 or -1 for a missing one) or leave the whole row empty")
+        return None, values.reshape(len(table), len(classes), 2)
+
+    def rows_of_results(self, results: pd.DataFrame, classes: list[str]) -> np.ndarray:
+        """The decoded keypoints x0, y0, x1, ... as a result table holds them."""
+        return results[[f"pred_{n}_{axis}" for n in classes for axis in ("x", "y")]].to_numpy(dtype=np.float64)
 
     def check_images(self, image_set: ImageSet, input_size: list[int]) -> str:
         """Keypoint labels are pixels of the stored image and the maps are at the model's input size,

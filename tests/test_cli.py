@@ -160,11 +160,11 @@ def test_rq_needs_the_pipeline_to_have_run(make_case):
     assert hudd("-o", str(case), "-rq", "False").returncode == 0
 
 
-def test_retraining_needs_a_mode_and_labelled_improvement_images(make_case):
+def test_retraining_needs_a_mode_and_labels_for_the_improvement_images_it_trains_on(make_case):
     case = make_case(per_class=2)
     assert_clean_error(hudd("-o", str(case), "--steps", "retrain"), "--steps retrain needs -mode")
     unlabelled = make_case("unlabelled", improvement="unlabelled", per_class=4)
-    assert_clean_error(hudd("-o", str(unlabelled), "-mode", "HUDD"), "ImprovementSet", "labelled")
+    assert_clean_error(hudd("-o", str(unlabelled), "-mode", "HUDD"), "have no label", "DataSets/ImprovementLabels.csv")
     assert sorted(p.name for p in (unlabelled / "DNNModels").iterdir()) == ["OriginalModel.pth"]
 
 

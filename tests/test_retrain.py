@@ -191,7 +191,7 @@ def test_the_hudd_bag_setting_decides_what_hudd_trains_on_and_only_hudd(pipeline
     monkeypatch.setattr(retrainModule, "fine_tune", stop_here)
     for mode in ("HUDD", "BL2"):
         with pytest.raises(KeyboardInterrupt):
-            retrainModule.retrain_once(ctx, mode, 1, unsafe, data)
+            retrainModule.retrain_once(ctx, mode, 1, unsafe, data, retrainModule.run_selection(ctx, mode, 1, unsafe))
         expected = retrainModule.select(mode, unsafe.assigned, unsafe.distances, unsafe.quota, unsafe.wrong,
                                         np.random.default_rng([ctx.seed, 1]), unsafe.uncertainty, hudd_bag=bag)
         np.testing.assert_array_equal(trained["bag"], expected.bag)

@@ -1,0 +1,164 @@
+"""HUDD's promise for an unlabelled improvement set: only the unsafe set needs labels. The assignment
+step lists it in T/UnsafeSet/to_label.csv; the engineer fills it in as DataSets/ImprovementLabels.csv;
+retraining then trains on exactly those labels, and asks, by a list, for any it lacks."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import Helper
+import retrainModule
+from helpers import CLASSES, SETTINGS, assert_clean_error, build_case, context, hudd
+from test_keypoint_pipeline import build_keypoint_case
+
+RUN = ("--runs", "2")
+
+
+def true_class(image: str) -> str:
+    """The class an unlabelled test image was drawn for: its file name starts with the class index."""
+    return CLASSES[int(Path(image).name.split("_")[0])]
+
+
+@pytest.fixture(scope="module")
+def unlabelled_case(tmp_path_factory) -> Path:
+    """A case whose improvement images lie loose in ImprovementSet/, run up to the unsafe set."""
+    case = build_case(tmp_path_factory.mktemp("partial") / "case", improvement="unlabelled", per_class=8,
+                      settings={**SETTINGS, "epochs": 2, "learning_rate": 0.05})
+    result = hudd("-o", str(case))
+    assert result.returncode == 0, result.stderr
+    assert "to_label.csv" in result.stdout and "ImprovementLabels.csv" in result.stdout
+    return case
+
+
+def fill(table: pd.DataFrame) -> pd.DataFrame:
+    return table.assign(label=[true_class(image) for image in table["image"]])
+
+
+def test_the_unsafe_set_is_listed_for_labelling(unlabelled_case):
+    to_label = pd.read_csv(unlabelled_case / "T" / "UnsafeSet" / "to_label.csv", keep_default_na=False)
+    assignments = pd.read_csv(unlabelled_case / "T" / "UnsafeSet" / "assignments.csv")
+    assert list(to_label.columns) == ["image", "rcc", "label"]
+    assert list(to_label["image"]) == list(assignments["image"]) and list(to_label["rcc"]) == list(assignments["rcc"])
+    assert (to_label["label"] == "").all()
+    assert all((unlabelled_case / image).is_file() for image in to_label["image"])
+    report = (unlabelled_case / "T" / "report.html").read_text()
+    assert "href='UnsafeSet/to_label.csv'" in report and "DataSets/ImprovementLabels.csv" in report
+
+
+def test_retraining_asks_for_the_missing_labels_then_trains_on_the_given_ones(unlabelled_case):
+    case, labels_file = unlabelled_case, unlabelled_case / "DataSets" / "ImprovementLabels.csv"
+    unsafe = pd.read_csv(case / "T" / "UnsafeSet" / "to_label.csv")
+    missing_list = case / "T" / "Retrain" / "HUDD_to_label.csv"
+
+    # No labels yet: one clear line, the list to fill, no model written.
+    assert_clean_error(hudd("-o", str(case), "-mode", "HUDD", *RUN), f"{len(unsafe)} of them have no label",
+                       "HUDD_to_label.csv", "ImprovementLabels.csv")
+    assert sorted(pd.read_csv(missing_list)["image"]) == sorted(unsafe["image"])
+    assert sorted(p.name for p in (case / "DNNModels").iterdir()) == ["OriginalModel.pth"]
+
+    # Half of them labelled (the rest left empty, as a half-filled to_label.csv is): the list holds the rest.
+    half = len(unsafe) // 2
+    partly = fill(unsafe)
+    partly.loc[half:, "label"] = ""
+    partly.to_csv(labels_file, index=False)
+    assert_clean_error(hudd("-o", str(case), "-mode", "HUDD", *RUN), f"{len(unsafe) - half} of them have no label",
+                       "add the filled rows")
+    assert sorted(pd.read_csv(missing_list)["image"]) == sorted(unsafe["image"].iloc[half:])
+
+    # All labelled: HUDD retrains with exactly the unsafe set, and BL1 (which needs every label) is refused.
+    fill(unsafe).to_csv(labels_file, index=False)
+    result = hudd("-o", str(case), "-mode", "HUDD", *RUN)
+    assert result.returncode == 0, result.stderr
+    assert not missing_list.exists()
+    runs = pd.read_csv(case / "T" / "Retrain" / "HUDD_runs.csv")
+    assert (runs["labelled"] == len(unsafe)).all() and (runs["labels_needed"] == len(unsafe)).all()
+    results = pd.read_csv(case / "improveResult.csv").set_index("image").loc[unsafe["image"]]
+    misclassified = sum(p != true_class(i) for i, p in zip(results.index, results["predicted"]))
+    assert (runs["labelled_misclassified"] == misclassified).all()
+    assert_clean_error(hudd("-o", str(case), "-mode", "BL1", *RUN), "BL1", "every improvement image labelled",
+                       f"{len(unsafe)} of 24")
+
+    # What training reads is the file's labels, and a changed label retrains (and reassigns nothing).
+    ctx = context(case)
+    unsafe_inputs = retrainModule.unsafe_inputs(ctx)
+    data = retrainModule.training_data(ctx)
+    chosen = np.flatnonzero(unsafe_inputs.assigned >= 0)
+    images = [ctx.paths.relative(p) for p in ctx.sets()["improve"].paths]
+    assert [ctx.classes[int(data.improve.labels[i])] for i in chosen] == [true_class(images[i]) for i in chosen]
+    assert sorted(np.flatnonzero(unsafe_inputs.labelled)) == sorted(chosen)
+    changed = fill(unsafe)
+    changed.loc[0, "label"] = next(c for c in CLASSES if c != changed.loc[0, "label"])
+    changed.to_csv(labels_file, index=False)
+    rerun = hudd("-o", str(case), "-mode", "HUDD", *RUN)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "assignment step: inputs unchanged" in rerun.stdout
+    assert "retraining HUDD: inputs unchanged" not in rerun.stdout
+
+
+@pytest.mark.parametrize("edit, fragments", [
+    (lambda t: t.assign(label=t["label"].where(t.index != 0, "lorry")), ("'lorry'", "not a class", "class_a")),
+    (lambda t: t.assign(image=t["image"].where(t.index != 0, "DataSets/ImprovementSet/nobody.png")),
+     ("nobody.png", "not an image of", "relative to the case")),
+    (lambda t: pd.concat([t, t.iloc[:1]]), ("more than one line",)),
+    (lambda t: t.drop(columns="label"), ("no column 'label'", "to_label.csv")),
+])
+def test_a_wrong_label_file_is_one_clear_error(unlabelled_case, tmp_path, edit, fragments):
+    case = tmp_path / "case"
+    shutil.copytree(unlabelled_case, case)
+    labels_file = case / "DataSets" / "ImprovementLabels.csv"
+    edit(fill(pd.read_csv(case / "T" / "UnsafeSet" / "to_label.csv"))).to_csv(labels_file, index=False)
+    before = labels_file.read_bytes()
+    assert_clean_error(hudd("-o", str(case), "-mode", "HUDD", *RUN), str(labels_file), *fragments)
+    assert labels_file.read_bytes() == before
+
+
+def test_keypoints_labelled_for_the_unsafe_set_only_retrain_as_if_all_were_labelled(tmp_path):
+    """Twin cases with the same images: one with every improvement image labelled, one with labels for
+    its unsafe set alone. The unsafe set is chosen without labels, so both retrain the same model. (Ten
+    images: both sets list them in the same order, face 0 to face 9, so the runs draw the same bags.)"""
+    settings = ("--runs", "1")
+    full = build_keypoint_case(tmp_path / "full", images=10)
+    part = build_keypoint_case(tmp_path / "part", images=10, unlabelled_improvement=True)
+    for case in (full, part):
+        (case / "hudd.json").write_text((case / "hudd.json").read_text().replace('"batch_size": 4',
+                                                                                  '"batch_size": 4, "epochs": 2'))
+    assert hudd("-o", str(part)).returncode == 0
+    to_label = pd.read_csv(part / "T" / "UnsafeSet" / "to_label.csv")
+    truth = pd.read_csv(full / "DataSets" / "ImprovementSet" / "labels.csv")
+    truth["image"] = "DataSets/ImprovementSet/" + truth["image"]
+    assert [c for c in to_label.columns if c not in ("image", "rcc")] == list(truth.columns[1:])
+    labelled = to_label[["image", "rcc"]].merge(truth, on="image")
+    labelled.to_csv(part / "DataSets" / "ImprovementLabels.csv", index=False)
+    results = {}
+    for name, case in (("full", full), ("part", part)):
+        outcome = hudd("-o", str(case), "-mode", "HUDD", *settings)
+        assert outcome.returncode == 0, outcome.stderr
+        results[name] = pd.read_csv(case / "T" / "Retrain" / "HUDD_runs.csv")
+    assert list(pd.read_csv(full / "T" / "UnsafeSet" / "assignments.csv")["image"]) == list(to_label["image"])
+    columns = ["accuracy", "improved", "worsened", "labelled", "bag", "labelled_misclassified", "mean_error"]
+    pd.testing.assert_frame_equal(results["full"][columns], results["part"][columns])
+    assert results["part"]["labels_needed"].iloc[0] == len(to_label) < 10
+
+
+def test_partial_keypoint_rows_are_refused_and_empty_rows_label_nothing(tmp_path):
+    case = build_keypoint_case(tmp_path / "case", images=4, unlabelled_improvement=True)
+    task = Helper.task_class("keypoints")()
+    improve = task.list_set(case / "DataSets" / "ImprovementSet", "ImprovementSet", [f"kp{k}" for k in range(4)])
+    columns = task.label_columns(improve.classes)
+    table = pd.DataFrame({"image": [f"DataSets/ImprovementSet/face {i}.png" for i in range(2)]})
+    for number, column in enumerate(columns):
+        table[column] = [float(number), np.nan]
+    label_file = tmp_path / "labels.csv"
+    table.to_csv(label_file, index=False)
+    labelled_set, labelled = Helper.with_partial_labels(improve, label_file, task, case)
+    assert labelled.tolist() == [True, False, False, False]
+    np.testing.assert_array_equal(labelled_set.targets[0].ravel(), np.arange(len(columns), dtype=float))
+    assert np.isnan(labelled_set.targets[1:]).all()
+    table.loc[1, columns[0]] = 3.0
+    table.to_csv(label_file, index=False)
+    with pytest.raises(Helper.HuddError, match="face 1.png.*empty or non-numeric"):
+        Helper.with_partial_labels(improve, label_file, task, case)
