@@ -198,19 +198,30 @@ def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
     chosen = [step for step in analysis_steps() if step.name in steps]
     if "retrain" in steps:
         chosen += [retrainModule.RetrainStep(mode) for mode in modes]
-        if not modes and not retrainModule.modes_run(ctx.paths):
-            results["notes"].append("to retrain the model, add -mode HUDD (or BL1, BL2, BL3 for the baselines)")
     for step in chosen:
         try:
             summary = run_step(step, ctx)
         except PipelineStop as stop:
             results["notes"].append(str(stop))
-            break
+            forget_later_steps(ctx, step.name)
+            return results
         if step.name.startswith("retrain-"):
             results.setdefault("retrain", []).append(summary)
         else:
             results[step.name] = summary
+    if "retrain" in steps and not modes and not retrainModule.modes_run(ctx.paths):
+        results["notes"].append("to retrain the model, add -mode HUDD (or BL1, BL2, BL3 for the baselines)")
     return results
+
+
+def forget_later_steps(ctx: RunContext, stopped: str) -> None:
+    """After a step stopped the pipeline, its outputs and the later steps' on disk are an earlier run's:
+    their manifest entries go, so that no run reuses them and the report leaves them out."""
+    import retrainModule
+    names = [step.name for step in analysis_steps()]
+    later = names[names.index(stopped):] if stopped in names else []
+    for name in later + [retrainModule.RetrainStep(mode).name for mode in retrainModule.MODES]:
+        distributed.on_main(lambda name=name: ctx.manifest.forget(name))
 
 
 def demo_kind_and_folder(values: list[str]) -> tuple[str, Path]:

@@ -69,9 +69,26 @@ def read_data(ctx: RunContext) -> ReportData:
                       parameters=clusterModule.read_characterising_parameters(ctx.paths, layer),
                       described=clusterModule.read_rcc_descriptors(ctx.paths, layer),
                       unsafe=assignModule.read_assignments(ctx.paths),
-                      retrain={mode: retrainModule.read_tables(ctx.paths, mode)
-                               for mode in retrainModule.modes_run(ctx.paths)},
+                      retrain={mode: retrainModule.read_tables(ctx.paths, mode) for mode in current_modes(ctx)},
                       sets=testModule.STEP.summary(ctx)["sets"], errors=len(heatmapModule.read_index(ctx.paths)))
+
+
+def current_modes(ctx: RunContext) -> list[str]:
+    """The retraining modes whose tables are on disk and vouched for by the manifest (a pipeline that
+    stopped early forgets the later steps: their tables are an earlier run's)."""
+    return [mode for mode in retrainModule.modes_run(ctx.paths)
+            if retrainModule.RetrainStep(mode).recorded_fingerprint(ctx) is not None]
+
+
+def clusters_current(ctx: RunContext) -> bool:
+    return clusterModule.has_run(ctx.paths) and clusterModule.STEP.recorded_fingerprint(ctx) is not None
+
+
+def wrong_test_images(ctx: RunContext) -> int | None:
+    """Error-inducing test images in the test step's results; None before it ran."""
+    if not testModule.result_path(ctx.paths, "test").is_file():
+        return None
+    return int(testModule.read_results(ctx.paths, "test")["result"].eq("Wrong").sum())
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,13 +119,17 @@ def rel(path: Path, base: Path) -> str:
     return Path(path).relative_to(base).as_posix()
 
 
-def run_section(ctx: RunContext, data: ReportData) -> str:
-    s = ctx.settings
-    sets = "".join(
+def sets_table(sets: dict[str, dict]) -> str:
+    rows = "".join(
         f"<tr><td class=l>{esc(name)}</td><td>{r['images']}</td>"
         + (f"<td data-accuracy='{r['accuracy']:.4f}'>{r['accuracy']:.2f}%</td><td>{r['wrong']}</td>"
            if "accuracy" in r else "<td class=muted>unlabelled</td><td></td>") + "</tr>"
-        for name, r in data.sets.items())
+        for name, r in sets.items())
+    return f"<table><tr><th class=l>set</th><th>images</th><th>accuracy</th><th>wrong</th></tr>{rows}</table>"
+
+
+def run_section(ctx: RunContext, data: ReportData) -> str:
+    s = ctx.settings
     why = ("the smallest weighted intra-cluster distance (WICD)" if s.layer_criterion == "wicd"
            else "the best silhouette") + (" among the layers but the input, the one before the output and those "
                                            f"whose RCCs repeat the explained output (output_alignment above "
@@ -129,7 +150,7 @@ def run_section(ctx: RunContext, data: ReportData) -> str:
 <p>Model <b>{esc(ctx.model_path.name)}</b> ({esc(s.arch)}), case <code>{esc(ctx.paths.root)}</code>.
 <b id=errors data-value={errors}>{errors}</b> error-inducing test images explained with the
 <b>{esc(s.rules)}</b> LRP rules (class explained: {esc(s.explain)}).</p>
-<table><tr><th class=l>set</th><th>images</th><th>accuracy</th><th>wrong</th></tr>{sets}</table>
+{sets_table(data.sets)}
 {scenario_table(ctx)}
 <h3>Layer selection</h3>
 <p>Clustered: the <b>{esc(s.features)}</b> of the error images (setting <code>features</code>). Selected layer:
@@ -394,15 +415,30 @@ def comparison_chart(ctx: RunContext, data: ReportData, original: float) -> Path
     return path
 
 
+def no_errors_page(ctx: RunContext) -> str:
+    """The model gets every test image right: nothing to explain; the sets' accuracies."""
+    sets = testModule.STEP.summary(ctx)["sets"]
+    return (f"<h2>No root causes to show</h2><p id=no-errors>Model <b>{esc(ctx.model_path.name)}</b> gets every one of "
+            f"the {sets['TestSet']['images']} test images right, so there are no error-inducing images to explain, "
+            "cluster or retrain for. Add test images of the conditions you worry about and run again.</p>"
+            + ("<p class=muted id=stale>The heatmaps, RCC folders and tables under T/ are an earlier run's, on other "
+               "errors: they do not describe this one.</p>" if clusterModule.has_run(ctx.paths) else "")
+            + f"<h2>The run</h2>{sets_table(sets)}{scenario_table(ctx)}")
+
+
 def write_report(ctx: RunContext) -> Path | None:
-    """Writes T/report.html from the outputs on disk; None where there are no clusters yet."""
-    if not clusterModule.has_run(ctx.paths):
+    """Writes T/report.html from the outputs on disk: the root causes and what follows from them, or
+    the page saying that the test set has no errors; None where there are no current clusters yet."""
+    if wrong_test_images(ctx) == 0:
+        body = no_errors_page(ctx)
+    elif clusters_current(ctx):
+        data = read_data(ctx)
+        body = f"{rcc_summary(ctx, data)}{run_section(ctx, data)}{retrain_section(ctx, data)}{rcc_cards(ctx, data)}"
+    else:
         return None
-    data = read_data(ctx)
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>HUDD report: {esc(ctx.paths.root.name)}"
             f"</title><style>{STYLE}</style></head><body><h1>HUDD report</h1>"
-            f"<p class=muted>Root causes of the model's errors, found by clustering LRP heatmaps.</p>"
-            f"{rcc_summary(ctx, data)}{run_section(ctx, data)}{retrain_section(ctx, data)}{rcc_cards(ctx, data)}"
+            f"<p class=muted>Root causes of the model's errors, found by clustering LRP heatmaps.</p>{body}"
             "</body></html>")
     path = report_path(ctx.paths)
     with atomic_path(path) as temporary:

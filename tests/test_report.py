@@ -3,6 +3,7 @@ the overlays show relevance in the right colours, and (where Chromium is install
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import shutil
@@ -45,6 +46,10 @@ def parse(path: Path) -> PageParser:
     parser.feed(path.read_text(encoding="utf-8"))
     parser.close()
     return parser
+
+
+def element_ids(page: PageParser) -> set[str]:
+    return {attrs["id"] for _tag, attrs in page.data if "id" in attrs}
 
 
 def selected_layer(case: Path) -> str:
@@ -187,3 +192,40 @@ def test_every_card_says_what_sets_its_rcc_apart_without_metadata(retrained_case
         first = table[(table["rcc"] == rcc) & (table["sentence"] != "")].sort_values("rank")["sentence"]
         cell = re.search(rf"data-headline='{rcc}'>(.*?)</td>", page).group(1)
         assert html.unescape(cell) == (first.iloc[0] if len(first) else reportModule.NOTHING_STANDS_OUT)
+
+
+def test_a_test_set_without_errors_gets_a_report_that_says_so_and_no_earlier_rcc(make_case):
+    """A model that gets every test image right (here: the wrong test images taken out after a full run)
+    stops after the test step. The report says so; the earlier run's RCCs and retraining, still on disk,
+    are neither shown nor reused."""
+    case = make_case(per_class=4)
+    assert hudd("-o", str(case), "-mode", "HUDD", "--runs", "1", "--steps", "test,heatmaps,clusters,assign,retrain"
+                ).returncode == 0
+    assert "RCC01" in (case / "T" / "report.html").read_text()
+    results = pd.read_csv(case / "testResult.csv")
+    for image in results.loc[results["result"] == "Wrong", "image"]:
+        (case / image).unlink()
+    result = hudd("-o", str(case))
+    assert result.returncode == 0, result.stderr
+    assert "no error-inducing test images" in result.stdout and "add -mode HUDD" not in result.stdout
+    page = parse(case / "T" / "report.html")
+    text = (case / "T" / "report.html").read_text()
+    assert {"no-errors", "stale"} <= element_ids(page)
+    assert "RCC01" not in text and "Retraining" not in text
+    assert f"every one of the {(results['result'] == 'Correct').sum()} test images right" in text
+    manifest = json.loads((case / "hudd_manifest.json").read_text())
+    assert list(manifest) == ["test"]
+    assert hudd("-o", str(case), "--report").returncode == 0   # the same page from the files on disk
+    assert "no-errors" in element_ids(parse(case / "T" / "report.html"))
+
+
+def test_a_case_whose_first_run_finds_no_error_gets_the_report_too(make_case):
+    case = make_case(per_class=2)
+    assert hudd("-o", str(case), "--steps", "test").returncode == 0
+    results = pd.read_csv(case / "testResult.csv")
+    for image in results.loc[results["result"] == "Wrong", "image"]:
+        (case / image).unlink()
+    result = hudd("-o", str(case))
+    assert result.returncode == 0 and "report:" in result.stdout
+    page = parse(case / "T" / "report.html")
+    assert "no-errors" in element_ids(page) and "stale" not in element_ids(page)
