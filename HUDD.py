@@ -194,6 +194,7 @@ def run_step(step, ctx: RunContext) -> dict:
 def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
     """Runs the chosen steps in order; a step with nothing to pass on ends the run with a note."""
     import retrainModule
+    import testModule
     results = {"notes": []}
     chosen = [step for step in analysis_steps() if step.name in steps]
     if "retrain" in steps:
@@ -209,6 +210,8 @@ def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
             results.setdefault("retrain", []).append(summary)
         else:
             results[step.name] = summary
+        if step.name == "test":
+            testModule.leave_out_unreadable(ctx)
     if "retrain" in steps and not modes and not retrainModule.modes_run(ctx.paths):
         results["notes"].append("to retrain the model, add -mode HUDD (or BL1, BL2, BL3 for the baselines)")
     return results
@@ -272,8 +275,8 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
         print(f"  unsafe set: {unsafe['images']} improvement images assigned to {unsafe['rccs']} RCCs "
               f"-> {unsafe['folder']}")
         if unsafe.get("to_label") and not ctx.paths.improvement_labels.is_file():
-            print(f"    the improvement set has no labels: to retrain, fill the label column(s) of {unsafe['to_label']} "
-                  f"and save it as {ctx.paths.improvement_labels}")
+            print("    the improvement set has no labels: to retrain, fill the label column(s) of "
+                  f"{unsafe['to_label']} and save it as {ctx.paths.improvement_labels}")
     if results.get("retrain"):
         print_retraining(results["retrain"], ctx.paths)
     for note in results.get("notes", []):

@@ -136,6 +136,12 @@ class ImageSet:
     def labelled(self) -> bool:
         return bool(self.paths) and self.labels[0] != UNLABELLED
 
+    def subset(self, rows) -> ImageSet:
+        """The images at `rows` (positions in this set), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return replace(self, paths=[self.paths[i] for i in rows], labels=[self.labels[i] for i in rows],
+                       targets=None if self.targets is None else self.targets[rows])
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -1024,6 +1030,11 @@ class RunContext:
         if self._sets is None:
             self._sets = load_case_sets(self.paths, self.task)
         return self._sets
+
+    def keep_only(self, set_key: str, rows: list[int]) -> None:
+        """From now on in this run, the set holds only the images at `rows` (--skip-bad-images: the later
+        steps see the images the test step could read)."""
+        self.sets()[set_key] = self._sets[set_key].subset(rows)
 
     @property
     def classes(self) -> list[str]:

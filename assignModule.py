@@ -302,12 +302,6 @@ def improvement_results(ctx: RunContext) -> pd.DataFrame:
     images = [ctx.paths.relative(p) for p in ctx.sets()["improve"].paths]
     results = testModule.read_results(ctx.paths, "improve").set_index("image")
     missing = [image for image in images if image not in results.index]
-    if missing and ctx.skip_bad_images:
-        # --skip-bad-images left them out of the test step's rows; the unsafe set and retraining index the
-        # whole improvement set, so they cannot go on without them (a run does not loop on this error).
-        raise HuddError(f"{ctx.paths.root / missing[0]}: unreadable, left out by --skip-bad-images "
-                        f"({len(missing)} improvement image(s) in all); the assignment step needs every "
-                        "improvement image: replace or remove the file(s), then run again")
     if missing:
         raise HuddError(f"{testModule.result_path(ctx.paths, 'improve')}: no row for {len(missing)} improvement "
                         f"image(s), e.g. {missing[0]}; run the test step again (--steps test assign)")

@@ -45,8 +45,8 @@ import distributed
 import evaluation
 import testModule
 from Helper import (RETRAIN_MODES, CasePaths, HuddError, ImageSet, RunContext, Step, atomic_path, file_digest,
-                    image_set_digest, make_loader, resolve_input_size, stop_on_unreadable, with_partial_labels, write_csv,
-                    write_label_template)
+                    image_set_digest, make_loader, resolve_input_size, stop_on_unreadable, with_partial_labels,
+                    write_csv, write_label_template)
 
 log = logging.getLogger("hudd")
 
@@ -172,11 +172,7 @@ class ImageSource:
                 chunk = torch.as_tensor(rows[start:start + batch_size], dtype=torch.long)
                 yield self.tensor[chunk], self.labels[chunk]
             return
-        subset = ImageSet(name=self.image_set.name, root=self.image_set.root, classes=self.image_set.classes,
-                          paths=[self.image_set.paths[i] for i in rows],
-                          labels=[self.image_set.labels[i] for i in rows],
-                          targets=None if self.image_set.targets is None else self.image_set.targets[rows])
-        yield from combined_batches(subset, batch_size, self.ctx)
+        yield from combined_batches(self.image_set.subset(rows), batch_size, self.ctx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,8 +448,8 @@ def check_labels(ctx: RunContext, mode: str, selections: list[Selection], unsafe
     label_file = ctx.paths.improvement_labels
     images = np.asarray(testModule.read_results(ctx.paths, "improve")["image"], dtype=object)
     if distributed.is_main():  # every rank of a torchrun job stops here alike; one writes the list
-        write_label_template(template, list(images[missing]),
-                             [unsafe.rccs[a] if a >= 0 else "" for a in unsafe.assigned[missing]], ctx.task, ctx.classes)
+        rccs = [unsafe.rccs[a] if a >= 0 else "" for a in unsafe.assigned[missing]]
+        write_label_template(template, list(images[missing]), rccs, ctx.task, ctx.classes)
     where = "add the filled rows to" if label_file.is_file() else "save it as"
     runs = f"{mode}'s {len(selections)} runs train" if len(selections) > 1 else f"{mode} trains"
     raise HuddError(f"{runs} on {len(chosen)} improvement images and {len(missing)} of them have no label: in "
@@ -477,7 +473,8 @@ def training_data(ctx: RunContext) -> TrainingData:
         train_rows, validation_rows = split_validation(np.asarray(sets["train"].labels), np.random.default_rng(ctx.seed))
     else:  # no split needed: train on the whole training set
         train_rows, validation_rows = np.arange(len(sets["train"])), np.empty(0, dtype=np.int64)
-    return TrainingData(train=ImageSource(sets["train"], ctx), improve=ImageSource(improvement_for_training(ctx)[0], ctx),
+    improve = improvement_for_training(ctx)[0]
+    return TrainingData(train=ImageSource(sets["train"], ctx), improve=ImageSource(improve, ctx),
                         test=ImageSource(sets["test"], ctx), train_rows=train_rows, validation_rows=validation_rows)
 
 

@@ -127,9 +127,7 @@ def predict_rows(model: torch.nn.Module, image_set: ImageSet, ctx: RunContext, s
                  on_batch: Callable[[torch.Tensor, np.ndarray], None] | None = None) -> SetPredictions:
     """predict_set's inference over images start..stop of the set (a torchrun rank's shard; batches as in
     one process when start is a multiple of the batch size); nothing logged, no check of the whole set."""
-    part = ImageSet(name=image_set.name, root=image_set.root, paths=image_set.paths[start:stop],
-                    labels=image_set.labels[start:stop], classes=image_set.classes,
-                    targets=None if image_set.targets is None else image_set.targets[start:stop])
+    part = image_set.subset(range(start, stop))
     loader = make_loader(part, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
     indices, rows, failures = [np.empty(0, dtype=np.int64)], [], []
     with torch.no_grad():
@@ -183,6 +181,21 @@ def predict_shards(model: torch.nn.Module, image_set: ImageSet, ctx: RunContext,
         np.concatenate([s["logits"] for s in filled]) if filled else np.empty((0, 0), dtype=np.float32),
         [(int(i), str(e)) for s in shards for i, e in zip(s["failed"], s["errors"])])
     return checked(image_set, merged)
+
+
+def leave_out_unreadable(ctx: RunContext) -> None:
+    """--skip-bad-images: the images the test step could not read (it wrote no row for them) are left out
+    of the sets every later step of the run sees, so the unsafe set and retraining go on without them.
+    Called right after the test step ran or was reused, when its rows match the listing but for those."""
+    if not ctx.skip_bad_images:
+        return
+    for set_key, image_set in list(ctx.sets().items()):
+        written = set(read_results(ctx.paths, set_key)["image"])
+        rows = [i for i, path in enumerate(image_set.paths) if ctx.paths.relative(path) in written]
+        if len(rows) < len(image_set):
+            log.warning("%s: %d unreadable image(s) left out of the later steps (--skip-bad-images)",
+                        image_set.root, len(image_set) - len(rows))
+            ctx.keep_only(set_key, rows)
 
 
 def result_frame(image_set: ImageSet, predictions: SetPredictions, ctx: RunContext) -> pd.DataFrame:

@@ -84,12 +84,25 @@ def test_truncated_image_stops_naming_it_then_can_be_skipped(make_case):
     assert len(pd.read_csv(case / "trainResult.csv")) == 5
 
 
-def test_a_skipped_improvement_image_stops_the_assignment_step_naming_it(make_case):
-    case = make_case(per_class=2)
-    image = sorted((case / "DataSets" / "ImprovementSet").rglob("*.png"))[0]
-    image.write_bytes(image.read_bytes()[:100])
-    assert_clean_error(hudd("-o", str(case), "--skip-bad-images"), image.name, "left out by --skip-bad-images",
-                       "replace or remove")
+def test_skipped_images_are_left_out_of_every_later_step_through_retraining(make_case):
+    case = make_case(per_class=4, settings={**SETTINGS, "epochs": 1})
+    bad = {key: sorted((case / "DataSets" / folder).rglob("*.png"))[0]
+           for key, folder in (("train", "TrainingSet"), ("improve", "ImprovementSet"))}
+    for image in bad.values():
+        image.write_bytes(image.read_bytes()[:100])
+    first = hudd("-o", str(case), "--skip-bad-images", "-mode", "HUDD", "--runs", "1")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("left out of the later steps") == 2
+    improve = [p.relative_to(case).as_posix() for p in sorted((case / "DataSets" / "ImprovementSet").rglob("*.png"))]
+    readable = [p for p in improve if p != bad["improve"].relative_to(case).as_posix()]
+    assert list(pd.read_csv(case / "improveResult.csv")["image"]) == readable
+    assert list(pd.read_csv(case / "T" / "UnsafeSet" / "rcc_distances.csv")["image"]) == readable
+    unsafe_set = set(pd.read_csv(case / "T" / "UnsafeSet" / "assignments.csv")["image"])
+    assert bad["improve"].relative_to(case).as_posix() not in unsafe_set
+    assert pd.read_csv(case / "T" / "Retrain" / "HUDD_runs.csv")["labelled"].iloc[0] > 0
+    again = hudd("-o", str(case), "--skip-bad-images", "-mode", "HUDD", "--runs", "1")   # reused, left out again
+    assert again.returncode == 0 and "retraining HUDD: inputs unchanged" in again.stdout, again.stderr
+    assert_clean_error(hudd("-o", str(case)), "cannot read image", "--skip-bad-images")
 
 
 def test_output_size_mismatch(make_case):
