@@ -185,7 +185,7 @@ def run_step(step, ctx: RunContext) -> dict:
         distributed.together(lambda: step.compute(ctx) if step.every_rank or distributed.is_main() else None)
         log.debug("%s: %.1f s", step.title, time.perf_counter() - started)
         distributed.on_main(lambda: ctx.manifest.record(step.name, step_print, [
-            ctx.paths.relative(p) for p in step.outputs(ctx)]))
+            ctx.paths.relative(p) for p in step.outputs(ctx)], step.basis(ctx)))
         if not distributed.is_main():
             ctx.manifest.reload()  # what rank 0 recorded: the later steps' fingerprints include it
     return {**step.summary(ctx), "skipped": skipped} if distributed.is_main() else {}
@@ -204,7 +204,7 @@ def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
             summary = run_step(step, ctx)
         except PipelineStop as stop:
             results["notes"].append(str(stop))
-            forget_later_steps(ctx, step.name)
+            distributed.on_main(lambda: ctx.manifest.forget(*downstream_steps(step.name)))
             return results
         if step.name.startswith("retrain-"):
             results.setdefault("retrain", []).append(summary)
@@ -217,14 +217,15 @@ def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
     return results
 
 
-def forget_later_steps(ctx: RunContext, stopped: str) -> None:
-    """After a step stopped the pipeline, its outputs and the later steps' on disk are an earlier run's:
-    their manifest entries go, so that no run reuses them and the report leaves them out."""
+def downstream_steps(name: str) -> list[str]:
+    """The step and every step that builds on its outputs: the analysis steps after it and each mode's
+    retraining (a retraining mode has none after it). When it stops the pipeline, their outputs on disk
+    are an earlier run's."""
     import retrainModule
     names = [step.name for step in analysis_steps()]
-    later = names[names.index(stopped):] if stopped in names else []
-    for name in later + [retrainModule.RetrainStep(mode).name for mode in retrainModule.MODES]:
-        distributed.on_main(lambda name=name: ctx.manifest.forget(name))
+    if name not in names:
+        return [name]
+    return names[names.index(name):] + [retrainModule.RetrainStep(mode).name for mode in retrainModule.MODES]
 
 
 def demo_kind_and_folder(values: list[str]) -> tuple[str, Path]:
@@ -303,15 +304,15 @@ def print_retraining(summaries: list[dict], paths: Helper.CasePaths) -> None:
     print("    labels needed: HUDD its unsafe set, BL1 every improvement image (to find the misclassified ones), BL2 "
           "and BL3 their budget; p, A12: HUDD's runs against the mode's (two-sided Mann-Whitney U; A12 > 0.5: HUDD "
           "ahead)")
-    print_scenario_gains(paths)
+    print_scenario_gains(paths, list(table["mode"]))
     print(f"    models -> {paths.models}; tables -> {first['folder']}")
 
 
-def print_scenario_gains(paths: Helper.CasePaths) -> None:
-    """Every mode on disk (as the comparison above), not only this run's."""
+def print_scenario_gains(paths: Helper.CasePaths, modes: list[str]) -> None:
+    """The modes of the comparison above (every current one on disk), not only this run's."""
     import retrainModule
     tables = {}
-    for mode in retrainModule.modes_run(paths):
+    for mode in modes:
         scenarios = retrainModule.read_tables(paths, mode).get("scenarios")
         if scenarios is not None:
             tables[mode] = scenarios.set_index("scenario")["gain"]
@@ -334,8 +335,7 @@ def write_report(ctx: RunContext, required: bool = False) -> Path | None:
 
 def run_compare(ctx: RunContext) -> None:
     import clusterModule
-    if not clusterModule.has_run(ctx.paths):
-        raise HuddError(f"{ctx.paths.root}: has no clustering results to compare with; run the pipeline first")
+    clusterModule.require_current(ctx, "compare with")
     table = clusterModule.compare(ctx)
     columns = [c for c in ("features", "reduction", "clusterer", "layer", "rccs", "median_size", "noise", "purity",
                            "coverage", "purity_10", "coverage_10", "purity_20", "coverage_20", "pixels_purity")

@@ -9,6 +9,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import io
 import importlib.util
 import json
 import logging
@@ -248,9 +249,6 @@ def load_case_sets(paths: CasePaths, task=None, set_keys=("train", "test", "impr
 # Labels for part of an unlabelled improvement set (HUDD's promise: label the unsafe set only)
 # --------------------------------------------------------------------------------------------
 
-TO_LABEL_COLUMNS = ("image", "rcc")   # the columns before the label columns in a to_label.csv
-
-
 def write_label_template(path: Path, images: list[str], rccs: list[str], task, classes: list[str]) -> None:
     """A to_label.csv: the images (relative to the case), their RCC and the task's label columns left
     empty, for an engineer to fill and save as DataSets/ImprovementLabels.csv."""
@@ -260,18 +258,29 @@ def write_label_template(path: Path, images: list[str], rccs: list[str], task, c
     write_csv(table, path)
 
 
-def with_partial_labels(image_set: ImageSet, label_file: Path, task, case_root: Path) -> tuple[ImageSet, np.ndarray]:
+def with_partial_labels(image_set: ImageSet, label_file: Path, task, case_root: Path,
+                        left_out: list[str] = ()) -> tuple[ImageSet, np.ndarray]:
     """An unlabelled set with the labels `label_file` gives some of its images: `image` (relative to
-    the case, as in to_label.csv), then the task's label columns (other columns are ignored; a row
-    whose label columns are all empty labels nothing). Returns the set, labels UNLABELLED (keypoints:
-    NaN) where there is none, and the mask of its labelled images."""
+    the case, as in to_label.csv; also taken: relative to the set folder, absolute, backslashes), then the
+    task's label columns (other columns are ignored; a row whose label columns are all empty labels
+    nothing). Rows of `left_out` images (unreadable, --skip-bad-images) are passed over with a warning.
+    Returns the set, labels UNLABELLED (keypoints: NaN) where there is none, and the mask of its
+    labelled images."""
     table = _read_label_table(label_file, task.label_columns(image_set.classes))
     position = {Path(os.path.relpath(p, case_root)).as_posix(): i for i, p in enumerate(image_set.paths)}
-    unknown = [image for image in table["image"] if image not in position]
+    known = set(position) | set(left_out)
+    keys = [_listed_image(text, known, image_set.root, case_root) for text in table["image"]]
+    skipped = [k in left_out for k in keys]
+    if any(skipped):
+        log.warning("%s: %d labelled image(s) left out as unreadable (--skip-bad-images), e.g. %s", label_file,
+                    sum(skipped), table["image"][skipped.index(True)])
+    unknown = [text for text, key in zip(table["image"], keys) if key is None]
     if unknown:
         raise HuddError(f"{label_file}: lists {unknown[0]!r}, which is not an image of {image_set.root} (give paths "
                         "relative to the case folder, as T/UnsafeSet/to_label.csv does)")
-    rows = np.array([position[image] for image in table["image"]], dtype=np.int64)
+    used = ~np.asarray(skipped, dtype=bool)
+    table = table[used].reset_index(drop=True)
+    rows = np.array([position[key] for key, use in zip(keys, used) if use], dtype=np.int64)
     labels, targets = task.parse_labels(table, image_set.classes, label_file)
     given = ~np.asarray(pd.isna(labels) if targets is None else np.isnan(targets).all(axis=(1, 2)))
     full_labels = np.full(len(image_set), UNLABELLED, dtype=np.int64)
@@ -285,24 +294,47 @@ def with_partial_labels(image_set: ImageSet, label_file: Path, task, case_root: 
     return replace(image_set, labels=full_labels.tolist(), targets=full_targets), labelled
 
 
+def _listed_image(text: str, known: set[str], set_root: Path, case_root: Path) -> str | None:
+    """The case-relative path, among `known`, of an image path as a person may write it; None if none."""
+    written = Path(text.strip().replace("\\", "/"))
+    candidates = [written] if written.is_absolute() else [case_root / written, set_root / written]
+    keys = [Path(os.path.relpath(c, case_root)).as_posix() for c in candidates]
+    return next((k for k in keys if k in known), None)
+
+
 def _read_label_table(label_file: Path, label_columns: list[str]) -> pd.DataFrame:
-    """The label file's image and label columns, labels as text; one error line for each way it can be wrong."""
+    """The label file's image and label columns, values as text. Spreadsheet habits are taken as they
+    come: a UTF-8 byte-order mark or UTF-16 text, ';' or tab as the separator (read from the header),
+    'Image'/'Label' in any case and with spaces, and empty rows. Anything else is one error line."""
+    raw = label_file.read_bytes()
     try:
-        table = pd.read_csv(label_file, dtype=str, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        text = raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+    except UnicodeDecodeError:
+        raise HuddError(f"{label_file}: is not UTF-8 or UTF-16 text; save it as CSV (UTF-8)") from None
+    header = text.lstrip().splitlines()[0] if text.strip() else ""
+    separator = max((",", ";", "\t"), key=header.count)
+    try:
+        table = pd.read_csv(io.StringIO(text), sep=separator, dtype=str, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise HuddError(f"{label_file}: not a readable CSV file ({error}); save it as CSV with a header line") from None
+    fixed = {"image": "image", "label": "label"}
+    table.columns = [fixed.get(str(c).strip().lower(), str(c).strip()) for c in table.columns]
     missing = [c for c in ("image", *label_columns) if c not in table.columns]
     if missing:
-        raise HuddError(f"{label_file}: has no column {', '.join(repr(c) for c in missing[:4])}; it needs 'image' and "
-                        f"{', '.join(label_columns[:4])}{' ...' if len(label_columns) > 4 else ''}, as "
-                        "T/UnsafeSet/to_label.csv has")
-    empty = np.flatnonzero(table["image"].isna().to_numpy())
-    if len(empty):
-        raise HuddError(f"{label_file}: line {empty[0] + 2} has no image path; fill it in or delete the line")
+        raise HuddError(f"{label_file}: has no column {', '.join(repr(c) for c in missing[:4])} (its header reads "
+                        f"{', '.join(map(repr, table.columns[:6]))}); it needs 'image' and {', '.join(label_columns[:4])}"
+                        f"{' ...' if len(label_columns) > 4 else ''}, as T/UnsafeSet/to_label.csv has")
+    table = table[["image", *label_columns]].dropna(how="all").reset_index(drop=True)  # spreadsheets' empty rows
+    no_image = np.flatnonzero(table["image"].isna().to_numpy())
+    if len(no_image):
+        given = table.iloc[no_image[0]].dropna()
+        raise HuddError(f"{label_file}: a row with {given.index[0]} {given.iloc[0]!r} has no image path; fill it in "
+                        "or delete the row")
+    table["image"] = table["image"].str.strip()
     repeated = table["image"][table["image"].duplicated()]
     if len(repeated):
         raise HuddError(f"{label_file}: {repeated.iloc[0]!r} has more than one line; keep one label per image")
-    return table[["image", *label_columns]].reset_index(drop=True)
+    return table
 
 
 def metadata_file(set_root: Path) -> Path | None:
@@ -977,14 +1009,15 @@ class Manifest:
         return bool(entry) and entry["fingerprint"] == step_fingerprint and all(
             (self.path.parent / output).exists() for output in entry["outputs"])
 
-    def record(self, step: str, step_fingerprint: str, outputs: list[str]) -> None:
+    def record(self, step: str, step_fingerprint: str, outputs: list[str], basis: dict | None = None) -> None:
         self.entries[step] = {"fingerprint": step_fingerprint, "outputs": outputs,
-                              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              **({"basis": basis} if basis else {})}
         with atomic_path(self.path) as temporary:
             temporary.write_text(json.dumps(self.entries, indent=2))
 
-    def forget(self, step: str) -> None:
-        if self.entries.pop(step, None) is not None:
+    def forget(self, *steps: str) -> None:
+        if [self.entries.pop(step) for step in steps if step in self.entries]:
             with atomic_path(self.path) as temporary:
                 temporary.write_text(json.dumps(self.entries, indent=2))
 
@@ -1011,6 +1044,7 @@ class RunContext:
     _manifest: Manifest | None = None
     _task: Any = None
     _memo: dict[str, Any] = field(default_factory=dict)
+    left_out: dict[str, list[str]] = field(default_factory=dict)   # per set: images --skip-bad-images left out
 
     @property
     def manifest(self) -> Manifest:
@@ -1033,8 +1067,11 @@ class RunContext:
 
     def keep_only(self, set_key: str, rows: list[int]) -> None:
         """From now on in this run, the set holds only the images at `rows` (--skip-bad-images: the later
-        steps see the images the test step could read)."""
-        self.sets()[set_key] = self._sets[set_key].subset(rows)
+        steps see the images the test step could read); `left_out` names the others."""
+        image_set = self.sets()[set_key]
+        kept = set(rows)
+        self.left_out[set_key] = [self.paths.relative(p) for i, p in enumerate(image_set.paths) if i not in kept]
+        self._sets[set_key] = image_set.subset(rows)
 
     @property
     def classes(self) -> list[str]:
@@ -1098,6 +1135,11 @@ class Step:
 
     def summary(self, ctx: RunContext) -> dict[str, Any]:
         raise NotImplementedError
+
+    def basis(self, ctx: RunContext) -> dict[str, Any]:
+        """What of the earlier steps' results this step's outputs rest on, recorded beside its fingerprint
+        so that a reader can tell, without the run's options, whether they are still current ({}: none)."""
+        return {}
 
     def fingerprint(self, ctx: RunContext) -> str:
         return fingerprint({"step": self.name, "version": self.version, **self.inputs(ctx)})

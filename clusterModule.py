@@ -108,6 +108,19 @@ def published_dir(paths: CasePaths, layer: str) -> Path:
     return paths.t_dir / layer
 
 
+def require_current(ctx: RunContext, purpose: str) -> None:
+    """Stops with what to do where there are no clusters of the current errors to `purpose`: none on
+    disk, or files the manifest no longer vouches for (the last run stopped before this step, e.g. with
+    no error image, or an earlier step's inputs changed since)."""
+    if not has_run(ctx.paths):
+        raise HuddError(f"{ctx.paths.root}: has no clustering results to {purpose}; run the pipeline with the "
+                        "original model first (python HUDD.py -o CASE -m OriginalModel.pth)")
+    if STEP.recorded_fingerprint(ctx) is None:
+        raise HuddError(f"{ctx.paths.root}: the clustering results on disk are an earlier run's (the last run "
+                        "stopped before the cluster step, e.g. with no error-inducing test image, or its inputs "
+                        f"changed since); run the pipeline again before you {purpose}")
+
+
 def has_run(paths: CasePaths) -> bool:
     return (analysis_dir(paths) / SUMMARY_FILE).is_file()
 

@@ -68,16 +68,14 @@ def read_data(ctx: RunContext) -> ReportData:
                       sub_stats=clusterModule.read_sub_rcc_stats(ctx.paths, layer),
                       parameters=clusterModule.read_characterising_parameters(ctx.paths, layer),
                       described=clusterModule.read_rcc_descriptors(ctx.paths, layer),
-                      unsafe=assignModule.read_assignments(ctx.paths),
-                      retrain={mode: retrainModule.read_tables(ctx.paths, mode) for mode in current_modes(ctx)},
+                      unsafe=assignModule.read_assignments(ctx.paths) if unsafe_set_current(ctx) else None,
+                      retrain={mode: retrainModule.read_tables(ctx.paths, mode)
+                               for mode in retrainModule.current_modes(ctx)},
                       sets=testModule.STEP.summary(ctx)["sets"], errors=len(heatmapModule.read_index(ctx.paths)))
 
 
-def current_modes(ctx: RunContext) -> list[str]:
-    """The retraining modes whose tables are on disk and vouched for by the manifest (a pipeline that
-    stopped early forgets the later steps: their tables are an earlier run's)."""
-    return [mode for mode in retrainModule.modes_run(ctx.paths)
-            if retrainModule.RetrainStep(mode).recorded_fingerprint(ctx) is not None]
+def unsafe_set_current(ctx: RunContext) -> bool:
+    return assignModule.STEP.recorded_fingerprint(ctx) is not None
 
 
 def clusters_current(ctx: RunContext) -> bool:
@@ -133,7 +131,10 @@ def run_section(ctx: RunContext, data: ReportData) -> str:
     why = ("the smallest weighted intra-cluster distance (WICD)" if s.layer_criterion == "wicd"
            else "the best silhouette") + (" among the layers but the input, the one before the output and those "
                                            f"whose RCCs repeat the explained output (output_alignment above "
-                                           f"{MAX_OUTPUT_ALIGNMENT})")
+                                           f"{MAX_OUTPUT_ALIGNMENT}), where another layer is left")
+    selected = data.summary[data.summary["layer"] == data.layer]
+    if "output_alignment" in selected and (selected["output_alignment"] > MAX_OUTPUT_ALIGNMENT).any():
+        why += "; here every layer was above it, so none was passed over for it"
     columns = [c for c in ("layer", "k", "sub_k", "median_size", "noise", "wicd", "silhouette", "output_alignment",
                            "purity", "coverage", "purity_10", "coverage_10") if c in data.summary]
     layer_rows = "".join(
@@ -336,11 +337,13 @@ def retrain_section(ctx: RunContext, data: ReportData) -> str:
         labelling = (f" The improvement set has no labels: first fill the label column(s) of "
                      f"<a href='{esc(rel(to_label, ctx.paths.t_dir))}'>UnsafeSet/to_label.csv</a> (the unsafe set's "
                      f"images) and save it as <code>DataSets/ImprovementLabels.csv</code>."
-                     if to_label.is_file() and not ctx.paths.improvement_labels.is_file() else "")
+                     if to_label.is_file() and unsafe_set_current(ctx) and not ctx.paths.improvement_labels.is_file()
+                     else "")
         return ("<h2>Retraining</h2><p class=muted>Not run yet: <code>python HUDD.py -o CASE -mode HUDD</code> "
                 f"(and BL1, BL2, BL3) retrains at one labelling budget.{labelling}</p>")
     original = data.sets["TestSet"]["accuracy"]
-    rows = [retrain_row(row, original) for row in retrainModule.read_comparison(ctx.paths).itertuples()]
+    table = retrainModule.comparison(ctx.paths, list(data.retrain))
+    rows = [retrain_row(row, original) for row in table.itertuples()]
     chart = comparison_chart(ctx, data, original)
     scenario_rows = scenario_gain_rows(data)
     return f"""

@@ -29,6 +29,7 @@ the test set against the original model.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ import assignModule
 import distributed
 import evaluation
 import testModule
-from Helper import (RETRAIN_MODES, CasePaths, HuddError, ImageSet, RunContext, Step, atomic_path, file_digest,
+from Helper import (RETRAIN_MODES, CasePaths, HuddError, ImageSet, RunContext, Step, atomic_path,
                     image_set_digest, make_loader, resolve_input_size, stop_on_unreadable, with_partial_labels,
                     write_csv, write_label_template)
 
@@ -392,7 +393,8 @@ def improvement_for_training(ctx: RunContext) -> tuple[ImageSet, np.ndarray]:
                             ctx.paths.improvement_labels)
             return improve, np.ones(len(improve), dtype=bool)
         if ctx.paths.improvement_labels.is_file():
-            return with_partial_labels(improve, ctx.paths.improvement_labels, ctx.task, ctx.paths.root)
+            return with_partial_labels(improve, ctx.paths.improvement_labels, ctx.task, ctx.paths.root,
+                                       ctx.left_out.get("improve", []))
         return improve, np.zeros(len(improve), dtype=bool)
     return ctx.memo("improvement labels", load)
 
@@ -458,13 +460,27 @@ def check_labels(ctx: RunContext, mode: str, selections: list[Selection], unsafe
                     f"{ctx.task.labelling_hint})")
 
 
+def training_labels_digest(ctx: RunContext, mode: str) -> str:
+    """Fingerprint of the labels from DataSets/ImprovementLabels.csv that the mode's runs train on: a
+    change of the file's format, or of rows for other images, retrains nothing."""
+    unsafe = unsafe_inputs(ctx)
+    improve, labelled = improvement_for_training(ctx)
+    digest = hashlib.sha256()
+    for run in range(1, ctx.settings.runs + 1):
+        for image in run_selection(ctx, mode, run, unsafe).chosen:
+            digest.update(f"{image}|{improve.labels[image] if labelled[image] else ''}|".encode())
+            if improve.targets is not None and labelled[image]:
+                digest.update(np.ascontiguousarray(improve.targets[image]).tobytes())
+    return digest.hexdigest()
+
+
 def refuse_bl1_without_labels(ctx: RunContext, unsafe: UnsafeInputs) -> None:
     """BL1 draws from the improvement images the model gets wrong: finding them takes every label."""
     if not unsafe.labelled.all():
         raise HuddError(f"BL1 draws from the improvement images the model gets wrong, so it needs every improvement "
-                        f"image labelled ({int(unsafe.labelled.sum())} of {len(unsafe.labelled)} have a label); "
-                        f"{ctx.task.labelling_hint}, or run -mode HUDD, BL2 or BL3, which need labels only for "
-                        "the images they choose")
+                        f"image labelled ({int(unsafe.labelled.sum())} of {len(unsafe.labelled)} have a label): label "
+                        f"the rest in {ctx.paths.relative(ctx.paths.improvement_labels)} ({ctx.task.labelling_hint}), "
+                        "or run -mode HUDD, BL2 or BL3, which need labels only for the images they choose")
 
 
 def training_data(ctx: RunContext) -> TrainingData:
@@ -533,14 +549,17 @@ class RetrainStep(Step):
     def inputs(self, ctx: RunContext) -> dict:
         s = ctx.settings
         own = {"hudd_bag": s.hudd_bag} if self.mode == "HUDD" else {}   # the baselines' bags do not depend on it
-        labels = ctx.paths.improvement_labels
         if not ctx.sets()["improve"].labelled:  # labels from a file are read by this step alone
-            own["improvement_labels"] = file_digest(labels) if labels.is_file() else None
-        return {"mode": self.mode, "runs": s.runs, "seed": ctx.seed, **own,
-                "assign": assignModule.STEP.recorded_fingerprint(ctx),
+            own["improvement_labels"] = training_labels_digest(ctx, self.mode)
+        return {"mode": self.mode, "runs": s.runs, "seed": ctx.seed, **own, **self.basis(ctx),
                 "train": image_set_digest(ctx.sets()["train"], ctx.paths.root),
                 **{k: getattr(s, k) for k in ("epochs", "batch_size", "learning_rate", "momentum",
                                               "weight_decay", "epoch_choice", "budget_factor")}}
+
+    def basis(self, ctx: RunContext) -> dict:
+        """The unsafe set it chose from and the test set it was measured on."""
+        return {"assign": assignModule.STEP.recorded_fingerprint(ctx),
+                "test": image_set_digest(ctx.sets()["test"], ctx.paths.root)}
 
     def outputs(self, ctx: RunContext) -> list[Path]:
         return [table_path(ctx.paths, self.mode, "runs")]
@@ -586,7 +605,7 @@ def write_tables(ctx: RunContext, mode: str, done: list[dict], unsafe: UnsafeInp
     if "scenarios" not in tables and table_path(ctx.paths, mode, "scenarios").exists():
         table_path(ctx.paths, mode, "scenarios").unlink()
     write_workbook(retrain_dir(ctx.paths) / f"{mode}_results.xlsx", tables)
-    write_comparison(ctx.paths)
+    write_comparison(ctx.paths, current_modes(ctx, computing=mode))
 
 
 def write_workbook(path: Path, tables: dict[str, pd.DataFrame]) -> None:
@@ -609,12 +628,22 @@ def write_workbook(path: Path, tables: dict[str, pd.DataFrame]) -> None:
 COMPARISON = "comparison"
 
 
-def comparison(paths: CasePaths) -> pd.DataFrame | None:
-    """One row per mode that has run: runs, labelled (the budget), labels_needed, training samples,
+def current_modes(ctx: RunContext, computing: str | None = None) -> list[str]:
+    """The modes whose tables on disk rest on the current unsafe set and test set (their recorded basis;
+    a pipeline that stopped early forgot them), and the mode `computing` now. Tables of an earlier unsafe
+    set or test set are an earlier run's: left out until the mode runs again."""
+    def current(mode: str) -> bool:
+        entry = ctx.manifest.entries.get(RetrainStep(mode).name)
+        return entry is not None and entry.get("basis", {}) in ({}, RetrainStep(mode).basis(ctx))
+    return [mode for mode in modes_run(ctx.paths) if mode == computing or current(mode)]
+
+
+def comparison(paths: CasePaths, modes: list[str] | None = None) -> pd.DataFrame | None:
+    """One row per mode that has run (of `modes`, default every mode on disk): runs, labelled (the budget), labels_needed, training samples,
     accuracy mean/min/max, gain over the original model, gain per 100 labels needed, improved and
     worsened, and against HUDD's runs the two-sided Mann-Whitney U p-value and Vargha-Delaney A12
     (the probability that a HUDD run beats a run of that mode). None before any mode ran."""
-    modes = modes_run(paths)
+    modes = modes_run(paths) if modes is None else modes
     if not modes:
         return None
     original = testModule.original_test_accuracy(paths)
@@ -645,9 +674,9 @@ def read_comparison(paths: CasePaths) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.is_file() else comparison(paths)
 
 
-def write_comparison(paths: CasePaths) -> None:
-    """T/Retrain/comparison.csv and comparison.xlsx, from every mode's runs table on disk."""
-    table = comparison(paths)
+def write_comparison(paths: CasePaths, modes: list[str]) -> None:
+    """T/Retrain/comparison.csv and comparison.xlsx, from the runs tables of `modes`."""
+    table = comparison(paths, modes)
     if table is None:
         return
     write_csv(table, retrain_dir(paths) / f"{COMPARISON}.csv")

@@ -109,6 +109,4 @@ def models_in(case_root: Path) -> list[Path]:
 
 
 def check_has_run(ctx: RunContext) -> None:
-    if not clusterModule.has_run(ctx.paths):
-        raise HuddError(f"{ctx.paths.root}: has no clustering results; run the pipeline with the original model first "
-                        "(python HUDD.py -o CASE -m OriginalModel.pth)")
+    clusterModule.require_current(ctx, "measure a model on")

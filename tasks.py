@@ -210,7 +210,10 @@ class KeypointTask(ClassificationTask):
         """(images, keypoints, 2) pixel coordinates, NaN in the rows left empty; a row filled in part, or
         a value that is not a number, is an error (a missing keypoint is 0 or -1, as in labels.csv)."""
         columns = self.label_columns(classes)
-        values = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+        # a decimal comma, as a spreadsheet writes where ';' separates the columns
+        values = (table[columns].apply(lambda column: pd.to_numeric(column.str.strip().str.replace(",", "."),
+                                                                    errors="coerce"))
+                  .to_numpy(dtype=np.float64))
         given = table[columns].notna().to_numpy()
         bad = np.flatnonzero((given & np.isnan(values)).any(axis=1) | (given.any(axis=1) & ~given.all(axis=1)))
         if len(bad):

@@ -82,6 +82,16 @@ def test_retraining_asks_for_the_missing_labels_then_trains_on_the_given_ones(un
     assert_clean_error(hudd("-o", str(case), "-mode", "BL1", *RUN), "BL1", "every improvement image labelled",
                        f"{len(unsafe)} of 24")
 
+    # The file saved again by a spreadsheet (';', CRLF, a byte-order mark) with a row for an image that no
+    # run trains on: the labels HUDD trains on are the same, so nothing retrains.
+    others = [p.relative_to(case).as_posix() for p in sorted((case / "DataSets" / "ImprovementSet").glob("*.png"))
+              if p.relative_to(case).as_posix() not in set(unsafe["image"])]
+    resaved = fill(pd.concat([unsafe, pd.DataFrame({"image": others[:1], "rcc": [""]})]))
+    labels_file.write_bytes(b"\xef\xbb\xbf" + resaved.to_csv(index=False, sep=";", lineterminator="\r\n").encode())
+    same = hudd("-o", str(case), "-mode", "HUDD", *RUN)
+    assert same.returncode == 0 and "retraining HUDD: inputs unchanged" in same.stdout, same.stderr
+    fill(unsafe).to_csv(labels_file, index=False)
+
     # What training reads is the file's labels, and a changed label retrains (and reassigns nothing).
     ctx = context(case)
     unsafe_inputs = retrainModule.unsafe_inputs(ctx)
@@ -162,3 +172,51 @@ def test_partial_keypoint_rows_are_refused_and_empty_rows_label_nothing(tmp_path
     table.to_csv(label_file, index=False)
     with pytest.raises(Helper.HuddError, match="face 1.png.*empty or non-numeric"):
         Helper.with_partial_labels(improve, label_file, task, case)
+
+
+def spreadsheet_variants(table: pd.DataFrame, set_folder: str) -> dict[str, bytes]:
+    """The same labels as people's tools save them."""
+    plain = table.to_csv(index=False)
+    renamed = table.rename(columns={"image": " Image ", "label": "LABEL "})
+    relative_to_set = table.assign(image=[i.removeprefix(set_folder + "/") for i in table["image"]])
+    return {
+        "semicolons, CRLF, BOM": b"\xef\xbb\xbf" + table.to_csv(index=False, sep=";", lineterminator="\r\n").encode(),
+        "tabs": table.to_csv(index=False, sep="\t").encode(),
+        "UTF-16 (Excel's Unicode text)": table.to_csv(index=False, sep="\t").encode("utf-16"),
+        "headers in other case, with spaces": renamed.to_csv(index=False).encode(),
+        "empty rows at the end": (plain + ",,\n\n,,\n").encode(),
+        "backslashes": table.assign(image=table["image"].str.replace("/", "\\")).to_csv(index=False).encode(),
+        "./ prefix": table.assign(image="./" + table["image"]).to_csv(index=False).encode(),
+        "relative to the set folder": relative_to_set.to_csv(index=False).encode(),
+    }
+
+
+def test_label_files_saved_by_spreadsheets_give_the_same_labels(unlabelled_case, tmp_path):
+    ctx = context(unlabelled_case)
+    improve = ctx.sets()["improve"]
+    table = fill(pd.read_csv(unlabelled_case / "T" / "UnsafeSet" / "to_label.csv"))   # image, rcc, label
+    reference = tmp_path / "plain.csv"
+    table.to_csv(reference, index=False)
+    expected, expected_mask = Helper.with_partial_labels(improve, reference, ctx.task, unlabelled_case)
+    assert expected_mask.sum() == len(table)
+    for name, content in spreadsheet_variants(table, "DataSets/ImprovementSet").items():
+        variant = tmp_path / "variant.csv"
+        variant.write_bytes(content)
+        labelled_set, mask = Helper.with_partial_labels(improve, variant, ctx.task, unlabelled_case)
+        assert labelled_set.labels == expected.labels and (mask == expected_mask).all(), name
+
+
+def test_a_label_for_an_image_left_out_as_unreadable_is_passed_over(unlabelled_case, tmp_path, caplog):
+    ctx = context(unlabelled_case)
+    improve = ctx.sets()["improve"]
+    table = fill(pd.read_csv(unlabelled_case / "T" / "UnsafeSet" / "to_label.csv"))
+    label_file = tmp_path / "labels.csv"
+    table.to_csv(label_file, index=False)
+    unreadable = table["image"].iloc[0]
+    keep = [i for i, p in enumerate(improve.paths) if ctx.paths.relative(p) != unreadable]
+    labelled_set, mask = Helper.with_partial_labels(improve.subset(keep), label_file, ctx.task, unlabelled_case,
+                                                    left_out=[unreadable])
+    assert mask.sum() == len(table) - 1 and len(labelled_set) == len(improve) - 1
+    assert "left out as unreadable" in caplog.text and unreadable in caplog.text
+    with pytest.raises(Helper.HuddError, match="not an image of"):   # without --skip-bad-images it is an error
+        Helper.with_partial_labels(improve.subset(keep), label_file, ctx.task, unlabelled_case)

@@ -17,7 +17,9 @@ import pytest
 from PIL import Image
 
 import reportModule
-from helpers import hudd
+import Helper
+import retrainModule
+from helpers import assert_clean_error, context, hudd
 
 
 class PageParser(HTMLParser):
@@ -217,6 +219,33 @@ def test_a_test_set_without_errors_gets_a_report_that_says_so_and_no_earlier_rcc
     assert list(manifest) == ["test"]
     assert hudd("-o", str(case), "--report").returncode == 0   # the same page from the files on disk
     assert "no-errors" in element_ids(parse(case / "T" / "report.html"))
+    for command in (("--compare",), ("-rq", "True", "-m", "OriginalModel.pth")):
+        assert_clean_error(hudd("-o", str(case), *command), "an earlier run's", "run the pipeline again")
+
+
+def test_retraining_of_an_earlier_unsafe_set_is_not_shown_as_current(make_case):
+    """The test set changes after retraining: the analysis reruns, and the retraining tables on disk (of
+    models trained on the old unsafe set and measured on the old test set) leave the report."""
+    case = make_case(per_class=4)
+    assert hudd("-o", str(case), "-mode", "HUDD", "--runs", "1").returncode == 0
+    assert "data-mode=HUDD" in (case / "T" / "report.html").read_text()
+    # The runs were measured on the test set: with the same unsafe set, another test set is another basis.
+    before = retrainModule.RetrainStep("HUDD").inputs(context(case))
+    results = pd.read_csv(case / "testResult.csv")
+    (case / results.loc[results["result"] == "Correct", "image"].iloc[0]).unlink()
+    after = retrainModule.RetrainStep("HUDD").inputs(context(case))
+    assert before["assign"] == after["assign"] and before["test"] != after["test"]
+    assert retrainModule.current_modes(context(case)) == []
+    results = pd.read_csv(case / "testResult.csv")
+    (case / results.loc[results["result"] == "Wrong", "image"].iloc[0]).unlink()
+    rerun = hudd("-o", str(case))
+    assert rerun.returncode == 0, rerun.stderr
+    text = (case / "T" / "report.html").read_text()
+    assert "data-mode=HUDD" not in text and "Not run yet" in text
+    assert retrainModule.modes_run(Helper.CasePaths(case)) == ["HUDD"] and retrainModule.current_modes(context(case)) == []
+    again = hudd("-o", str(case), "-mode", "HUDD", "--runs", "1")   # retrained on the new unsafe set: shown
+    assert again.returncode == 0 and "retraining HUDD: inputs unchanged" not in again.stdout
+    assert "data-mode=HUDD" in (case / "T" / "report.html").read_text()
 
 
 def test_a_case_whose_first_run_finds_no_error_gets_the_report_too(make_case):

@@ -75,7 +75,7 @@ def test_rq2_gives_every_model_its_accuracy(retrained_case):
     pd.testing.assert_series_equal(per_class["accuracy"].sort_index(), by_class.sort_index(), check_names=False)
 
 
-def test_the_gain_per_scenario_lists_every_mode_on_disk(tmp_path, capsys):
+def test_the_gain_per_scenario_lists_every_mode_of_the_comparison(tmp_path, capsys):
     import HUDD
     import Helper
     import retrainModule
@@ -85,6 +85,6 @@ def test_the_gain_per_scenario_lists_every_mode_on_disk(tmp_path, capsys):
         pd.DataFrame({"run": [1]}).to_csv(retrainModule.table_path(paths, mode, "runs"), index=False)
         pd.DataFrame({"scenario": ["fog", "none"], "gain": gains}).to_csv(
             retrainModule.table_path(paths, mode, "scenarios"), index=False)
-    HUDD.print_scenario_gains(paths)
+    HUDD.print_scenario_gains(paths, ["HUDD", "BL1"])
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
     assert rows == {"HUDD": ["+2.5", "-0.5"], "BL1": ["+1.0", "+0.2"]}
