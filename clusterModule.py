@@ -110,15 +110,15 @@ def published_dir(paths: CasePaths, layer: str) -> Path:
 
 def require_current(ctx: RunContext, purpose: str) -> None:
     """Stops with what to do where there are no clusters of the current errors to `purpose`: none on
-    disk, or files the manifest no longer vouches for (the last run stopped before this step, e.g. with
-    no error image, or an earlier step's inputs changed since)."""
+    disk, or files the manifest no longer vouches for (the last run stopped at or before this step, e.g.
+    with no error image, or was killed in it)."""
     if not has_run(ctx.paths):
         raise HuddError(f"{ctx.paths.root}: has no clustering results to {purpose}; run the pipeline with the "
                         "original model first (python HUDD.py -o CASE -m OriginalModel.pth)")
     if STEP.recorded_fingerprint(ctx) is None:
         raise HuddError(f"{ctx.paths.root}: the clustering results on disk are an earlier run's (the last run "
-                        "stopped before the cluster step, e.g. with no error-inducing test image, or its inputs "
-                        f"changed since); run the pipeline again before you {purpose}")
+                        "stopped before the cluster step finished, e.g. with no error-inducing test image); run the "
+                        f"pipeline again before you {purpose}")
 
 
 def has_run(paths: CasePaths) -> bool:

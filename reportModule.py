@@ -339,7 +339,9 @@ def retrain_section(ctx: RunContext, data: ReportData) -> str:
                      f"images) and save it as <code>DataSets/ImprovementLabels.csv</code>."
                      if to_label.is_file() and unsafe_set_current(ctx) and not ctx.paths.improvement_labels.is_file()
                      else "")
-        return ("<h2>Retraining</h2><p class=muted>Not run yet: <code>python HUDD.py -o CASE -mode HUDD</code> "
+        earlier = (" on the current unsafe set and test set (the tables in T/Retrain are an earlier run's)"
+                   if retrainModule.modes_run(ctx.paths) else " yet")
+        return (f"<h2>Retraining</h2><p class=muted>Not run{earlier}: <code>python HUDD.py -o CASE -mode HUDD</code> "
                 f"(and BL1, BL2, BL3) retrains at one labelling budget.{labelling}</p>")
     original = data.sets["TestSet"]["accuracy"]
     table = retrainModule.comparison(ctx.paths, list(data.retrain))

@@ -136,10 +136,15 @@ def test_a_second_run_is_refused_and_a_killed_run_blocks_nothing(case):
     assert after.returncode == 0, after.stderr
 
 
-def test_two_runs_started_together_one_is_refused(case):
+def test_two_runs_started_together_never_crash_and_leave_whole_outputs(case):
+    """The issue's crash ("FileNotFoundError ... .partial"). Whether the two runs overlap depends on how
+    fast each starts (on a busy machine the first may end before the second takes the lock): overlapping,
+    one is refused with one clear line; either way neither fails otherwise and the outputs are whole. The
+    refusal itself is tested deterministically above, against a process that holds the lock."""
     runs = [subprocess.Popen([sys.executable, str(REPO / "HUDD.py"), "-o", str(case), "--steps", "test,heatmaps"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [subprocess.CompletedProcess(r.args, r.wait(timeout=300), *r.communicate()) for r in runs]
-    assert sorted(r.returncode for r in results) == [0, 2], [r.stderr for r in results]
-    assert_clean_error(next(r for r in results if r.returncode), "another HUDD run")
+    assert sorted(r.returncode for r in results) in ([0, 0], [0, 2]), [r.stderr for r in results]
+    for refused in (r for r in results if r.returncode):
+        assert_clean_error(refused, "another HUDD run")
     assert len(np.load(case / "T" / "Heatmaps" / "Layer0.npy")) == len(pd.read_csv(case / "T" / "Heatmaps" / "index.csv"))

@@ -241,7 +241,7 @@ def test_retraining_of_an_earlier_unsafe_set_is_not_shown_as_current(make_case):
     rerun = hudd("-o", str(case))
     assert rerun.returncode == 0, rerun.stderr
     text = (case / "T" / "report.html").read_text()
-    assert "data-mode=HUDD" not in text and "Not run yet" in text
+    assert "data-mode=HUDD" not in text and "Not run on the current unsafe set and test set" in text
     assert retrainModule.modes_run(Helper.CasePaths(case)) == ["HUDD"] and retrainModule.current_modes(context(case)) == []
     again = hudd("-o", str(case), "-mode", "HUDD", "--runs", "1")   # retrained on the new unsafe set: shown
     assert again.returncode == 0 and "retraining HUDD: inputs unchanged" not in again.stdout
