@@ -188,13 +188,13 @@ def run_step(step, ctx: RunContext) -> dict:
             ctx.paths.relative(p) for p in step.outputs(ctx)], step.basis(ctx)))
         if not distributed.is_main():
             ctx.manifest.reload()  # what rank 0 recorded: the later steps' fingerprints include it
+    step.after(ctx)
     return {**step.summary(ctx), "skipped": skipped} if distributed.is_main() else {}
 
 
 def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
     """Runs the chosen steps in order; a step with nothing to pass on ends the run with a note."""
     import retrainModule
-    import testModule
     results = {"notes": []}
     chosen = [step for step in analysis_steps() if step.name in steps]
     if "retrain" in steps:
@@ -210,8 +210,6 @@ def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
             results.setdefault("retrain", []).append(summary)
         else:
             results[step.name] = summary
-        if step.name == "test":
-            testModule.leave_out_unreadable(ctx)
     if "retrain" in steps and not modes and not retrainModule.modes_run(ctx.paths):
         results["notes"].append("to retrain the model, add -mode HUDD (or BL1, BL2, BL3 for the baselines)")
     return results

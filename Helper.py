@@ -1136,6 +1136,9 @@ class Step:
     def summary(self, ctx: RunContext) -> dict[str, Any]:
         raise NotImplementedError
 
+    def after(self, ctx: RunContext) -> None:
+        """What the rest of the run needs from this step once it is done or reused (default: nothing)."""
+
     def basis(self, ctx: RunContext) -> dict[str, Any]:
         """What of the earlier steps' results this step's outputs rest on, recorded beside its fingerprint
         so that a reader can tell, without the run's options, whether they are still current ({}: none)."""

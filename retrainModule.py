@@ -300,8 +300,8 @@ def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, d
     """Fine-tunes a copy of the original model; returns it at the chosen epoch, that epoch, and the
     per-epoch history (training and validation accuracy). `each_epoch(model, epoch, training accuracy)`
     is called after every epoch (bench/retrain_epochs_study.py measures each on the way). Under
-    torchrun the copy trains with DistributedDataParallel (every rank ends each epoch with the same weights, so each makes the same
-    choice of epoch). Dropout draws its masks per global batch (distributed.BatchDropout), the same for
+    torchrun the copy trains with DistributedDataParallel (every rank ends each epoch with the same
+    weights, so each makes the same choice of epoch). Dropout draws its masks per global batch (distributed.BatchDropout), the same for
     one process or N ranks."""
     s = ctx.settings
     torch.manual_seed(seed)
@@ -460,10 +460,16 @@ def check_labels(ctx: RunContext, mode: str, selections: list[Selection], unsafe
                     f"{ctx.task.labelling_hint})")
 
 
+def step_unsafe_inputs(ctx: RunContext) -> UnsafeInputs:
+    """unsafe_inputs, read once per run for the assignment step's recorded outputs (the retraining
+    fingerprint of an unlabelled set and each mode's computation share it)."""
+    return ctx.memo(f"unsafe inputs {assignModule.STEP.recorded_fingerprint(ctx)}", lambda: unsafe_inputs(ctx))
+
+
 def training_labels_digest(ctx: RunContext, mode: str) -> str:
     """Fingerprint of the labels from DataSets/ImprovementLabels.csv that the mode's runs train on: a
     change of the file's format, or of rows for other images, retrains nothing."""
-    unsafe = unsafe_inputs(ctx)
+    unsafe = step_unsafe_inputs(ctx)
     improve, labelled = improvement_for_training(ctx)
     digest = hashlib.sha256()
     for run in range(1, ctx.settings.runs + 1):
@@ -557,15 +563,13 @@ class RetrainStep(Step):
                                               "weight_decay", "epoch_choice", "budget_factor")}}
 
     def basis(self, ctx: RunContext) -> dict:
-        """The unsafe set it chose from and the test set it was measured on."""
-        return {"assign": assignModule.STEP.recorded_fingerprint(ctx),
-                "test": image_set_digest(ctx.sets()["test"], ctx.paths.root)}
+        return retraining_basis(ctx)
 
     def outputs(self, ctx: RunContext) -> list[Path]:
         return [table_path(ctx.paths, self.mode, "runs")]
 
     def compute(self, ctx: RunContext) -> None:
-        unsafe = unsafe_inputs(ctx)
+        unsafe = step_unsafe_inputs(ctx)
         if self.mode == "BL1":
             refuse_bl1_without_labels(ctx, unsafe)
         selections = {run: run_selection(ctx, self.mode, run, unsafe) for run in range(1, ctx.settings.runs + 1)}
@@ -628,20 +632,26 @@ def write_workbook(path: Path, tables: dict[str, pd.DataFrame]) -> None:
 COMPARISON = "comparison"
 
 
+def retraining_basis(ctx: RunContext) -> dict:
+    """What every mode's tables rest on: the unsafe set it chose from and the test set it was measured on."""
+    return {"assign": assignModule.STEP.recorded_fingerprint(ctx),
+            "test": image_set_digest(ctx.sets()["test"], ctx.paths.root)}
+
+
 def current_modes(ctx: RunContext, computing: str | None = None) -> list[str]:
     """The modes whose tables on disk rest on the current unsafe set and test set (their recorded basis;
     a pipeline that stopped early forgot them), and the mode `computing` now. Tables of an earlier unsafe
     set or test set are an earlier run's: left out until the mode runs again."""
-    def current(mode: str) -> bool:
-        entry = ctx.manifest.entries.get(RetrainStep(mode).name)
-        return entry is not None and entry.get("basis", {}) in ({}, RetrainStep(mode).basis(ctx))
-    return [mode for mode in modes_run(ctx.paths) if mode == computing or current(mode)]
+    basis = retraining_basis(ctx)   # every mode's: stats every test image once, not once per mode
+    entries = {mode: ctx.manifest.entries.get(RetrainStep(mode).name) for mode in modes_run(ctx.paths)}
+    return [mode for mode, entry in entries.items()
+            if mode == computing or (entry is not None and entry.get("basis", {}) in ({}, basis))]
 
 
 def comparison(paths: CasePaths, modes: list[str] | None = None) -> pd.DataFrame | None:
-    """One row per mode that has run (of `modes`, default every mode on disk): runs, labelled (the budget), labels_needed, training samples,
-    accuracy mean/min/max, gain over the original model, gain per 100 labels needed, improved and
-    worsened, and against HUDD's runs the two-sided Mann-Whitney U p-value and Vargha-Delaney A12
+    """One row per mode that has run (of `modes`, default every mode on disk): runs, labelled (the
+    budget), labels_needed, training samples, accuracy mean/min/max, gain over the original model, gain
+    per 100 labels needed, improved and worsened, and against HUDD's runs the two-sided Mann-Whitney U p-value and Vargha-Delaney A12
     (the probability that a HUDD run beats a run of that mode). None before any mode ran."""
     modes = modes_run(paths) if modes is None else modes
     if not modes:

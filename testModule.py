@@ -186,7 +186,7 @@ def predict_shards(model: torch.nn.Module, image_set: ImageSet, ctx: RunContext,
 def leave_out_unreadable(ctx: RunContext) -> None:
     """--skip-bad-images: the images the test step could not read (it wrote no row for them) are left out
     of the sets every later step of the run sees, so the unsafe set and retraining go on without them.
-    Called right after the test step ran or was reused, when its rows match the listing but for those."""
+    Run after the test step ran or was reused (TestStep.after), when its rows match the listing but for those."""
     if not ctx.skip_bad_images:
         return
     for set_key, image_set in list(ctx.sets().items()):
@@ -290,6 +290,9 @@ class TestStep(Step):
     name, title = "test", "test step"
     version = 3     # 2: the test images' descriptors and object masks; 3: their hue shares on the object
     every_rank = True
+
+    def after(self, ctx: RunContext) -> None:
+        leave_out_unreadable(ctx)
 
     def inputs(self, ctx: RunContext) -> dict:
         return {**ctx.model_fingerprint_part(),
