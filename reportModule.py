@@ -126,6 +126,19 @@ def sets_table(sets: dict[str, dict]) -> str:
     return f"<table><tr><th class=l>set</th><th>images</th><th>accuracy</th><th>wrong</th></tr>{rows}</table>"
 
 
+def left_out_note(ctx: RunContext) -> str:
+    """The images --skip-bad-images left out as unreadable, per set (the tables count only the others)."""
+    left_out = {key: images for key, images in ctx.left_out.items() if images}
+    if not left_out:
+        return ""
+    listed = "; ".join(f"{esc(ctx.sets()[key].name)} {len(images)}: "
+                       + ", ".join(f"<code>{esc(image)}</code>" for image in images[:5])
+                       + (f" and {len(images) - 5} more" if len(images) > 5 else "")
+                       for key, images in left_out.items())
+    return (f"<p id=left-out>Left out as unreadable (<code>--skip-bad-images</code>), in no table or step below: "
+            f"{listed}. Fix or remove them and run again to include them.</p>")
+
+
 def run_section(ctx: RunContext, data: ReportData) -> str:
     s = ctx.settings
     why = ("the smallest weighted intra-cluster distance (WICD)" if s.layer_criterion == "wicd"
@@ -152,6 +165,7 @@ def run_section(ctx: RunContext, data: ReportData) -> str:
 <b id=errors data-value={errors}>{errors}</b> error-inducing test images explained with the
 <b>{esc(s.rules)}</b> LRP rules (class explained: {esc(s.explain)}).</p>
 {sets_table(data.sets)}
+{left_out_note(ctx)}
 {scenario_table(ctx)}
 <h3>Layer selection</h3>
 <p>Clustered: the <b>{esc(s.features)}</b> of the error images (setting <code>features</code>). Selected layer:
@@ -428,7 +442,7 @@ def no_errors_page(ctx: RunContext) -> str:
             "cluster or retrain for. Add test images of the conditions you worry about and run again.</p>"
             + ("<p class=muted id=stale>The heatmaps, RCC folders and tables under T/ are an earlier run's, on other "
                "errors: they do not describe this one.</p>" if clusterModule.has_run(ctx.paths) else "")
-            + f"<h2>The run</h2>{sets_table(sets)}{scenario_table(ctx)}")
+            + f"<h2>The run</h2>{sets_table(sets)}{left_out_note(ctx)}{scenario_table(ctx)}")
 
 
 def write_report(ctx: RunContext) -> Path | None:

@@ -18,8 +18,9 @@ labels it needs (BL1: the whole improvement set, to find the misclassified image
 the modes side by side with the Mann-Whitney U p-value and Vargha-Delaney A12 of HUDD against each.
 
 An unlabelled improvement set takes its labels from DataSets/ImprovementLabels.csv (Helper.with_partial_labels):
-a mode that would train on an image without one stops and lists them in T/Retrain/<mode>_to_label.csv;
-BL1, which must find the misclassified images, needs every label.
+a mode that would train on an image without one stops and lists them in T/Retrain/<mode>_to_label.csv
+(each later retraining brings the other modes' lists up to date, and removes them once complete); BL1,
+which must find the misclassified images, needs every label.
 
 Each run fine-tunes a copy of the original weights on the training set (less a validation split)
 plus the bag, with the original's optimiser (SGD, lr 1e-3, momentum 0.9, weight decay 5e-4; §9.1)
@@ -393,8 +394,13 @@ def improvement_for_training(ctx: RunContext) -> tuple[ImageSet, np.ndarray]:
                             ctx.paths.improvement_labels)
             return improve, np.ones(len(improve), dtype=bool)
         if ctx.paths.improvement_labels.is_file():
-            return with_partial_labels(improve, ctx.paths.improvement_labels, ctx.task, ctx.paths.root,
-                                       ctx.left_out.get("improve", []))
+            labelled_part = with_partial_labels(improve, ctx.paths.improvement_labels, ctx.task, ctx.paths.root,
+                                                ctx.left_out.get("improve", []))
+            problem = ctx.task.check_targets(labelled_part[0], resolve_input_size(ctx.settings),
+                                             ctx.paths.improvement_labels)
+            if problem:
+                raise HuddError(problem)
+            return labelled_part
         return improve, np.zeros(len(improve), dtype=bool)
     return ctx.memo("improvement labels", load)
 
@@ -437,27 +443,51 @@ def unsafe_inputs(ctx: RunContext) -> UnsafeInputs:
                         .reindex(expected).to_numpy())
 
 
-def check_labels(ctx: RunContext, mode: str, selections: list[Selection], unsafe: UnsafeInputs) -> None:
-    """Every image a mode trains on must have a label. Where some have none, their list is written to
-    T/Retrain/<mode>_to_label.csv (the rows to fill and add to DataSets/ImprovementLabels.csv) and the
-    step stops with what to do; once they all have one, that list is removed."""
-    template = retrain_dir(ctx.paths) / f"{mode}_to_label.csv"
+def label_list_path(paths: CasePaths, mode: str) -> Path:
+    return retrain_dir(paths) / f"{mode}_to_label.csv"
+
+
+def update_label_list(ctx: RunContext, mode: str, selections: list[Selection], unsafe: UnsafeInputs) -> tuple[int, int]:
+    """(images the mode's runs train on, how many of them have no label). Where some have none, their list is
+    written to T/Retrain/<mode>_to_label.csv (the rows to fill and add to DataSets/ImprovementLabels.csv);
+    once they all have one, that list is removed."""
+    template = label_list_path(ctx.paths, mode)
     chosen = np.unique(np.concatenate([s.chosen for s in selections]))
     missing = chosen[~unsafe.labelled[chosen]]
+    if not distributed.is_main():  # every rank of a torchrun job decides alike; one writes the list
+        return len(chosen), len(missing)
     if not len(missing):
         template.unlink(missing_ok=True)
-        return
-    label_file = ctx.paths.improvement_labels
-    images = np.asarray(testModule.read_results(ctx.paths, "improve")["image"], dtype=object)
-    if distributed.is_main():  # every rank of a torchrun job stops here alike; one writes the list
+    else:
+        images = np.asarray(testModule.read_results(ctx.paths, "improve")["image"], dtype=object)
         rccs = [unsafe.rccs[a] if a >= 0 else "" for a in unsafe.assigned[missing]]
         write_label_template(template, list(images[missing]), rccs, ctx.task, ctx.classes)
+    return len(chosen), len(missing)
+
+
+def check_labels(ctx: RunContext, mode: str, selections: list[Selection], unsafe: UnsafeInputs) -> None:
+    """Every image a mode trains on must have a label: where some have none, their list is written
+    (update_label_list) and the step stops with what to do."""
+    chosen, missing = update_label_list(ctx, mode, selections, unsafe)
+    if not missing:
+        return
+    label_file = ctx.paths.improvement_labels
     where = "add the filled rows to" if label_file.is_file() else "save it as"
     runs = f"{mode}'s {len(selections)} runs train" if len(selections) > 1 else f"{mode} trains"
-    raise HuddError(f"{runs} on {len(chosen)} improvement images and {len(missing)} of them have no label: in "
-                    f"{ctx.paths.root}, fill the label columns of {ctx.paths.relative(template)} and {where} "
-                    f"{ctx.paths.relative(label_file)}, then run again (or label the whole improvement set: "
-                    f"{ctx.task.labelling_hint})")
+    raise HuddError(f"{runs} on {chosen} improvement images and {missing} of them have no label: in "
+                    f"{ctx.paths.root}, fill the label columns of {ctx.paths.relative(label_list_path(ctx.paths, mode))} "
+                    f"and {where} {ctx.paths.relative(label_file)}, then run again (or label the whole improvement "
+                    f"set: {ctx.task.labelling_hint})")
+
+
+def refresh_label_lists(ctx: RunContext, unsafe: UnsafeInputs, but: str) -> None:
+    """The other modes' lists of images to label, left by a run that stopped, brought up to date with the
+    current labels and unsafe set (as the current settings would train): removed once every image they
+    would train on has a label, so that no list asks for labels that are already given."""
+    for mode in MODES:
+        if mode != but and label_list_path(ctx.paths, mode).is_file():
+            runs = range(1, ctx.settings.runs + 1)
+            update_label_list(ctx, mode, [run_selection(ctx, mode, run, unsafe) for run in runs], unsafe)
 
 
 def step_unsafe_inputs(ctx: RunContext) -> UnsafeInputs:
@@ -564,6 +594,9 @@ class RetrainStep(Step):
 
     def basis(self, ctx: RunContext) -> dict:
         return retraining_basis(ctx)
+
+    def after(self, ctx: RunContext) -> None:
+        refresh_label_lists(ctx, step_unsafe_inputs(ctx), but=self.mode)
 
     def outputs(self, ctx: RunContext) -> list[Path]:
         return [table_path(ctx.paths, self.mode, "runs")]

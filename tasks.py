@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 import keypoints
-from Helper import HuddError, ImageSet, list_image_set, list_keypoint_set
+from Helper import KEYPOINT_LABELS, HuddError, ImageSet, list_image_set, list_keypoint_set
 
 WRONG, CORRECT = "Wrong", "Correct"
 
@@ -91,6 +92,10 @@ class ClassificationTask:
 
     def check_images(self, image_set: ImageSet, input_size: list[int]) -> str:
         """Why the set's images do not suit the model ("" when they do)."""
+        return ""
+
+    def check_targets(self, image_set: ImageSet, input_size: list[int], where) -> str:
+        """Why the set's label targets (from `where`) cannot be right ("" when they can)."""
         return ""
 
     # ---- the model's output
@@ -234,7 +239,24 @@ class KeypointTask(ClassificationTask):
             if image.size != (width, height):
                 return (f"{image_set.paths[0]}: is {image.size[0]}x{image.size[1]} pixels but the keypoint model takes "
                         f"{width}x{height}; keypoint images must have the model's input size")
-        return ""
+        return self.check_targets(image_set, input_size, image_set.root / KEYPOINT_LABELS)
+
+    def check_targets(self, image_set: ImageSet, input_size: list[int], where) -> str:
+        """A keypoint label is a pixel of the image (0 or -1: missing): one outside it is a mistake of units
+        or columns (coordinates scaled to 0..1 are inside; ones of a larger original image, or x and y of
+        the wrong keypoint, often are not), which training would learn silently. NaN (no label) passes."""
+        if image_set.targets is None:
+            return ""
+        height, width = input_size
+        x, y = image_set.targets[..., 0], image_set.targets[..., 1]
+        outside = (x < -1) | (x > width) | (y < -1) | (y > height)
+        if not outside.any():
+            return ""
+        row, point = np.argwhere(outside)[0]
+        image = Path(image_set.paths[row]).relative_to(image_set.root).as_posix()
+        return (f"{where}: keypoint {image_set.classes[point]} of {image!r} is at ({x[row, point]:g}, {y[row, point]:g}), "
+                f"outside the {width}x{height} image ({int(outside.any(axis=1).sum())} image(s) have such a keypoint); "
+                "labels are pixel coordinates of the stored image, 0 or -1 for a missing keypoint")
 
     def check_output(self, output: torch.Tensor, num_classes: int) -> str:
         if output.ndim != 4 or output.shape[1] != num_classes:

@@ -1,6 +1,7 @@
 """Which unsafe set pays for its labels: the study behind the assignment step's defaults.
 
     python bench/unsafe_set_study.py CASE [CASE ...] [--runs 5] [--retrain NAME,NAME] [--screen-only]
+                                     [--budget-factor F]
 
 CASE: case studies that ran the test, heatmap and cluster steps (a copy of the demo, seed taken from a
 trailing _s<N> in the folder name). For each case, label-free ingredients once: the improvement
@@ -208,6 +209,9 @@ def main() -> None:
     parser.add_argument("--hudd-bag", choices=("uniform", "balanced"), default="uniform",
                         help="the candidates' training bag: their images repeated uniformly as the baselines' (the "
                              "product's default) or balanced over the RCCs (the original's; retrainModule.hudd_selection)")
+    parser.add_argument("--budget-factor", type=float, default=None,
+                        help="the labelling budget's factor (setting budget_factor; default: the case's): every "
+                             "candidate's RCC quotas and so the baselines' budget")
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help="baselines to retrain beside the candidates ('' for none: their runs of an earlier "
                              "study, merged with --from-gains; the same seeds give the same selections)")
@@ -221,6 +225,8 @@ def main() -> None:
     screened, gains = [], []
     for case in args.cases:
         ctx = context(case)
+        if args.budget_factor is not None:
+            ctx = replace_settings(ctx, budget_factor=args.budget_factor)
         Helper.seed_everything(ctx.seed)
         parts = ingredients(ctx)
         known = truth(ctx)                        # read after every choice below is fixed by label-free inputs

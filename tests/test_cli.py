@@ -100,6 +100,10 @@ def test_skipped_images_are_left_out_of_every_later_step_through_retraining(make
     unsafe_set = set(pd.read_csv(case / "T" / "UnsafeSet" / "assignments.csv")["image"])
     assert bad["improve"].relative_to(case).as_posix() not in unsafe_set
     assert pd.read_csv(case / "T" / "Retrain" / "HUDD_runs.csv")["labelled"].iloc[0] > 0
+    report = (case / "T" / "report.html").read_text()   # the report says what it does not count
+    note = report[report.index("<p id=left-out>"):].split("</p>")[0]
+    assert all(f"<code>{image.relative_to(case).as_posix()}</code>" in note for image in bad.values())
+    assert "TrainingSet 1:" in note and "ImprovementSet 1:" in note
     again = hudd("-o", str(case), "--skip-bad-images", "-mode", "HUDD", "--runs", "1")   # reused, left out again
     assert again.returncode == 0 and "retraining HUDD: inputs unchanged" in again.stdout, again.stderr
     assert_clean_error(hudd("-o", str(case)), "cannot read image", "--skip-bad-images")

@@ -120,8 +120,13 @@ def test_keypoint_sets_refuse_bad_labels(tmp_path):
     table.loc[0, "image"] = "nobody.png"
     table.to_csv(labels, index=False)
     assert_clean_error(hudd("-o", str(case)), "nobody.png", "not in")
-    small = Image.new("L", (16, 16))
     table.loc[0, "image"] = "face 0.png"
+    table.loc[2, "kp3_x"] = 500.0   # a pixel of a larger original image
+    table.to_csv(labels, index=False)
+    assert_clean_error(hudd("-o", str(case)), "labels.csv", "keypoint kp3 of 'face 2.png' is at (500,",
+                       "outside the 32x32 image")
+    table.loc[2, "kp3_x"] = 3.0
+    small = Image.new("L", (16, 16))
     table.to_csv(labels, index=False)
     small.save(case / "DataSets" / "TestSet" / "face 0.png")
     assert_clean_error(hudd("-o", str(case)), "face 0.png", "16x16", "32x32")

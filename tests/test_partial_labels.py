@@ -59,6 +59,10 @@ def test_retraining_asks_for_the_missing_labels_then_trains_on_the_given_ones(un
                        "HUDD_to_label.csv", "ImprovementLabels.csv")
     assert sorted(pd.read_csv(missing_list)["image"]) == sorted(unsafe["image"])
     assert sorted(p.name for p in (case / "DNNModels").iterdir()) == ["OriginalModel.pth"]
+    # BL2 stops alike, with its own list (random images, drawn without labels).
+    assert_clean_error(hudd("-o", str(case), "-mode", "BL2", *RUN), "have no label", "BL2_to_label.csv")
+    bl2_list = case / "T" / "Retrain" / "BL2_to_label.csv"
+    bl2_images = set(pd.read_csv(bl2_list)["image"])
 
     # Half of them labelled (the rest left empty, as a half-filled to_label.csv is): the list holds the rest.
     half = len(unsafe) // 2
@@ -74,6 +78,9 @@ def test_retraining_asks_for_the_missing_labels_then_trains_on_the_given_ones(un
     result = hudd("-o", str(case), "-mode", "HUDD", *RUN)
     assert result.returncode == 0, result.stderr
     assert not missing_list.exists()
+    # BL2's list, left by its stopped run, now asks only for what is still unlabelled (none: removed).
+    still_missing = bl2_images - set(unsafe["image"])
+    assert set(pd.read_csv(bl2_list)["image"]) == still_missing if still_missing else not bl2_list.exists()
     runs = pd.read_csv(case / "T" / "Retrain" / "HUDD_runs.csv")
     assert (runs["labelled"] == len(unsafe)).all() and (runs["labels_needed"] == len(unsafe)).all()
     results = pd.read_csv(case / "improveResult.csv").set_index("image").loc[unsafe["image"]]
@@ -220,3 +227,19 @@ def test_a_label_for_an_image_left_out_as_unreadable_is_passed_over(unlabelled_c
     assert "left out as unreadable" in caplog.text and unreadable in caplog.text
     with pytest.raises(Helper.HuddError, match="not an image of"):   # without --skip-bad-images it is an error
         Helper.with_partial_labels(improve.subset(keep), label_file, ctx.task, unlabelled_case)
+
+
+def test_keypoint_labels_outside_the_image_are_refused(tmp_path):
+    case = build_keypoint_case(tmp_path / "case", images=4, unlabelled_improvement=True)
+    columns = Helper.task_class("keypoints")().label_columns([f"kp{k}" for k in range(5)])
+    table = pd.DataFrame({"image": ["DataSets/ImprovementSet/face 0.png", "DataSets/ImprovementSet/face 1.png"],
+                          **{column: [5.0, 6.0] for column in columns}})
+    labels_file = case / "DataSets" / "ImprovementLabels.csv"
+    table.to_csv(labels_file, index=False)
+    assert retrainModule.improvement_for_training(context(case))[1].sum() == 2   # inside: read
+    table.loc[1, "kp4_y"] = 40.0   # the images are 32x32
+    table.to_csv(labels_file, index=False)
+    with pytest.raises(Helper.HuddError) as refused:
+        retrainModule.improvement_for_training(context(case))
+    assert str(labels_file) in str(refused.value)
+    assert "keypoint kp4 of 'face 1.png' is at (6, 40), outside the 32x32 image" in str(refused.value)
