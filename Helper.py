@@ -418,6 +418,7 @@ class Settings:
     hudd_bag: str = "uniform"             # HUDD's training samples: its images repeated "uniform"ly (as the baselines'), or "balanced" over the RCCs (original)
     assign_level: str = "sub"             # improvement images are assigned to the "sub"-clusters or the "top"-level RCCs
     # The unsafe set, label-free (docs/method.md, "The unsafe set": the study behind the defaults).
+    assign_pick: str = "auto"             # lowest "contrast" over the whole set, "closest" per RCC up to its quota (original), or "auto" by task
     assign_distance: str = "nearest"      # image-to-RCC distance: "nearest" member (original), "knn" mean of assign_k nearest, "medoid"
     assign_k: int = 3
     assign_radius: float = 0.0            # > 0: an image farther than radius x the RCC's reach joins no RCC (0: off)
@@ -475,6 +476,9 @@ SETTING_CHOICES: dict[str, dict[str, str]] = {
                     "max": "always max_rccs"},
     "layer_criterion": {"wicd": "the original's", "silhouette": ""},
     "assign_level": {"sub": "the sub-clusters", "top": "the top-level RCCs"},
+    "assign_pick": {"auto": "contrast for classification, closest for keypoint models (the study in docs/method.md)",
+                    "closest": "the images closest to each RCC, up to its quota (the original's ClosestU)",
+                    "contrast": "the images nearest the test errors relative to the test images the model gets right"},
     "distance_xlsx": {"selected": "the selected layer's distance matrix", "all": "every layer's", "none": ""},
     "knee_plots": {"selected": "the selected layer's k plot", "all": "every layer's"},
     "heatmap_dtype": {"float32": "", "float16": "half the disk; values beyond +-65504 are refused",

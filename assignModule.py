@@ -8,12 +8,16 @@ disagreement under small shifts), then the original's "ClosestU" greedy assignme
 closest, and so on, each image at most once and each RCC up to its quota (`assign_quota`: ceil(
 `budget_factor` x its size), or the same total split evenly). Two label-free refinements: an image
 beyond `assign_radius` x an RCC's reach cannot join it, and with `assign_uncertainty` an image the model
-is sure of looks farther. The unsafe set is what an engineer labels, and what HUDD's retraining trains
-on (the original built a 2x set here and retrained with a 1x one).
+is sure of looks farther. `assign_pick` contrast chooses differently, with the same budget (the quotas'
+sum): the improvement images whose relevance lies nearest the test errors relative to the test images
+the model gets right (mean distance to the 5 nearest of each), over the whole set, each joining its
+closest RCC. The unsafe set is what an engineer labels, and what HUDD's retraining trains on (the
+original built a 2x set here and retrained with a 1x one).
 
 Writes `T/UnsafeSet/<RCC>/` (copies of the images), `T/UnsafeSet/assignments.csv` (image, rcc,
 distance, rank; rank 0 = its closest RCC), `T/UnsafeSet/rcc_distances.csv` (every improvement image's
-distance to every eligible RCC) and `T/UnsafeSet/uncertainty.csv` (every improvement image's uncertainty).
+distance to every eligible RCC), `T/UnsafeSet/uncertainty.csv` (every improvement image's uncertainty)
+and with `assign_pick` contrast `T/UnsafeSet/contrast.csv` (every improvement image's contrast).
 Where the improvement set has no labels, also `T/UnsafeSet/to_label.csv`: the unsafe set's images with
 empty label columns, which the engineer fills and saves as `DataSets/ImprovementLabels.csv` to retrain.
 """
@@ -34,6 +38,7 @@ import distributed
 import testModule
 from clustering import CHUNK_BYTES, normalise_rows
 from features import make_space
+from tasks import WRONG
 from Helper import (CasePaths, HuddError, PipelineStop, RunContext, Step, image_set_digest, make_loader,
                     stop_on_unreadable, write_csv, write_label_template)
 
@@ -155,6 +160,42 @@ def choose(distances: np.ndarray, quota: np.ndarray, uncertainty: np.ndarray | N
     return closest_u(effective, quota)
 
 
+CONTRAST_K = 5   # neighbours averaged on each side; the study found the choice flat from 1 to 20 (docs/method.md)
+
+
+def knn_mean_distance(rows: np.ndarray, references: np.ndarray, k: int = CONTRAST_K) -> np.ndarray:
+    """Per row, the mean distance to its k nearest references (to all of them where there are fewer)."""
+    squared = squared_distances(rows, references)
+    k = min(k, squared.shape[1])
+    return np.sqrt(np.partition(squared, k - 1, axis=1)[:, :k]).mean(axis=1)
+
+
+def contrast(rows: np.ndarray, errors: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Per row: how much nearer it lies to the test errors than to the test images the model gets right
+    (mean distance to the CONTRAST_K nearest of each, error over right; lower: more like an error). An
+    image at distance 0 from an image the model gets right is one the model handles: infinite."""
+    to_errors, to_right = knn_mean_distance(rows, errors), knn_mean_distance(rows, right)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(to_right > 0, to_errors / to_right, np.inf)
+
+
+def pick_of(ctx: RunContext) -> str:
+    """`assign_pick`, with auto resolved by the task (tasks.py): the contrast for classification, where
+    the study found it ahead; closest for keypoint models, where it was not (docs/method.md)."""
+    return ctx.task.unsafe_pick if ctx.settings.assign_pick == "auto" else ctx.settings.assign_pick
+
+
+def contrast_choice(distances: np.ndarray, contrast_of: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """`assign_pick` contrast: the `budget` improvement images of lowest contrast, over the whole set (no
+    per-RCC quota), each joining its closest RCC (rank 0). Ties by image order."""
+    chosen = np.argsort(contrast_of, kind="stable")[:budget]
+    assigned = np.full(len(contrast_of), -1, dtype=np.int64)
+    rank = np.full(len(contrast_of), -1, dtype=np.int64)
+    assigned[chosen] = np.argmin(distances[chosen], axis=1)
+    rank[chosen] = 0
+    return assigned, rank
+
+
 # --------------------------------------------------------------------------------------------
 # The files, and their one reader
 # --------------------------------------------------------------------------------------------
@@ -163,8 +204,9 @@ FOLDER = "UnsafeSet"
 ASSIGNMENTS_FILE = "assignments.csv"
 DISTANCES_FILE = "rcc_distances.csv"
 UNCERTAINTY_FILE = "uncertainty.csv"
+CONTRAST_FILE = "contrast.csv"   # assign_pick contrast: every improvement image's distances to the test images and contrast
 TO_LABEL_FILE = "to_label.csv"   # an unlabelled improvement set: the unsafe set's images, label columns empty
-ASSIGN_SETTINGS = ("assign_distance", "assign_k", "assign_radius", "assign_uncertainty", "assign_quota")
+ASSIGN_SETTINGS = ("assign_pick", "assign_distance", "assign_k", "assign_radius", "assign_uncertainty", "assign_quota")
 
 
 def unsafe_dir(paths: CasePaths) -> Path:
@@ -275,25 +317,52 @@ def improvement_rows(ctx: RunContext, clusters: SelectedClusters, channels: torc
 
 
 def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: np.ndarray, channels: torch.Tensor,
-                          stamp: str) -> np.ndarray | None:
-    """Distance (setting `assign_distance`) of every improvement image to every eligible RCC; no labels
-    needed. Under torchrun each rank computes a contiguous shard of whole batches; rank 0 gets the whole
-    table (the other ranks None)."""
+                          stamp: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Distance (setting `assign_distance`) of every improvement image to every eligible RCC and, with
+    `assign_pick` contrast, its contrast (NaN otherwise, or where no test image is right); no labels needed. Under torchrun each rank
+    computes a contiguous shard of whole batches; rank 0 gets the whole tables (the other ranks None)."""
     s, improve, member_rcc, rccs = ctx.settings, ctx.sets()["improve"], clusters.member_rcc, len(clusters.eligible)
     how = s.assign_distance
     if how == "medoid":  # the medoids once, not per batch: the distance to an RCC's medoid is to its one member
         medoids = rcc_medoids(members, member_rcc, rccs)
         members, member_rcc, how = members[medoids], np.arange(rccs), "nearest"
+    # Each rank computes both sides (a few hundred and a thousand or so rows): its shard needs all of them.
+    sides = contrast_sides(ctx, clusters) if pick_of(ctx) == "contrast" else None
 
     def shard(start: int, stop: int) -> dict[str, np.ndarray]:
-        distances = np.empty((stop - start, rccs))
+        distances, contrast_of = np.empty((stop - start, rccs)), np.full(stop - start, np.nan)
         for positions, rows in improvement_rows(ctx, clusters, channels, start, stop):
             distances[positions - start] = member_distances(rows, members, member_rcc, rccs, how, s.assign_k)
-        return {"distances": distances}
+            if sides is not None:
+                contrast_of[positions - start] = contrast(rows, *sides)
+        return {"distances": distances, "contrast": contrast_of}
 
     shards = distributed.gather_shards(ctx.paths.scratch / "assign", "distances", len(improve),
                                        ctx.settings.batch_size, stamp, shard)
-    return None if shards is None else np.concatenate([s["distances"] for s in shards])
+    if shards is None:
+        return None
+    return np.concatenate([s["distances"] for s in shards]), np.concatenate([s["contrast"] for s in shards])
+
+
+def contrast_sides(ctx: RunContext, clusters: SelectedClusters) -> tuple[np.ndarray, np.ndarray] | None:
+    """The two sides of the contrast, in the cluster step's distance space: every test error (the rows the
+    cluster step clustered) and every test image the model gets right, explained as an improvement image
+    is (the label-free rule: its predicted class, or the keypoint the model is least sure of). The test
+    set's labels are HUDD's input already; no improvement label is read. None where no test image is right."""
+    space, to_space = make_space(ctx.settings.features), clustering_space(ctx, clusters.layer)
+    errors = to_space(np.asarray(space.error_rows(ctx, clusters.layer)))
+    test = ctx.sets()["test"]
+    results = testModule.read_results(ctx.paths, "test").set_index("image")
+    right = results[results["result"] != WRONG]
+    if right.empty:
+        log.warning("%s: the model gets no test image right, so the contrast has no second side: the unsafe set "
+                    "is chosen as assign_pick closest chooses it", testModule.result_path(ctx.paths, "test"))
+        return None
+    position = {ctx.paths.relative(p): i for i, p in enumerate(test.paths)}
+    right_set = test.subset(np.array([position[image] for image in right.index]))
+    channels = improvement_channels(ctx, right, improvement_uncertainty(ctx, right, right_set))
+    rows = [to_space(block) for _positions, block in space.image_rows(ctx, clusters.layer, right_set, channels)]
+    return errors, np.concatenate(rows)
 
 
 def improvement_results(ctx: RunContext) -> pd.DataFrame:
@@ -317,23 +386,24 @@ def improvement_channels(ctx: RunContext, results: pd.DataFrame, uncertainty: pd
     return ctx.task.improvement_channels(label_free, ctx.classes)
 
 
-def improvement_uncertainty(ctx: RunContext, results: pd.DataFrame) -> pd.DataFrame:
+def improvement_uncertainty(ctx: RunContext, results: pd.DataFrame, image_set=None) -> pd.DataFrame:
     """image, uncertainty (higher: the original model is less sure) of every improvement image, from the
     model's own outputs (tasks.py: 1 - softmax margin, from the test step's logits in `results`;
     keypoints: disagreement under small shifts, a forward pass of its own), and for keypoints the
-    keypoint it is least sure of. No label is read."""
+    keypoint it is least sure of. No label is read. (`image_set`: another set's images, `results` its rows.)"""
     per_output = ctx.task.uncertainty_of_results(results, ctx.classes)
     if per_output is None:
-        per_output = model_uncertainty(ctx)
+        per_output = model_uncertainty(ctx, image_set)
     table = pd.DataFrame({"image": results.index, "uncertainty": per_output.mean(axis=1)})
     if per_output.shape[1] > 1:
         table["uncertain_keypoint"] = [ctx.classes[k] for k in per_output.argmax(axis=1)]
     return table
 
 
-def model_uncertainty(ctx: RunContext) -> np.ndarray:
-    """(images, outputs): the task's uncertainty of every improvement image, from the model."""
-    improve, model = ctx.sets()["improve"], ctx.model()
+def model_uncertainty(ctx: RunContext, image_set=None) -> np.ndarray:
+    """(images, outputs): the task's uncertainty of every image of `image_set` (default: the improvement
+    set), from the model."""
+    improve, model = image_set if image_set is not None else ctx.sets()["improve"], ctx.model()
     parts, positions = [], []
     loader = make_loader(improve, ctx.settings, ctx.settings.batch_size, ctx.settings.workers)
     with torch.no_grad():
@@ -353,9 +423,12 @@ def rcc_quotas(settings, sizes: np.ndarray) -> np.ndarray:
 
 
 def unsafe_choice(ctx: RunContext, clusters: SelectedClusters, members: np.ndarray, distances: np.ndarray,
-                  uncertainty: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """The unsafe set under the case's settings: (per image its RCC index or -1, its rank)."""
+                  uncertainty: pd.DataFrame, contrast_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The unsafe set under the case's settings: (per image its RCC index or -1, its rank). The budget
+    is the RCC quotas' sum either way."""
     s, count = ctx.settings, len(clusters.eligible)
+    if pick_of(ctx) == "contrast" and not np.isnan(contrast_of).all():
+        return contrast_choice(distances, contrast_of, int(rcc_quotas(s, clusters.sizes).sum()))
     reach = rcc_reach(members, clusters.member_rcc, count, s.assign_distance, s.assign_k) if s.assign_radius else None
     return choose(distances, rcc_quotas(s, clusters.sizes), uncertainty["uncertainty"].to_numpy(),
                   s.assign_uncertainty, reach, s.assign_radius)
@@ -383,14 +456,17 @@ class AssignStep(Step):
         results = improvement_results(ctx)
         uncertainty = improvement_uncertainty(ctx, results)  # keypoints: a forward pass with shifts, every rank
         members = member_rows(ctx, clusters)
-        distances = improvement_distances(ctx, clusters, members, improvement_channels(ctx, results, uncertainty),
-                                          self.fingerprint(ctx))
-        if distances is None:  # not rank 0
+        measured = improvement_distances(ctx, clusters, members, improvement_channels(ctx, results, uncertainty),
+                                         self.fingerprint(ctx))
+        if measured is None:  # not rank 0
             return
-        assigned, rank = unsafe_choice(ctx, clusters, members, distances, uncertainty)
+        distances, contrast_of = measured
+        assigned, rank = unsafe_choice(ctx, clusters, members, distances, uncertainty, contrast_of)
         images = [ctx.paths.relative(p) for p in ctx.sets()["improve"].paths]
         write_outputs(ctx, images, clusters.eligible, distances, assigned, rank)
         write_csv(uncertainty, unsafe_dir(ctx.paths) / UNCERTAINTY_FILE)
+        if not np.isnan(contrast_of).all():
+            write_csv(pd.DataFrame({"image": images, "contrast": contrast_of}), unsafe_dir(ctx.paths) / CONTRAST_FILE)
         distributed.clear_shards(ctx.paths.scratch / "assign", "distances")
 
     def summary(self, ctx: RunContext) -> dict:

@@ -57,6 +57,7 @@ class ClassificationTask:
     """argmax of the logits against the class folder; explained: the predicted (or true) class."""
 
     name = "classification"
+    unsafe_pick = "contrast"  # assign_pick auto: ahead of ClosestU and of BL1 on the traffic-sign demo (docs/method.md)
     explain_choices = ("predicted", "expected")
     label_layout = "one sub-folder per class"
     labelling_hint = "put them in one folder per class"
@@ -195,6 +196,7 @@ class KeypointTask(ClassificationTask):
     """One output map per keypoint; an image is Wrong above a mean keypoint error (keypoints.py)."""
 
     name = "keypoints"
+    unsafe_pick = "closest"   # assign_pick auto: the contrast was not ahead on the keypoint demo (docs/method.md)
     explain_choices = ("predicted", "worst", "all")
     label_layout = "a labels.csv with the keypoints"
     labelling_hint = "add a labels.csv with their keypoints"

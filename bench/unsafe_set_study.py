@@ -50,7 +50,11 @@ def candidate_name(values: dict) -> str:
 
 
 def candidates() -> dict[str, dict]:
-    return {candidate_name(dict(zip(GRID, combo))): dict(zip(GRID, combo)) for combo in itertools.product(*GRID.values())}
+    grid = {candidate_name(dict(zip(GRID, combo))): dict(zip(GRID, combo)) for combo in itertools.product(*GRID.values())}
+    return {**grid, CONTRAST: {**ORIGINAL, "assign_pick": "contrast"}}   # assign_pick contrast: one candidate
+
+
+CONTRAST = "contrast"
 
 
 def context(case: Path) -> Helper.RunContext:
@@ -75,7 +79,9 @@ def ingredients(ctx: Helper.RunContext) -> dict:
     for positions, block in assignModule.improvement_rows(ctx, levels["sub"], channels):
         for position, row in zip(positions, block):
             rows[position] = row
-    return {"levels": levels, "rows": np.stack(rows), "uncertainty": uncertainty["uncertainty"].to_numpy()}
+    rows = np.stack(rows)
+    contrast = assignModule.contrast(rows, *assignModule.contrast_sides(ctx, levels["sub"]))
+    return {"levels": levels, "rows": rows, "uncertainty": uncertainty["uncertainty"].to_numpy(), "contrast": contrast}
 
 
 def replace_settings(ctx: Helper.RunContext, **values) -> Helper.RunContext:
@@ -96,6 +102,9 @@ def choice(ctx: Helper.RunContext, parts: dict, values: dict, memo: dict) -> dic
     reach = (assignModule.rcc_reach(members, clusters.member_rcc, len(clusters.eligible), s.assign_distance, s.assign_k)
              if s.assign_radius else None)
     quota = assignModule.rcc_quotas(s, clusters.sizes)
+    if s.assign_pick == "contrast":   # the budget over the whole set; geometry and weights of the grid unused
+        assigned, _ = assignModule.contrast_choice(memo[key], parts["contrast"], int(quota.sum()))
+        return {"assigned": assigned, "distances": memo[key], "quota": quota}
     assigned, _ = assignModule.choose(memo[key], quota, parts["uncertainty"], s.assign_uncertainty, reach,
                                       s.assign_radius)
     return {"assigned": assigned, "distances": memo[key], "quota": quota}
@@ -146,12 +155,13 @@ ORIGINAL = {"assign_level": "sub", "assign_distance": "nearest", "assign_quota":
 
 def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.DataFrame, parts: dict,
             runs: int, out: Path | None = None, baselines: tuple[str, ...] = BASELINES,
-            repeat_failures: bool = False, hudd_bag: str = "uniform") -> list[dict]:
-    """Gain (points) of every run of every named candidate and of the `baselines`, at the default's
-    budget for the baselines (BL1's pool: the images the model gets wrong, as the product does)."""
+            repeat_failures: bool = False, hudd_bag: str = "uniform", base_name: str | None = None) -> list[dict]:
+    """Gain (points) of every run of every named candidate and of the `baselines`, at the budget and bag
+    size of candidate `base_name` (default: the original's choice) for the baselines (BL1's pool: the
+    images the model gets wrong, as the product does)."""
     data = retrainModule.training_data(ctx)
     original = testModule.original_test_accuracy(ctx.paths)
-    base = choices[candidate_name(ORIGINAL)]
+    base = choices[base_name or candidate_name(ORIGINAL)]
     rows = []
     for mode in [*names[:1], *baselines, *names[1:]]:
         chosen = choices.get(mode, base)
@@ -212,6 +222,9 @@ def main() -> None:
     parser.add_argument("--budget-factor", type=float, default=None,
                         help="the labelling budget's factor (setting budget_factor; default: the case's): every "
                              "candidate's RCC quotas and so the baselines' budget")
+    parser.add_argument("--base", default=None,
+                        help="the candidate whose budget and bag size the baselines take, as the product's -mode "
+                             "runs take the unsafe set's (default: the original's choice)")
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help="baselines to retrain beside the candidates ('' for none: their runs of an earlier "
                              "study, merged with --from-gains; the same seeds give the same selections)")
@@ -235,7 +248,8 @@ def main() -> None:
         if not args.screen_only:
             candidates = [name for name in args.retrain.split(",") if name]
             gains += retrain(ctx, choices, candidates, known, parts, args.runs, args.out,
-                             tuple(filter(None, args.baselines.split(","))), args.repeat_failures, args.hudd_bag)
+                             tuple(filter(None, args.baselines.split(","))), args.repeat_failures, args.hudd_bag,
+                             args.base)
     show(pd.DataFrame(screened), pd.DataFrame(gains), args.out)
 
 

@@ -66,7 +66,7 @@ def test_nearest_member_distances_against_cdist():
 
 def test_the_step_writes_the_unsafe_set(make_case):
     case = make_case(per_class=8)
-    ctx = context(case)
+    ctx = context(case, assign_pick="closest")   # the original's ClosestU (the contrast pick: test_unsafe_set.py)
     run_steps(ctx, testModule.STEP, heatmapModule.STEP, clusterModule.STEP)
     summary = run_step(assignModule.STEP, ctx)
     folder = case / "T" / "UnsafeSet"

@@ -11,6 +11,7 @@ import pytest
 from scipy.spatial.distance import cdist
 from scipy.stats import mannwhitneyu
 
+import Helper
 import assignModule
 import clusterModule
 import evaluation
@@ -98,6 +99,29 @@ def test_mann_whitney_on_hand_computed_cases_and_against_scipy():
 # On a tiny case: the model's uncertainty, BL3, no label read before the choice
 # --------------------------------------------------------------------------------------------
 
+def test_contrast_against_cdist_and_an_image_on_a_right_one_comes_last():
+    rng = np.random.default_rng(3)
+    rows, errors, right = rng.normal(size=(7, 5)), rng.normal(size=(9, 5)), rng.normal(size=(12, 5))
+    rows[6] = right[4]                      # the same relevance as an image the model gets right...
+    right[[0, 1, 2, 3]] = right[4]          # ...and its five nearest of them all at distance 0
+    ours = assignModule.contrast(rows, errors, right)
+    k = assignModule.CONTRAST_K
+    to_errors = np.sort(cdist(rows, errors), axis=1)[:, :k].mean(axis=1)
+    to_right = np.sort(cdist(rows, right), axis=1)[:, :k].mean(axis=1)
+    np.testing.assert_allclose(ours[:6], to_errors[:6] / to_right[:6], rtol=1e-9)
+    assert to_right[6] == 0 and ours[6] == np.inf
+    few = assignModule.contrast(rows[:2], errors[:2], right[5:7])    # fewer references than k: all of them
+    np.testing.assert_allclose(few, cdist(rows[:2], errors[:2]).mean(axis=1) / cdist(rows[:2], right[5:7]).mean(axis=1))
+
+
+def test_contrast_choice_takes_the_budget_of_lowest_contrast_each_in_its_closest_rcc():
+    distances = np.array([[3.0, 1.0], [0.5, 2.0], [1.0, 1.0], [9.0, 8.0], [2.0, 4.0]])
+    contrast_of = np.array([0.9, 0.2, 0.5, 0.1, 0.5])
+    assigned, rank = assignModule.contrast_choice(distances, contrast_of, budget=3)
+    # the three lowest: images 3 (0.1), 1 (0.2), then 2 before 4 (a tie, by image order)
+    assert assigned.tolist() == [-1, 0, 0, 1, -1] and rank.tolist() == [-1, 0, 0, 0, -1]
+
+
 @pytest.fixture
 def assigned_case(make_case):
     case = make_case(per_class=8)
@@ -145,13 +169,79 @@ def test_the_uncertainty_comes_from_the_test_steps_logits_and_a_missing_row_is_n
         assignModule.improvement_results(ctx)
 
 
+def test_the_contrast_pick_recomputed_from_scratch(make_case):
+    """assign_pick contrast: the unsafe set is the budget of lowest contrast (contrast.csv), each image in its
+    closest RCC; one image's contrast recomputed from the LRP engine, the stored error heatmaps and the test
+    images the model gets right, each explained by its predicted class."""
+    from PIL import Image
+    case = make_case(per_class=8)
+    ctx = context(case, assign_pick="contrast")
+    run_steps(ctx, testModule.STEP, heatmapModule.STEP, clusterModule.STEP, assignModule.STEP)
+    folder = case / "T" / "UnsafeSet"
+    table = pd.read_csv(folder / "assignments.csv")
+    contrast_of = pd.read_csv(folder / "contrast.csv").set_index("image")["contrast"]
+    distances = pd.read_csv(folder / "rcc_distances.csv").set_index("image")
+    clusters = assignModule.selected_clusters(ctx)
+    budget = assignModule.quotas(clusters.sizes, ctx.settings.budget_factor).sum()
+    assert len(table) == budget
+    lowest = contrast_of.sort_values(kind="stable").index[:budget]
+    assert sorted(table["image"]) == sorted(lowest)
+    assert (table.set_index("image")["rcc"] == distances.loc[table["image"]].idxmin(axis=1)).all()
+
+    layer, module = clusters.layer, heatmapModule.module_of(ctx.paths, clusters.layer)
+    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float64)
+
+    def relevance(image: str, explained: str) -> np.ndarray:
+        pixels = Helper.make_transform(ctx.settings)(Image.open(case / image).convert("RGB"))[None]
+        return heatmapModule.relevance(ctx.model(), pixels, target=ctx.classes.index(explained),
+                                       layers=[module])[module].numpy().reshape(-1)
+
+    tests = pd.read_csv(case / "testResult.csv")
+    right = tests[tests["result"] == "Correct"]
+    right_rows = unit(np.stack([relevance(i, p) for i, p in zip(right["image"], right["predicted"])]))
+    errors = np.load(case / "T" / "Heatmaps" / f"{layer}.npy")
+    error_rows = unit(errors.reshape(len(errors), -1))
+    image = table["image"].iloc[0]
+    predicted = pd.read_csv(case / "improveResult.csv").set_index("image").loc[image, "predicted"]
+    row = unit(relevance(image, predicted)[None])
+    k = assignModule.CONTRAST_K
+    expected = (np.sort(cdist(row, error_rows)[0])[:k].mean() / np.sort(cdist(row, right_rows)[0])[:k].mean())
+    assert contrast_of[image] == pytest.approx(expected, rel=1e-5)
+
+
+def test_auto_picks_by_task(make_case):
+    ctx = context(make_case(per_class=1))
+    assert ctx.settings.assign_pick == "auto" and assignModule.pick_of(ctx) == "contrast"
+    ctx.task.unsafe_pick = "closest"   # the instance's, as KeypointTask's class attribute
+    assert assignModule.pick_of(ctx) == "closest"
+    assert Helper.task_class("keypoints").unsafe_pick == "closest"
+
+
+def test_contrast_falls_back_to_closest_where_no_test_image_is_right(assigned_case, caplog):
+    case = assigned_case
+    results = pd.read_csv(case / "testResult.csv")
+    results.assign(result="Wrong").to_csv(case / "testResult.csv", index=False)
+    ctx, closest = context(case, assign_pick="contrast"), context(case, assign_pick="closest")
+    clusters = assignModule.selected_clusters(ctx)
+    assert assignModule.contrast_sides(ctx, clusters) is None and "no test image right" in caplog.text
+    unsafe = retrainModule.unsafe_inputs(closest)
+    uncertainty = pd.DataFrame({"uncertainty": unsafe.uncertainty})
+    members = assignModule.member_rows(ctx, clusters)
+    no_contrast = np.full(len(unsafe.distances), np.nan)
+    fallback = assignModule.unsafe_choice(ctx, clusters, members, unsafe.distances, uncertainty, no_contrast)
+    expected = assignModule.unsafe_choice(closest, clusters, members, unsafe.distances, uncertainty, no_contrast)
+    np.testing.assert_array_equal(fallback[0], expected[0])
+
+
 def unsafe_set_by_file(case) -> list[tuple[str, str]]:
     table = pd.read_csv(case / "T" / "UnsafeSet" / "assignments.csv")
     return sorted(zip(table["image"].str.rsplit("/", n=1).str[-1], table["rcc"]))
 
 
-@pytest.mark.parametrize("settings", [{}, {"assign_uncertainty": 2.0, "assign_radius": 1.5, "assign_quota": "equal"},
-                                      {"assign_distance": "medoid", "assign_level": "top"}])
+@pytest.mark.parametrize("settings", [{}, {"assign_pick": "closest"},
+                                      {"assign_pick": "closest", "assign_uncertainty": 2.0, "assign_radius": 1.5,
+                                       "assign_quota": "equal"},
+                                      {"assign_pick": "closest", "assign_distance": "medoid", "assign_level": "top"}])
 def test_no_improvement_label_is_read_to_choose_the_unsafe_set(make_case, settings):
     """Scramble the improvement labels after the choice (the images moved between class folders, the
     test step rerun): the unsafe set and the uncertainty stay the same."""
