@@ -4,8 +4,8 @@ The budget is the number of distinct improvement images an engineer labels: the 
 two or more images of ceil(budget_factor x RCC size) (factor 1: the original's HUDD quota, reference
 §9.2). The original gave HUDD about 3.3x the baselines' images (§9.3); here every mode labels the
 same number of distinct images and trains on the same number of samples:
-- HUDD: the assignment step's unsafe set (the ClosestU greedy with those quotas, each image chosen
-  once; the original could draw the same image for several RCCs), repeated uniformly to the bag size
+- HUDD: the assignment step's unsafe set (at that budget, by contrast or by the ClosestU greedy with those
+  quotas, each image chosen once; the original could draw the same image for several RCCs), repeated uniformly to the bag size
   as the baselines' images are (setting `hudd_bag`; "balanced", the original's: every RCC drawn up to
   the largest quota, with replacement, each image weighted by 1 / its distance to the RCC; the bag's
   size is that balanced bag's in both cases);
