@@ -38,9 +38,9 @@ import distributed
 import testModule
 from clustering import CHUNK_BYTES, normalise_rows
 from features import make_space
-from tasks import WRONG
 from Helper import (CasePaths, HuddError, PipelineStop, RunContext, Step, image_set_digest, make_loader,
                     stop_on_unreadable, write_csv, write_label_template)
+from tasks import WRONG
 
 log = logging.getLogger("hudd")
 
@@ -204,7 +204,7 @@ FOLDER = "UnsafeSet"
 ASSIGNMENTS_FILE = "assignments.csv"
 DISTANCES_FILE = "rcc_distances.csv"
 UNCERTAINTY_FILE = "uncertainty.csv"
-CONTRAST_FILE = "contrast.csv"   # assign_pick contrast: every improvement image's distances to the test images and contrast
+CONTRAST_FILE = "contrast.csv"   # assign_pick contrast: every improvement image's contrast
 TO_LABEL_FILE = "to_label.csv"   # an unlabelled improvement set: the unsafe set's images, label columns empty
 ASSIGN_SETTINGS = ("assign_pick", "assign_distance", "assign_k", "assign_radius", "assign_uncertainty", "assign_quota")
 
@@ -319,8 +319,9 @@ def improvement_rows(ctx: RunContext, clusters: SelectedClusters, channels: torc
 def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: np.ndarray, channels: torch.Tensor,
                           stamp: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Distance (setting `assign_distance`) of every improvement image to every eligible RCC and, with
-    `assign_pick` contrast, its contrast (NaN otherwise, or where no test image is right); no labels needed. Under torchrun each rank
-    computes a contiguous shard of whole batches; rank 0 gets the whole tables (the other ranks None)."""
+    `assign_pick` contrast, its contrast (NaN otherwise, or where no test image is right); no labels
+    needed. Under torchrun each rank computes a contiguous shard of whole batches; rank 0 gets the whole
+    tables (the other ranks None)."""
     s, improve, member_rcc, rccs = ctx.settings, ctx.sets()["improve"], clusters.member_rcc, len(clusters.eligible)
     how = s.assign_distance
     if how == "medoid":  # the medoids once, not per batch: the distance to an RCC's medoid is to its one member

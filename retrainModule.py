@@ -4,11 +4,11 @@ The budget is the number of distinct improvement images an engineer labels: the 
 two or more images of ceil(budget_factor x RCC size) (factor 1: the original's HUDD quota, reference
 §9.2). The original gave HUDD about 3.3x the baselines' images (§9.3); here every mode labels the
 same number of distinct images and trains on the same number of samples:
-- HUDD: the assignment step's unsafe set (at that budget, by contrast or by the ClosestU greedy with those
-  quotas, each image chosen once; the original could draw the same image for several RCCs), repeated uniformly to the bag size
-  as the baselines' images are (setting `hudd_bag`; "balanced", the original's: every RCC drawn up to
-  the largest quota, with replacement, each image weighted by 1 / its distance to the RCC; the bag's
-  size is that balanced bag's in both cases);
+- HUDD: the assignment step's unsafe set (at that budget, by contrast or by the ClosestU greedy with
+  those quotas, each image chosen once; the original could draw the same image for several RCCs),
+  repeated uniformly to the bag size as the baselines' images are (setting `hudd_bag`; "balanced", the
+  original's: every RCC drawn up to the largest quota, with replacement, each image weighted by 1 / its
+  distance to the RCC; the bag's size is that balanced bag's in both cases);
 - BL1: random improvement images that the original model misclassifies;
 - BL2: random improvement images;
 - BL3: the improvement images the model is least sure of (lowest softmax margin; keypoints: the
@@ -447,7 +447,8 @@ def label_list_path(paths: CasePaths, mode: str) -> Path:
     return retrain_dir(paths) / f"{mode}_to_label.csv"
 
 
-def update_label_list(ctx: RunContext, mode: str, selections: list[Selection], unsafe: UnsafeInputs) -> tuple[int, int]:
+def update_label_list(ctx: RunContext, mode: str, selections: list[Selection],
+                      unsafe: UnsafeInputs) -> tuple[int, int]:
     """(images the mode's runs train on, how many of them have no label). Where some have none, their list is
     written to T/Retrain/<mode>_to_label.csv (the rows to fill and add to DataSets/ImprovementLabels.csv);
     once they all have one, that list is removed."""
@@ -474,8 +475,9 @@ def check_labels(ctx: RunContext, mode: str, selections: list[Selection], unsafe
     label_file = ctx.paths.improvement_labels
     where = "add the filled rows to" if label_file.is_file() else "save it as"
     runs = f"{mode}'s {len(selections)} runs train" if len(selections) > 1 else f"{mode} trains"
+    to_fill = ctx.paths.relative(label_list_path(ctx.paths, mode))
     raise HuddError(f"{runs} on {chosen} improvement images and {missing} of them have no label: in "
-                    f"{ctx.paths.root}, fill the label columns of {ctx.paths.relative(label_list_path(ctx.paths, mode))} "
+                    f"{ctx.paths.root}, fill the label columns of {to_fill} "
                     f"and {where} {ctx.paths.relative(label_file)}, then run again (or label the whole improvement "
                     f"set: {ctx.task.labelling_hint})")
 

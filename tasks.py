@@ -256,7 +256,8 @@ class KeypointTask(ClassificationTask):
             return ""
         row, point = np.argwhere(outside)[0]
         image = Path(image_set.paths[row]).relative_to(image_set.root).as_posix()
-        return (f"{where}: keypoint {image_set.classes[point]} of {image!r} is at ({x[row, point]:g}, {y[row, point]:g}), "
+        at = f"({x[row, point]:g}, {y[row, point]:g})"
+        return (f"{where}: keypoint {image_set.classes[point]} of {image!r} is at {at}, "
                 f"outside the {width}x{height} image ({int(outside.any(axis=1).sum())} image(s) have such a keypoint); "
                 "labels are pixel coordinates of the stored image, 0 or -1 for a missing keypoint")
 

@@ -50,7 +50,8 @@ def candidate_name(values: dict) -> str:
 
 
 def candidates() -> dict[str, dict]:
-    grid = {candidate_name(dict(zip(GRID, combo))): dict(zip(GRID, combo)) for combo in itertools.product(*GRID.values())}
+    grid = {candidate_name(dict(zip(GRID, combo))): dict(zip(GRID, combo))
+            for combo in itertools.product(*GRID.values())}
     return {**grid, CONTRAST: {**ORIGINAL, "assign_pick": "contrast"}}   # assign_pick contrast: one candidate
 
 
