@@ -345,6 +345,16 @@ def unsafe_strip(ctx: RunContext, data: ReportData, rcc: str) -> str:
             f"<div class='grid unsafe'>{''.join(images)}</div>")
 
 
+def how_picked(ctx: RunContext) -> str:
+    """How the assignment step chose the unsafe set, read from its files (a contrast the step could not
+    compute, with no test image right, fell back to ClosestU and wrote no contrast.csv)."""
+    if (assignModule.unsafe_dir(ctx.paths) / assignModule.CONTRAST_FILE).is_file():
+        return ("<span id=pick data-pick=contrast>the improvement images nearest the test errors relative to the "
+                "test images the model gets right</span> (<code>assign_pick</code> contrast)")
+    return ("<span id=pick data-pick=closest>the improvement images closest to each RCC, up to its quota</span> "
+            "(<code>assign_pick</code> closest, the original's ClosestU)")
+
+
 def retrain_section(ctx: RunContext, data: ReportData) -> str:
     if not data.retrain:
         to_label = assignModule.to_label_path(ctx.paths)
@@ -365,8 +375,9 @@ def retrain_section(ctx: RunContext, data: ReportData) -> str:
     return f"""
 <h2>Retraining: HUDD vs the baselines at one labelling budget</h2>
 <p>Original test accuracy <b>{original:.2f}%</b>. Every mode trains on the same number of distinct improvement
-images and on as many samples. BL1: random misclassified improvement images (finding them needs every
-improvement image labelled); BL2: random ones; BL3: the ones the model is least sure of (lowest margin).
+images and on as many samples. HUDD: its unsafe set, {how_picked(ctx)}. BL1: random misclassified improvement
+images (finding them needs every improvement image labelled); BL2: random ones; BL3: the ones the model is
+least sure of (lowest margin).
 Labels needed: what an engineer labels to run the mode. p and A12: HUDD's runs against the mode's (two-sided
 Mann-Whitney U; A12 above 0.5: HUDD ahead).</p>
 <table id=retrain><tr><th class=l>mode</th><th>labelled</th><th>labels needed</th><th>training samples</th><th>runs</th>

@@ -105,6 +105,8 @@ def test_the_numbers_are_those_of_the_output_files(retrained_case):
         assert accuracy == pytest.approx(runs["accuracy"].mean(), abs=1e-4)
         assert gain == pytest.approx(runs["accuracy"].mean() - original, abs=1e-4)
     assert (case / "T" / "Report" / "comparison.png").is_file()
+    # a classifier's unsafe set is picked by contrast (assign_pick auto), and the page says so
+    assert (case / "T" / "UnsafeSet" / "contrast.csv").is_file() and ids["pick"]["data-pick"] == "contrast"
 
 
 def test_overlays_lie_beside_the_rcc_images_and_show_positive_relevance_in_red(retrained_case):
