@@ -163,18 +163,18 @@ def choose(distances: np.ndarray, quota: np.ndarray, uncertainty: np.ndarray | N
 CONTRAST_K = 5   # neighbours averaged on each side; the study found the choice flat from 1 to 20 (docs/method.md)
 
 
-def knn_mean_distance(rows: np.ndarray, references: np.ndarray, k: int = CONTRAST_K) -> np.ndarray:
-    """Per row, the mean distance to its k nearest references (to all of them where there are fewer)."""
-    squared = squared_distances(rows, references)
-    k = min(k, squared.shape[1])
-    return np.sqrt(np.partition(squared, k - 1, axis=1)[:, :k]).mean(axis=1)
+def sides_of(errors: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The contrast's references stacked once (the test errors' rows, then the right test images'), and
+    per reference its side: 0 an error, 1 an image the model gets right."""
+    return np.concatenate([errors, right]), np.repeat([0, 1], [len(errors), len(right)])
 
 
-def contrast(rows: np.ndarray, errors: np.ndarray, right: np.ndarray) -> np.ndarray:
+def contrast(rows: np.ndarray, references: np.ndarray, side: np.ndarray) -> np.ndarray:
     """Per row: how much nearer it lies to the test errors than to the test images the model gets right
-    (mean distance to the CONTRAST_K nearest of each, error over right; lower: more like an error). An
-    image at distance 0 from an image the model gets right is one the model handles: infinite."""
-    to_errors, to_right = knn_mean_distance(rows, errors), knn_mean_distance(rows, right)
+    (mean distance to the CONTRAST_K nearest of each side, `member_distances` "knn" with the two sides as
+    its groups; error over right; lower: more like an error). An image at distance 0 from the images the
+    model gets right is one the model handles: infinite."""
+    to_errors, to_right = member_distances(rows, references, side, 2, "knn", CONTRAST_K).T
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(to_right > 0, to_errors / to_right, np.inf)
 
@@ -346,10 +346,11 @@ def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: 
 
 
 def contrast_sides(ctx: RunContext, clusters: SelectedClusters) -> tuple[np.ndarray, np.ndarray] | None:
-    """The two sides of the contrast, in the cluster step's distance space: every test error (the rows the
-    cluster step clustered) and every test image the model gets right, explained as an improvement image
-    is (the label-free rule: its predicted class, or the keypoint the model is least sure of). The test
-    set's labels are HUDD's input already; no improvement label is read. None where no test image is right."""
+    """The two sides of the contrast (`sides_of`), in the cluster step's distance space: every test error
+    (the rows the cluster step clustered) and every test image the model gets right, explained as an
+    improvement image is (the label-free rule: its predicted class, or the keypoint the model is least
+    sure of). The test set's labels are HUDD's input already; no improvement label is read. None where no
+    test image is right."""
     space, to_space = make_space(ctx.settings.features), clustering_space(ctx, clusters.layer)
     errors = to_space(np.asarray(space.error_rows(ctx, clusters.layer)))
     test = ctx.sets()["test"]
@@ -363,7 +364,7 @@ def contrast_sides(ctx: RunContext, clusters: SelectedClusters) -> tuple[np.ndar
     right_set = test.subset(np.array([position[image] for image in right.index]))
     channels = improvement_channels(ctx, right, improvement_uncertainty(ctx, right, right_set))
     rows = [to_space(block) for _positions, block in space.image_rows(ctx, clusters.layer, right_set, channels)]
-    return errors, np.concatenate(rows)
+    return sides_of(errors, np.concatenate(rows))
 
 
 def improvement_results(ctx: RunContext) -> pd.DataFrame:

@@ -482,14 +482,18 @@ def check_labels(ctx: RunContext, mode: str, selections: list[Selection], unsafe
                     f"set: {ctx.task.labelling_hint})")
 
 
-def refresh_label_lists(ctx: RunContext, unsafe: UnsafeInputs, but: str) -> None:
+def refresh_label_lists(ctx: RunContext, but: str) -> None:
     """The other modes' lists of images to label, left by a run that stopped, brought up to date with the
     current labels and unsafe set (as the current settings would train): removed once every image they
-    would train on has a label, so that no list asks for labels that are already given."""
-    for mode in MODES:
-        if mode != but and label_list_path(ctx.paths, mode).is_file():
-            runs = range(1, ctx.settings.runs + 1)
-            update_label_list(ctx, mode, [run_selection(ctx, mode, run, unsafe) for run in runs], unsafe)
+    would train on has a label, so that no list asks for labels that are already given. Reads the unsafe
+    set only where such a list exists (every retraining run, reused or not, comes here)."""
+    stale = [mode for mode in MODES if mode != but and label_list_path(ctx.paths, mode).is_file()]
+    if not stale:
+        return
+    unsafe = step_unsafe_inputs(ctx)
+    for mode in stale:
+        runs = range(1, ctx.settings.runs + 1)
+        update_label_list(ctx, mode, [run_selection(ctx, mode, run, unsafe) for run in runs], unsafe)
 
 
 def step_unsafe_inputs(ctx: RunContext) -> UnsafeInputs:
@@ -598,7 +602,7 @@ class RetrainStep(Step):
         return retraining_basis(ctx)
 
     def after(self, ctx: RunContext) -> None:
-        refresh_label_lists(ctx, step_unsafe_inputs(ctx), but=self.mode)
+        refresh_label_lists(ctx, but=self.mode)
 
     def outputs(self, ctx: RunContext) -> list[Path]:
         return [table_path(ctx.paths, self.mode, "runs")]

@@ -104,13 +104,13 @@ def test_contrast_against_cdist_and_an_image_on_a_right_one_comes_last():
     rows, errors, right = rng.normal(size=(7, 5)), rng.normal(size=(9, 5)), rng.normal(size=(12, 5))
     rows[6] = right[4]                      # the same relevance as an image the model gets right...
     right[[0, 1, 2, 3]] = right[4]          # ...and its five nearest of them all at distance 0
-    ours = assignModule.contrast(rows, errors, right)
+    ours = assignModule.contrast(rows, *assignModule.sides_of(errors, right))
     k = assignModule.CONTRAST_K
     to_errors = np.sort(cdist(rows, errors), axis=1)[:, :k].mean(axis=1)
     to_right = np.sort(cdist(rows, right), axis=1)[:, :k].mean(axis=1)
     np.testing.assert_allclose(ours[:6], to_errors[:6] / to_right[:6], rtol=1e-9)
     assert to_right[6] == 0 and ours[6] == np.inf
-    few = assignModule.contrast(rows[:2], errors[:2], right[5:7])    # fewer references than k: all of them
+    few = assignModule.contrast(rows[:2], *assignModule.sides_of(errors[:2], right[5:7]))   # fewer than k: all of them
     np.testing.assert_allclose(few, cdist(rows[:2], errors[:2]).mean(axis=1) / cdist(rows[:2], right[5:7]).mean(axis=1))
 
 
