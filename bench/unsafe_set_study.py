@@ -52,10 +52,41 @@ def candidate_name(values: dict) -> str:
 def candidates() -> dict[str, dict]:
     grid = {candidate_name(dict(zip(GRID, combo))): dict(zip(GRID, combo))
             for combo in itertools.product(*GRID.values())}
-    return {**grid, CONTRAST: {**ORIGINAL, "assign_pick": "contrast"}}   # assign_pick contrast: one candidate
+    contrast = {CONTRAST: {**ORIGINAL, "assign_pick": "contrast"}}   # assign_pick contrast: one candidate
+    for weight in CONTRAST_UNCERTAINTY:   # study-only variants, below
+        contrast[f"{CONTRAST}+u{weight:g}"] = {**contrast[CONTRAST], "contrast_uncertainty": weight}
+    contrast[f"{CONTRAST}/quota"] = {**contrast[CONTRAST], "contrast_quota": True}
+    return {**grid, **contrast}
 
 
 CONTRAST = "contrast"
+# Study-only variants of the contrast pick (not settings): the contrast's rank plus this weight times the
+# rank of the model's own uncertainty (most uncertain first); or the contrast within each RCC's quota.
+CONTRAST_UNCERTAINTY = (0.5, 1.0, 2.0)
+STUDY_KEYS = ("contrast_uncertainty", "contrast_quota")
+
+
+def rank_share(values: np.ndarray) -> np.ndarray:
+    """Each value's rank over all, 0 (lowest) to 1."""
+    return np.argsort(np.argsort(values, kind="stable"), kind="stable") / max(len(values) - 1, 1)
+
+
+def contrast_variant(parts: dict, distances: np.ndarray, quota: np.ndarray, study: dict) -> np.ndarray:
+    """A study variant's choice (per image its RCC or -1)."""
+    score = parts["contrast"]
+    if study.get("contrast_uncertainty"):
+        score = rank_share(score) + study["contrast_uncertainty"] * rank_share(-parts["uncertainty"])
+    if not study.get("contrast_quota"):
+        return assignModule.contrast_choice(distances, score, int(quota.sum()))[0]
+    closest, assigned = np.argmin(distances, axis=1), np.full(len(score), -1, dtype=np.int64)
+    for rcc, wanted in enumerate(quota):   # each RCC's lowest contrast among the images closest to it
+        mine = np.flatnonzero(closest == rcc)
+        assigned[mine[np.argsort(score[mine], kind="stable")[:wanted]]] = rcc
+    left = int(quota.sum()) - int((assigned >= 0).sum())   # RCCs with too few images: the rest by contrast
+    rest = np.flatnonzero(assigned < 0)
+    extra = rest[np.argsort(score[rest], kind="stable")[:left]]
+    assigned[extra] = closest[extra]
+    return assigned
 
 
 def context(case: Path) -> Helper.RunContext:
@@ -91,7 +122,8 @@ def replace_settings(ctx: Helper.RunContext, **values) -> Helper.RunContext:
 
 def choice(ctx: Helper.RunContext, parts: dict, values: dict, memo: dict) -> dict:
     """The candidate's unsafe set: assigned (per image its RCC or -1), distances, quota."""
-    s = replace(ctx.settings, **values)
+    study = {key: values[key] for key in STUDY_KEYS if key in values}
+    s = replace(ctx.settings, **{k: v for k, v in values.items() if k not in STUDY_KEYS})
     clusters = parts["levels"][s.assign_level]
     members = memo.setdefault(("members", s.assign_level), None)
     if members is None:
@@ -104,7 +136,7 @@ def choice(ctx: Helper.RunContext, parts: dict, values: dict, memo: dict) -> dic
              if s.assign_radius else None)
     quota = assignModule.rcc_quotas(s, clusters.sizes)
     if s.assign_pick == "contrast":   # the budget over the whole set; geometry and weights of the grid unused
-        assigned, _ = assignModule.contrast_choice(memo[key], parts["contrast"], int(quota.sum()))
+        assigned = contrast_variant(parts, memo[key], quota, study)
         return {"assigned": assigned, "distances": memo[key], "quota": quota}
     assigned, _ = assignModule.choose(memo[key], quota, parts["uncertainty"], s.assign_uncertainty, reach,
                                       s.assign_radius)
