@@ -327,8 +327,8 @@ def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: 
     if how == "medoid":  # the medoids once, not per batch: the distance to an RCC's medoid is to its one member
         medoids = rcc_medoids(members, member_rcc, rccs)
         members, member_rcc, how = members[medoids], np.arange(rccs), "nearest"
-    # Each rank computes both sides (a few hundred and a thousand or so rows): its shard needs all of them.
-    sides = contrast_sides(ctx, clusters) if pick_of(ctx) == "contrast" else None
+    # Every rank's shard needs both sides whole: the right test images' relevance is computed in shards too.
+    sides = contrast_sides(ctx, clusters, stamp) if pick_of(ctx) == "contrast" else None
 
     def shard(start: int, stop: int) -> dict[str, np.ndarray]:
         distances, contrast_of = np.empty((stop - start, rccs)), np.full(stop - start, np.nan)
@@ -345,12 +345,13 @@ def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: 
     return np.concatenate([s["distances"] for s in shards]), np.concatenate([s["contrast"] for s in shards])
 
 
-def contrast_sides(ctx: RunContext, clusters: SelectedClusters) -> tuple[np.ndarray, np.ndarray] | None:
+def contrast_sides(ctx: RunContext, clusters: SelectedClusters, stamp: str = "") -> tuple[np.ndarray, np.ndarray] | None:
     """The two sides of the contrast (`sides_of`), in the cluster step's distance space: every test error
     (the rows the cluster step clustered) and every test image the model gets right, explained as an
     improvement image is (the label-free rule: its predicted class, or the keypoint the model is least
     sure of). The test set's labels are HUDD's input already; no improvement label is read. None where no
-    test image is right."""
+    test image is right. Under torchrun each rank explains a shard of the right images and every rank
+    reads them all (`stamp`: the step's fingerprint, for resuming)."""
     space, to_space = make_space(ctx.settings.features), clustering_space(ctx, clusters.layer)
     errors = to_space(np.asarray(space.error_rows(ctx, clusters.layer)))
     test = ctx.sets()["test"]
@@ -363,8 +364,19 @@ def contrast_sides(ctx: RunContext, clusters: SelectedClusters) -> tuple[np.ndar
     position = {ctx.paths.relative(p): i for i, p in enumerate(test.paths)}
     right_set = test.subset(np.array([position[image] for image in right.index]))
     channels = improvement_channels(ctx, right, improvement_uncertainty(ctx, right, right_set))
-    rows = [to_space(block) for _positions, block in space.image_rows(ctx, clusters.layer, right_set, channels)]
-    return sides_of(errors, np.concatenate(rows))
+
+    def shard(start: int, stop: int) -> dict[str, np.ndarray]:   # the feature space's rows, as computed
+        blocks = [block for _positions, block in space.image_rows(ctx, clusters.layer, right_set, channels, start, stop)]
+        return {"rows": np.concatenate(blocks) if blocks else np.empty((0, *errors_shape(ctx, clusters.layer)))}
+
+    shards = distributed.gather_shards(ctx.paths.scratch / "assign", "contrast_sides", len(right_set),
+                                       ctx.settings.batch_size, stamp, shard, everyone=True)
+    return sides_of(errors, np.concatenate([to_space(s["rows"]) for s in shards]))
+
+
+def errors_shape(ctx: RunContext, layer: str) -> tuple[int, ...]:
+    """The shape of one image's row in the feature space (that of the error images' rows)."""
+    return tuple(np.shape(make_space(ctx.settings.features).error_rows(ctx, layer))[1:])
 
 
 def improvement_results(ctx: RunContext) -> pd.DataFrame:
@@ -469,7 +481,8 @@ class AssignStep(Step):
         write_csv(uncertainty, unsafe_dir(ctx.paths) / UNCERTAINTY_FILE)
         if not np.isnan(contrast_of).all():
             write_csv(pd.DataFrame({"image": images, "contrast": contrast_of}), unsafe_dir(ctx.paths) / CONTRAST_FILE)
-        distributed.clear_shards(ctx.paths.scratch / "assign", "distances")
+        for key in ("distances", "contrast_sides"):   # every rank has read the sides: the distances were gathered after
+            distributed.clear_shards(ctx.paths.scratch / "assign", key)
 
     def summary(self, ctx: RunContext) -> dict:
         table = read_assignments(ctx.paths)

@@ -198,11 +198,13 @@ def batch_shard(rows: int, batch_size: int) -> tuple[int, int]:
 
 
 def gather_shards(folder, key: str, rows: int, batch_size: int, stamp: str,
-                  compute: Callable[[int, int], dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]] | None:
+                  compute: Callable[[int, int], dict[str, np.ndarray]], everyone: bool = False
+                  ) -> list[dict[str, np.ndarray]] | None:
     """Each rank computes its shard of `rows` (compute(start, stop) -> named arrays) and writes it to
     `folder/<key>.rank<r>of<w>.npz`; rank 0 gets every rank's arrays in rank order (the others get
-    None). A shard already on disk with the same `stamp` (the step's fingerprint) and rows is reused,
-    so a rerun after a failure resumes. Plain arrays, no pickle. One process: [compute(0, rows)]."""
+    None; with `everyone`, every rank gets them, and rank 0 clears the files only after a later
+    collective). A shard already on disk with the same `stamp` (the step's fingerprint) and rows is
+    reused, so a rerun after a failure resumes. Plain arrays, no pickle. One process: [compute(0, rows)]."""
     if not active():
         return [compute(0, rows)]
     start, stop = batch_shard(rows, batch_size)
@@ -218,7 +220,7 @@ def gather_shards(folder, key: str, rows: int, batch_size: int, stamp: str,
             np.savez(temporary, _stamp=np.array(stamp), _start=start, _stop=stop, **compute(start, stop))
 
     together(shard)
-    if not is_main():
+    if not is_main() and not everyone:
         return None
     shards = []
     for r in range(world()):
