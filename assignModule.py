@@ -317,9 +317,9 @@ def improvement_rows(ctx: RunContext, clusters: SelectedClusters, channels: torc
 
 
 def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: np.ndarray, channels: torch.Tensor,
-                          stamp: str) -> tuple[np.ndarray, np.ndarray] | None:
+                          stamp: str) -> tuple[np.ndarray, np.ndarray | None] | None:
     """Distance (setting `assign_distance`) of every improvement image to every eligible RCC and, with
-    `assign_pick` contrast, its contrast (NaN otherwise, or where no test image is right); no labels
+    `assign_pick` contrast, its contrast (None otherwise, or where no test image is right); no labels
     needed. Under torchrun each rank computes a contiguous shard of whole batches; rank 0 gets the whole
     tables (the other ranks None)."""
     s, improve, member_rcc, rccs = ctx.settings, ctx.sets()["improve"], clusters.member_rcc, len(clusters.eligible)
@@ -331,18 +331,19 @@ def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: 
     sides = contrast_sides(ctx, clusters, stamp) if pick_of(ctx) == "contrast" else None
 
     def shard(start: int, stop: int) -> dict[str, np.ndarray]:
-        distances, contrast_of = np.empty((stop - start, rccs)), np.full(stop - start, np.nan)
+        distances, contrast_of = np.empty((stop - start, rccs)), np.empty(stop - start)
         for positions, rows in improvement_rows(ctx, clusters, channels, start, stop):
             distances[positions - start] = member_distances(rows, members, member_rcc, rccs, how, s.assign_k)
             if sides is not None:
                 contrast_of[positions - start] = contrast(rows, *sides)
-        return {"distances": distances, "contrast": contrast_of}
+        return {"distances": distances, **({"contrast": contrast_of} if sides is not None else {})}
 
     shards = distributed.gather_shards(ctx.paths.scratch / "assign", "distances", len(improve),
                                        ctx.settings.batch_size, stamp, shard)
     if shards is None:
         return None
-    return np.concatenate([s["distances"] for s in shards]), np.concatenate([s["contrast"] for s in shards])
+    return (np.concatenate([s["distances"] for s in shards]),
+            np.concatenate([s["contrast"] for s in shards]) if sides is not None else None)
 
 
 def contrast_sides(ctx: RunContext, clusters: SelectedClusters, stamp: str = "") -> tuple[np.ndarray, np.ndarray] | None:
@@ -363,7 +364,7 @@ def contrast_sides(ctx: RunContext, clusters: SelectedClusters, stamp: str = "")
         return None
     position = {ctx.paths.relative(p): i for i, p in enumerate(test.paths)}
     right_set = test.subset(np.array([position[image] for image in right.index]))
-    channels = improvement_channels(ctx, right, improvement_uncertainty(ctx, right, right_set))
+    channels = label_free_channels(ctx, right, uncertainty_table(ctx, right, right_set))
 
     def shard(start: int, stop: int) -> dict[str, np.ndarray]:   # the feature space's rows, as computed
         blocks = [block for _positions, block in space.image_rows(ctx, clusters.layer, right_set, channels, start, stop)]
@@ -391,20 +392,21 @@ def improvement_results(ctx: RunContext) -> pd.DataFrame:
     return results.reindex(images)
 
 
-def improvement_channels(ctx: RunContext, results: pd.DataFrame, uncertainty: pd.DataFrame) -> torch.Tensor:
-    """Per improvement image, the output channel explained, from label-free columns only (tasks.py):
-    the predicted class, or the keypoint the model is least sure of."""
+def label_free_channels(ctx: RunContext, results: pd.DataFrame, uncertainty: pd.DataFrame) -> torch.Tensor:
+    """Per image of `results` (the improvement images; the contrast's right test images are explained the
+    same way), the output channel explained, from label-free columns only (tasks.py): the predicted
+    class, or the keypoint the model is least sure of."""
     label_free = uncertainty.set_index("image").reindex(results.index)
     if "predicted" in results.columns and ctx.task.name == "classification":
         label_free["predicted"] = results["predicted"]
-    return ctx.task.improvement_channels(label_free, ctx.classes)
+    return ctx.task.label_free_channels(label_free, ctx.classes)
 
 
-def improvement_uncertainty(ctx: RunContext, results: pd.DataFrame, image_set=None) -> pd.DataFrame:
-    """image, uncertainty (higher: the original model is less sure) of every improvement image, from the
-    model's own outputs (tasks.py: 1 - softmax margin, from the test step's logits in `results`;
-    keypoints: disagreement under small shifts, a forward pass of its own), and for keypoints the
-    keypoint it is least sure of. No label is read. (`image_set`: another set's images, `results` its rows.)"""
+def uncertainty_table(ctx: RunContext, results: pd.DataFrame, image_set=None) -> pd.DataFrame:
+    """image, uncertainty (higher: the original model is less sure) of every image of `image_set` (default:
+    the improvement set; `results`: its test-step rows), from the model's own outputs (tasks.py: 1 -
+    softmax margin, from the test step's logits in `results`; keypoints: disagreement under small shifts,
+    a forward pass of its own), and for keypoints the keypoint it is least sure of. No label is read."""
     per_output = ctx.task.uncertainty_of_results(results, ctx.classes)
     if per_output is None:
         per_output = model_uncertainty(ctx, image_set)
@@ -437,11 +439,12 @@ def rcc_quotas(settings, sizes: np.ndarray) -> np.ndarray:
 
 
 def unsafe_choice(ctx: RunContext, clusters: SelectedClusters, members: np.ndarray, distances: np.ndarray,
-                  uncertainty: pd.DataFrame, contrast_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The unsafe set under the case's settings: (per image its RCC index or -1, its rank). The budget
-    is the RCC quotas' sum either way."""
+                  uncertainty: pd.DataFrame, contrast_of: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The unsafe set under the case's settings: (per image its RCC index or -1, its rank); by the contrast
+    where there is one (`improvement_distances`), else the ClosestU greedy. The budget is the RCC quotas'
+    sum either way."""
     s, count = ctx.settings, len(clusters.eligible)
-    if pick_of(ctx) == "contrast" and not np.isnan(contrast_of).all():
+    if contrast_of is not None:
         return contrast_choice(distances, contrast_of, int(rcc_quotas(s, clusters.sizes).sum()))
     reach = rcc_reach(members, clusters.member_rcc, count, s.assign_distance, s.assign_k) if s.assign_radius else None
     return choose(distances, rcc_quotas(s, clusters.sizes), uncertainty["uncertainty"].to_numpy(),
@@ -468,9 +471,9 @@ class AssignStep(Step):
             raise PipelineStop(f"no RCC of {clusters.layer} has two or more images, so no improvement image can "
                                "be assigned: there is no unsafe set, and so nothing to retrain with")
         results = improvement_results(ctx)
-        uncertainty = improvement_uncertainty(ctx, results)  # keypoints: a forward pass with shifts, every rank
+        uncertainty = uncertainty_table(ctx, results)  # keypoints: a forward pass with shifts, every rank
         members = member_rows(ctx, clusters)
-        measured = improvement_distances(ctx, clusters, members, improvement_channels(ctx, results, uncertainty),
+        measured = improvement_distances(ctx, clusters, members, label_free_channels(ctx, results, uncertainty),
                                          self.fingerprint(ctx))
         if measured is None:  # not rank 0
             return
@@ -479,7 +482,7 @@ class AssignStep(Step):
         images = [ctx.paths.relative(p) for p in ctx.sets()["improve"].paths]
         write_outputs(ctx, images, clusters.eligible, distances, assigned, rank)
         write_csv(uncertainty, unsafe_dir(ctx.paths) / UNCERTAINTY_FILE)
-        if not np.isnan(contrast_of).all():
+        if contrast_of is not None:
             write_csv(pd.DataFrame({"image": images, "contrast": contrast_of}), unsafe_dir(ctx.paths) / CONTRAST_FILE)
         for key in ("distances", "contrast_sides"):   # every rank has read the sides: the distances were gathered after
             distributed.clear_shards(ctx.paths.scratch / "assign", key)

@@ -58,6 +58,7 @@ class ClassificationTask:
 
     name = "classification"
     unsafe_pick = "contrast"  # assign_pick auto: ahead of ClosestU and of BL1 on the traffic-sign demo (docs/method.md)
+    lr_schedule = "constant"  # lr_schedule auto: PENDING STUDY
     explain_choices = ("predicted", "expected")
     label_layout = "one sub-folder per class"
     labelling_hint = "put them in one folder per class"
@@ -135,8 +136,9 @@ class ClassificationTask:
     def explained_channels(self, index: pd.DataFrame, classes: list[str]) -> torch.Tensor:
         return torch.tensor([classes.index(c) for c in index[self.explained_column()]], dtype=torch.long)
 
-    def improvement_channels(self, results: pd.DataFrame, classes: list[str]) -> torch.Tensor:
-        """Improvement images are explained through their predicted class (no label needed)."""
+    def label_free_channels(self, results: pd.DataFrame, classes: list[str]) -> torch.Tensor:
+        """Images explained without their labels (the improvement images, the contrast's test images)
+        are explained through their predicted class."""
         return torch.tensor([classes.index(c) for c in results["predicted"]], dtype=torch.long)
 
     def uncertainty(self, model: nn.Module, inputs: torch.Tensor) -> np.ndarray:
@@ -197,6 +199,7 @@ class KeypointTask(ClassificationTask):
 
     name = "keypoints"
     unsafe_pick = "closest"   # assign_pick auto: the contrast was not ahead on the keypoint demo (docs/method.md)
+    lr_schedule = "cosine"    # lr_schedule auto: PENDING STUDY
     explain_choices = ("predicted", "worst", "all")
     label_layout = "a labels.csv with the keypoints"
     labelling_hint = "add a labels.csv with their keypoints"
@@ -294,7 +297,7 @@ class KeypointTask(ClassificationTask):
         renamed = results.rename(columns={"worst_component": "expected", "worst_keypoint": "predicted"})
         return super().error_index(renamed)
 
-    def improvement_channels(self, results: pd.DataFrame, classes: list[str]) -> torch.Tensor:
+    def label_free_channels(self, results: pd.DataFrame, classes: list[str]) -> torch.Tensor:
         """The keypoint the model is least sure of (`uncertain_keypoint`, label-free: the worst keypoint
         would need the labels); -1 (every map) without it or with `"explain": "all"`."""
         if "uncertain_keypoint" not in results.columns or self.explain == "all":

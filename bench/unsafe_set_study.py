@@ -103,8 +103,8 @@ def context(case: Path) -> Helper.RunContext:
 def ingredients(ctx: Helper.RunContext) -> dict:
     """Per level the clusters; the improvement rows (one relevance pass) and the uncertainty."""
     results = assignModule.improvement_results(ctx)
-    uncertainty = assignModule.improvement_uncertainty(ctx, results)
-    channels = assignModule.improvement_channels(ctx, results, uncertainty)
+    uncertainty = assignModule.uncertainty_table(ctx, results)
+    channels = assignModule.label_free_channels(ctx, results, uncertainty)
     levels = {level: assignModule.selected_clusters(replace_settings(ctx, assign_level=level))
               for level in GRID["assign_level"]}
     rows = np.empty((len(ctx.sets()["improve"]),), dtype=object)

@@ -161,7 +161,7 @@ def test_the_uncertainty_comes_from_the_test_steps_logits_and_a_missing_row_is_n
     ctx = context(case)
     monkeypatch.setattr(assignModule, "model_uncertainty", lambda ctx: pytest.fail("the model was run again"))
     results = assignModule.improvement_results(ctx)
-    table = assignModule.improvement_uncertainty(ctx, results)
+    table = assignModule.uncertainty_table(ctx, results)
     np.testing.assert_allclose(table["uncertainty"], independent_margins(case).reindex(table["image"]), atol=1e-6)
     frame = pd.read_csv(case / "improveResult.csv")
     frame.iloc[1:].to_csv(case / "improveResult.csv", index=False)
