@@ -413,6 +413,7 @@ class Settings:
     learning_rate: float = 1e-3           # SGD
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    lr_schedule: str = "constant"         # per epoch: "constant" (the original's), or a "cosine" decay (steadier, lower gains)
     epoch_choice: str = "last"            # epoch kept: "last", best "validation" (10% of TrainingSet) or "training" accuracy (original)
     budget_factor: float = 1.0            # labelled improvement images per RCC = ceil(factor x RCC size), equal for every mode
     hudd_bag: str = "uniform"             # HUDD's training samples: its images repeated "uniform"ly (as the baselines'), or "balanced" over the RCCs (original)
@@ -486,6 +487,8 @@ SETTING_CHOICES: dict[str, dict[str, str]] = {
     "assign_distance": {"nearest": "nearest member (the original's)", "knn": "mean of the assign_k nearest members",
                         "medoid": "the RCC's medoid"},
     "assign_quota": {"proportional": "ceil(budget_factor x RCC size)", "equal": "the same total, split evenly"},
+    "lr_schedule": {"constant": "the original's",
+                    "cosine": "learning_rate x (1 + cos(pi x (epoch - 1) / epochs)) / 2: steadier last epochs"},
     "epoch_choice": {"last": "", "validation": "best on 10% of the training set", "training": "the original's"},
     "hudd_bag": {"uniform": "each labelled image repeated alike, as the baselines'",
                  "balanced": "every RCC filled to the largest quota (the original's)"},

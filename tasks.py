@@ -58,7 +58,6 @@ class ClassificationTask:
 
     name = "classification"
     unsafe_pick = "contrast"  # assign_pick auto: ahead of ClosestU and of BL1 on the traffic-sign demo (docs/method.md)
-    lr_schedule = "constant"  # lr_schedule auto: PENDING STUDY
     explain_choices = ("predicted", "expected")
     label_layout = "one sub-folder per class"
     labelling_hint = "put them in one folder per class"
@@ -199,7 +198,6 @@ class KeypointTask(ClassificationTask):
 
     name = "keypoints"
     unsafe_pick = "closest"   # assign_pick auto: the contrast was not ahead on the keypoint demo (docs/method.md)
-    lr_schedule = "cosine"    # lr_schedule auto: PENDING STUDY
     explain_choices = ("predicted", "worst", "all")
     label_layout = "a labels.csv with the keypoints"
     labelling_hint = "add a labels.csv with their keypoints"

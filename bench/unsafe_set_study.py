@@ -261,6 +261,8 @@ def main() -> None:
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help="baselines to retrain beside the candidates ('' for none: their runs of an earlier "
                              "study, merged with --from-gains; the same seeds give the same selections)")
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
+                        help="the retraining's learning-rate schedule (setting lr_schedule; default: the case's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.from_gains is not None:   # tables from files of earlier runs (e.g. one process per case)
@@ -273,6 +275,8 @@ def main() -> None:
         ctx = context(case)
         if args.budget_factor is not None:
             ctx = replace_settings(ctx, budget_factor=args.budget_factor)
+        if args.lr_schedule is not None:
+            ctx = replace_settings(ctx, lr_schedule=args.lr_schedule)
         Helper.seed_everything(ctx.seed)
         parts = ingredients(ctx)
         known = truth(ctx)                        # read after every choice below is fixed by label-free inputs

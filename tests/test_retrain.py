@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+import Helper
 import assignModule
 import clusterModule
 import heatmapModule
@@ -295,3 +296,33 @@ def recomputed_correct(model, ctx, test) -> dict[str, bool]:
             predicted = model(torch.from_numpy(pixels.transpose(2, 0, 1))[None]).argmax(1).item()
         result[ctx.paths.relative(path)] = predicted == label
     return result
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_each_epoch_trains_at_its_scheduled_learning_rate(pipeline_case, monkeypatch, schedule):
+    ctx = context(pipeline_case, epochs=5, learning_rate=0.05, lr_schedule=schedule)
+    seen, plain = [], retrainModule.train_epoch
+
+    def recording(model, optimiser, *args, **kwargs):
+        seen.append([group["lr"] for group in optimiser.param_groups])
+        return plain(model, optimiser, *args, **kwargs)
+
+    monkeypatch.setattr(retrainModule, "train_epoch", recording)
+    retrainModule.fine_tune(ctx, retrainModule.training_data(ctx), np.arange(4), seed=0, desc="test")
+    # the oracle: torch's own cosine annealing to 0 over the epochs, stepped once per epoch
+    oracle = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(oracle, T_max=5, eta_min=0.0)
+    expected = []
+    for _ in range(5):
+        expected.append(oracle.param_groups[0]["lr"] if schedule == "cosine" else 0.05)
+        oracle.step()
+        annealing.step()
+    assert [rates[0] for rates in seen] == pytest.approx(expected, rel=1e-12)
+    assert all(len(set(rates)) == 1 for rates in seen)   # every parameter group alike
+
+
+def test_the_learning_rate_schedule_is_part_of_what_a_retraining_reuses(pipeline_case):
+    inputs = {s: retrainModule.RetrainStep("BL2").inputs(context(pipeline_case, lr_schedule=s))
+              for s in ("constant", "cosine")}
+    assert inputs["constant"] != inputs["cosine"]
+    assert Helper.Settings().lr_schedule == "constant"   # the original's, unless asked
