@@ -23,8 +23,9 @@ a mode that would train on an image without one stops and lists them in T/Retrai
 which must find the misclassified images, needs every label.
 
 Each run fine-tunes a copy of the original weights on the training set (less a validation split)
-plus the bag, with the original's optimiser (SGD, lr 1e-3, momentum 0.9, weight decay 5e-4; §9.1)
-and the case's epochs and batch size, keeps one epoch (setting `epoch_choice`) and is measured on
+plus the bag, with the original's optimiser (SGD, lr 1e-3, momentum 0.9, weight decay 5e-4; §9.1), at a
+constant rate unless `lr_schedule` says cosine (each epoch's rate is in <mode>_epochs.csv), and the case's
+epochs and batch size, keeps one epoch (setting `epoch_choice`) and is measured on
 the test set against the original model.
 """
 from __future__ import annotations
@@ -315,7 +316,7 @@ def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, d
               each_epoch: Callable[[nn.Module, int, float], None] | None = None
               ) -> tuple[nn.Module, int, list[dict]]:
     """Fine-tunes a copy of the original model; returns it at the chosen epoch, that epoch, and the
-    per-epoch history (training and validation accuracy). `each_epoch(model, epoch, training accuracy)`
+    per-epoch history (learning rate, training and validation accuracy). `each_epoch(model, epoch, training accuracy)`
     is called after every epoch (bench/retrain_epochs_study.py measures each on the way). Under
     torchrun the copy trains with DistributedDataParallel (every rank ends each epoch with the same
     weights, so each makes the same choice of epoch). Dropout draws its masks per global batch (distributed.BatchDropout), the same for
@@ -329,11 +330,13 @@ def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, d
     trained = distributed.data_parallel(model, ctx.device)
     history, best_state, best_score = [], None, -np.inf
     for epoch in tqdm(range(1, s.epochs + 1), desc=desc, unit="epoch", leave=False, disable=distributed.progress_off()):
-        set_learning_rate(optimiser, epoch_learning_rate(s.learning_rate, epoch, s.epochs, s.lr_schedule))
+        rate = epoch_learning_rate(s.learning_rate, epoch, s.epochs, s.lr_schedule)
+        set_learning_rate(optimiser, rate)
         train_accuracy = train_epoch(trained, optimiser, data, bag, ctx, generator, dropouts, (seed, epoch))
         validation = (accuracy_on(model, data.train, data.validation_rows, ctx)
                       if s.epoch_choice == "validation" else float("nan"))
-        history.append({"epoch": epoch, "train_accuracy": 100 * train_accuracy, "validation_accuracy": 100 * validation})
+        history.append({"epoch": epoch, "learning_rate": rate, "train_accuracy": 100 * train_accuracy,
+                        "validation_accuracy": 100 * validation})
         if each_epoch is not None:
             each_epoch(model, epoch, train_accuracy)
         score = {"validation": validation, "training": train_accuracy, "last": epoch}[s.epoch_choice]

@@ -277,6 +277,8 @@ def test_the_step_tables_agree_with_the_saved_models(pipeline_case):
             assert per_rcc.loc[rcc, f"run{row.run}"] == sum(correct[i] for i in group["image"])
     xlsx = pd.read_excel(folder / "BL2_results.xlsx", sheet_name="runs")
     assert list(xlsx["accuracy"]) == pytest.approx(list(runs["accuracy"]))
+    epochs = pd.read_csv(folder / "BL2_epochs.csv")   # one epoch per run, at the constant rate asked
+    assert list(epochs["run"]) == [1, 2] and list(epochs["learning_rate"]) == [0.05, 0.05]
 
 
 def summary_layer(case) -> str:
@@ -308,7 +310,9 @@ def test_each_epoch_trains_at_its_scheduled_learning_rate(pipeline_case, monkeyp
         return plain(model, optimiser, *args, **kwargs)
 
     monkeypatch.setattr(retrainModule, "train_epoch", recording)
-    retrainModule.fine_tune(ctx, retrainModule.training_data(ctx), np.arange(4), seed=0, desc="test")
+    _model, _epoch, history = retrainModule.fine_tune(ctx, retrainModule.training_data(ctx), np.arange(4), seed=0,
+                                                      desc="test")
+    assert [h["learning_rate"] for h in history] == [rates[0] for rates in seen]   # what <mode>_epochs.csv records
     # the oracle: torch's own cosine annealing to 0 over the epochs, stepped once per epoch
     oracle = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
     annealing = torch.optim.lr_scheduler.CosineAnnealingLR(oracle, T_max=5, eta_min=0.0)
