@@ -354,7 +354,8 @@ def contrast_sides(ctx: RunContext, clusters: SelectedClusters, stamp: str = "")
     test image is right. Under torchrun each rank explains a shard of the right images and every rank
     reads them all (`stamp`: the step's fingerprint, for resuming)."""
     space, to_space = make_space(ctx.settings.features), clustering_space(ctx, clusters.layer)
-    errors = to_space(np.asarray(space.error_rows(ctx, clusters.layer)))
+    raw_errors = np.asarray(space.error_rows(ctx, clusters.layer))
+    errors = to_space(raw_errors)
     test = ctx.sets()["test"]
     results = testModule.read_results(ctx.paths, "test").set_index("image")
     right = results[results["result"] != WRONG]
@@ -368,16 +369,11 @@ def contrast_sides(ctx: RunContext, clusters: SelectedClusters, stamp: str = "")
 
     def shard(start: int, stop: int) -> dict[str, np.ndarray]:   # the feature space's rows, as computed
         blocks = [block for _positions, block in space.image_rows(ctx, clusters.layer, right_set, channels, start, stop)]
-        return {"rows": np.concatenate(blocks) if blocks else np.empty((0, *errors_shape(ctx, clusters.layer)))}
+        return {"rows": np.concatenate(blocks) if blocks else np.empty((0, *raw_errors.shape[1:]))}
 
     shards = distributed.gather_shards(ctx.paths.scratch / "assign", "contrast_sides", len(right_set),
                                        ctx.settings.batch_size, stamp, shard, everyone=True)
     return sides_of(errors, np.concatenate([to_space(s["rows"]) for s in shards]))
-
-
-def errors_shape(ctx: RunContext, layer: str) -> tuple[int, ...]:
-    """The shape of one image's row in the feature space (that of the error images' rows)."""
-    return tuple(np.shape(make_space(ctx.settings.features).error_rows(ctx, layer))[1:])
 
 
 def improvement_results(ctx: RunContext) -> pd.DataFrame:
