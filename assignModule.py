@@ -298,10 +298,12 @@ def clustering_space(ctx: RunContext, layer: str):
                                         ctx.settings.normalisation)
 
 
-def member_rows(ctx: RunContext, clusters: SelectedClusters) -> np.ndarray:
-    """The eligible RCCs' error images in the cluster step's distance space."""
-    space, to_space = make_space(ctx.settings.features), clustering_space(ctx, clusters.layer)
-    return to_space(np.asarray(space.error_rows(ctx, clusters.layer)[clusters.member_rows]))
+def error_rows(ctx: RunContext, layer: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(every test error's row at `layer` in the cluster step's distance space, the feature space's own
+    row shape). Read once per step: the RCC members are some of these rows and the contrast uses them
+    all, and the activations and backbone spaces compute them with a forward pass."""
+    raw = np.asarray(make_space(ctx.settings.features).error_rows(ctx, layer))
+    return clustering_space(ctx, layer)(raw), raw.shape[1:]
 
 
 def improvement_rows(ctx: RunContext, clusters: SelectedClusters, channels: torch.Tensor, start: int = 0,
@@ -316,19 +318,18 @@ def improvement_rows(ctx: RunContext, clusters: SelectedClusters, channels: torc
         yield positions, to_space(block)
 
 
-def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: np.ndarray, channels: torch.Tensor,
+def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: np.ndarray,
+                          sides: tuple[np.ndarray, np.ndarray] | None, channels: torch.Tensor,
                           stamp: str) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """Distance (setting `assign_distance`) of every improvement image to every eligible RCC and, with
-    `assign_pick` contrast, its contrast (None otherwise, or where no test image is right); no labels
-    needed. Under torchrun each rank computes a contiguous shard of whole batches; rank 0 gets the whole
+    """Distance (setting `assign_distance`) of every improvement image to every eligible RCC (`members`:
+    their error images' rows) and, where `sides` are given (contrast_sides), its contrast (else None); no
+    labels needed. Under torchrun each rank computes a contiguous shard of whole batches; rank 0 gets the whole
     tables (the other ranks None)."""
     s, improve, member_rcc, rccs = ctx.settings, ctx.sets()["improve"], clusters.member_rcc, len(clusters.eligible)
     how = s.assign_distance
     if how == "medoid":  # the medoids once, not per batch: the distance to an RCC's medoid is to its one member
         medoids = rcc_medoids(members, member_rcc, rccs)
         members, member_rcc, how = members[medoids], np.arange(rccs), "nearest"
-    # Every rank's shard needs both sides whole: the right test images' relevance is computed in shards too.
-    sides = contrast_sides(ctx, clusters, stamp) if pick_of(ctx) == "contrast" else None
 
     def shard(start: int, stop: int) -> dict[str, np.ndarray]:
         distances, contrast_of = np.empty((stop - start, rccs)), np.empty(stop - start)
@@ -346,16 +347,16 @@ def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: 
             np.concatenate([s["contrast"] for s in shards]) if sides is not None else None)
 
 
-def contrast_sides(ctx: RunContext, clusters: SelectedClusters, stamp: str = "") -> tuple[np.ndarray, np.ndarray] | None:
+def contrast_sides(ctx: RunContext, clusters: SelectedClusters, errors: np.ndarray, row_shape: tuple[int, ...],
+                   stamp: str = "") -> tuple[np.ndarray, np.ndarray] | None:
     """The two sides of the contrast (`sides_of`), in the cluster step's distance space: every test error
-    (the rows the cluster step clustered) and every test image the model gets right, explained as an
-    improvement image is (the label-free rule: its predicted class, or the keypoint the model is least
-    sure of). The test set's labels are HUDD's input already; no improvement label is read. None where no
-    test image is right. Under torchrun each rank explains a shard of the right images and every rank
-    reads them all (`stamp`: the step's fingerprint, for resuming)."""
+    (`errors`, as error_rows gives them with the feature space's `row_shape`) and every test image the
+    model gets right, explained as an improvement image is (the label-free rule: its predicted class, or
+    the keypoint the model is least sure of). The test set's labels are HUDD's input already; no
+    improvement label is read. None where no test image is right. Under torchrun each rank explains a
+    shard of the right images and every rank reads them all (`stamp`: the step's fingerprint, for
+    resuming)."""
     space, to_space = make_space(ctx.settings.features), clustering_space(ctx, clusters.layer)
-    raw_errors = np.asarray(space.error_rows(ctx, clusters.layer))
-    errors = to_space(raw_errors)
     test = ctx.sets()["test"]
     results = testModule.read_results(ctx.paths, "test").set_index("image")
     right = results[results["result"] != WRONG]
@@ -369,7 +370,7 @@ def contrast_sides(ctx: RunContext, clusters: SelectedClusters, stamp: str = "")
 
     def shard(start: int, stop: int) -> dict[str, np.ndarray]:   # the feature space's rows, as computed
         blocks = [block for _positions, block in space.image_rows(ctx, clusters.layer, right_set, channels, start, stop)]
-        return {"rows": np.concatenate(blocks) if blocks else np.empty((0, *raw_errors.shape[1:]))}
+        return {"rows": np.concatenate(blocks) if blocks else np.empty((0, *row_shape))}
 
     shards = distributed.gather_shards(ctx.paths.scratch / "assign", "contrast_sides", len(right_set),
                                        ctx.settings.batch_size, stamp, shard, everyone=True)
@@ -468,9 +469,13 @@ class AssignStep(Step):
                                "be assigned: there is no unsafe set, and so nothing to retrain with")
         results = improvement_results(ctx)
         uncertainty = uncertainty_table(ctx, results)  # keypoints: a forward pass with shifts, every rank
-        members = member_rows(ctx, clusters)
-        measured = improvement_distances(ctx, clusters, members, label_free_channels(ctx, results, uncertainty),
-                                         self.fingerprint(ctx))
+        stamp, (errors, row_shape) = self.fingerprint(ctx), error_rows(ctx, clusters.layer)
+        members = errors[clusters.member_rows]
+        # Every rank's shard needs both sides whole: the right test images' relevance is computed in shards too.
+        sides = contrast_sides(ctx, clusters, errors, row_shape, stamp) if pick_of(ctx) == "contrast" else None
+        del errors  # the sides hold their own copy
+        measured = improvement_distances(ctx, clusters, members, sides, label_free_channels(ctx, results, uncertainty),
+                                         stamp)
         if measured is None:  # not rank 0
             return
         distances, contrast_of = measured

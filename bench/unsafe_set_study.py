@@ -112,8 +112,10 @@ def ingredients(ctx: Helper.RunContext) -> dict:
         for position, row in zip(positions, block):
             rows[position] = row
     rows = np.stack(rows)
-    contrast = assignModule.contrast(rows, *assignModule.contrast_sides(ctx, levels["sub"]))
-    return {"levels": levels, "rows": rows, "uncertainty": uncertainty["uncertainty"].to_numpy(), "contrast": contrast}
+    errors, row_shape = assignModule.error_rows(ctx, levels["sub"].layer)
+    contrast = assignModule.contrast(rows, *assignModule.contrast_sides(ctx, levels["sub"], errors, row_shape))
+    return {"levels": levels, "rows": rows, "uncertainty": uncertainty["uncertainty"].to_numpy(), "contrast": contrast,
+            "errors": errors}
 
 
 def replace_settings(ctx: Helper.RunContext, **values) -> Helper.RunContext:
@@ -127,7 +129,7 @@ def choice(ctx: Helper.RunContext, parts: dict, values: dict, memo: dict) -> dic
     clusters = parts["levels"][s.assign_level]
     members = memo.setdefault(("members", s.assign_level), None)
     if members is None:
-        members = memo[("members", s.assign_level)] = assignModule.member_rows(ctx, clusters)
+        members = memo[("members", s.assign_level)] = parts["errors"][clusters.member_rows]
     key = ("distances", s.assign_level, s.assign_distance)
     if key not in memo:
         memo[key] = assignModule.member_distances(parts["rows"], members, clusters.member_rcc, len(clusters.eligible),
