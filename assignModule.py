@@ -366,11 +366,16 @@ def contrast_sides(ctx: RunContext, clusters: SelectedClusters, errors: np.ndarr
         return None
     position = {ctx.paths.relative(p): i for i, p in enumerate(test.paths)}
     right_set = test.subset(np.array([position[image] for image in right.index]))
-    channels = label_free_channels(ctx, right, uncertainty_table(ctx, right, right_set))
 
     def shard(start: int, stop: int) -> dict[str, np.ndarray]:   # the feature space's rows, as computed
-        blocks = [block for _positions, block in space.image_rows(ctx, clusters.layer, right_set, channels, start, stop)]
-        return {"rows": np.concatenate(blocks) if blocks else np.empty((0, *row_shape))}
+        # The shard's own images from its first one (a multiple of the batch size): the one-process run's
+        # batches; for keypoints their uncertainty is a forward pass of its own, not repeated by every rank.
+        if start == stop:
+            return {"rows": np.empty((0, *row_shape))}
+        images, rows = right.iloc[start:stop], right_set.subset(np.arange(start, stop))
+        channels = label_free_channels(ctx, images, uncertainty_table(ctx, images, rows))
+        return {"rows": np.concatenate([block for _positions, block in space.image_rows(ctx, clusters.layer, rows,
+                                                                                         channels)])}
 
     shards = distributed.gather_shards(ctx.paths.scratch / "assign", "contrast_sides", len(right_set),
                                        ctx.settings.batch_size, stamp, shard, everyone=True)

@@ -2,6 +2,7 @@
 single-process epoch, a killed rank fails the job and the rerun completes; one run per case at a time."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -66,6 +67,28 @@ def test_two_ranks_write_the_bytes_of_one_process(single_run, tmp_path):
     assert sorted(ours) == sorted(theirs)
     assert [name for name in ours if ours[name] != theirs[name]] == []
     assert not (two / ".hudd-shards").exists()
+
+
+def test_a_keypoint_contrast_under_two_ranks_writes_the_bytes_of_one_one_thread_process(tmp_path):
+    """The contrast pick on a keypoint model: each rank explains its shard of the right test images
+    through the keypoint the model is least sure of, that uncertainty being a forward pass of its own.
+    Against a one-thread process: oneDNN's 1x1 and transposed convolutions of the keypoint network sum
+    in an order that depends on the thread count (docs/scaling.md)."""
+    from test_keypoint_pipeline import SETTINGS as KEYPOINT_SETTINGS, build_keypoint_case
+    one, two = build_keypoint_case(tmp_path / "one" / "case", images=12), tmp_path / "two" / "case"
+    (one / "hudd.json").write_text(json.dumps({**KEYPOINT_SETTINGS, "batch_size": 2, "error_threshold": 10.0,
+                                                  "assign_pick": "contrast"}))
+    shutil.copytree(one, two)   # the same folder name: the report shows it
+    alone = subprocess.run([sys.executable, str(REPO / "HUDD.py"), "-o", str(one)], capture_output=True, text=True,
+                           cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert alone.returncode == 0, alone.stderr
+    result = torchrun(REPO / "HUDD.py", "-o", str(two))
+    assert result.returncode == 0, result.stderr
+    contrast = pd.read_csv(one / "T" / "UnsafeSet" / "contrast.csv")["contrast"]
+    assert len(contrast) == 12 and np.isfinite(contrast).all()   # the contrast ran: 5 right test images of 12
+    ours, theirs = case_files(two), case_files(one)
+    assert sorted(ours) == sorted(theirs)
+    assert [name for name in ours if ours[name] != theirs[name]] == []
 
 
 def test_the_ddp_epochs_equal_the_single_process_epochs(single_run, tmp_path):
