@@ -56,14 +56,18 @@ def candidates() -> dict[str, dict]:
     for weight in CONTRAST_UNCERTAINTY:   # study-only variants, below
         contrast[f"{CONTRAST}+u{weight:g}"] = {**contrast[CONTRAST], "contrast_uncertainty": weight}
     contrast[f"{CONTRAST}/quota"] = {**contrast[CONTRAST], "contrast_quota": True}
+    for pool in CONTRAST_POOLS:
+        contrast[f"{CONTRAST}/spread{pool:g}"] = {**contrast[CONTRAST], "contrast_pool": pool}
     return {**grid, **contrast}
 
 
 CONTRAST = "contrast"
 # Study-only variants of the contrast pick (not settings): the contrast's rank plus this weight times the
-# rank of the model's own uncertainty (most uncertain first); or the contrast within each RCC's quota.
+# rank of the model's own uncertainty (most uncertain first); the contrast within each RCC's quota; or the
+# budget spread over a pool of this many times the budget of lowest contrast (farthest-point order).
 CONTRAST_UNCERTAINTY = (0.5, 1.0, 2.0)
-STUDY_KEYS = ("contrast_uncertainty", "contrast_quota")
+CONTRAST_POOLS = (1.25, 1.5, 2.0)
+STUDY_KEYS = ("contrast_uncertainty", "contrast_quota", "contrast_pool")
 
 
 def rank_share(values: np.ndarray) -> np.ndarray:
@@ -76,6 +80,13 @@ def contrast_variant(parts: dict, distances: np.ndarray, quota: np.ndarray, stud
     score = parts["contrast"]
     if study.get("contrast_uncertainty"):
         score = rank_share(score) + study["contrast_uncertainty"] * rank_share(-parts["uncertainty"])
+    if study.get("contrast_pool"):
+        budget = int(quota.sum())
+        pool = np.argsort(score, kind="stable")[:int(round(study["contrast_pool"] * budget))]
+        chosen = pool[farthest_points(parts["rows"][pool], budget)]
+        assigned = np.full(len(score), -1, dtype=np.int64)
+        assigned[chosen] = np.argmin(distances[chosen], axis=1)
+        return assigned
     if not study.get("contrast_quota"):
         return assignModule.contrast_choice(distances, score, int(quota.sum()))[0]
     closest, assigned = np.argmin(distances, axis=1), np.full(len(score), -1, dtype=np.int64)
@@ -87,6 +98,20 @@ def contrast_variant(parts: dict, distances: np.ndarray, quota: np.ndarray, stud
     extra = rest[np.argsort(score[rest], kind="stable")[:left]]
     assigned[extra] = closest[extra]
     return assigned
+
+
+def farthest_points(rows: np.ndarray, count: int) -> np.ndarray:
+    """`count` of the rows (positions), from the first (the lowest contrast) on, each next the one farthest
+    from those taken (the k-center greedy): the pool's images spread over its failure modes."""
+    flat = rows.reshape(len(rows), -1)
+    squared = np.einsum("ij,ij->i", flat, flat)
+    taken, nearest = [0], np.full(len(flat), np.inf)
+    for _ in range(min(count, len(flat)) - 1):
+        last = flat[taken[-1]]
+        nearest = np.minimum(nearest, squared - 2 * flat @ last + last @ last)
+        nearest[taken[-1]] = -np.inf
+        taken.append(int(np.argmax(nearest)))
+    return np.array(taken)
 
 
 def context(case: Path) -> Helper.RunContext:
