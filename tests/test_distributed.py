@@ -84,8 +84,10 @@ def test_a_keypoint_contrast_under_two_ranks_writes_the_bytes_of_one_one_thread_
     assert alone.returncode == 0, alone.stderr
     result = torchrun(REPO / "HUDD.py", "-o", str(two))
     assert result.returncode == 0, result.stderr
+    right = (pd.read_csv(one / "testResult.csv")["result"] == "Correct").sum()
+    assert right >= 3   # more than one batch of 2 right test images: both ranks explain some
     contrast = pd.read_csv(one / "T" / "UnsafeSet" / "contrast.csv")["contrast"]
-    assert len(contrast) == 12 and np.isfinite(contrast).all()   # the contrast ran: 5 right test images of 12
+    assert len(contrast) == 12 and np.isfinite(contrast).all()   # the contrast ran
     ours, theirs = case_files(two), case_files(one)
     assert sorted(ours) == sorted(theirs)
     assert [name for name in ours if ours[name] != theirs[name]] == []
