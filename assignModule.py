@@ -372,10 +372,10 @@ def contrast_sides(ctx: RunContext, clusters: SelectedClusters, errors: np.ndarr
         # batches; for keypoints their uncertainty is a forward pass of its own, not repeated by every rank.
         if start == stop:
             return {"rows": np.empty((0, *row_shape))}
-        images, rows = right.iloc[start:stop], right_set.subset(np.arange(start, stop))
-        channels = label_free_channels(ctx, images, uncertainty_table(ctx, images, rows))
-        return {"rows": np.concatenate([block for _positions, block in space.image_rows(ctx, clusters.layer, rows,
-                                                                                         channels)])}
+        results_of, images = right.iloc[start:stop], right_set.subset(np.arange(start, stop))
+        channels = label_free_channels(ctx, results_of, uncertainty_table(ctx, results_of, images))
+        blocks = space.image_rows(ctx, clusters.layer, images, channels)
+        return {"rows": np.concatenate([block for _positions, block in blocks])}
 
     shards = distributed.gather_shards(ctx.paths.scratch / "assign", "contrast_sides", len(right_set),
                                        ctx.settings.batch_size, stamp, shard, everyone=True)
