@@ -202,7 +202,7 @@ def list_keypoint_set(set_root: Path, name: str = "", keypoints: list[str] | Non
             raise HuddError(f"{set_root}: no images found")
         return ImageSet(name=name, root=set_root, paths=images, labels=[UNLABELLED] * len(images),
                         classes=list(keypoints or []))
-    table = pd.read_csv(label_file)
+    table = read_csv(label_file)
     columns = list(table.columns)
     if not columns or columns[0] != "image" or len(columns) < 3 or len(columns) % 2 == 0:
         raise HuddError(f"{label_file}: needs an 'image' column, then an x and a y column per keypoint "
@@ -356,7 +356,7 @@ def read_metadata(set_root: Path, case_root: Path) -> pd.DataFrame | None:
     meta_path = metadata_file(set_root)
     if meta_path is None:
         return None
-    meta = pd.read_csv(meta_path)
+    meta = read_csv(meta_path)
     if "image" not in meta.columns:
         raise HuddError(f"{meta_path}: needs an 'image' column with paths relative to {meta_path.parent}")
     empty = np.flatnonzero(meta["image"].isna().to_numpy())
@@ -966,6 +966,18 @@ def write_settings_if_absent(paths: CasePaths, settings: dict[str, Any]) -> None
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as temporary:
         frame.to_csv(temporary, index=False)
+
+
+# The columns of HUDD's tables that hold names: image paths, classes, keypoints, scenarios, RCCs. Read as
+# text, so that a class folder named "1" or "01" stays that name instead of becoming a number that no
+# longer matches the folder names (the classes).
+NAME_COLUMNS = ("image", "expected", "predicted", "label", "class", "scenario", "worst_keypoint",
+                "worst_component", "rcc", "sub_rcc", "majority")
+
+
+def read_csv(path: Path, **options) -> pd.DataFrame:
+    """A CSV table, its NAME_COLUMNS as text (pandas' other options as given)."""
+    return pd.read_csv(path, dtype=dict.fromkeys(NAME_COLUMNS, str), **options)
 
 
 def file_digest(path: Path) -> str:

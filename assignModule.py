@@ -39,7 +39,7 @@ import testModule
 from clustering import CHUNK_BYTES, normalise_rows
 from features import make_space
 from Helper import (CasePaths, HuddError, PipelineStop, RunContext, Step, image_set_digest, make_loader,
-                    stop_on_unreadable, write_csv, write_label_template)
+                    read_csv, stop_on_unreadable, write_csv, write_label_template)
 from tasks import WRONG
 
 log = logging.getLogger("hudd")
@@ -226,7 +226,7 @@ def unsafe_copy(paths: CasePaths, rcc: str, image: str) -> Path:
 def read_assignments(paths: CasePaths) -> pd.DataFrame | None:
     """image, rcc, distance, rank of every improvement image in the unsafe set; None before the step ran."""
     path = unsafe_dir(paths) / ASSIGNMENTS_FILE
-    return pd.read_csv(path) if path.is_file() else None
+    return read_csv(path) if path.is_file() else None
 
 
 def read_uncertainty(paths: CasePaths) -> pd.DataFrame:
@@ -234,7 +234,7 @@ def read_uncertainty(paths: CasePaths) -> pd.DataFrame:
     path = unsafe_dir(paths) / UNCERTAINTY_FILE
     if not path.is_file():
         raise HuddError(f"{path}: not found; run the assignment step again (--steps assign --force)")
-    return pd.read_csv(path)
+    return read_csv(path)
 
 
 def read_rcc_distances(paths: CasePaths) -> pd.DataFrame:
@@ -242,7 +242,7 @@ def read_rcc_distances(paths: CasePaths) -> pd.DataFrame:
     path = unsafe_dir(paths) / DISTANCES_FILE
     if not path.is_file():
         raise HuddError(f"{path}: not found; run the assignment step first (--steps assign)")
-    return pd.read_csv(path)
+    return read_csv(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ from clustering import (EXACT_LIMIT, LayerClustering, Projection, cluster_layer,
                         readable_quality, select_layer)
 from features import BackboneSpace, FeatureSpace, PixelSpace, make_space
 import xlsxMatrix
-from Helper import CasePaths, HuddError, RunContext, Step, atomic_path, fingerprint, read_metadata, write_csv
+from Helper import (CasePaths, HuddError, RunContext, Step, atomic_path, fingerprint, read_csv, read_metadata,
+                    write_csv)
 
 log = logging.getLogger("hudd")
 
@@ -130,7 +131,7 @@ def read_summary(paths: CasePaths) -> pd.DataFrame:
     if not has_run(paths):
         raise HuddError(f"{analysis_dir(paths) / SUMMARY_FILE}: not found; run the cluster step first "
                         "(--steps clusters)")
-    table = pd.read_csv(analysis_dir(paths) / SUMMARY_FILE)
+    table = read_csv(analysis_dir(paths) / SUMMARY_FILE)
     table["selected"] = table["selected"].astype(str).eq("True")  # skipped layers leave the cell empty
     return table
 
@@ -143,7 +144,7 @@ def selected_layer(paths: CasePaths) -> str:
 def read_labels(paths: CasePaths, layer: str) -> pd.DataFrame:
     """image, expected, predicted, rcc (top level), sub_rcc (, scenario) of every error image, in
     heatmap row order."""
-    return pd.read_csv(layer_dir(paths, layer) / LABELS_FILE, keep_default_na=False)
+    return read_csv(layer_dir(paths, layer) / LABELS_FILE, keep_default_na=False)
 
 
 DISTANCE_XLSX_SUFFIX = "HMDistance.xlsx"
@@ -155,12 +156,12 @@ def distance_xlsx_file(paths: CasePaths, layer: str) -> Path:
 
 def read_rcc_stats(paths: CasePaths, layer: str) -> pd.DataFrame:
     """Per top-level RCC: rcc, size, sub_rccs, icd (, majority_scenario, purity)."""
-    return pd.read_csv(layer_dir(paths, layer) / STATS_FILE)
+    return read_csv(layer_dir(paths, layer) / STATS_FILE)
 
 
 def read_sub_rcc_stats(paths: CasePaths, layer: str) -> pd.DataFrame:
     """Per sub-cluster: sub_rcc, rcc, size, icd (, majority_scenario, purity)."""
-    return pd.read_csv(layer_dir(paths, layer) / SUB_STATS_FILE)
+    return read_csv(layer_dir(paths, layer) / SUB_STATS_FILE)
 
 
 def read_projection(paths: CasePaths, layer: str) -> Projection | None:
@@ -180,20 +181,23 @@ def read_characterising_parameters(paths: CasePaths, layer: str) -> pd.DataFrame
     """Per RCC, the parameters whose variance inside it is below half their overall variance; None
     where the test set has no metadata."""
     path = characterisation_file(paths, layer)
-    return pd.read_excel(path, sheet_name="Parameters") if path.is_file() else None
+    if not path.is_file():
+        return None
+    table = pd.read_excel(path, sheet_name="Parameters", dtype={"rcc": str, "parameter": str})
+    return table.astype({"variance_reduction_%": float})  # a sheet without rows (no numeric metadata) reads as text
 
 
 def read_rcc_descriptors(paths: CasePaths, layer: str) -> pd.DataFrame | None:
     """Per RCC and descriptor: reference group, Cliff's delta, medians, percentile, rank and sentence
     (descriptors.rank_descriptors); None where the cluster step has not written it."""
     path = layer_dir(paths, layer) / RCC_DESCRIPTORS_FILE
-    return pd.read_csv(path, keep_default_na=False, na_values=[""]).fillna({"sentence": ""}) if path.is_file() else None
+    return read_csv(path, keep_default_na=False, na_values=[""]).fillna({"sentence": ""}) if path.is_file() else None
 
 
 def read_relevance_descriptors(paths: CasePaths) -> pd.DataFrame:
     """Where each error image's positive input relevance lies (descriptors.RELEVANCE_DESCRIPTORS),
     indexed by image, in heatmap row order."""
-    return pd.read_csv(analysis_dir(paths) / RELEVANCE_FILE).set_index("image")
+    return read_csv(analysis_dir(paths) / RELEVANCE_FILE).set_index("image")
 
 
 def knee_plot(paths: CasePaths, layer: str) -> Path:
@@ -589,7 +593,7 @@ def write_k_choice(result: LayerClustering, path: Path) -> None:
 
 def read_k_choice(path: Path) -> tuple[range, np.ndarray, np.ndarray]:
     """(the top level's range of k, WICD curve, silhouette curve) as write_k_choice wrote them."""
-    table = pd.read_csv(path)
+    table = read_csv(path)
     top = table.loc[table["top_level_range"], "k"]
     ks = range(int(top.min()), int(top.max()) + 1) if len(top) else range(0)
     return ks, table["wicd"].to_numpy(float), table["silhouette"].to_numpy(float)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import distributed
 from Helper import (CasePaths, HuddError, ImageDataset, ImageSet, PipelineStop, RunContext, Step, atomic_path,
-                    make_loader, stop_on_unreadable, write_csv)
+                    make_loader, read_csv, stop_on_unreadable, write_csv)
 from lrp import RULE_PRESETS, LRPExplainer, NoRuleError, default_layers, relevance  # noqa: F401  (public API)
 from testModule import error_index
 
@@ -149,12 +149,12 @@ def layer_file(paths: CasePaths, layer: str) -> Path:
 
 def read_index(paths: CasePaths) -> pd.DataFrame:
     """The heatmap rows' images: image, expected, predicted (row i of every <Layer>.npy)."""
-    return pd.read_csv(_existing(paths, INDEX_FILE), keep_default_na=False)
+    return read_csv(_existing(paths, INDEX_FILE), keep_default_na=False)
 
 
 def read_layers(paths: CasePaths) -> pd.DataFrame:
     """layer, module, shape of every layer with heatmaps, Layer0 (the input) first."""
-    return pd.read_csv(_existing(paths, LAYERS_FILE))
+    return read_csv(_existing(paths, LAYERS_FILE))
 
 
 def open_layer(paths: CasePaths, layer: str) -> np.ndarray:

@@ -49,7 +49,7 @@ import distributed
 import evaluation
 import testModule
 from Helper import (RETRAIN_MODES, CasePaths, HuddError, ImageSet, RunContext, Step, atomic_path,
-                    image_set_digest, make_loader, resolve_input_size, stop_on_unreadable, with_partial_labels,
+                    image_set_digest, make_loader, read_csv, resolve_input_size, stop_on_unreadable, with_partial_labels,
                     write_csv, write_label_template)
 
 log = logging.getLogger("hudd")
@@ -378,7 +378,7 @@ def table_path(paths: CasePaths, mode: str, table: str) -> Path:
 
 def read_tables(paths: CasePaths, mode: str) -> dict[str, pd.DataFrame]:
     """A mode's tables (runs, rcc, scenarios, epochs) as far as they exist; {} when it has not run."""
-    return {name: pd.read_csv(table_path(paths, mode, name)) for name in TABLES
+    return {name: read_csv(table_path(paths, mode, name)) for name in TABLES
             if table_path(paths, mode, name).is_file()}
 
 
@@ -718,7 +718,7 @@ def comparison(paths: CasePaths, modes: list[str] | None = None) -> pd.DataFrame
     if not modes:
         return None
     original = testModule.original_test_accuracy(paths)
-    runs = {mode: pd.read_csv(table_path(paths, mode, "runs")) for mode in modes}
+    runs = {mode: read_csv(table_path(paths, mode, "runs")) for mode in modes}
     improvement_images = len(testModule.read_results(paths, "improve"))
     rows = []
     for mode, table in runs.items():
@@ -742,7 +742,7 @@ def read_comparison(paths: CasePaths) -> pd.DataFrame | None:
     """comparison.csv as the step wrote it after its last mode (computed from the runs tables of a case
     retrained before the file existed); None before any mode ran."""
     path = retrain_dir(paths) / f"{COMPARISON}.csv"
-    return pd.read_csv(path) if path.is_file() else comparison(paths)
+    return read_csv(path) if path.is_file() else comparison(paths)
 
 
 def write_comparison(paths: CasePaths, modes: list[str]) -> None:

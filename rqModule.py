@@ -18,7 +18,7 @@ import pandas as pd
 import assignModule
 import clusterModule
 import evaluation
-from Helper import CasePaths, HuddError, RunContext, atomic_path, write_csv
+from Helper import CasePaths, HuddError, RunContext, atomic_path, read_csv, write_csv
 
 log = logging.getLogger("hudd")
 
@@ -93,7 +93,7 @@ def rq2(ctx_for, model_paths: list[Path], case_root: Path) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     target = case_root / "RQ2" / "accuracy.csv"
     if target.is_file():
-        older = pd.read_csv(target)
+        older = read_csv(target)
         table = pd.concat([older[~older["model"].isin(table["model"])], table], ignore_index=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     write_csv(table, target)

@@ -35,7 +35,8 @@ from tqdm import tqdm
 import descriptors
 import distributed
 from Helper import (SET_FOLDERS, CasePaths, HuddError, ImageSet, RunContext, Settings, Step, atomic_path,
-                    image_set_digest, make_loader, metadata_digest, read_metadata, resolve_input_size, write_csv)
+                    image_set_digest, make_loader, metadata_digest, read_csv, read_metadata, resolve_input_size,
+                    write_csv)
 
 log = logging.getLogger("hudd")
 
@@ -58,7 +59,7 @@ def read_results(paths: CasePaths, set_key: str) -> pd.DataFrame:
     path = result_path(paths, set_key)
     if not path.is_file():
         raise HuddError(f"{path}: not found; run the test step first (python HUDD.py -o CASE --steps test)")
-    return pd.read_csv(path, keep_default_na=False)
+    return read_csv(path, keep_default_na=False)
 
 
 def error_index(ctx: RunContext) -> pd.DataFrame:
@@ -70,7 +71,7 @@ def error_index(ctx: RunContext) -> pd.DataFrame:
 def read_scenario_accuracy(paths: CasePaths) -> pd.DataFrame | None:
     """set, scenario, images, correct, accuracy; None where no set has scenarios."""
     path = paths.root / SCENARIO_FILE
-    return pd.read_csv(path) if path.is_file() else None
+    return read_csv(path) if path.is_file() else None
 
 
 def read_descriptors(paths: CasePaths) -> pd.DataFrame:
@@ -79,7 +80,7 @@ def read_descriptors(paths: CasePaths) -> pd.DataFrame:
     path = paths.root / DESCRIPTOR_FILE
     if not path.is_file():
         raise HuddError(f"{path}: not found; run the test step first (python HUDD.py -o CASE --steps test)")
-    return pd.read_csv(path).set_index("image")
+    return read_csv(path).set_index("image")
 
 
 def read_object_masks(paths: CasePaths, images: list[str]) -> tuple[np.ndarray, np.ndarray]:

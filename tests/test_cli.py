@@ -29,6 +29,31 @@ def test_original_package_layout_runs(make_case):
     assert rerun.returncode == 0 and "inputs unchanged" in rerun.stdout
 
 
+def test_class_folders_named_by_numbers_stay_names_through_every_step(make_case):
+    """Digit classes ("1", "02", "10", as MNIST-like cases name them) are names, not numbers: a CSV read
+    back must not turn "02" into 2, or the steps after the test step no longer find the class. The test
+    set's metadata has a scenario and no numeric parameter, so the RCC cards have none to show."""
+    case = make_case(per_class=4, settings={**SETTINGS, "epochs": 1})
+    names = {"class_a": "1", "class.b": "02", "class c": "10"}
+    for image_set in ("TrainingSet", "TestSet", "ImprovementSet"):
+        for old, new in names.items():
+            (case / "DataSets" / image_set / old).rename(case / "DataSets" / image_set / new)
+    test_images = sorted(p.relative_to(case / "DataSets" / "TestSet").as_posix()
+                         for p in (case / "DataSets" / "TestSet").rglob("*.png"))
+    pd.DataFrame({"image": test_images, "scenario": ["none", "fog"] * (len(test_images) // 2)}).to_csv(
+        case / "DataSets" / "TestSet" / "metadata.csv", index=False)
+    result = hudd("-o", str(case), "-mode", "HUDD", "--runs", "1")
+    assert result.returncode == 0, result.stderr
+    written = pd.read_csv(case / "testResult.csv", dtype=str)
+    wrong = written[written["result"] == "Wrong"]
+    assert set(written["expected"]) == set(names.values()) and len(wrong)
+    selected = pd.read_csv(case / "T" / "ClusterAnalysis" / "summary.csv").query("selected")["layer"].iloc[0]
+    labels = pd.read_csv(case / "T" / "ClusterAnalysis" / selected / "rcc_labels.csv", dtype=str)
+    assert sorted(labels["image"]) == sorted(wrong["image"])
+    assert (labels.set_index("image")["expected"] == wrong.set_index("image")["expected"]).all()
+    assert (case / "T" / "report.html").is_file() and list((case / "DNNModels").glob("HUDD_1_*.pth"))
+
+
 @pytest.mark.parametrize("text, value", [("True", True), ("yes", True), ("1", True), ("False", False),
                                          ("no", False), ("0", False), ("OFF", False)])
 def test_yes_no_options_parse(text, value):
