@@ -383,6 +383,7 @@ class Settings:
     input_size: list[int] | None = None   # [height, width]; None = the architecture's own, else 224
     resize: str = "resize"                # "resize" to input_size, "center-crop" (original GD/OC/OD), "none"
     channels: int = 3                     # 3 = RGB, 1 = grayscale
+    classes: list[str] | None = None      # class folder names in the model's output order; None = sorted (ImageFolder's)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     error_threshold: float = 4.0          # regression: an image is wrong above this error
@@ -514,6 +515,11 @@ def _validate_settings(s: Settings, source: Path) -> None:
         raise bad("explain", f"for {s.task} models use one of {', '.join(repr(c) for c in explain_choices)}")
     if not isinstance(s.arch, str) or not s.arch.strip():
         raise bad("arch", "use an architecture name (e.g. resnet18) or path/to/file.py:ClassName")
+    if s.classes is not None and (s.task != "classification" or not isinstance(s.classes, list) or len(s.classes) < 2
+                                  or not all(isinstance(c, str) and c for c in s.classes)
+                                  or len(set(s.classes)) < len(s.classes)):
+        raise bad("classes", "for a classification model, list its class folder names in the order of its "
+                             "outputs, each once (e.g. [\"0\", \"1\", ..., \"10\"]); without it, the sorted folder names")
     if not _whole(s.channels) or s.channels not in (1, 3):
         raise bad("channels", "use 3 (RGB) or 1 (grayscale)")
     for key in ("mean", "std"):
@@ -571,7 +577,8 @@ def task_class(name: str):
 
 def make_task(settings: Settings):
     """The run's task object (tasks.py): what the task decides, asked by every step."""
-    return task_class(settings.task)(explain=settings.explain, error_threshold=settings.error_threshold)
+    order = {"output_order": settings.classes} if settings.classes is not None else {}  # classification only
+    return task_class(settings.task)(explain=settings.explain, error_threshold=settings.error_threshold, **order)
 
 
 def resolve_input_size(settings: Settings) -> list[int]:

@@ -63,11 +63,22 @@ class ClassificationTask:
     labelling_hint = "put them in one folder per class"
     explained_words = ("the predicted class", "expected → predicted class")
 
-    def __init__(self, explain: str = "predicted", error_threshold: float = 0.0):
+    def __init__(self, explain: str = "predicted", error_threshold: float = 0.0, output_order: list[str] | None = None):
         self.explain = explain
+        self.output_order = output_order  # the `classes` setting: the class folders in the model's output order
 
     def list_set(self, set_root, name: str, known: list[str] | None = None) -> ImageSet:
-        """A set's images and labels; `known`: the training set's classes."""
+        """A set's images and labels; `known`: the training set's classes. The training set's folders are
+        the classes, in sorted order (torchvision's ImageFolder: "10" before "2") or in `output_order`."""
+        if known is None and self.output_order is not None and Path(set_root).is_dir():
+            def same_form(names):  # as list_image_set compares them (macOS writes names decomposed)
+                return {unicodedata.normalize("NFC", n) for n in names}
+            folders = [p.name for p in Path(set_root).iterdir() if p.is_dir() and not p.name.startswith(".")]
+            if folders and same_form(folders) != same_form(self.output_order):
+                raise HuddError(f"{set_root}: its class folders ({', '.join(sorted(folders))}) differ from the "
+                                f"setting classes ({', '.join(self.output_order)}); list every class folder there "
+                                "once, in the model's output order")
+            known = self.output_order
         return list_image_set(set_root, classes=known, name=name)
 
     # ---- labels given in a file for part of an unlabelled set (Helper.with_partial_labels)

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 import HUDD
+from architectures import DemoNet
 from helpers import REPO, SETTINGS, assert_clean_error, hudd, save_model
 
 
@@ -52,6 +54,33 @@ def test_class_folders_named_by_numbers_stay_names_through_every_step(make_case)
     assert sorted(labels["image"]) == sorted(wrong["image"])
     assert (labels.set_index("image")["expected"] == wrong.set_index("image")["expected"]).all()
     assert (case / "T" / "report.html").is_file() and list((case / "DNNModels").glob("HUDD_1_*.pth"))
+
+
+def test_the_classes_setting_gives_the_models_output_order(make_case):
+    """Without it, output i is the i-th class folder in sorted order ("10" before "2", as torchvision's
+    ImageFolder); with it, output i is classes[i]. Checked against the model's own argmax."""
+    case = make_case(per_class=3)
+    for image_set in ("TrainingSet", "TestSet", "ImprovementSet"):
+        for old, new in {"class_a": "1", "class.b": "2", "class c": "10"}.items():
+            (case / "DataSets" / image_set / old).rename(case / "DataSets" / image_set / new)
+    model = DemoNet(num_classes=3).eval()
+    model.load_state_dict(torch.load(case / "DNNModels" / "OriginalModel.pth"))
+    for order in (["1", "10", "2"], ["1", "2", "10"]):
+        settings = {**SETTINGS, "classes": order} if order != sorted(order) else SETTINGS
+        (case / "hudd.json").write_text(json.dumps(settings))
+        result = hudd("-o", str(case), "--steps", "test")
+        assert result.returncode == 0, result.stderr
+        written = pd.read_csv(case / "testResult.csv", dtype=str)
+        pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(case / image), dtype=np.float32) / 255).permute(2, 0, 1)
+                              for image in written["image"]])
+        with torch.no_grad():
+            outputs = model((pixels - 0.5) / 0.25).argmax(1)
+        assert list(written["predicted"]) == [order[i] for i in outputs]
+        assert list(written["expected"]) == [Path(image).parent.name for image in written["image"]]
+    (case / "hudd.json").write_text(json.dumps({**SETTINGS, "classes": ["1", "2", "3"]}))
+    assert_clean_error(hudd("-o", str(case), "--steps", "test"), "TrainingSet", "differ from the setting classes")
+    (case / "hudd.json").write_text(json.dumps({**SETTINGS, "classes": ["1", "1", "2"]}))
+    assert_clean_error(hudd("-o", str(case), "--steps", "test"), "setting classes=", "in the order of its outputs")
 
 
 @pytest.mark.parametrize("text, value", [("True", True), ("yes", True), ("1", True), ("False", False),
