@@ -142,8 +142,8 @@ def selected_layer(paths: CasePaths) -> str:
 
 
 def read_labels(paths: CasePaths, layer: str) -> pd.DataFrame:
-    """image, expected, predicted, rcc (top level), sub_rcc (, scenario) of every error image, in
-    heatmap row order."""
+    """image, expected, predicted, rcc (top level), sub_rcc, mean_distance_in_sub_rcc (, scenario) of every
+    error image, in heatmap row order (clusterings before mean_distance_in_sub_rcc lack it)."""
     return read_csv(layer_dir(paths, layer) / LABELS_FILE, keep_default_na=False)
 
 
@@ -516,7 +516,8 @@ def write_layer_files(result: LayerClustering, distances, index, metadata, folde
     scenarios = scenarios_of(metadata)
     top, sub = level_names(result.labels, result.sub_labels)
     labels = pd.DataFrame({"image": index["image"], "expected": index["expected"],
-                           "predicted": index["predicted"], "rcc": top, "sub_rcc": sub})
+                           "predicted": index["predicted"], "rcc": top, "sub_rcc": sub,
+                           "mean_distance_in_sub_rcc": mean_distance_in_group(sub, distances, measured)})
     if scenarios is not None:
         labels["scenario"] = scenarios
     write_csv(labels, folder / LABELS_FILE)
@@ -546,6 +547,19 @@ def rcc_statistics(names: np.ndarray, distances: np.ndarray, scenarios, measured
             row.update(zip(("majority_scenario", "purity"), majority(scenarios[members_of[name]])))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def mean_distance_in_group(names: np.ndarray, distances: np.ndarray, measured: np.ndarray | None = None
+                           ) -> np.ndarray:
+    """Per image, its mean distance to the other members of its group: the smallest are the group's most
+    typical members, which the report shows first. 0 for a member alone; inf for an image a two-stage
+    clustering did not measure (`measured`: the images the rows of `distances` are)."""
+    result = np.full(len(names), np.inf)
+    rows = np.arange(len(names)) if measured is None else np.asarray(measured)
+    for at in pd.Series(names[rows]).groupby(names[rows]).indices.values():
+        block = distances[np.ix_(at, at)]
+        result[rows[at]] = (block.sum(axis=1) - np.diagonal(block)) / max(len(at) - 1, 1)
+    return result
 
 
 def mean_inner_distance(distances: np.ndarray, members: np.ndarray | None) -> float:

@@ -202,13 +202,26 @@ def scenario_table(ctx: RunContext) -> str:
 def thumbnails(ctx: RunContext, data: ReportData, members: pd.DataFrame, count: int, height: int = TILE) -> str:
     """Up to `count` overlay tiles (image | where the model looked) of an RCC's or sub-cluster's members."""
     figures = []
-    for item in members.head(count).itertuples():
+    for item in shown_first(members).head(count).itertuples():
         overlay = clusterModule.overlay_file(ctx.paths, data.layer, item.rcc, item.image, item.expected)
         caption = f"{esc(item.expected)} → {esc(item.predicted)}"
         figures.append(f"<figure><img loading=lazy src='{rel(overlay, ctx.paths.t_dir)}' "
                        f"width={(2 * TILE + 2) * height // TILE} height={height} alt='{caption}'>"
                        + (f"<figcaption>{caption}</figcaption>" if height == TILE else "") + "</figure>")
     return "".join(figures)
+
+
+def shown_first(members: pd.DataFrame) -> pd.DataFrame:
+    """Members in the order their tiles are shown: the most typical member of each sub-cluster (the
+    smallest mean distance to the other members), largest sub-cluster first, then each one's second most
+    typical, and so on. So the first tiles show what the group is and how it varies, not the images of
+    the first class folder (the rows' order). A clustering without the distances keeps the rows' order."""
+    if "mean_distance_in_sub_rcc" not in members:
+        return members
+    ranked = members.sort_values("mean_distance_in_sub_rcc", kind="stable")
+    turn = ranked.groupby("sub_rcc", sort=False).cumcount()
+    size_rank = ranked["sub_rcc"].map(lambda name: int(name.rsplit(".", 1)[1]))  # RCC01.1 is RCC01's largest
+    return ranked.assign(_turn=turn, _size_rank=size_rank).sort_values(["_turn", "_size_rank"], kind="stable")
 
 
 def in_rcc(names: pd.Series, rcc: str) -> pd.Series:

@@ -64,6 +64,17 @@ def test_both_levels_are_written_and_nest(clustered_case):
     assert table.loc[layer, "k"] == len(stats) and table.loc[layer, "sub_k"] == len(subs)
 
 
+def test_each_images_mean_distance_in_its_sub_cluster_is_that_of_the_distance_matrix(clustered_case):
+    ctx = context(clustered_case)
+    layer = clusterModule.selected_layer(ctx.paths)
+    labels = clusterModule.read_labels(ctx.paths, layer)
+    distances = np.load(clusterModule.layer_dir(ctx.paths, layer) / "distances.npy")
+    for i, row in enumerate(labels.itertuples()):
+        others = [j for j, sub in enumerate(labels["sub_rcc"]) if sub == row.sub_rcc and j != i]
+        expected = sum(distances[i, j] for j in others) / len(others) if others else 0.0
+        assert row.mean_distance_in_sub_rcc == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
 def test_a_parameter_few_members_have_does_not_characterise_an_rcc(clustered_case):
     ctx = context(clustered_case)
     params = clusterModule.read_characterising_parameters(ctx.paths, clusterModule.selected_layer(ctx.paths))

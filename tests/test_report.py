@@ -109,6 +109,34 @@ def test_the_numbers_are_those_of_the_output_files(retrained_case):
     assert (case / "T" / "UnsafeSet" / "contrast.csv").is_file() and ids["pick"]["data-pick"] == "contrast"
 
 
+def test_each_rcc_shows_first_the_most_typical_member_of_each_sub_cluster_largest_first(retrained_case):
+    """Not the first class folder's images: the summary's tiles of an RCC take, in turn, each sub-cluster's
+    member of smallest mean distance to the others (largest sub-cluster first), then each one's second."""
+    case, _ = retrained_case
+    layer = selected_layer(case)
+    labels = pd.read_csv(case / "T" / "ClusterAnalysis" / layer / "rcc_labels.csv")
+    sizes = labels["sub_rcc"].value_counts()
+    text = (case / "T" / "report.html").read_text(encoding="utf-8")
+    for rcc, members in labels.groupby("rcc"):
+        queues = [list(group.sort_values("mean_distance_in_sub_rcc", kind="stable")["image"])
+                  for _, group in sorted(members.groupby("sub_rcc"), key=lambda item: (-sizes[item[0]], item[0]))]
+        order = [queue[turn] for turn in range(max(map(len, queues))) for queue in queues if turn < len(queue)]
+        row = re.search(f"<tr data-top-rcc='{rcc}'>(.*?)</tr>", text, re.S).group(1)
+        shown = [html.unescape(src).rsplit("/", 1)[1] for src in re.findall(r"src='([^']*)'", row)]
+        images = {f"{r.expected}__{Path(r.image).stem}_heatmap.png": r.image for r in members.itertuples()}
+        assert [images[name] for name in shown] == order[:4]
+
+
+def test_tiles_take_turns_over_the_sub_clusters_largest_first():
+    members = pd.DataFrame({"image": list("abcdefg"),
+                            "sub_rcc": ["RCC03.2", "RCC03.1", "RCC03.1", "RCC03.3", "RCC03.2", "RCC03.1", "RCC03.2"],
+                            "mean_distance_in_sub_rcc": [0.5, 0.9, 0.2, 0.0, 0.4, 0.3, 0.6]})
+    # RCC03.1: c 0.2, f 0.3, b 0.9; RCC03.2: e 0.4, a 0.5, g 0.6; RCC03.3: d
+    assert list(reportModule.shown_first(members)["image"]) == list("cedfabg")
+    older = members.drop(columns="mean_distance_in_sub_rcc")   # a clustering written before the column
+    assert list(reportModule.shown_first(older)["image"]) == list("abcdefg")
+
+
 def test_overlays_lie_beside_the_rcc_images_and_show_positive_relevance_in_red(retrained_case):
     case, _ = retrained_case
     layer = selected_layer(case)
