@@ -306,24 +306,25 @@ def error_rows(ctx: RunContext, layer: str) -> tuple[np.ndarray, tuple[int, ...]
     return clustering_space(ctx, layer)(raw), raw.shape[1:]
 
 
-def improvement_rows(ctx: RunContext, clusters: SelectedClusters, channels: torch.Tensor, start: int = 0,
-                     stop: int | None = None):
-    """(positions, rows) of the improvement images (those from start to stop: a torchrun rank's shard) in
-    the cluster step's feature space (heatmaps: the relevance at the selected layer only, explaining
-    `channels`) and distance space, batch by batch."""
+def improvement_rows(ctx: RunContext, clusters: SelectedClusters, channels: torch.Tensor, images=None):
+    """(positions, rows) of the improvement images (`images`: a torchrun rank's shard of them; default all)
+    in the cluster step's feature space (heatmaps: the relevance at the selected layer only, explaining
+    `channels`, one per image) and distance space, batch by batch."""
     space, to_space = make_space(ctx.settings.features), clustering_space(ctx, clusters.layer)
-    batches = space.image_rows(ctx, clusters.layer, ctx.sets()["improve"], channels, start, stop)
+    images = ctx.sets()["improve"] if images is None else images
+    batches = space.image_rows(ctx, clusters.layer, images, channels)
     for positions, block in tqdm(batches, desc="assigning improvement images", unit="batch", leave=False,
                                  disable=distributed.progress_off()):
         yield positions, to_space(block)
 
 
 def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: np.ndarray,
-                          sides: tuple[np.ndarray, np.ndarray] | None, channels: torch.Tensor,
-                          stamp: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+                          sides: tuple[np.ndarray, np.ndarray] | None, results: pd.DataFrame, stamp: str
+                          ) -> tuple[np.ndarray, np.ndarray | None, pd.DataFrame] | None:
     """Distance (setting `assign_distance`) of every improvement image to every eligible RCC (`members`:
-    their error images' rows) and, where `sides` are given (contrast_sides), its contrast (else None); no
-    labels needed. Under torchrun each rank computes a contiguous shard of whole batches; rank 0 gets the whole
+    their error images' rows), its contrast where `sides` are given (contrast_sides; else None), and its
+    uncertainty (uncertainty_table, from `results`, the improvement images' test-step rows); no labels
+    needed. Under torchrun each rank computes a contiguous shard of whole batches; rank 0 gets the whole
     tables (the other ranks None)."""
     s, improve, member_rcc, rccs = ctx.settings, ctx.sets()["improve"], clusters.member_rcc, len(clusters.eligible)
     how = s.assign_distance
@@ -333,18 +334,36 @@ def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: 
 
     def shard(start: int, stop: int) -> dict[str, np.ndarray]:
         distances, contrast_of = np.empty((stop - start, rccs)), np.empty(stop - start)
-        for positions, rows in improvement_rows(ctx, clusters, channels, start, stop):
-            distances[positions - start] = member_distances(rows, members, member_rcc, rccs, how, s.assign_k)
-            if sides is not None:
-                contrast_of[positions - start] = contrast(rows, *sides)
-        return {"distances": distances, **({"contrast": contrast_of} if sides is not None else {})}
+        uncertainty, uncertain_output = np.empty(0), np.empty(0, dtype=np.int64)
+        if start < stop:
+            # The shard's own images from its first one (a multiple of the batch size): the one-process run's
+            # batches; for keypoints their uncertainty is a forward pass of its own, not repeated by every rank.
+            results_of, images = results.iloc[start:stop], improve.subset(np.arange(start, stop))
+            table = uncertainty_table(ctx, results_of, images)
+            uncertainty, uncertain_output = table["uncertainty"].to_numpy(), uncertain_outputs(ctx, table)
+            for positions, rows in improvement_rows(ctx, clusters, label_free_channels(ctx, results_of, table), images):
+                distances[positions] = member_distances(rows, members, member_rcc, rccs, how, s.assign_k)
+                if sides is not None:
+                    contrast_of[positions] = contrast(rows, *sides)
+        return {"distances": distances, "uncertainty": uncertainty, "uncertain_output": uncertain_output,
+                **({"contrast": contrast_of} if sides is not None else {})}
 
     shards = distributed.gather_shards(ctx.paths.scratch / "assign", "distances", len(improve),
                                        ctx.settings.batch_size, stamp, shard)
     if shards is None:
         return None
-    return (np.concatenate([s["distances"] for s in shards]),
-            np.concatenate([s["contrast"] for s in shards]) if sides is not None else None)
+    whole = {key: np.concatenate([s[key] for s in shards]) for key in shards[0]}
+    uncertainty = pd.DataFrame({"image": results.index, "uncertainty": whole["uncertainty"]})
+    if len(whole["uncertain_output"]):
+        uncertainty["uncertain_keypoint"] = [ctx.classes[k] for k in whole["uncertain_output"]]
+    return whole["distances"], whole.get("contrast"), uncertainty
+
+
+def uncertain_outputs(ctx: RunContext, table: pd.DataFrame) -> np.ndarray:
+    """The index of each image's `uncertain_keypoint` (uncertainty_table's), none for a classifier."""
+    if "uncertain_keypoint" not in table:
+        return np.empty(0, dtype=np.int64)
+    return np.array([ctx.classes.index(k) for k in table["uncertain_keypoint"]], dtype=np.int64)
 
 
 def contrast_sides(ctx: RunContext, clusters: SelectedClusters, errors: np.ndarray, row_shape: tuple[int, ...],
@@ -472,18 +491,15 @@ class AssignStep(Step):
         if not clusters.eligible:
             raise PipelineStop(f"no RCC of {clusters.layer} has two or more images, so no improvement image can "
                                "be assigned: there is no unsafe set, and so nothing to retrain with")
-        results = improvement_results(ctx)
-        uncertainty = uncertainty_table(ctx, results)  # keypoints: a forward pass with shifts, every rank
         stamp, (errors, row_shape) = self.fingerprint(ctx), error_rows(ctx, clusters.layer)
         members = errors[clusters.member_rows]
         # Every rank's shard needs both sides whole: the right test images' relevance is computed in shards too.
         sides = contrast_sides(ctx, clusters, errors, row_shape, stamp) if pick_of(ctx) == "contrast" else None
         del errors  # the sides hold their own copy
-        measured = improvement_distances(ctx, clusters, members, sides, label_free_channels(ctx, results, uncertainty),
-                                         stamp)
+        measured = improvement_distances(ctx, clusters, members, sides, improvement_results(ctx), stamp)
         if measured is None:  # not rank 0
             return
-        distances, contrast_of = measured
+        distances, contrast_of, uncertainty = measured
         assigned, rank = unsafe_choice(ctx, clusters, members, distances, uncertainty, contrast_of)
         images = [ctx.paths.relative(p) for p in ctx.sets()["improve"].paths]
         write_outputs(ctx, images, clusters.eligible, distances, assigned, rank)

@@ -58,13 +58,10 @@ class FeatureSpace:
         """The rows of a batch of images read with `settings`; `channels`: what LRP explains for each."""
         raise NotImplementedError
 
-    def image_rows(self, ctx: RunContext, layer: str, image_set: ImageSet, channels: torch.Tensor,
-                   start: int = 0, stop: int | None = None) -> Batches:
-        """(positions, rows) of every image of a set, batch by batch; with start/stop (a torchrun rank's
-        shard, start a multiple of the batch size) only those images, in the one-process run's batches."""
-        size, stop = ctx.settings.batch_size, len(image_set) if stop is None else stop
-        loader = make_loader(image_set, self.settings(ctx), size, ctx.settings.workers,
-                             batches=[list(range(b, min(b + size, stop))) for b in range(start, stop, size)])
+    def image_rows(self, ctx: RunContext, layer: str, image_set: ImageSet, channels: torch.Tensor) -> Batches:
+        """(positions, rows) of every image of a set (a torchrun rank's shard is a subset of its own,
+        starting at a multiple of the batch size: the one-process run's batches), batch by batch."""
+        loader = make_loader(image_set, self.settings(ctx), ctx.settings.batch_size, ctx.settings.workers)
         for inputs, _labels, positions, failures in loader:
             stop_on_unreadable(image_set, failures)
             yield positions.numpy(), self.batch_rows(ctx, layer, inputs.to(ctx.device), channels[positions])

@@ -69,25 +69,30 @@ def test_two_ranks_write_the_bytes_of_one_process(single_run, tmp_path):
     assert not (two / ".hudd-shards").exists()
 
 
-def test_a_keypoint_contrast_under_two_ranks_writes_the_bytes_of_one_one_thread_process(tmp_path):
-    """The contrast pick on a keypoint model: each rank explains its shard of the right test images
-    through the keypoint the model is least sure of, that uncertainty being a forward pass of its own.
-    Against a one-thread process: oneDNN's 1x1 and transposed convolutions of the keypoint network sum
-    in an order that depends on the thread count (docs/scaling.md)."""
+@pytest.mark.parametrize("pick", ["contrast", "closest"])
+def test_a_keypoint_unsafe_set_under_two_ranks_writes_the_bytes_of_one_one_thread_process(tmp_path, pick):
+    """On a keypoint model each rank explains its shard of the improvement images (and, for the contrast
+    pick, of the right test images) through the keypoint the model is least sure of, that uncertainty
+    being a forward pass of its own over the shard; rank 0 gathers it for ClosestU's weights. Against a
+    one-thread process: oneDNN's 1x1 and transposed convolutions of the keypoint network sum in an order
+    that depends on the thread count (docs/scaling.md)."""
     from test_keypoint_pipeline import SETTINGS as KEYPOINT_SETTINGS, build_keypoint_case
     one, two = build_keypoint_case(tmp_path / "one" / "case", images=12), tmp_path / "two" / "case"
     (one / "hudd.json").write_text(json.dumps({**KEYPOINT_SETTINGS, "batch_size": 2, "error_threshold": 10.0,
-                                                  "assign_pick": "contrast"}))
+                                                  "assign_pick": pick}))
     shutil.copytree(one, two)   # the same folder name: the report shows it
     alone = subprocess.run([sys.executable, str(REPO / "HUDD.py"), "-o", str(one)], capture_output=True, text=True,
                            cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert alone.returncode == 0, alone.stderr
     result = torchrun(REPO / "HUDD.py", "-o", str(two))
     assert result.returncode == 0, result.stderr
-    right = (pd.read_csv(one / "testResult.csv")["result"] == "Correct").sum()
-    assert right >= 3   # more than one batch of 2 right test images: both ranks explain some
-    contrast = pd.read_csv(one / "T" / "UnsafeSet" / "contrast.csv")["contrast"]
-    assert len(contrast) == 12 and np.isfinite(contrast).all()   # the contrast ran
+    if pick == "contrast":
+        right = (pd.read_csv(one / "testResult.csv")["result"] == "Correct").sum()
+        assert right >= 3   # more than one batch of 2 right test images: both ranks explain some
+        contrast = pd.read_csv(one / "T" / "UnsafeSet" / "contrast.csv")["contrast"]
+        assert len(contrast) == 12 and np.isfinite(contrast).all()   # the contrast ran
+    uncertainty = pd.read_csv(one / "T" / "UnsafeSet" / "uncertainty.csv")
+    assert len(uncertainty) == 12 and uncertainty["uncertain_keypoint"].notna().all()   # 6 batches, 3 per rank
     ours, theirs = case_files(two), case_files(one)
     assert sorted(ours) == sorted(theirs)
     assert [name for name in ours if ours[name] != theirs[name]] == []
