@@ -271,7 +271,8 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
               f"-> {clusters['folder']}")
     unsafe = results.get("assign")
     if unsafe:
-        print(f"  unsafe set: {unsafe['images']} improvement images assigned to {unsafe['rccs']} RCCs "
+        subs = f"{unsafe['groups']} sub-clusters of " if unsafe["groups"] != unsafe["rccs"] else ""
+        print(f"  unsafe set: {unsafe['images']} improvement images assigned to {subs}{unsafe['rccs']} RCCs "
               f"-> {unsafe['folder']}")
         if unsafe.get("to_label") and not ctx.paths.improvement_labels.is_file():
             print("    the improvement set has no labels: to retrain, fill the label column(s) of "

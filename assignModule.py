@@ -512,7 +512,9 @@ class AssignStep(Step):
     def summary(self, ctx: RunContext) -> dict:
         table = read_assignments(ctx.paths)
         to_label = to_label_path(ctx.paths)
-        return {"images": len(table), "rccs": table["rcc"].nunique(), "folder": unsafe_dir(ctx.paths),
+        groups = table["rcc"].astype(str)   # sub-clusters (RCC01.2) or top-level RCCs, as assign_level says
+        return {"images": len(table), "rccs": groups.str.split(".").str[0].nunique(), "groups": groups.nunique(),
+                "folder": unsafe_dir(ctx.paths),
                 "to_label": to_label if to_label.is_file() and not ctx.sets()["improve"].labelled else None}
 
 

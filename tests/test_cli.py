@@ -54,6 +54,12 @@ def test_class_folders_named_by_numbers_stay_names_through_every_step(make_case)
     assert sorted(labels["image"]) == sorted(wrong["image"])
     assert (labels.set_index("image")["expected"] == wrong.set_index("image")["expected"]).all()
     assert (case / "T" / "report.html").is_file() and list((case / "DNNModels").glob("HUDD_1_*.pth"))
+    # the summary counts the unsafe set's sub-clusters and the top-level RCCs they lie in, as the files do
+    groups = pd.read_csv(case / "T" / "UnsafeSet" / "assignments.csv", dtype=str)["rcc"]
+    line = next(line for line in result.stdout.splitlines() if "unsafe set:" in line)
+    tops = groups.str.split(".").str[0].nunique()
+    subs = f"{groups.nunique()} sub-clusters of " if groups.nunique() != tops else ""
+    assert f"{len(groups)} improvement images assigned to {subs}{tops} RCCs" in line
 
 
 def test_the_classes_setting_gives_the_models_output_order(make_case):
