@@ -104,6 +104,16 @@ def _subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _refuse_nested_images(class_folder: Path) -> None:
+    """Images are read directly inside each class folder: ones in folders below it would be left out
+    silently (torchvision's ImageFolder reads them), so they stop the run instead."""
+    for inner in _subdirs(class_folder):
+        nested = next((p for p in inner.rglob("*") if _is_image(p)), None)
+        if nested is not None:
+            raise HuddError(f"{inner}: images in a folder inside class folder {class_folder.name} (e.g. {nested.name}); "
+                            f"HUDD reads the images directly in each class folder: move them up into {class_folder}")
+
+
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
@@ -172,6 +182,7 @@ def list_image_set(set_root: Path, classes: list[str] | None = None, name: str =
                 f"training set ({', '.join(classes)}); rename or remove them")
         paths, labels = [], []
         for folder in class_dirs:
+            _refuse_nested_images(folder)
             for image in sorted(p for p in folder.iterdir() if _is_image(p)):
                 paths.append(image)
                 labels.append(index[unicodedata.normalize("NFC", folder.name)])

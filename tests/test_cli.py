@@ -133,6 +133,16 @@ def test_empty_set(make_case):
     assert_clean_error(hudd("-o", str(case)), "ImprovementSet", "no images found")
 
 
+def test_images_in_a_folder_inside_a_class_folder_are_refused_not_left_out(make_case):
+    case = make_case(per_class=2)
+    inner = case / "DataSets" / "TestSet" / "class.b" / "more"
+    inner.mkdir()
+    (inner.parent / "img_1.0 v2.png").rename(inner / "img_1.0 v2.png")
+    (case / "DataSets" / "TestSet" / "class_a" / ".cache").mkdir()   # hidden folders stay ignored
+    assert_clean_error(hudd("-o", str(case)), str(inner), "inside class folder class.b", "move them up")
+    assert not (case / "testResult.csv").exists()
+
+
 def test_truncated_image_stops_naming_it_then_can_be_skipped(make_case):
     case = make_case(per_class=2)
     image = sorted((case / "DataSets" / "TrainingSet" / "class_a").glob("*.png"))[0]
