@@ -36,7 +36,7 @@ from tqdm import tqdm
 import clusterModule
 import distributed
 import testModule
-from clustering import CHUNK_BYTES, normalise_rows
+from clustering import CHUNK_BYTES, normalise_rows, times_transposed
 from features import make_space
 from Helper import (CasePaths, HuddError, PipelineStop, RunContext, Step, image_set_digest, make_loader,
                     read_csv, stop_on_unreadable, write_csv, write_label_template)
@@ -87,7 +87,8 @@ def nearest_member_distances(queries: np.ndarray, members: np.ndarray, member_rc
 def squared_distances(block: np.ndarray, members: np.ndarray) -> np.ndarray:
     """(block, members) squared Euclidean distances in float64 by the matrix-product formula."""
     q, m = block.reshape(len(block), -1).astype(np.float64), members.reshape(len(members), -1).astype(np.float64)
-    squared = np.einsum("ij,ij->i", q, q)[:, None] + np.einsum("ij,ij->i", m, m)[None, :] - 2.0 * q @ m.T
+    squared = (np.einsum("ij,ij->i", q, q)[:, None] + np.einsum("ij,ij->i", m, m)[None, :]
+               - 2.0 * times_transposed(q, m))
     return np.maximum(squared, 0.0)
 
 

@@ -23,6 +23,18 @@ CHUNK_BYTES = 256 * 2 ** 20        # float64 working block of the distance compu
 # Distances
 # --------------------------------------------------------------------------------------------
 
+def times_transposed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b.T in float64, through torch: under MKL's strict mode, which HUDD.py sets, it has the same bits at
+    any thread count. numpy's OpenBLAS does not (at 1 and 2 threads the last bits differ, and on a digit
+    case of 239 errors six layers' RCCs with them): a torchrun rank runs one thread, a process several, and
+    their outputs must be the same bytes. It costs up to a third more than numpy's product (bench/README)."""
+    import torch  # late: the module's other users need no torch
+
+    def tensor(x):  # float64, C order, writable (torch refuses read-only memory maps)
+        return torch.from_numpy(np.require(x, dtype=np.float64, requirements=["C", "W"]))
+    return (tensor(a) @ tensor(b).T).numpy()
+
+
 def normalise_rows(block: np.ndarray, how: str) -> np.ndarray:
     """Per-heatmap scaling: 'l2' to unit length, 'max' to unit largest magnitude; zero rows stay zero."""
     if how == "none":
@@ -76,7 +88,7 @@ def _distance_block(rows_i, rows_j, sq_i, sq_j, diagonal: bool) -> np.ndarray:
     """Distances between two blocks of rows, computed in place in the product's array (each pass over
     an n x n float64 array costs as much as a tenth of the product); a diagonal block (rows_i is
     rows_j) keeps its upper triangle, mirrored, and a zero diagonal."""
-    block = rows_i @ rows_j.T
+    block = times_transposed(rows_i, rows_j)
     block *= -2.0
     block += sq_i[:, None]
     block += sq_j[None, :]
@@ -121,7 +133,7 @@ class Projection:
 
     def __call__(self, block: np.ndarray) -> np.ndarray:
         flat = normalise_rows(np.asarray(block, dtype=np.float64).reshape(len(block), -1), self.normalisation)
-        return (flat - self.mean) @ self.components.T
+        return times_transposed(flat - self.mean, self.components)
 
 
 def fit_projection(rows: np.ndarray, normalisation: str, components: int, seed: int = 0,
@@ -132,6 +144,8 @@ def fit_projection(rows: np.ndarray, normalisation: str, components: int, seed: 
     chosen = np.sort(np.random.default_rng(seed).choice(n, size=min(n, sample), replace=False))
     flat = normalise_rows(np.asarray(rows[chosen], dtype=np.float64).reshape(len(chosen), -1), normalisation)
     mean = flat.mean(axis=0)
+    # Its bits depend on the thread count (numpy's LAPACK, and torch's under MKL's strict mode too): one thread
+    # would make them steady, at 1.4x the time on 2 cores and far more on many; docs/scaling.md says so.
     _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
     return Projection(normalisation, mean, vt[:max(1, min(components, len(vt)))])
 
@@ -313,7 +327,8 @@ def silhouette_curve(tree: np.ndarray, distances: np.ndarray, ks: range) -> np.n
     own = labels_at(tree, n, k_max)
     members = np.zeros((n, k_max))
     members[np.arange(n), own] = 1.0
-    sums = distances @ members       # (n, k_max) distance sums; one product, not an n x n column gather (2x)
+    # (n, k_max) distance sums: one product, not an n x n column gather (2x)
+    sums = times_transposed(distances, members.T)
     sizes = np.bincount(own, minlength=k_max).astype(float)
     rows = np.arange(n)
     mean_to = sums / sizes
@@ -552,7 +567,7 @@ def nearest_rows(queries: np.ndarray, references: np.ndarray, normalisation: str
     for start in range(0, len(queries), step):
         block = _rows(queries, start, min(start + step, len(queries)), normalisation)
         # |q|^2 is the same for every reference of a row, so it does not change the argmin
-        nearest[start:start + len(block)] = (ref_squared[None, :] - 2.0 * block @ refs.T).argmin(axis=1)
+        nearest[start:start + len(block)] = (ref_squared[None, :] - 2.0 * times_transposed(block, refs)).argmin(axis=1)
     return nearest
 
 

@@ -298,3 +298,35 @@ def test_nearest_rows_on_a_device(device):
     assert np.array_equal(C.nearest_rows(queries, references, device=device), expected)
     in_chunks = C.device_nearest_rows(queries, references, "none", C.torch_device(device), chunk_bytes=8 * 12 * 7)
     assert np.array_equal(in_chunks, expected)
+
+
+CLUSTERING_BYTES = """
+import hashlib
+import sys
+import numpy as np
+import clustering as C
+rng = np.random.default_rng(0)
+rows = np.abs(np.concatenate([rng.normal(c, 1.0, (80 - c // 2, 3136)) for c in range(3)])).astype(np.float32)
+distances = C.pairwise_distances(rows, "l2")   # 239 x 3136: numpy's BLAS gave other last bits at 1 and 2 threads
+curve = C.silhouette_curve(C.ward_tree(distances), distances, range(2, 21))
+nearest = C.nearest_rows(rows[::7], rows[1::5], "l2")
+sys.stdout.write(hashlib.sha256(distances.tobytes() + curve[2:21].tobytes() + nearest.tobytes()).hexdigest())
+"""
+
+
+def test_distances_and_silhouettes_have_the_same_bits_at_any_thread_count():
+    """A torchrun rank runs one thread, a process two or more: the cluster step's outputs must not
+    change with it (docs/scaling.md). Two processes, 1 and 2 threads, as HUDD.py sets MKL up."""
+    import os
+    import subprocess
+    import sys
+    from helpers import REPO
+    curves = []
+    for threads in ("1", "2"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+               "MKL_CBWR": "AUTO,STRICT", "PYTHONPATH": str(REPO)}
+        result = subprocess.run([sys.executable, "-c", CLUSTERING_BYTES], capture_output=True, text=True, env=env,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        curves.append(result.stdout)
+    assert curves[0] == curves[1]
