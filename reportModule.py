@@ -193,10 +193,12 @@ def scenario_table(ctx: RunContext) -> str:
         return ""
     pivot = table.pivot(index="scenario", columns="set", values="accuracy")
     sets = [c for c in ("TrainingSet", "TestSet", "ImprovementSet") if c in pivot.columns]
-    rows = "".join(f"<tr><td class=l>{esc(name)}</td>" + "".join(f"<td>{pivot.loc[name, c]:.1f}%</td>" for c in sets)
+    def cell(value: float) -> str:  # a scenario a set does not have (a cause absent from training) is no number
+        return "<td>–</td>" if pd.isna(value) else f"<td>{value:.1f}%</td>"
+    rows = "".join(f"<tr><td class=l>{esc(name)}</td>" + "".join(cell(pivot.loc[name, c]) for c in sets)
                    + "</tr>" for name in pivot.index)
-    return ("<p>Accuracy per scenario (from metadata.csv):</p><table><tr><th class=l>scenario</th>"
-            + "".join(f"<th>{c}</th>" for c in sets) + f"</tr>{rows}</table>")
+    return ("<p>Accuracy per scenario (from metadata.csv; –: the set has no image of it):</p><table><tr>"
+            "<th class=l>scenario</th>" + "".join(f"<th>{c}</th>" for c in sets) + f"</tr>{rows}</table>")
 
 
 def thumbnails(ctx: RunContext, data: ReportData, members: pd.DataFrame, count: int, height: int = TILE) -> str:

@@ -137,6 +137,15 @@ def test_tiles_take_turns_over_the_sub_clusters_largest_first():
     assert list(reportModule.shown_first(older)["image"]) == list("abcdefg")
 
 
+def test_a_scenario_a_set_lacks_is_a_dash_not_nan(case):
+    pd.DataFrame({"set": ["TrainingSet", "TestSet", "TestSet"], "scenario": ["none", "none", "patch"],
+                  "images": [10, 8, 2], "correct": [9, 8, 1], "accuracy": [90.0, 100.0, 50.0]}).to_csv(
+        case / "scenarioAccuracy.csv", index=False)
+    table = reportModule.scenario_table(context(case))
+    patch = re.search(r"<tr><td class=l>patch</td>(.*?)</tr>", table).group(1)
+    assert patch == "<td>–</td><td>50.0%</td>" and "nan" not in table
+
+
 def test_overlays_lie_beside_the_rcc_images_and_show_positive_relevance_in_red(retrained_case):
     case, _ = retrained_case
     layer = selected_layer(case)
