@@ -989,8 +989,8 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 # The columns of HUDD's tables that hold names: image paths, classes, keypoints, scenarios, RCCs. Read as
 # text, so that a class folder named "1" or "01" stays that name instead of becoming a number that no
 # longer matches the folder names (the classes).
-NAME_COLUMNS = ("image", "expected", "predicted", "label", "class", "scenario", "worst_keypoint",
-                "worst_component", "rcc", "sub_rcc", "majority")
+NAME_COLUMNS = ("image", "expected", "predicted", "label", "class", "scenario", "majority_scenario", "worst_keypoint",
+                "worst_component", "uncertain_keypoint", "rcc", "sub_rcc")
 
 
 def read_csv(path: Path, **options) -> pd.DataFrame:
