@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.case.exists() and any(args.case.iterdir()):
         sys.exit(f"error: {args.case} is not empty; give a new folder")
+    try:
+        ImageFont.load_default(size=12)
+    except TypeError:  # the size argument came with Pillow 10.1 (requirements.txt allows 9.5)
+        sys.exit("error: the digits are drawn with Pillow's own scalable font: upgrade Pillow to 10.1 or newer")
     draw = Drawer(args.seed)
     for image_set, count in SETS.items():
         write_set(args.case / "DataSets", image_set, count, draw)
