@@ -335,18 +335,20 @@ def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: 
 
     def shard(start: int, stop: int) -> dict[str, np.ndarray]:
         distances, contrast_of = np.empty((stop - start, rccs)), np.empty(stop - start)
-        uncertainty, uncertain_output = np.empty(0), np.empty(0, dtype=np.int64)
+        uncertainty, uncertain_keypoint = np.empty(0), np.empty(0, dtype=str)
         if start < stop:
             # The shard's own images from its first one (a multiple of the batch size): the one-process run's
             # batches; for keypoints their uncertainty is a forward pass of its own, not repeated by every rank.
             results_of, images = results.iloc[start:stop], improve.subset(np.arange(start, stop))
             table = uncertainty_table(ctx, results_of, images)
-            uncertainty, uncertain_output = table["uncertainty"].to_numpy(), uncertain_outputs(ctx, table)
+            uncertainty = table["uncertainty"].to_numpy()
+            if "uncertain_keypoint" in table:   # keypoint models only
+                uncertain_keypoint = table["uncertain_keypoint"].to_numpy(dtype=str)
             for positions, rows in improvement_rows(ctx, clusters, label_free_channels(ctx, results_of, table), images):
                 distances[positions] = member_distances(rows, members, member_rcc, rccs, how, s.assign_k)
                 if sides is not None:
                     contrast_of[positions] = contrast(rows, *sides)
-        return {"distances": distances, "uncertainty": uncertainty, "uncertain_output": uncertain_output,
+        return {"distances": distances, "uncertainty": uncertainty, "uncertain_keypoint": uncertain_keypoint,
                 **({"contrast": contrast_of} if sides is not None else {})}
 
     shards = distributed.gather_shards(ctx.paths.scratch / "assign", "distances", len(improve),
@@ -355,16 +357,9 @@ def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: 
         return None
     whole = {key: np.concatenate([s[key] for s in shards]) for key in shards[0]}
     uncertainty = pd.DataFrame({"image": results.index, "uncertainty": whole["uncertainty"]})
-    if len(whole["uncertain_output"]):
-        uncertainty["uncertain_keypoint"] = [ctx.classes[k] for k in whole["uncertain_output"]]
+    if len(whole["uncertain_keypoint"]):
+        uncertainty["uncertain_keypoint"] = whole["uncertain_keypoint"]
     return whole["distances"], whole.get("contrast"), uncertainty
-
-
-def uncertain_outputs(ctx: RunContext, table: pd.DataFrame) -> np.ndarray:
-    """The index of each image's `uncertain_keypoint` (uncertainty_table's), none for a classifier."""
-    if "uncertain_keypoint" not in table:
-        return np.empty(0, dtype=np.int64)
-    return np.array([ctx.classes.index(k) for k in table["uncertain_keypoint"]], dtype=np.int64)
 
 
 def contrast_sides(ctx: RunContext, clusters: SelectedClusters, errors: np.ndarray, row_shape: tuple[int, ...],

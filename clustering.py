@@ -325,10 +325,9 @@ def silhouette_curve(tree: np.ndarray, distances: np.ndarray, ks: range) -> np.n
     curve = np.full(n + 1, np.nan)
     k_max = max(ks)
     own = labels_at(tree, n, k_max)
-    members = np.zeros((n, k_max))
-    members[np.arange(n), own] = 1.0
-    # (n, k_max) distance sums: one product, not an n x n column gather (2x)
-    sums = times_transposed(distances, members.T)
+    members = np.zeros((k_max, n))   # cluster by image: distances times its transpose
+    members[own, np.arange(n)] = 1.0
+    sums = times_transposed(distances, members)   # (n, k_max) distance sums: one product, not an n x n column gather (2x)
     sizes = np.bincount(own, minlength=k_max).astype(float)
     rows = np.arange(n)
     mean_to = sums / sizes
