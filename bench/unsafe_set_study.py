@@ -58,6 +58,9 @@ def candidates() -> dict[str, dict]:
     contrast[f"{CONTRAST}/quota"] = {**contrast[CONTRAST], "contrast_quota": True}
     for pool in CONTRAST_POOLS:
         contrast[f"{CONTRAST}/spread{pool:g}"] = {**contrast[CONTRAST], "contrast_pool": pool}
+    contrast[f"{CONTRAST}+train"] = {**contrast[CONTRAST], "train_lookalikes": True}
+    for multiple in BAG_MULTIPLES:
+        contrast[f"{CONTRAST}/bag{multiple:g}"] = {**contrast[CONTRAST], "bag_multiple": multiple}
     return {**grid, **contrast}
 
 
@@ -67,7 +70,14 @@ CONTRAST = "contrast"
 # budget spread over a pool of this many times the budget of lowest contrast (farthest-point order).
 CONTRAST_UNCERTAINTY = (0.5, 1.0, 2.0)
 CONTRAST_POOLS = (1.25, 1.5, 2.0)
-STUDY_KEYS = ("contrast_uncertainty", "contrast_quota", "contrast_pool")
+STUDY_KEYS = ("contrast_uncertainty", "contrast_quota", "contrast_pool", "train_lookalikes", "bag_multiple")
+BAG_MULTIPLES = (2.0,)
+# Study-only training extras. `train_lookalikes` (contrast+train): besides its unsafe set, HUDD's
+# retraining repeats the training images whose relevance looks most like a failure (lowest contrast, as
+# the unsafe set's: no label is needed, the training set's are known): as many as it labels, each shown as
+# often as a labelled image, which doubles its extra samples. `bag_multiple` F (contrast/bagF): the bag F
+# times as large, from its own labelled images (F 2: the lookalikes' control). With --base naming either,
+# the baselines' bags grow alike, so that every mode trains on as many samples.
 
 
 def rank_share(values: np.ndarray) -> np.ndarray:
@@ -138,9 +148,51 @@ def ingredients(ctx: Helper.RunContext) -> dict:
             rows[position] = row
     rows = np.stack(rows)
     errors, row_shape = assignModule.error_rows(ctx, levels["sub"].layer)
-    contrast = assignModule.contrast(rows, *assignModule.contrast_sides(ctx, levels["sub"], errors, row_shape))
+    sides = assignModule.contrast_sides(ctx, levels["sub"], errors, row_shape)
+    contrast = assignModule.contrast(rows, *sides)
     return {"levels": levels, "rows": rows, "uncertainty": uncertainty["uncertainty"].to_numpy(), "contrast": contrast,
-            "errors": errors}
+            "errors": errors, "sides": sides}
+
+
+def training_contrast(ctx: Helper.RunContext, parts: dict) -> np.ndarray:
+    """Every training image's contrast (as the improvement images'), its relevance explaining the
+    class the model predicts (trainResult.csv); one relevance pass over the training set."""
+    train = ctx.sets()["train"]
+    images = [ctx.paths.relative(p) for p in train.paths]
+    results = testModule.read_results(ctx.paths, "train").set_index("image").reindex(images)
+    channels = assignModule.label_free_channels(ctx, results, assignModule.uncertainty_table(ctx, results, train))
+    rows = np.empty((len(train),), dtype=object)
+    for positions, block in assignModule.improvement_rows(ctx, parts["levels"]["sub"], channels, images=train):
+        for position, row in zip(positions, block):
+            rows[position] = row
+    return assignModule.contrast(np.stack(rows), *parts["sides"])
+
+
+def training_rare(ctx: Helper.RunContext) -> np.ndarray:
+    """FOR MEASURING ONLY: per training image, whether its metadata names a rare condition."""
+    images = [ctx.paths.relative(p) for p in ctx.sets()["train"].paths]
+    meta = Helper.read_metadata(ctx.sets()["train"].root, ctx.paths.root)
+    if meta is None:
+        return np.zeros(len(images), bool)
+    return (meta["scenario"].reindex(images) != ctx.settings.ordinary_scenario).to_numpy()
+
+
+def grown(selection: retrainModule.Selection, multiple: float, rng: np.random.Generator) -> retrainModule.Selection:
+    """The selection with `multiple` times its bag's samples, the new ones drawn uniformly from its labelled
+    images."""
+    extra = int(round((multiple - 1) * len(selection.bag)))
+    if not len(selection.chosen) or extra <= 0:
+        return selection
+    return retrainModule.Selection(selection.chosen, np.concatenate(
+        [selection.bag, rng.choice(selection.chosen, size=extra, replace=True)]))
+
+
+def lookalike_samples(order: np.ndarray, train_rows: np.ndarray, count: int, samples: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """`samples` extra training samples: the `count` training rows of lowest contrast (`order`: all
+    training images by ascending contrast) once each, the rest drawn uniformly among them."""
+    pool = order[np.isin(order, train_rows)][:count]
+    return np.concatenate([pool, rng.choice(pool, size=max(samples - len(pool), 0), replace=True)])
 
 
 def replace_settings(ctx: Helper.RunContext, **values) -> Helper.RunContext:
@@ -150,6 +202,7 @@ def replace_settings(ctx: Helper.RunContext, **values) -> Helper.RunContext:
 def choice(ctx: Helper.RunContext, parts: dict, values: dict, memo: dict) -> dict:
     """The candidate's unsafe set: assigned (per image its RCC or -1), distances, quota."""
     study = {key: values[key] for key in STUDY_KEYS if key in values}
+    extras = {key: study.pop(key) for key in ("train_lookalikes", "bag_multiple") if key in study}
     s = replace(ctx.settings, **{k: v for k, v in values.items() if k not in STUDY_KEYS})
     clusters = parts["levels"][s.assign_level]
     members = memo.setdefault(("members", s.assign_level), None)
@@ -164,7 +217,7 @@ def choice(ctx: Helper.RunContext, parts: dict, values: dict, memo: dict) -> dic
     quota = assignModule.rcc_quotas(s, clusters.sizes)
     if s.assign_pick == "contrast":   # the budget over the whole set; geometry and weights of the grid unused
         assigned = contrast_variant(parts, memo[key], quota, study)
-        return {"assigned": assigned, "distances": memo[key], "quota": quota}
+        return {"assigned": assigned, "distances": memo[key], "quota": quota, **extras}
     assigned, _ = assignModule.choose(memo[key], quota, parts["uncertainty"], s.assign_uncertainty, reach,
                                       s.assign_radius)
     return {"assigned": assigned, "distances": memo[key], "quota": quota}
@@ -222,6 +275,7 @@ def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.D
     data = retrainModule.training_data(ctx)
     original = testModule.original_test_accuracy(ctx.paths)
     base = choices[base_name or candidate_name(ORIGINAL)]
+    multiple = 2.0 if base.get("train_lookalikes") else base.get("bag_multiple", 1.0)   # the baselines' bags too
     rows = []
     for mode in [*names[:1], *baselines, *names[1:]]:
         chosen = choices.get(mode, base)
@@ -230,8 +284,19 @@ def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.D
             selection = retrainModule.select("HUDD" if mode in choices else mode, chosen["assigned"],
                                              chosen["distances"], chosen["quota"], known["wrong"].to_numpy(), rng,
                                              parts["uncertainty"], repeat_failures, hudd_bag)
+            extra_rng, trained = np.random.default_rng([ctx.seed, run, 7]), data   # draws of their own
+            if chosen.get("train_lookalikes") and mode in choices:
+                extra = lookalike_samples(parts["train_order"], data.train_rows, len(selection.chosen),
+                                          len(selection.bag), extra_rng)
+                trained = replace(data, train_rows=np.concatenate([data.train_rows, extra]))
+                print(f"  {mode}: {len(extra)} extra training samples of {len(np.unique(extra))} images, "
+                      f"{100 * parts['train_rare'][np.unique(extra)].mean():.1f}% rare conditions (measured only)")
+            elif mode in choices and chosen.get("bag_multiple"):
+                selection = grown(selection, chosen["bag_multiple"], extra_rng)
+            elif mode not in choices:
+                selection = grown(selection, multiple, extra_rng)
             start = time.perf_counter()
-            model, _, _ = retrainModule.fine_tune(ctx, data, selection.bag, seed=ctx.seed * 1000 + run, desc=mode)
+            model, _, _ = retrainModule.fine_tune(ctx, trained, selection.bag, seed=ctx.seed * 1000 + run, desc=mode)
             outputs = retrainModule.cached_test_outputs(model, data.test, ctx)
             accuracy = evaluation.measures_from_outputs(outputs, ctx).accuracy
             rows.append({"case": ctx.paths.root.name, "mode": mode, "run": run, "gain": accuracy - original,
@@ -306,12 +371,15 @@ def main() -> None:
             ctx = replace_settings(ctx, lr_schedule=args.lr_schedule)
         Helper.seed_everything(ctx.seed)
         parts = ingredients(ctx)
+        if any(candidates().get(name, {}).get("train_lookalikes") for name in args.retrain.split(",")):
+            parts["train_order"] = np.argsort(training_contrast(ctx, parts), kind="stable")
+            parts["train_rare"] = training_rare(ctx)     # measured only, printed with the runs
         known = truth(ctx)                        # read after every choice below is fixed by label-free inputs
         rows, choices = screen(ctx, parts, known)
         screened += rows
         if not args.screen_only:
-            candidates = [name for name in args.retrain.split(",") if name]
-            gains += retrain(ctx, choices, candidates, known, parts, args.runs, args.out,
+            named = [name for name in args.retrain.split(",") if name]
+            gains += retrain(ctx, choices, named, known, parts, args.runs, args.out,
                              tuple(filter(None, args.baselines.split(","))), args.repeat_failures, args.hudd_bag,
                              args.base)
     show(pd.DataFrame(screened), pd.DataFrame(gains), args.out)
