@@ -527,6 +527,8 @@ def training_labels_digest(ctx: RunContext, mode: str) -> str:
     change of the file's format, or of rows for other images, retrains nothing."""
     unsafe = step_unsafe_inputs(ctx)
     improve, labelled = improvement_for_training(ctx)
+    if mode == "BL1" and not labelled.all():   # refused by its compute; its pool would be the few labelled failures
+        return "incomplete"
     digest = hashlib.sha256()
     for run in range(1, ctx.settings.runs + 1):
         for image in run_selection(ctx, mode, run, unsafe).chosen:
@@ -540,9 +542,10 @@ def refuse_bl1_without_labels(ctx: RunContext, unsafe: UnsafeInputs) -> None:
     """BL1 draws from the improvement images the model gets wrong: finding them takes every label."""
     if not unsafe.labelled.all():
         raise HuddError(f"BL1 draws from the improvement images the model gets wrong, so it needs every improvement "
-                        f"image labelled ({int(unsafe.labelled.sum())} of {len(unsafe.labelled)} have a label): label "
-                        f"the rest in {ctx.paths.relative(ctx.paths.improvement_labels)} ({ctx.task.labelling_hint}), "
-                        "or run -mode HUDD, BL2 or BL3, which need labels only for the images they choose")
+                        f"image labelled ({int(unsafe.labelled.sum())} of {len(unsafe.labelled)} have a label): add "
+                        f"the rest to {ctx.paths.relative(ctx.paths.improvement_labels)} or label the whole set "
+                        f"({ctx.task.labelling_hint}); or run -mode HUDD, BL2 or BL3, which need labels only for the "
+                        "images they choose")
 
 
 def training_data(ctx: RunContext) -> TrainingData:

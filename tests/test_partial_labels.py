@@ -86,8 +86,10 @@ def test_retraining_asks_for_the_missing_labels_then_trains_on_the_given_ones(un
     results = pd.read_csv(case / "improveResult.csv").set_index("image").loc[unsafe["image"]]
     misclassified = sum(p != true_class(i) for i, p in zip(results.index, results["predicted"]))
     assert (runs["labelled_misclassified"] == misclassified).all()
-    assert_clean_error(hudd("-o", str(case), "-mode", "BL1", *RUN), "BL1", "every improvement image labelled",
-                       f"{len(unsafe)} of 24")
+    refused = hudd("-o", str(case), "-mode", "BL1", *RUN)
+    assert_clean_error(refused, "BL1", "every improvement image labelled", f"{len(unsafe)} of 24")
+    # ... and says only that: no warning about a pool drawn from the few labelled images first
+    assert misclassified < len(unsafe) and "to draw from" not in refused.stderr + refused.stdout, refused.stderr
 
     # The file saved again by a spreadsheet (';', CRLF, a byte-order mark) with a row for an image that no
     # run trains on: the labels HUDD trains on are the same, so nothing retrains.
