@@ -246,16 +246,19 @@ def rcc_summary(ctx: RunContext, data: ReportData) -> str:
     members share where metadata says, and what sets it apart from its images and relevance)."""
     stats = data.stats.sort_values(["size", "rcc"], ascending=[False, True])
     apart = data.described is not None
+    shared = {r["rcc"]: described(r, data) for _, r in stats.iterrows()}
+    metadata = any(shared.values())   # without metadata the column would stay empty
     rows = "".join(
         f"<tr data-top-rcc='{esc(r['rcc'])}'><td class=l><a href='#{esc(r['rcc'])}'>{esc(r['rcc'])}</a></td>"
-        f"<td>{int(r['size'])}</td><td>{int(r['sub_rccs'])}</td><td class=l>{described(r, data)}</td>"
+        f"<td>{int(r['size'])}</td><td>{int(r['sub_rccs'])}</td>"
+        + (f"<td class=l>{shared[r['rcc']]}</td>" if metadata else "")
         + (f"<td class='l headline' data-headline='{esc(r['rcc'])}'>{esc(rcc_headline(data.described, r['rcc']))}"
            "</td>" if apart else "")
         + f"<td class='l strip'>{thumbnails(ctx, data, data.labels[data.labels['rcc'] == r['rcc']], 4, height=40)}"
         "</td></tr>" for _, r in stats.iterrows())
     return (f"<h2>The root causes at a glance</h2><p>{len(stats)} root-cause clusters of {esc(data.layer)}, largest "
             "first; each opens below with its sub-clusters.</p><table id=rcc-summary><tr><th class=l>RCC</th>"
-            "<th>images</th><th>sub-clusters</th><th class=l>what they share</th>"
+            "<th>images</th><th>sub-clusters</th>" + ("<th class=l>what they share</th>" if metadata else "")
             + ("<th class=l>what sets it apart</th>" if apart else "")
             + f"<th class=l>examples</th></tr>{rows}</table>")
 

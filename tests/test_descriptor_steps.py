@@ -93,6 +93,7 @@ def test_with_metadata_both_characterisations_are_written_and_shown(make_case):
     stats = clusterModule.read_rcc_stats(ctx.paths, summary["layer"])
     start = page.index("id=rcc-summary")
     glance = page[start:page.index("</table>", start)]
+    assert "<th class=l>what they share</th>" in glance
     for rcc in stats.itertuples():
         row = glance[glance.index(f"data-top-rcc='{rcc.rcc}'"):]
         row = row[:row.index("</tr>")]

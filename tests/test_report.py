@@ -229,6 +229,7 @@ def test_every_card_says_what_sets_its_rcc_apart_without_metadata(retrained_case
     assert set(headlines) == set(top_level) == set(table["rcc"])      # the summary: every top-level RCC
     summary = page[page.index("id=rcc-summary"):page.index("</table>", page.index("id=rcc-summary"))]
     assert all(f"data-headline='{rcc}'" in summary for rcc in headlines)
+    assert "what they share" not in summary     # without metadata, no column left empty
     for rcc in headlines:
         first = table[(table["rcc"] == rcc) & (table["sentence"] != "")].sort_values("rank")["sentence"]
         cell = re.search(rf"data-headline='{rcc}'>(.*?)</td>", page).group(1)
