@@ -295,9 +295,85 @@ def batch_dropout(model: nn.Module) -> list[BatchDropout]:
     return replaced
 
 
-def set_batch(dropouts: list[BatchDropout], size: int, part: slice, seed: int) -> None:
+def set_batch(dropouts: list[BatchDropout], size: int, part: slice, seed: int,
+              norms: list["BatchNormOverRanks"] = (), counted: bool = True) -> None:
     """The global batch's size, this rank's slice of it and its mask seed, for every BatchDropout (one
-    generator, drawn in forward order, as in one process)."""
+    generator, drawn in forward order, as in one process); for every BatchNormOverRanks, whether this
+    rank's samples count (False for the stand-in sample of a rank the batch left none)."""
     generator = torch.Generator().manual_seed(seed)
     for module in dropouts:
         module.batch = (size, part, generator)
+    for norm in norms:
+        norm.counted = counted
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over the ranks; its gradient is the sum of the ranks' gradients (every rank's
+    loss depends on every rank's share)."""
+
+    @staticmethod
+    def forward(_ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(_ctx, gradient: torch.Tensor) -> torch.Tensor:
+        total = gradient.clone()
+        dist.all_reduce(total)
+        return total
+
+
+class BatchNormOverRanks(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are the global batch's, summed over the ranks, as one process
+    computes them over the whole batch: each rank's own half would normalise with other statistics and
+    keep other running ones (nn.SyncBatchNorm does this on GPUs only). The sums go through an all-reduce
+    with a gradient (`_SumOverRanks`), so each rank's gradients carry the other ranks' share, which DDP's average completes.
+    Same parameters and buffers as the BatchNorm it replaces (`norms_over_ranks`): the state_dict is
+    unchanged; outside training it is that BatchNorm."""
+
+    counted = True
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an input of 2 or more dimensions (got {x.dim()}D)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not active():
+            return super().forward(x)
+        summed = _SumOverRanks.apply
+        dims, shape, weight = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2), float(self.counted)
+        count = torch.tensor([x.numel() // x.shape[1] * weight], dtype=torch.float64)
+        dist.all_reduce(count)
+        n = count.item()
+        mean = summed(x.sum(dims) * weight) / n
+        centred = x - mean.view(shape)
+        variance = summed((centred * centred).sum(dims) * weight) / n   # two passes, as stable as one process's
+        y = centred * torch.rsqrt(variance + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+                self.running_var.mul_(1 - factor).add_(variance * (n / max(n - 1, 1)), alpha=factor)  # unbiased
+        return y
+
+
+def norms_over_ranks(model: nn.Module) -> list[BatchNormOverRanks]:
+    """Under torchrun with 2+ ranks, replaces the model's BatchNorm layers by BatchNormOverRanks (same
+    settings, parameters and buffers); returns them for `set_batch`. None in one process, where BatchNorm
+    already sees the whole batch."""
+    if not active() or world() < 2:
+        return []
+    replaced = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, BatchNormOverRanks):
+                norm = BatchNormOverRanks(child.num_features, child.eps, child.momentum, child.affine,
+                                          child.track_running_stats)
+                norm.load_state_dict(child.state_dict())
+                replaced.append(norm.to(next(iter(child.state_dict().values())).device).train(child.training))
+                setattr(parent, name, replaced[-1])
+    return replaced

@@ -272,19 +272,20 @@ def combined_batches(image_set: ImageSet, batch_size: int, ctx: RunContext, batc
 
 
 def train_epoch(model, optimiser, data: TrainingData, bag: np.ndarray, ctx: RunContext,
-                generator: torch.Generator, dropouts: list = (), mask_seed: tuple = (0,)) -> float:
+                generator: torch.Generator, dropouts: list = (), mask_seed: tuple = (0,), norms: list = ()) -> float:
     """One pass over the training rows and the bag; returns the training accuracy (of every rank's
     samples). Under torchrun `model` is DDP-wrapped: DDP averages the ranks' gradients, so each rank's
     mean loss is scaled by its share of the global batch times the number of ranks, which makes that
     average the global batch's mean gradient, as in one process. `dropouts` (distributed.batch_dropout)
-    get each global batch's mask seed, drawn from `mask_seed` and the batch number."""
+    get each global batch's mask seed, drawn from `mask_seed` and the batch number; `norms`
+    (distributed.norms_over_ranks) take the global batch's statistics, without a stand-in sample."""
     model.train()
     correct = seen = 0
     for number, (inputs, labels, size, part) in enumerate(epoch_batches(data, bag, ctx.settings.batch_size, ctx,
                                                                         generator)):
         mine = part.stop - part.start  # 0: a stand-in sample that weighs nothing
         distributed.set_batch(dropouts, size, part if mine else slice(0, 1),
-                              int(np.random.SeedSequence([*mask_seed, number]).generate_state(1)[0]))
+                              int(np.random.SeedSequence([*mask_seed, number]).generate_state(1)[0]), norms, mine > 0)
         inputs, labels = inputs.to(ctx.device), labels.to(ctx.device)
         optimiser.zero_grad()
         outputs = model(inputs)
@@ -320,19 +321,19 @@ def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, d
     is called after every epoch (bench/retrain_epochs_study.py measures each on the way). Under
     torchrun the copy trains with DistributedDataParallel (every rank ends each epoch with the same
     weights, so each makes the same choice of epoch). Dropout draws its masks per global batch (distributed.BatchDropout), the same for
-    one process or N ranks."""
+    one process or N ranks, and BatchNorm takes the global batch's statistics (distributed.BatchNormOverRanks)."""
     s = ctx.settings
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(ctx.model()).to(ctx.device)
-    dropouts = distributed.batch_dropout(model)
+    dropouts, norms = distributed.batch_dropout(model), distributed.norms_over_ranks(model)
     optimiser = ctx.task.optimiser(model, s)  # before DDP: a keypoint model freezes layers here
     trained = distributed.data_parallel(model, ctx.device)
     history, best_state, best_score = [], None, -np.inf
     for epoch in tqdm(range(1, s.epochs + 1), desc=desc, unit="epoch", leave=False, disable=distributed.progress_off()):
         rate = epoch_learning_rate(s.learning_rate, epoch, s.epochs, s.lr_schedule)
         set_learning_rate(optimiser, rate)
-        train_accuracy = train_epoch(trained, optimiser, data, bag, ctx, generator, dropouts, (seed, epoch))
+        train_accuracy = train_epoch(trained, optimiser, data, bag, ctx, generator, dropouts, (seed, epoch), norms)
         validation = (accuracy_on(model, data.train, data.validation_rows, ctx)
                       if s.epoch_choice == "validation" else float("nan"))
         history.append({"epoch": epoch, "learning_rate": rate, "train_accuracy": 100 * train_accuracy,

@@ -98,20 +98,29 @@ def test_a_keypoint_unsafe_set_under_two_ranks_writes_the_bytes_of_one_one_threa
     assert [name for name in ours if ours[name] != theirs[name]] == []
 
 
-def test_the_ddp_epochs_equal_the_single_process_epochs(single_run, tmp_path):
+@pytest.mark.parametrize("norm", ["", "batchnorm"])
+def test_the_ddp_epochs_equal_the_single_process_epochs(single_run, tmp_path, norm):
+    """Also with BatchNorm layers, whose statistics each rank would otherwise take over its half of a batch."""
     case, _ = single_run
     script = REPO / "tests" / "torchrun" / "ddp_epochs.py"
-    alone = subprocess.run([sys.executable, str(script), str(case), str(tmp_path / "one.pt"), "3"],
+    alone = subprocess.run([sys.executable, str(script), str(case), str(tmp_path / "one.pt"), "3", norm],
                            capture_output=True, text=True, timeout=300)
     assert alone.returncode == 0, alone.stderr
-    result = torchrun(script, str(case), str(tmp_path / "two.pt"), "3")
+    result = torchrun(script, str(case), str(tmp_path / "two.pt"), "3", norm)
     assert result.returncode == 0, result.stderr
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     original = torch.load(case / "DNNModels" / "OriginalModel.pth")
     assert pd.DataFrame(one["history"]).equals(pd.DataFrame(two["history"]))  # the same samples, counted alike
+    assert sorted(one["state"]) == sorted(two["state"])
+    norms = [key for key in one["state"] if key not in original]
+    assert len(norms) == (10 if norm else 0)   # weight, bias, running mean and variance, batches tracked
     for key, weights in one["state"].items():
-        moved = (weights - original[key]).abs().max().item()
-        assert moved > 1e-3  # the epochs changed the weights...
+        if key.endswith("num_batches_tracked"):
+            assert two["state"][key] == weights == 3 * 5   # 17 samples in batches of 4, 3 epochs
+            continue
+        moved = (weights - original[key]).abs().max().item() if key in original else 1.0
+        if not (norm and key in ("features.0.bias", "features.3.bias")):  # a BatchNorm takes their mean out
+            assert moved > 1e-3  # the epochs changed the weights...
         torch.testing.assert_close(two["state"][key], weights, rtol=1e-5, atol=1e-6)  # ...alike, up to float sums
 
 

@@ -2,7 +2,10 @@
 for `epochs` epochs on its training set plus a bag of improvement images, and (rank 0) saves the weights
 and the per-epoch history.
 
-    [torchrun --nproc-per-node 2] ddp_epochs.py CASE OUT.pt EPOCHS
+    [torchrun --nproc-per-node 2] ddp_epochs.py CASE OUT.pt EPOCHS [batchnorm]
+
+With `batchnorm`, the model gets a BatchNorm2d before each of its first two ReLUs (as ResNets and most
+torchvision models have), whose statistics must be the global batch's.
 """
 import os
 import sys
@@ -21,6 +24,14 @@ import retrainModule  # noqa: E402
 
 case, out, epochs = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 ctx = context(case, epochs=epochs, learning_rate=0.05, batch_size=4)
+if sys.argv[4:] == ["batchnorm"]:
+    model = ctx.model()
+    for position, channels in ((1, 16), (4, 32)):   # DemoNet's features: conv, ReLU, pool, conv, ReLU, ...
+        norm = torch.nn.BatchNorm2d(channels)
+        with torch.no_grad():   # not the identity: the statistics and the affine part both matter
+            norm.weight.copy_(torch.linspace(0.5, 1.5, channels))
+            norm.bias.copy_(torch.linspace(-0.2, 0.2, channels))
+        model.features[position] = torch.nn.Sequential(norm, torch.nn.ReLU())
 distributed.start(ctx.device)
 data = retrainModule.training_data(ctx)
 bag = np.array([0, 3, 3, 7, 11])  # 12 training images + 5: the last batch of 4 holds one sample
