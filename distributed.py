@@ -343,7 +343,7 @@ class BatchNormOverRanks(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         summed = _SumOverRanks.apply
         dims, shape, weight = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2), float(self.counted)
-        count = torch.tensor([x.numel() // x.shape[1] * weight], dtype=torch.float64)
+        count = torch.tensor([x.numel() // x.shape[1] * weight], dtype=torch.float64, device=x.device)  # NCCL: on the GPU
         dist.all_reduce(count)
         n = count.item()
         mean = summed(x.sum(dims) * weight) / n
