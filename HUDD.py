@@ -338,9 +338,13 @@ def run_compare(ctx: RunContext) -> None:
     table = clusterModule.compare(ctx)
     columns = [c for c in ("features", "reduction", "clusterer", "layer", "rccs", "median_size", "noise", "purity",
                            "coverage", "purity_10", "coverage_10", "purity_20", "coverage_20", "pixels_purity")
-               if c in table.columns]
+               if c in table.columns and table[c].notna().any()]   # without metadata: no measure against causes
     print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    print("first line: this case's settings; pixels_purity: Ward on the raw pixels at the same number of RCCs")
+    if "purity" in columns:
+        print("first line: this case's settings; pixels_purity: Ward on the raw pixels at the same number of RCCs")
+    else:
+        print("first line: this case's settings; no purity or coverage: they need a metadata.csv with a scenario "
+              "column in the test set (docs/case-study.md), to measure the RCCs against known causes")
     print(f"saved to {clusterModule.analysis_dir(ctx.paths) / clusterModule.COMPARE_FILE}")
 
 

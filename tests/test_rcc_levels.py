@@ -110,6 +110,17 @@ def test_compare_through_the_command_line(clustered_case):
     assert {"heatmaps", "activations"} <= set(shown["features"])
 
 
+def test_compare_without_metadata_says_why_it_shows_no_purity(make_case):
+    case = make_case(per_class=6)
+    assert hudd("-o", str(case), "--steps", "test,heatmaps,clusters").returncode == 0
+    result = hudd("-o", str(case), "--compare")
+    assert result.returncode == 0, result.stderr
+    header = result.stdout.splitlines()[0].split()
+    assert header[:7] == ["features", "reduction", "clusterer", "layer", "rccs", "median_size", "noise"]
+    assert "purity" not in header and "pixels_purity" not in header and "NaN" not in result.stdout
+    assert "no purity or coverage: they need a metadata.csv with a scenario column" in result.stdout
+
+
 def test_activations_are_the_modules_outputs(clustered_case):
     ctx = context(clustered_case)
     index = heatmapModule.read_index(ctx.paths)
