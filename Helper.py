@@ -769,6 +769,12 @@ def _check_is_torch_file(model_path: Path) -> None:
     if not zipfile.is_zipfile(model_path) and head[:1] != b"\x80":
         raise HuddError(f"{model_path}: is not a PyTorch model file (torch.save writes a zip archive); "
                         "pass the .pth file saved with torch.save(model.state_dict(), path)")
+    if zipfile.is_zipfile(model_path):
+        with zipfile.ZipFile(model_path) as archive:
+            compiled = any(name.endswith("/constants.pkl") for name in archive.namelist())
+        if compiled:   # its modules are compiled code: LRP's rules need the architecture's own layers
+            raise HuddError(f"{model_path}: is a TorchScript archive (torch.jit.save); HUDD needs the weights and "
+                            "the architecture: save model.state_dict() with torch.save and pass --arch")
 
 
 def _load_pickled_model(model_path: Path, trust_pickle: bool) -> nn.Module:

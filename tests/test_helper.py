@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,16 @@ def test_a_file_that_is_no_model_file_is_named_as_such(case, tmp_path):
     text.write_text("not a model")
     with pytest.raises(HuddError, match="notes.pth: is not a PyTorch model file"):
         Helper.load_model(text, _settings(case), len(CLASSES))
+
+
+def test_a_torchscript_archive_is_named_as_such(case, tmp_path):
+    model = save_model(tmp_path / "ref.pth", seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # torch 2.14 deprecates TorchScript; users still have files
+        torch.jit.save(torch.jit.trace(model, torch.zeros(1, 3, 32, 32)), tmp_path / "scripted.pt")
+    with pytest.raises(HuddError, match=r"scripted.pt: is a TorchScript archive \(torch.jit.save\); HUDD needs the "
+                                        r"weights and the architecture: save model.state_dict\(\)"):
+        Helper.load_model(tmp_path / "scripted.pt", _settings(case), len(CLASSES))
 
 
 def test_pickled_model_needs_the_trust_flag(case, tmp_path):
