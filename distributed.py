@@ -328,8 +328,8 @@ class BatchNormOverRanks(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are the global batch's, summed over the ranks, as one process
     computes them over the whole batch: each rank's own half would normalise with other statistics and
     keep other running ones (nn.SyncBatchNorm does this on GPUs only). The sums go through an all-reduce
-    with a gradient (`_SumOverRanks`), so each rank's gradients carry the other ranks' share, which DDP's average completes.
-    Same parameters and buffers as the BatchNorm it replaces (`norms_over_ranks`): the state_dict is
+    with a gradient (`_SumOverRanks`), so each rank's gradients carry the other ranks' share, which DDP's
+    average completes. Same parameters and buffers as the BatchNorm it replaces (`norms_over_ranks`): the state_dict is
     unchanged; outside training it is that BatchNorm."""
 
     counted = True
@@ -343,7 +343,7 @@ class BatchNormOverRanks(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         summed = _SumOverRanks.apply
         dims, shape, weight = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2), float(self.counted)
-        count = torch.tensor([x.numel() // x.shape[1] * weight], dtype=torch.float64, device=x.device)  # NCCL: on the GPU
+        count = torch.tensor([x.numel() // x.shape[1] * weight], dtype=torch.float64, device=x.device)  # NCCL: a GPU's
         dist.all_reduce(count)
         n = count.item()
         mean = summed(x.sum(dims) * weight) / n
@@ -374,6 +374,7 @@ def norms_over_ranks(model: nn.Module) -> list[BatchNormOverRanks]:
                 norm = BatchNormOverRanks(child.num_features, child.eps, child.momentum, child.affine,
                                           child.track_running_stats)
                 norm.load_state_dict(child.state_dict())
-                replaced.append(norm.to(next(iter(child.state_dict().values())).device).train(child.training))
+                held = [*child.parameters(recurse=False), *child.buffers(recurse=False)]   # none: affine and stats off
+                replaced.append(norm.to(held[0].device if held else "cpu").train(child.training))
                 setattr(parent, name, replaced[-1])
     return replaced

@@ -526,10 +526,10 @@ def step_unsafe_inputs(ctx: RunContext) -> UnsafeInputs:
 def training_labels_digest(ctx: RunContext, mode: str) -> str:
     """Fingerprint of the labels from DataSets/ImprovementLabels.csv that the mode's runs train on: a
     change of the file's format, or of rows for other images, retrains nothing."""
-    unsafe = step_unsafe_inputs(ctx)
     improve, labelled = improvement_for_training(ctx)
     if mode == "BL1" and not labelled.all():   # refused by its compute; its pool would be the few labelled failures
         return "incomplete"
+    unsafe = step_unsafe_inputs(ctx)
     digest = hashlib.sha256()
     for run in range(1, ctx.settings.runs + 1):
         for image in run_selection(ctx, mode, run, unsafe).chosen:
