@@ -119,9 +119,13 @@ def test_the_ddp_epochs_equal_the_single_process_epochs(single_run, tmp_path, no
             assert two["state"][key] == weights == 3 * 5   # 17 samples in batches of 4, 3 epochs
             continue
         moved = (weights - original[key]).abs().max().item() if key in original else 1.0
-        if not (norm and key in ("features.0.bias", "features.3.bias")):  # a BatchNorm takes their mean out
+        before_a_norm = norm and key in ("features.0.bias", "features.3.bias", "features.6.bias")
+        if not before_a_norm:   # a BatchNorm takes out the mean those biases add
             assert moved > 1e-3  # the epochs changed the weights...
-        torch.testing.assert_close(two["state"][key], weights, rtol=1e-5, atol=1e-6)  # ...alike, up to float sums
+        # ...alike, up to float sums: 2.5e-7 after one epoch either way; with BatchNorm's divisions they grow
+        # to 5e-6 by the third (left per rank, its statistics made other training accuracies in the second)
+        tolerance = {"rtol": 1e-4, "atol": 2e-5} if norm else {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(two["state"][key], weights, **tolerance)
 
 
 def test_a_retraining_mode_under_torchrun_writes_its_run_once_from_rank_0(single_run, tmp_path):

@@ -4,8 +4,9 @@ and the per-epoch history.
 
     [torchrun --nproc-per-node 2] ddp_epochs.py CASE OUT.pt EPOCHS [batchnorm]
 
-With `batchnorm`, the model gets a BatchNorm2d before each of its first two ReLUs (as ResNets and most
-torchvision models have), whose statistics must be the global batch's.
+With `batchnorm`, the model gets a BatchNorm2d before each of its three ReLUs (as ResNets and most
+torchvision models have; the third without parameters or running statistics), whose statistics must be
+the global batch's.
 """
 import os
 import sys
@@ -32,6 +33,9 @@ if sys.argv[4:] == ["batchnorm"]:
             norm.weight.copy_(torch.linspace(0.5, 1.5, channels))
             norm.bias.copy_(torch.linspace(-0.2, 0.2, channels))
         model.features[position] = torch.nn.Sequential(norm, torch.nn.ReLU())
+    # and one with neither parameters nor running statistics (always the batch's own)
+    model.features[7] = torch.nn.Sequential(torch.nn.BatchNorm2d(64, affine=False, track_running_stats=False),
+                                            torch.nn.ReLU())
 distributed.start(ctx.device)
 data = retrainModule.training_data(ctx)
 bag = np.array([0, 3, 3, 7, 11])  # 12 training images + 5: the last batch of 4 holds one sample
