@@ -286,11 +286,17 @@ class BatchDropout(nn.Module):
 def batch_dropout(model: nn.Module) -> list[BatchDropout]:
     """Replaces the model's nn.Dropout modules by BatchDropout (same p; no parameters, so the state_dict
     is unchanged); returns them for `set_batch`. Functional dropout inside forward() is not reached."""
+    return _replace_modules(model, lambda child: type(child) is nn.Dropout, lambda child: BatchDropout(child.p))
+
+
+def _replace_modules(model: nn.Module, wanted: Callable[[nn.Module], bool],
+                     make: Callable[[nn.Module], nn.Module]) -> list[nn.Module]:
+    """Replaces every submodule `wanted` picks by `make(it)`, in place; returns the new modules in order."""
     replaced = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Dropout:
-                replaced.append(BatchDropout(child.p))
+            if wanted(child):
+                replaced.append(make(child))
                 setattr(parent, name, replaced[-1])
     return replaced
 
@@ -367,14 +373,12 @@ def norms_over_ranks(model: nn.Module) -> list[BatchNormOverRanks]:
     already sees the whole batch."""
     if not active() or world() < 2:
         return []
-    replaced = []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, BatchNormOverRanks):
-                norm = BatchNormOverRanks(child.num_features, child.eps, child.momentum, child.affine,
-                                          child.track_running_stats)
-                norm.load_state_dict(child.state_dict())
-                held = [*child.parameters(recurse=False), *child.buffers(recurse=False)]   # none: affine and stats off
-                replaced.append(norm.to(held[0].device if held else "cpu").train(child.training))
-                setattr(parent, name, replaced[-1])
-    return replaced
+
+    def over_ranks(child: nn.modules.batchnorm._BatchNorm) -> BatchNormOverRanks:
+        norm = BatchNormOverRanks(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+        norm.load_state_dict(child.state_dict())
+        held = [*child.parameters(recurse=False), *child.buffers(recurse=False)]   # none: affine and stats off
+        return norm.to(held[0].device if held else "cpu").train(child.training)
+
+    return _replace_modules(model, lambda child: isinstance(child, nn.modules.batchnorm._BatchNorm)
+                            and not isinstance(child, BatchNormOverRanks), over_ranks)

@@ -142,11 +142,7 @@ def ingredients(ctx: Helper.RunContext) -> dict:
     channels = assignModule.label_free_channels(ctx, results, uncertainty)
     levels = {level: assignModule.selected_clusters(replace_settings(ctx, assign_level=level))
               for level in GRID["assign_level"]}
-    rows = np.empty((len(ctx.sets()["improve"]),), dtype=object)
-    for positions, block in assignModule.improvement_rows(ctx, levels["sub"], channels):
-        for position, row in zip(positions, block):
-            rows[position] = row
-    rows = np.stack(rows)
+    rows = in_order(assignModule.improvement_rows(ctx, levels["sub"], channels), len(ctx.sets()["improve"]))
     errors, row_shape = assignModule.error_rows(ctx, levels["sub"].layer)
     sides = assignModule.contrast_sides(ctx, levels["sub"], errors, row_shape)
     contrast = assignModule.contrast(rows, *sides)
@@ -161,11 +157,17 @@ def training_contrast(ctx: Helper.RunContext, parts: dict) -> np.ndarray:
     images = [ctx.paths.relative(p) for p in train.paths]
     results = testModule.read_results(ctx.paths, "train").set_index("image").reindex(images)
     channels = assignModule.label_free_channels(ctx, results, assignModule.uncertainty_table(ctx, results, train))
-    rows = np.empty((len(train),), dtype=object)
-    for positions, block in assignModule.improvement_rows(ctx, parts["levels"]["sub"], channels, images=train):
+    rows = in_order(assignModule.improvement_rows(ctx, parts["levels"]["sub"], channels, images=train), len(train))
+    return assignModule.contrast(rows, *parts["sides"])
+
+
+def in_order(batches, count: int) -> np.ndarray:
+    """The rows of (positions, block) batches, stacked in position order."""
+    rows = np.empty((count,), dtype=object)
+    for positions, block in batches:
         for position, row in zip(positions, block):
             rows[position] = row
-    return assignModule.contrast(np.stack(rows), *parts["sides"])
+    return np.stack(rows)
 
 
 def training_rare(ctx: Helper.RunContext) -> np.ndarray:
