@@ -515,16 +515,17 @@ def write_layer_files(result: LayerClustering, distances, index, metadata, folde
     are known; the RCC folders come after (finish_layer), the k plots at the step's end (plot_layers)."""
     scenarios = scenarios_of(metadata)
     top, sub = level_names(result.labels, result.sub_labels)
+    sub_sums = sums_within_groups(sub, distances, measured)  # each sub-cluster's block taken once, for both uses
     labels = pd.DataFrame({"image": index["image"], "expected": index["expected"],
                            "predicted": index["predicted"], "rcc": top, "sub_rcc": sub,
-                           "mean_distance_in_sub_rcc": mean_distance_in_group(sub, distances, measured)})
+                           "mean_distance_in_sub_rcc": mean_distance_in_group(sub, sub_sums, measured)})
     if scenarios is not None:
         labels["scenario"] = scenarios
     write_csv(labels, folder / LABELS_FILE)
     stats = rcc_statistics(top, distances, scenarios, measured).rename(columns={"name": "rcc"})
-    stats.insert(2, "sub_rccs", [labels.loc[labels["rcc"] == r, "sub_rcc"].nunique() for r in stats["rcc"]])
+    stats.insert(2, "sub_rccs", stats["rcc"].map(labels.groupby("rcc")["sub_rcc"].nunique()).to_numpy())
     write_csv(stats, folder / STATS_FILE)
-    sub_stats = rcc_statistics(sub, distances, scenarios, measured).rename(columns={"name": "sub_rcc"})
+    sub_stats = rcc_statistics(sub, distances, scenarios, measured, sub_sums).rename(columns={"name": "sub_rcc"})
     sub_stats.insert(1, "rcc", [name.rsplit(".", 1)[0] for name in sub_stats["sub_rcc"]])
     write_csv(sub_stats, folder / SUB_STATS_FILE)
     write_k_choice(result, folder / K_CHOICE_FILE)
@@ -533,43 +534,55 @@ def write_layer_files(result: LayerClustering, distances, index, metadata, folde
         write_characterisation(labels, metadata, folder / CHARACTERISATION_FILE, ordinary)
 
 
-def rcc_statistics(names: np.ndarray, distances: np.ndarray, scenarios, measured: np.ndarray | None = None
-                   ) -> pd.DataFrame:
+def rcc_statistics(names: np.ndarray, distances: np.ndarray, scenarios, measured: np.ndarray | None = None,
+                   sums: np.ndarray | None = None) -> pd.DataFrame:
     """Per group (named in `names`, RCC02 before RCC10): size, ICD (mean distance between members;
     over the sampled members in a two-stage clustering) and, where scenarios are known, majority
-    scenario and purity."""
+    scenario and purity. `sums`: sums_within_groups of these groups, where the caller has them."""
+    sums = sums_within_groups(names, distances, measured) if sums is None else sums
     members_of = pd.Series(names).groupby(names).indices
     measured_of = members_of if measured is None else pd.Series(names[measured]).groupby(names[measured]).indices
     rows = []
     for name in sorted(members_of, key=_name_order):
-        row = {"name": name, "size": len(members_of[name]), "icd": mean_inner_distance(distances, measured_of.get(name))}
+        row = {"name": name, "size": len(members_of[name]), "icd": mean_inner_distance(sums, measured_of.get(name))}
         if scenarios is not None:
             row.update(zip(("majority_scenario", "purity"), majority(scenarios[members_of[name]])))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def mean_distance_in_group(names: np.ndarray, distances: np.ndarray, measured: np.ndarray | None = None
-                           ) -> np.ndarray:
-    """Per image, its mean distance to the other members of its group: the smallest are the group's most
-    typical members, which the report shows first. 0 for a member alone; inf for an image a two-stage
-    clustering did not measure (`measured`: the images the rows of `distances` are)."""
+def sums_within_groups(names: np.ndarray, distances: np.ndarray, measured: np.ndarray | None = None) -> np.ndarray:
+    """Per row of `distances` (the images `measured`, or every image), the sum of its distances to the
+    other measured members of its group: what both the mean distance in a group (per image) and the
+    ICD (per group) are made of. Group by group, never the whole matrix reordered (a two-stage sample's
+    matrix is gigabytes)."""
+    groups = names if measured is None else names[measured]
+    sums = np.zeros(len(groups))
+    for at in pd.Series(groups).groupby(groups).indices.values():
+        block = distances[np.ix_(at, at)]
+        sums[at] = block.sum(axis=1) - np.diagonal(block)
+    return sums
+
+
+def mean_distance_in_group(names: np.ndarray, sums: np.ndarray, measured: np.ndarray | None = None) -> np.ndarray:
+    """Per image, its mean distance to the other members of its group (from sums_within_groups): the
+    smallest are the group's most typical members, which the report shows first. 0 for a member alone;
+    inf for an image a two-stage clustering did not measure (`measured`: the images the sums are of)."""
     result = np.full(len(names), np.inf)
     rows = np.arange(len(names)) if measured is None else np.asarray(measured)
-    for at in pd.Series(names[rows]).groupby(names[rows]).indices.values():
-        block = distances[np.ix_(at, at)]
-        result[rows[at]] = (block.sum(axis=1) - np.diagonal(block)) / max(len(at) - 1, 1)
+    groups = pd.Series(names[rows])
+    others = groups.map(groups.value_counts()).to_numpy() - 1
+    result[rows] = sums / np.maximum(others, 1)
     return result
 
 
-def mean_inner_distance(distances: np.ndarray, members: np.ndarray | None) -> float:
-    """The mean distance over the pairs of members (the matrix is symmetric: half its off-diagonal
-    sum over the pairs); 0 for fewer than two."""
+def mean_inner_distance(sums: np.ndarray, members: np.ndarray | None) -> float:
+    """The mean distance over the pairs of members (`sums`: sums_within_groups; each pair counted from
+    both ends); 0 for fewer than two."""
     m = 0 if members is None else len(members)
     if m < 2:
         return 0.0
-    block = distances[np.ix_(members, members)]
-    return float((block.sum() - np.trace(block)) / (m * (m - 1)))
+    return float(sums[members].sum() / (m * (m - 1)))
 
 
 def _name_order(name: str) -> tuple:

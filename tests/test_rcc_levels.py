@@ -75,6 +75,30 @@ def test_each_images_mean_distance_in_its_sub_cluster_is_that_of_the_distance_ma
         assert row.mean_distance_in_sub_rcc == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
+def test_each_groups_icd_is_the_mean_over_its_pairs_of_the_distance_matrix(clustered_case):
+    from itertools import combinations
+    ctx = context(clustered_case)
+    layer = clusterModule.selected_layer(ctx.paths)
+    labels = clusterModule.read_labels(ctx.paths, layer)
+    distances = np.load(clusterModule.layer_dir(ctx.paths, layer) / "distances.npy")
+    for stats, column in ((clusterModule.read_rcc_stats(ctx.paths, layer), "rcc"),
+                          (clusterModule.read_sub_rcc_stats(ctx.paths, layer), "sub_rcc")):
+        for name, icd in zip(stats[column], stats["icd"]):
+            pairs = list(combinations(np.flatnonzero(labels[column].to_numpy() == name), 2))
+            expected = sum(distances[i, j] for i, j in pairs) / len(pairs) if pairs else 0.0
+            assert icd == pytest.approx(expected, rel=1e-12, abs=1e-15), (column, name)
+
+
+def test_a_two_stage_clusterings_statistics_cover_the_measured_members_only():
+    names = np.array(["RCC01", "RCC01", "RCC02", "RCC01", "RCC02"])
+    measured = np.array([0, 2, 3, 4])                          # image 1 is not in the sample
+    distances = np.array([[0.0, 1.0, 4.0, 6.0], [1.0, 0.0, 2.0, 3.0], [4.0, 2.0, 0.0, 5.0], [6.0, 3.0, 5.0, 0.0]])
+    sums = clusterModule.sums_within_groups(names, distances, measured)
+    assert list(clusterModule.mean_distance_in_group(names, sums, measured)) == [4.0, np.inf, 3.0, 4.0, 3.0]
+    stats = clusterModule.rcc_statistics(names, distances, None, measured)
+    assert list(stats["size"]) == [3, 2] and list(stats["icd"]) == [4.0, 3.0]
+
+
 def test_a_parameter_few_members_have_does_not_characterise_an_rcc(clustered_case):
     ctx = context(clustered_case)
     params = clusterModule.read_characterising_parameters(ctx.paths, clusterModule.selected_layer(ctx.paths))
