@@ -91,7 +91,7 @@ class CasePaths:
         `ImprovementSet/ImprovementSet/<class>/`; both that and the plain layout are accepted."""
         top = self.datasets / SET_FOLDERS[set_key]
         doubled = top / SET_FOLDERS[set_key]
-        if doubled.is_dir() and not _has_images(top) and _subdirs(top) == [doubled]:
+        if doubled.is_dir() and not _has_images(top) and class_folders(top) == [doubled]:
             return doubled
         return top
 
@@ -100,14 +100,15 @@ class CasePaths:
         return Path(os.path.relpath(path, self.root)).as_posix()
 
 
-def _subdirs(folder: Path) -> list[Path]:
+def class_folders(folder: Path) -> list[Path]:
+    """A set folder's sub-folders, sorted; hidden ones (.ipynb_checkpoints and the like) are no class."""
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _refuse_nested_images(class_folder: Path) -> None:
     """Images are read directly inside each class folder: ones in folders below it would be left out
     silently (torchvision's ImageFolder reads them), so they stop the run instead."""
-    for inner in _subdirs(class_folder):
+    for inner in class_folders(class_folder):
         nested = next((p for p in inner.rglob("*") if _is_image(p)), None)
         if nested is not None:
             raise HuddError(f"{inner}: images in a folder inside class folder {class_folder.name} (e.g. {nested.name}); "
@@ -164,7 +165,7 @@ def list_image_set(set_root: Path, classes: list[str] | None = None, name: str =
     name = name or set_root.name
     if not set_root.is_dir():
         raise HuddError(f"{set_root}: image set folder not found; create it with one sub-folder per class")
-    class_dirs = _subdirs(set_root)
+    class_dirs = class_folders(set_root)
     if class_dirs:
         loose = sorted(p for p in set_root.iterdir() if _is_image(p))
         if loose:  # they would be left out silently: a set is either labelled by folders or not at all

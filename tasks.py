@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import keypoints
-from Helper import KEYPOINT_LABELS, HuddError, ImageSet, list_image_set, list_keypoint_set
+from Helper import KEYPOINT_LABELS, HuddError, ImageSet, class_folders, list_image_set, list_keypoint_set
 
 WRONG, CORRECT = "Wrong", "Correct"
 
@@ -73,7 +73,7 @@ class ClassificationTask:
         if known is None and self.output_order is not None and Path(set_root).is_dir():
             def same_form(names):  # as list_image_set compares them (macOS writes names decomposed)
                 return {unicodedata.normalize("NFC", n) for n in names}
-            folders = [p.name for p in Path(set_root).iterdir() if p.is_dir() and not p.name.startswith(".")]
+            folders = [p.name for p in class_folders(Path(set_root))]
             if folders and same_form(folders) != same_form(self.output_order):
                 raise HuddError(f"{set_root}: its class folders ({', '.join(sorted(folders))}) differ from the "
                                 f"setting classes ({', '.join(self.output_order)}); list every class folder there "
