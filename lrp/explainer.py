@@ -17,28 +17,33 @@ from .rules import DEFAULT_EPSILON
 from .targets import make_seed
 
 
-def default_layers(model: nn.Module, example_input: torch.Tensor | None = None
-                   ) -> list[tuple[str, str]]:
+def default_layers(model: nn.Module, example_input: torch.Tensor | None = None,
+                   module_rules: dict | None = None) -> list[tuple[str, str]]:
     """``(alias, module path)`` of every Conv/ConvTranspose, Linear and pooling module in execution
     order, aliased ``Layer1``, ``Layer2``, ...; the last layer whose output is the model output is
     excluded (its relevance is the seed). Relevance at the input is not listed: :func:`relevance`
-    always returns it under the key ``"input"``.
+    always returns it under the key ``"input"``. A module with a module rule (``module_rules``, and
+    torchvision's squeeze-and-excitation blocks by default) is explained as one module: no layer
+    inside it is listed, since none of them sees relevance of its own.
 
     The order comes from a torch.fx trace (no input needed); if the model cannot be traced, from a
     forward pass with hooks on a private copy, on ``example_input`` or on a zero input inferred from
     the model (``model.input_size`` and the first layer's input channels). The model is not changed.
     """
+    whole = tuple({**gating_module_rules(model), **(module_rules or {})})
     try:
-        gm, module_nodes = graph.trace(model)
+        gm, module_nodes = graph.trace(model, whole)
         paths = graph.default_layer_paths(gm, module_nodes)
     except Exception:  # noqa: BLE001 - any tracing failure: fall back to a probe pass
         net, _ = private_copy(model)
         x = example_input if example_input is not None else infer_example_input(net)
-        paths = probe(net, x[:1]).default_paths
+        paths = probe(net, x[:1], whole).default_paths
     return [(f"Layer{i + 1}", p) for i, p in enumerate(paths)]
 
 
-def _check_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str] | None:
+def _check_layers(model: nn.Module, layers: Sequence[str] | None, whole: tuple = ()) -> list[str] | None:
+    """The requested paths, each a module of the model and none inside a module of a `whole` type
+    (a module rule explains it as one module: the layers inside it see no relevance of their own)."""
     if layers is None:
         return None
     paths = [str(p) for p in layers]
@@ -49,6 +54,11 @@ def _check_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str] |
             model.get_submodule(p)
         except AttributeError:
             raise ValueError(f"LRP: the model has no module named '{p}'") from None
+        parts = p.split(".")
+        for outer in (".".join(parts[:i]) for i in range(1, len(parts))):
+            if isinstance(model.get_submodule(outer), whole):
+                raise ValueError(f"LRP: module '{p}' lies inside '{outer}' ({type(model.get_submodule(outer)).__name__}), "
+                                 "which a module rule explains as one module; choose that module or a layer outside it")
     return paths
 
 
@@ -97,7 +107,7 @@ class LRPExplainer:
         check_module_rules(self.module_rules)
         self._composite = Composite(preset, self.epsilon, self.module_rules)
         self.rules = self._composite.affine_rule_names()
-        requested = _check_layers(model, layers)
+        requested = _check_layers(model, layers, tuple(self.module_rules))
         net, inplace_modules = private_copy(model)
         self._device = None
         self._gm = self._fallback = None

@@ -57,13 +57,16 @@ def _record_calls(net: nn.Module, x: torch.Tensor) -> tuple[list, Any]:
     return records, out
 
 
-def probe(net: nn.Module, x: torch.Tensor) -> ProbeResult:
-    """Calls, default layers and BatchNorm merges seen in one forward pass."""
+def probe(net: nn.Module, x: torch.Tensor, whole: tuple = ()) -> ProbeResult:
+    """Calls, default layers and BatchNorm merges seen in one forward pass; a module of a `whole` type
+    (one with a module rule) counts as a leaf, and the calls inside it are not seen."""
     records, out = _record_calls(net, x)
+    containers = [p for p, m in net.named_modules() if p and isinstance(m, whole)]
+    records = [r for r in records if not any(r[0].startswith(c + ".") for c in containers)]
     calls: dict[str, int] = {}
     for path, *_ in records:
         calls[path] = calls.get(path, 0) + 1
-    leaves = {p for p, m, *_ in records if not list(m.children())}
+    leaves = {p for p, m, *_ in records if not list(m.children()) or isinstance(m, whole)}
     producer = {}  # output id -> (leaf path, module, input id) of the first leaf that made it
     for path, m, iid, oid in records:
         if path in leaves:
@@ -153,7 +156,7 @@ class Fallback:
         self._store: dict[str, Any] = {}
 
     def prepare(self, x: torch.Tensor) -> None:
-        result = probe(self.net, x[:1])
+        result = probe(self.net, x[:1], self.user_types)
         if self.layers is None:
             self.layers = list(result.default_paths)
         for p in self.layers:

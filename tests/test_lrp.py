@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -866,6 +867,58 @@ def test_torchvision_gating_and_stochastic_depth_get_their_rules_by_default():
     with_extras.load_state_dict(net.state_dict())
     rel = lrp.LRPExplainer(with_extras, rules="epsilon")(x)
     assert set(rel) >= {"conv", "input"}   # explained, no "no relevance rule" error
+
+
+class GatedNet(nn.Module):
+    """A conv, a squeeze-and-excitation block (a pool and two convs inside), a linear head; with
+    `untraceable`, data-dependent control flow that torch.fx cannot trace."""
+
+    def __init__(self, untraceable: bool = False):
+        from torchvision.ops import SqueezeExcitation
+        super().__init__()
+        self.untraceable = untraceable
+        self.conv, self.se, self.fc = nn.Conv2d(3, 4, 3), SqueezeExcitation(4, 2), nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        if not self.untraceable or h.sum() > -1e30:
+            h = self.se(h)
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_default_layers_leave_out_the_layers_inside_a_squeeze_and_excitation_block(untraceable):
+    """MobileNetV3 and EfficientNet: the pool and convs inside a gating block see no relevance of their
+    own (the block passes it whole to the gated signal); listing them failed every explanation of the
+    default layers ("module 'features.1.block.1.avgpool' is not called")."""
+    torch.manual_seed(13)
+    traced, net = GatedNet().double().eval(), GatedNet(untraceable).double().eval()
+    net.load_state_dict(traced.state_dict())
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    assert lrp.default_layers(net, example_input=x) == [("Layer1", "conv")]   # the block is no conv or pool
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # the fallback mode's warning
+        rel = lrp.relevance(net, x, rules="epsilon", layers=["conv", "se"])
+    expected = lrp.LRPExplainer(traced, rules="epsilon", layers=["conv", "se"])(x)
+    assert set(rel) == {"conv", "se", "input"}
+    for key in rel:
+        assert_close(rel[key], expected[key], 1e-10, key)
+
+
+def test_a_layer_inside_a_gating_block_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"'se\.fc1' lies inside 'se' \(SqueezeExcitation\)"):
+        lrp.LRPExplainer(GatedNet().eval(), layers=["conv", "se.fc1"])
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_torchvision_gated_architectures_explain_their_default_layers(arch):
+    import torchvision
+    torch.manual_seed(14)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=3).eval()
+    layers = [p for _, p in lrp.default_layers(model)]
+    assert layers and not any(".avgpool" in p and ".block." in p for p in layers)
+    rel = lrp.relevance(model, torch.randn(2, 3, 32, 32), layers=layers)
+    assert set(rel) == {*layers, "input"} and all(torch.isfinite(r).all() for r in rel.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
