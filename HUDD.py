@@ -242,6 +242,19 @@ def prepare_demo(args: argparse.Namespace, case: Path, device) -> None:
     demo.prepare(demo_kind_and_folder(args.demo)[0], case, seed=args.seed, device=device)
 
 
+def near_chance_note(sets: dict, chance: float | None) -> str:
+    """A note where the model recognises its training images (the test images, without a labelled
+    training set) about as often as a guess would: every later step then explains a broken model."""
+    named = next(((name, sets[name]) for name in ("TrainingSet", "TestSet") if "accuracy" in sets.get(name, {})), None)
+    if chance is None or named is None or named[1]["accuracy"] > chance + 0.1 * (100 - chance):
+        return ""
+    name, entry = named
+    return (f"  note: {name} accuracy {entry['accuracy']:.2f}% is near chance ({chance:.2f}% for {round(100 / chance)} "
+            "classes): the model, as HUDD loads it, does not recognise these images. Check input_size, mean, std and "
+            "resize in hudd.json against the model's training, and that the weights are of its arch; a model whose "
+            "BatchNorm statistics never settled is near chance in eval mode too")
+
+
 def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
     print(f"\nHUDD on {ctx.paths.root} with {ctx.model_path.name} ({seconds:.0f} s)")
     test = results.get("test")
@@ -250,6 +263,9 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
             accuracy = f"accuracy {entry['accuracy']:6.2f}%  wrong {entry['wrong']:5d}" if "accuracy" in entry \
                 else "unlabelled"
             print(f"  {set_name:15s} {entry['images']:6d} images  {accuracy}  -> {entry['file']}")
+        near_chance = near_chance_note(test["sets"], test.get("chance"))
+        if near_chance:
+            print(near_chance)
         scenarios = test["scenarios"]
         if scenarios is not None:
             print("  accuracy per scenario (from metadata.csv):")

@@ -338,7 +338,8 @@ class TestStep(Step):
 
     def summary(self, ctx: RunContext) -> dict:
         """Accuracy per set (and per scenario) read back from the step's own files."""
-        summary = {"sets": {}, "scenarios": read_scenario_accuracy(ctx.paths)}
+        summary = {"sets": {}, "scenarios": read_scenario_accuracy(ctx.paths),
+                   "chance": 100.0 / len(ctx.classes) if ctx.task.name == "classification" else None}
         for set_key in ctx.sets():
             frame = read_results(ctx.paths, set_key)
             entry = {"images": len(frame), "file": result_path(ctx.paths, set_key)}

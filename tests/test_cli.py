@@ -27,6 +27,9 @@ def test_original_package_layout_runs(make_case):
     improve = pd.read_csv(case / "improveResult.csv")
     assert improve["image"].str.startswith("DataSets/ImprovementSet/ImprovementSet/").all()
     assert len(improve) == 6
+    train = pd.read_csv(case / "trainResult.csv")   # the model is untrained: the note follows its accuracy
+    accuracy, chance = 100.0 * train["result"].eq("Correct").mean(), 100.0 / train["expected"].nunique()
+    assert ("TrainingSet accuracy" in result.stdout) == (accuracy <= chance + 0.1 * (100 - chance))
     rerun = hudd("-o", str(case) + "/", "-m", str(case / "DNNModels" / "OriginalModel.pth"))  # trailing slash, path
     assert rerun.returncode == 0 and "inputs unchanged" in rerun.stdout
 
@@ -281,3 +284,14 @@ def test_demo_takes_a_kind_and_a_folder():
     with pytest.raises(HUDD.HuddError, match="at most a kind"):
         HUDD.demo_kind_and_folder(["a", "b"])
     assert HUDD.build_parser().parse_args(["--demo"]).demo == []
+
+
+def test_a_model_near_chance_on_its_training_images_gets_a_note_naming_the_settings_to_check():
+    sets = {"TrainingSet": {"images": 90, "accuracy": 12.0}, "TestSet": {"images": 30, "accuracy": 60.0}}
+    note = HUDD.near_chance_note(sets, chance=100 / 9)
+    assert "TrainingSet accuracy 12.00% is near chance (11.11% for 9 classes)" in note
+    assert "input_size, mean, std and resize" in note and "BatchNorm" in note
+    assert HUDD.near_chance_note({**sets, "TrainingSet": {"images": 90, "accuracy": 21.0}}, chance=100 / 9) == ""
+    assert HUDD.near_chance_note({"TestSet": {"images": 30, "accuracy": 52.0}}, chance=50.0).startswith("  note: TestSet")
+    assert HUDD.near_chance_note({"TrainingSet": {"images": 9, "accuracy": 0.0}}, chance=None) == ""   # keypoints
+    assert HUDD.near_chance_note({"TrainingSet": {"images": 9}}, chance=50.0) == ""                      # unlabelled
