@@ -57,6 +57,7 @@ log = logging.getLogger("hudd")
 MODES = RETRAIN_MODES
 VALIDATION_SHARE = 0.1
 CACHE_BYTES = 2 * 2 ** 30   # sets whose decoded tensors fit are read from disk once, not every epoch
+AUXILIARY_WEIGHT = 0.3   # an auxiliary head's share of the loss, GoogLeNet's (Szegedy et al., 2015)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,14 +289,26 @@ def train_epoch(model, optimiser, data: TrainingData, bag: np.ndarray, ctx: RunC
                               int(np.random.SeedSequence([*mask_seed, number]).generate_state(1)[0]), norms, mine > 0)
         inputs, labels = inputs.to(ctx.device), labels.to(ctx.device)
         optimiser.zero_grad()
-        outputs = model(inputs)
-        (ctx.task.loss(outputs, labels) * (mine * distributed.world() / size)).backward()
+        outputs, auxiliary = main_and_auxiliary(model(inputs))
+        loss = ctx.task.loss(outputs, labels) + sum(AUXILIARY_WEIGHT * ctx.task.loss(extra, labels) for extra in auxiliary)
+        (loss * (mine * distributed.world() / size)).backward()
         optimiser.step()
         if mine:
             correct += ctx.task.count_correct(outputs.detach(), labels)
             seen += len(labels)
     correct, seen = distributed.sum_over_ranks(correct, seen)
     return correct / max(seen, 1)
+
+
+def main_and_auxiliary(outputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the main output, the auxiliary outputs) of a forward pass in training mode. torchvision's GoogLeNet
+    and Inception v3 return (logits, auxiliary logits...) there, and their output tensor in eval mode."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs, []
+    if isinstance(outputs, tuple) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0], [extra for extra in outputs[1:] if isinstance(extra, torch.Tensor)]
+    raise HuddError(f"the model returns a {type(outputs).__name__} in training mode; HUDD retrains a model that "
+                    "returns its output tensor, or a tuple (output, auxiliary outputs...) as torchvision's GoogLeNet")
 
 
 def epoch_learning_rate(base: float, epoch: int, epochs: int, schedule: str) -> float:

@@ -1,14 +1,18 @@
 """retrainModule: budgets and selections, the training data, fine-tuning, saved models, the step's tables."""
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import Helper
+from Helper import HuddError
 import assignModule
 import clusterModule
 import heatmapModule
@@ -177,6 +181,48 @@ def test_an_epoch_passes_over_the_training_rows_and_the_bag_once(pipeline_case, 
     train_labels = np.asarray(ctx.sets()["train"].labels)[data.train_rows]
     improve_labels = np.asarray(ctx.sets()["improve"].labels)[bag]
     assert sorted(labels.tolist()) == sorted(np.concatenate([train_labels, improve_labels]).tolist())
+
+
+def test_a_model_with_auxiliary_outputs_in_training_learns_from_its_main_and_auxiliary_losses(pipeline_case):
+    """torchvision's GoogLeNet and Inception v3 return (logits, auxiliary logits...) in training mode: the
+    epoch takes the main output's loss plus 0.3 of each auxiliary one, as a hand-written epoch does."""
+    from collections import namedtuple
+    Outputs = namedtuple("Outputs", ["logits", "aux_logits"])
+
+    class WithAuxiliary(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.aux = net, nn.Linear(3 * 32 * 32, 3)
+
+        def forward(self, x):
+            main = self.net(x)
+            return Outputs(main, self.aux(x.flatten(1))) if self.training else main
+
+    ctx = context(pipeline_case)
+    data, bag = retrainModule.training_data(ctx), np.array([0, 3, 3, 5])
+    torch.manual_seed(3)
+    ours = WithAuxiliary(copy.deepcopy(ctx.model()))
+    by_hand, initial = copy.deepcopy(ours), ours.aux.weight.detach().clone()
+    torch.manual_seed(4)   # the same dropout masks on both sides
+    retrainModule.train_epoch(ours, torch.optim.SGD(ours.parameters(), lr=0.05), data, bag, ctx,
+                              torch.Generator().manual_seed(0))
+    torch.manual_seed(4)
+    optimiser = torch.optim.SGD(by_hand.parameters(), lr=0.05)
+    by_hand.train()
+    for inputs, labels, _size, _part in retrainModule.epoch_batches(data, bag, ctx.settings.batch_size, ctx,
+                                                                  torch.Generator().manual_seed(0)):
+        optimiser.zero_grad()
+        main, aux = by_hand(inputs)
+        (F.cross_entropy(main, labels) + 0.3 * F.cross_entropy(aux, labels)).backward()
+        optimiser.step()
+    for (name, mine), theirs in zip(ours.state_dict().items(), by_hand.state_dict().values()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(ours.aux.weight, initial)   # the auxiliary head learned
+
+
+def test_a_model_returning_a_dict_in_training_is_refused_with_one_line():
+    with pytest.raises(HuddError, match="returns a dict in training mode"):
+        retrainModule.main_and_auxiliary({"out": torch.zeros(1)})
 
 
 @pytest.mark.parametrize("bag", ["uniform", "balanced"])
