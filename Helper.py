@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 import unicodedata
+import warnings
 import zipfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -698,7 +699,9 @@ def build_architecture(arch: str, num_classes: int, channels: int = 3) -> nn.Mod
                             "constructor must take num_classes, every other argument with a default") from error
     import torchvision
     if arch in torchvision.models.list_models():
-        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        with warnings.catch_warnings():  # GoogLeNet's and Inception's note on their initialisation: the weights are the user's
+            warnings.filterwarnings("ignore", message="The default weight initialization", category=FutureWarning)
+            return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     raise HuddError(
         f"architecture {arch!r} is unknown: use one of {', '.join(BUILTIN_ARCHITECTURES)}, a torchvision "
         "model name (e.g. resnet18), or your own class as path/to/file.py:ClassName")

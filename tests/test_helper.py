@@ -215,6 +215,15 @@ def test_torchvision_architecture_by_name(case, tmp_path):
         Helper.build_architecture("resnet19", 3)
 
 
+def test_googlenet_builds_without_torchvisions_initialisation_warning():
+    """Every step loads the model: torchvision's FutureWarning on GoogLeNet's default initialisation (the
+    weights loaded next are the user's) would print at each one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = Helper.build_architecture("googlenet", len(CLASSES))
+    assert model.fc.out_features == len(CLASSES) and model.aux1 is not None   # as torchvision builds it
+
+
 def test_architecture_mismatch_names_the_first_keys(case, tmp_path):
     torch.save(Helper.build_architecture("resnet18", len(CLASSES)).state_dict(), tmp_path / "r18.pth")
     with pytest.raises(HuddError, match=r"does not fit architecture 'demonet' \(missing features.0.weight"):
