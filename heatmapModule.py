@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import distributed
 from Helper import (CasePaths, HuddError, ImageDataset, ImageSet, PipelineStop, RunContext, Step, atomic_path,
-                    make_loader, read_csv, stop_on_unreadable, write_csv)
+                    make_loader, read_csv, resolve_input_size, stop_on_unreadable, write_csv)
 from lrp import RULE_PRESETS, LRPExplainer, NoRuleError, default_layers, relevance  # noqa: F401  (public API)
 from testModule import error_index
 
@@ -193,30 +193,50 @@ def relevance_colours(relevance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _bwr_table()[level], np.clip(np.abs(scaled) * 1.5, 0, 1)
 
 
-def overlay_tile(image_path: Path, relevance: np.ndarray, tile: int = OVERLAY_TILE) -> Image.Image:
-    """The image and, beside it, the image in grey with its pixel relevance (summed over channels)
-    overlaid."""
+def overlay_size(height: int, width: int, tile: int = OVERLAY_TILE) -> tuple[int, int]:
+    """(width, height) of each half of an overlay: the model input's aspect, its longer side `tile`."""
+    scale = tile / max(height, width)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def overlay_tile(image_path: Path, relevance: np.ndarray, crop: tuple[int, int] | None = None,
+                 tile: int = OVERLAY_TILE) -> Image.Image:
+    """The part of the image the model saw (its centre `crop` (height, width) with the center-crop setting,
+    else the whole image) and, beside it, that part in grey with its pixel relevance (summed over
+    channels) overlaid; each half of the model input's aspect."""
     heat = relevance.sum(axis=0) if relevance.ndim == 3 else relevance
+    size = overlay_size(*heat.shape, tile=tile)
     with Image.open(image_path) as source:
-        picture = source.convert("RGB").resize((tile, tile), Image.BILINEAR)
+        seen = source.convert("RGB")
+    if crop is not None:
+        from torchvision.transforms import CenterCrop
+        seen = CenterCrop(crop)(seen)  # as the model's transform crops (padding an image smaller than the crop)
+    picture = seen.resize(size, Image.BILINEAR)
     rgb, alpha = relevance_colours(heat.astype(np.float64))
-    colour = Image.fromarray((rgb * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
-    opacity = Image.fromarray((alpha * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
+    colour = Image.fromarray((rgb * 255).astype(np.uint8)).resize(size, Image.NEAREST)
+    opacity = Image.fromarray((alpha * 255).astype(np.uint8)).resize(size, Image.NEAREST)
     grey = picture.convert("L").convert("RGB")
     blended = Image.composite(colour, grey, opacity)
-    tile_image = Image.new("RGB", (2 * tile + 2, tile), "white")
+    tile_image = Image.new("RGB", (2 * size[0] + 2, size[1]), "white")
     tile_image.paste(picture, (0, 0))
-    tile_image.paste(blended, (tile + 2, 0))
+    tile_image.paste(blended, (size[0] + 2, 0))
     return tile_image
 
 
-def write_overlays(paths: CasePaths, images: list[Path], pixel_relevance: np.ndarray, first_row: int) -> None:
-    """The overlays of rows first_row.. (their images and input relevance). Written in place, not
-    through atomic_path (a rename costs as much as the file): an interrupted run redraws the batches
-    its progress file does not hold. PNG level 1: a third of the default's time, 13% larger."""
+def overlay_crop(settings) -> tuple[int, int] | None:
+    """The centre crop (height, width) the model's transform takes of each image; None where it sees the
+    whole image (resized, or already of the input size)."""
+    return tuple(resolve_input_size(settings)) if settings.resize == "center-crop" else None
+
+
+def write_overlays(paths: CasePaths, images: list[Path], pixel_relevance: np.ndarray, first_row: int,
+                   crop: tuple[int, int] | None = None) -> None:
+    """The overlays of rows first_row.. (their images and input relevance; `crop`: overlay_crop). Written
+    in place, not through atomic_path (a rename costs as much as the file): an interrupted run redraws the
+    batches its progress file does not hold. PNG level 1: a third of the default's time, 13% larger."""
     for offset, (image, relevance) in enumerate(zip(images, pixel_relevance)):
-        overlay_tile(image, np.asarray(relevance)).save(overlay_of(paths, first_row + offset), format="PNG",
-                                                        compress_level=1)
+        overlay_tile(image, np.asarray(relevance), crop).save(overlay_of(paths, first_row + offset), format="PNG",
+                                                              compress_level=1)
 
 
 def module_of(paths: CasePaths, layer: str) -> str:
@@ -369,7 +389,8 @@ def compute_heatmaps(ctx: RunContext, index: pd.DataFrame, folder: Path, step_pr
             stop_on_unreadable(image_set, failures)
             blocks = explain(inputs.to(ctx.device), channels[rows])
             writers.write(blocks, int(rows[0]))
-            write_overlays(ctx.paths, [image_set.paths[int(r)] for r in rows], blocks[INPUT_LAYER], int(rows[0]))
+            write_overlays(ctx.paths, [image_set.paths[int(r)] for r in rows], blocks[INPUT_LAYER], int(rows[0]),
+                           overlay_crop(ctx.settings))
             progress.save(int(rows[0]), int(rows[-1]) + 1)
     finally:
         writers.close()
@@ -391,7 +412,7 @@ def publish_heatmaps(folder: Path, layers: dict, index: pd.DataFrame, progress: 
 class HeatmapStep(Step):
     name, title = "heatmaps", "heatmap step"
     every_rank = True
-    version = 2     # 2: the overlays drawn here
+    version = 3     # 2: the overlays drawn here; 3: of the part of the image the model sees, at its aspect
 
     def inputs(self, ctx: RunContext) -> dict:
         index = error_index(ctx)

@@ -27,7 +27,7 @@ import retrainModule
 import testModule
 from clustering import MAX_OUTPUT_ALIGNMENT
 from heatmapModule import OVERLAY_TILE as TILE
-from Helper import CasePaths, RunContext, atomic_path
+from Helper import CasePaths, RunContext, atomic_path, resolve_input_size
 
 log = logging.getLogger("hudd")
 
@@ -203,12 +203,12 @@ def scenario_table(ctx: RunContext) -> str:
 
 def thumbnails(ctx: RunContext, data: ReportData, members: pd.DataFrame, count: int, height: int = TILE) -> str:
     """Up to `count` overlay tiles (image | where the model looked) of an RCC's or sub-cluster's members."""
-    figures = []
+    figures, (wide, tall) = [], heatmapModule.overlay_size(*resolve_input_size(ctx.settings), tile=height)
     for item in shown_first(members).head(count).itertuples():
         overlay = clusterModule.overlay_file(ctx.paths, data.layer, item.rcc, item.image, item.expected)
         caption = f"{esc(item.expected)} → {esc(item.predicted)}"
         figures.append(f"<figure><img loading=lazy src='{rel(overlay, ctx.paths.t_dir)}' "
-                       f"width={(2 * TILE + 2) * height // TILE} height={height} alt='{caption}'>"
+                       f"width={2 * wide + 2 * height // TILE} height={tall} alt='{caption}'>"
                        + (f"<figcaption>{caption}</figcaption>" if height == TILE else "") + "</figure>")
     return "".join(figures)
 

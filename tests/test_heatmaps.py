@@ -57,6 +57,44 @@ def test_heatmap_files_read_back_and_match_the_engine(make_case):
         assert np.array_equal(np.asarray(overlay)[:, :tile], np.asarray(picture))
 
 
+def test_a_center_crop_models_overlays_show_the_crop_it_saw(make_case):
+    """With the center-crop setting the relevance covers the image's centre: the overlay shows that
+    centre, not the whole image squeezed under relevance of another place."""
+    from PIL import Image
+    from torchvision.transforms import CenterCrop
+    case = make_case(per_class=4)
+    rng = np.random.default_rng(5)
+    for path in (case / "DataSets" / "TestSet").rglob("*.png"):   # larger than the 32 x 32 input
+        Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(path)
+    run_both(case, resize="center-crop")
+    index = pd.read_csv(case / "T" / "Heatmaps" / "index.csv")
+    tile = heatmapModule.OVERLAY_TILE
+    for i in (0, len(index) - 1):
+        overlay = np.asarray(Image.open(case / "T" / "Heatmaps" / "overlays" / f"{i}.png"))
+        seen = CenterCrop((32, 32))(Image.open(case / index["image"][i]).convert("RGB")).resize((tile, tile), Image.BILINEAR)
+        assert np.array_equal(overlay[:, :tile], np.asarray(seen))
+
+
+def test_an_overlay_keeps_the_model_inputs_aspect_and_puts_relevance_where_it_is():
+    image = np.zeros((48, 64, 3), dtype=np.uint8)
+    image[:, 32:] = 255                                    # the right half white
+    relevance = np.zeros((3, 24, 32))
+    relevance[:, 6, 24] = 1.0                               # one relevant pixel, in the right half, a quarter down
+    from PIL import Image
+    import tempfile, os
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "wide.png")
+        Image.fromarray(image).save(path)
+        overlay = np.asarray(heatmapModule.overlay_tile(path, relevance, tile=96))
+    assert heatmapModule.overlay_size(24, 32, tile=96) == (96, 72)
+    assert overlay.shape == (72, 2 * 96 + 2, 3)
+    assert (overlay[:, :40] == 0).all() and (overlay[:, 56:96] == 255).all()     # the picture, whole, not squeezed
+    blended = overlay[:, 98:].astype(int)
+    changed = np.argwhere(np.abs(blended - blended[0, 0]).sum(axis=2) > 0)  # grey everywhere but the relevant pixel
+    coloured = changed[(blended[changed[:, 0], changed[:, 1]].std(axis=1) > 10)]
+    assert len(coloured) and (coloured[:, 0] // 3 == 6).all() and (coloured[:, 1] // 3 == 24).all()
+
+
 def test_rerun_skips_and_a_changed_model_recomputes(make_case):
     case = make_case(per_class=3)
     run_both(case)
