@@ -801,14 +801,24 @@ def _state_dict_of(loaded: Any, model_path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise HuddError(f"{model_path}: is not a state_dict (a dict of tensors); save model.state_dict()")
-    # Models saved from nn.DataParallel carry a 'module.' prefix on every key.
-    if loaded and all(k.startswith("module.") for k in loaded):
-        loaded = {k[len("module."):]: v for k, v in loaded.items()}
     return loaded
+
+
+def _without_wrapper_names(state: dict, expected: set) -> dict:
+    """A state_dict saved through a wrapper holds every key under the wrapper's name for the model:
+    nn.DataParallel's `module.`, torch.compile's `_orig_mod.`, a Lightning module's `model.` (or the
+    user's own). Such common first names are peeled off while that makes the keys the architecture's;
+    otherwise the state_dict is returned as it is (and reported as not fitting)."""
+    peeled = state
+    while peeled and set(peeled) != expected and all("." in k for k in peeled) \
+            and len({k.split(".", 1)[0] for k in peeled}) == 1:
+        peeled = {k.split(".", 1)[1]: v for k, v in peeled.items()}
+    return peeled if set(peeled) == expected else state
 
 
 def _load_state_dict(model: nn.Module, state: dict, model_path: Path, arch: str, num_classes: int) -> None:
     expected = model.state_dict()
+    state = _without_wrapper_names(state, set(expected))
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]

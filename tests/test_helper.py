@@ -152,12 +152,19 @@ def test_state_dict_variants_load(case, tmp_path):
         "plain.pth": state,
         "dataparallel.pth": {f"module.{k}": v for k, v in state.items()},
         "checkpoint.pth": {"epoch": 4, "state_dict": state},
+        "compiled.pth": torch.compile(reference).state_dict(),          # keys under _orig_mod.
+        "lightning.pth": {"epoch": 9, "state_dict": {f"model.{k}": v for k, v in state.items()}},
+        "ddp_of_compiled.pth": {f"module._orig_mod.{k}": v for k, v in state.items()},
     }
     for name, content in variants.items():
         torch.save(content, tmp_path / name)
         loaded = Helper.load_model(tmp_path / name, _settings(case), len(CLASSES))
         assert _same_weights(loaded, reference), name
         assert not loaded.training
+    with_loss = {"state_dict": {**{f"model.{k}": v for k, v in state.items()}, "loss.weight": torch.ones(3)}}
+    torch.save(with_loss, tmp_path / "with_loss.pth")   # not one wrapper: named as not fitting, not guessed at
+    with pytest.raises(HuddError, match=r"with_loss.pth: does not fit architecture 'demonet' \(missing features.0.weight"):
+        Helper.load_model(tmp_path / "with_loss.pth", _settings(case), len(CLASSES))
 
 
 def test_a_file_that_is_no_model_file_is_named_as_such(case, tmp_path):
