@@ -361,7 +361,7 @@ class Proportional(_Unary):
         with torch.enable_grad():  # the contributions are the op's gradient times the input
             xd = x.detach().requires_grad_(True)
             (c,) = torch.autograd.grad(ctx.call(xd), xd, s)
-        return (c.mul_(x),)
+        return (c * x,)  # not in place: a sum's gradient is one value broadcast over the input (a stride-0 view)
 
 
 class Binary(OpRule):

@@ -905,6 +905,31 @@ def test_default_layers_leave_out_the_layers_inside_a_squeeze_and_excitation_blo
         assert_close(rel[key], expected[key], 1e-10, key)
 
 
+def test_a_sum_over_the_positions_distributes_relevance_as_the_mean_does():
+    """Global sum pooling (x.sum((2, 3))) crashed the backward pass (in-place product on the sum's broadcast
+    gradient). Summing, then a linear layer, is averaging, then the layer with weights times the positions:
+    the same outputs, the same contributions, so the same relevance."""
+    class Pooled(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.how, self.conv, self.fc = how, nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            return self.fc(h.sum((2, 3)) if self.how == "sum" else h.mean((2, 3)))
+
+    torch.manual_seed(15)
+    summed, averaged = Pooled("sum").double().eval(), Pooled("mean").double().eval()
+    averaged.load_state_dict(summed.state_dict())
+    with torch.no_grad():
+        averaged.fc.weight.mul_(36)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(summed(x), averaged(x))
+    ours, expected = lrp.relevance(summed, x, rules="epsilon"), lrp.relevance(averaged, x, rules="epsilon")
+    for key in ("conv", "input"):   # up to the stabiliser (1e-6), added to a sum 36 times a mean
+        assert_close(ours[key], expected[key], 1e-4, key)
+
+
 def test_a_layer_inside_a_gating_block_is_refused_by_name():
     with pytest.raises(ValueError, match=r"'se\.fc1' lies inside 'se' \(SqueezeExcitation\)"):
         lrp.LRPExplainer(GatedNet().eval(), layers=["conv", "se.fc1"])
