@@ -55,8 +55,9 @@ zennit; BatchNorm is merged into the preceding conv/linear layer; a residual add
 splits relevance in proportion to each operand's contribution (``R_a = a * R / (a + b)``,
 stabilised), like zennit's ``Sum`` module with its ``Norm`` rule; element-wise activations (ReLU,
 ...), dropout and identity pass relevance through unchanged; max pooling is winner-takes-all with
-overlapping windows ADDING (autograd's max-pool backward); average pooling (also adaptive)
-distributes relevance in proportion to the inputs (epsilon rule on the pooling op, zennit's
+overlapping windows ADDING (autograd's max-pool backward), and so are ``amax``/``max`` reductions
+(global max pooling written as ``x.amax((2, 3))``); average pooling (also adaptive, and ``mean``/``sum``
+reductions) distributes relevance in proportion to the inputs (epsilon rule on the pooling op, zennit's
 ``Norm``); flatten, view, reshape, cat, indexing and padding route relevance by their ordinary
 gradient.
 

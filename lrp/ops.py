@@ -69,7 +69,7 @@ _GRADIENT = _fns("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indi
     "flatten", "reshape", "cat", "concat", "concatenate", "stack", "squeeze", "unsqueeze",
     "transpose", "permute", "split", "chunk", "narrow", "movedim", "swapaxes", "swapdims", "t",
     "unbind", "clone", "roll", "flip", "max_pool1d", "max_pool2d", "max_pool3d", "unflatten",
-    "hstack", "vstack", mod=torch) + [operator.getitem, getattr, operator.pos]
+    "hstack", "vstack", "amax", "max", mod=torch) + [operator.getitem, getattr, operator.pos]  # max, amax: as max pooling
 _ARITHMETIC: dict[Callable, type[OpRule]] = {
     operator.add: Sum, operator.iadd: Sum, torch.add: Sum,
     operator.sub: Difference, operator.isub: Difference, torch.sub: Difference,
@@ -127,6 +127,7 @@ _GRADIENT_METHODS = {
     "squeeze", "unsqueeze", "contiguous", "size", "dim", "numel", "chunk", "split", "unbind",
     "narrow", "expand", "expand_as", "repeat", "clone", "to", "float", "double", "half", "bfloat16",
     "type", "type_as", "cpu", "cuda", "movedim", "flip", "roll", "__getitem__", "detach",
+    "amax", "max",  # global max pooling written as a reduction: winner-takes-all, as max pooling
 }
 _PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_",
                  "clamp_min", "clamp_min_", "clip", "clip_", "softmax", "log_softmax", "neg",

@@ -930,6 +930,30 @@ def test_a_sum_over_the_positions_distributes_relevance_as_the_mean_does():
         assert_close(ours[key], expected[key], 1e-4, key)
 
 
+@pytest.mark.parametrize("how", ["amax", "max", "torch.amax"])
+def test_a_max_over_the_positions_is_winner_takes_all_as_max_pooling(how):
+    class Pooled(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.how, self.conv, self.fc = how, nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            if self.how == "pool":
+                return self.fc(F.adaptive_max_pool2d(h, 1).flatten(1))
+            if self.how == "max":
+                return self.fc(h.flatten(2).max(dim=2).values)
+            return self.fc(h.amax((2, 3)) if self.how == "amax" else torch.amax(h, dim=(2, 3)))
+
+    torch.manual_seed(16)
+    ours, pooled = Pooled(how).double().eval(), Pooled("pool").double().eval()
+    pooled.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    got, expected = lrp.relevance(ours, x, rules="epsilon"), lrp.relevance(pooled, x, rules="epsilon")
+    for key in ("conv", "input"):
+        assert_close(got[key], expected[key], 1e-12, key)
+
+
 def test_a_layer_inside_a_gating_block_is_refused_by_name():
     with pytest.raises(ValueError, match=r"'se\.fc1' lies inside 'se' \(SqueezeExcitation\)"):
         lrp.LRPExplainer(GatedNet().eval(), layers=["conv", "se.fc1"])
