@@ -95,6 +95,25 @@ def test_an_overlay_keeps_the_model_inputs_aspect_and_puts_relevance_where_it_is
     assert len(coloured) and (coloured[:, 0] // 3 == 6).all() and (coloured[:, 1] // 3 == 24).all()
 
 
+def test_heatmaps_that_do_not_fit_on_the_disk_stop_the_step_before_writing(make_case, monkeypatch):
+    import collections
+    import shutil
+    case = make_case(per_class=4)
+    ctx = context(case)
+    run_step(testModule.STEP, ctx)
+    errors = len(testModule.error_index(ctx))
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: collections.namedtuple("usage", "total used free")(
+        *real(path)[:2], 1000))                              # 1 kB free
+    with pytest.raises(Helper.HuddError, match=rf"the heatmaps of {errors:,} error images x \d+ layers need "
+                                               r"\d+ MB and the disk has 0 MB free; .* `heatmap_dtype` float16"):
+        run_step(heatmapModule.STEP, context(case))
+    assert not list((case / "T" / "Heatmaps").glob("*.npy")) and not list((case / "T" / "Heatmaps").glob(".*.partial"))
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    run_step(heatmapModule.STEP, context(case))              # with the space there, the step runs
+    assert (case / "T" / "Heatmaps" / "Layer0.npy").is_file()
+
+
 def test_rerun_skips_and_a_changed_model_recomputes(make_case):
     case = make_case(per_class=3)
     run_both(case)
