@@ -255,6 +255,17 @@ def near_chance_note(sets: dict, chance: float | None) -> str:
             "BatchNorm statistics never settled is near chance in eval mode too")
 
 
+def cluster_quality(clusters: dict) -> str:
+    """"; purity .., coverage .., the 10 largest .. / .." of the cluster step's summary; n/a where a measure
+    is undefined (with very few error images), and why."""
+    keys = ("purity", "coverage", "purity_10", "coverage_10")
+    shown = {key: "n/a" if np.isnan(clusters[key]) else f"{clusters[key]:.2f}" for key in keys}
+    why = (" (n/a: purity needs an RCC of two or more images, coverage a rare condition with five or more error "
+           "images)" if "n/a" in shown.values() else "")
+    return (f"; purity {shown['purity']}, coverage {shown['coverage']}, the 10 largest {shown['purity_10']} / "
+            f"{shown['coverage_10']} (from metadata.csv){why}")
+
+
 def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
     print(f"\nHUDD on {ctx.paths.root} with {ctx.model_path.name} ({seconds:.0f} s)")
     test = results.get("test")
@@ -279,9 +290,7 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
     clusters = results.get("clusters")
     if clusters:
         noise = f" and {clusters['noise']} unclustered" if clusters["noise"] else ""
-        quality = (f"; purity {clusters['purity']:.2f}, coverage {clusters['coverage']:.2f}, the 10 largest "
-                   f"{clusters['purity_10']:.2f} / {clusters['coverage_10']:.2f} (from metadata.csv)"
-                   if "purity" in clusters else "")
+        quality = cluster_quality(clusters) if "purity" in clusters else ""
         print(f"  root-cause clusters: {clusters['k']} RCCs (median {clusters['median_size']:.0f} images){noise}, "
               f"{clusters['sub_k']} sub-clusters, in {clusters['layer']} of the {clusters['features']}{quality} "
               f"-> {clusters['folder']}")

@@ -173,6 +173,7 @@ def run_section(ctx: RunContext, data: ReportData) -> str:
 {s.max_rccs} top-level RCCs (<code>max_rccs</code>, k by <code>k_criterion</code> {esc(s.k_criterion)}), each split
 into sub-clusters (sub_k: the best silhouette among finer cuts).</p>
 <table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>{layer_rows}</table>
+{undefined_measures_note(data.summary)}
 {knee_figure}"""
 
 
@@ -183,8 +184,17 @@ def sign_class(value: float) -> str:
 
 def format_cell(value) -> str:
     if isinstance(value, (float, np.floating)):
-        return f"{value:.4g}"
+        return "–" if np.isnan(value) else f"{value:.4g}"   # undefined (purity with no RCC of two images, ...)
     return esc(value)
+
+
+def undefined_measures_note(summary: pd.DataFrame) -> str:
+    """Why a purity or coverage cell of the layer table shows –, where one does."""
+    measures = [c for c in ("purity", "coverage", "purity_10", "coverage_10") if c in summary]
+    if not measures or not summary[measures].isna().to_numpy().any():
+        return ""
+    return ("<p>–: undefined here; purity needs an RCC of two or more images, coverage a rare "
+            "condition with five or more error images.</p>")
 
 
 def scenario_table(ctx: RunContext) -> str:

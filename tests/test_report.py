@@ -146,6 +146,19 @@ def test_a_scenario_a_set_lacks_is_a_dash_not_nan(case):
     assert patch == "<td>–</td><td>50.0%</td>" and "nan" not in table
 
 
+def test_an_undefined_purity_or_coverage_is_a_dash_with_its_reason_not_nan():
+    """One or two error images: no RCC of two images has a purity, no scenario five errors for a coverage."""
+    import HUDD
+    few = pd.DataFrame({"layer": ["Layer1"], "k": [2], "purity": [np.nan], "coverage": [np.nan],
+                        "purity_10": [np.nan], "coverage_10": [np.nan]})
+    assert reportModule.format_cell(np.nan) == "–" and reportModule.format_cell(0.25) == "0.25"
+    assert "purity needs an RCC of two or more images" in reportModule.undefined_measures_note(few)
+    assert reportModule.undefined_measures_note(few.fillna(0.5)) == ""
+    line = HUDD.cluster_quality({**few.iloc[0].to_dict(), "purity": 0.5})
+    assert line.startswith("; purity 0.50, coverage n/a, the 10 largest n/a / n/a (from metadata.csv) (n/a: purity")
+    assert "nan" not in line and "n/a" not in HUDD.cluster_quality({**few.iloc[0].fillna(1.0).to_dict()})
+
+
 def test_overlays_lie_beside_the_rcc_images_and_show_positive_relevance_in_red(retrained_case):
     case, _ = retrained_case
     layer = selected_layer(case)
