@@ -36,7 +36,8 @@ from lrp import RULE_PRESETS
 
 log = logging.getLogger("hudd")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")  # ImageFolder's
+COMPANION_EXTENSIONS = (".csv", ".json", ".txt", ".md", ".xml", ".yaml", ".yml", ".npy", ".npz")  # not images: no note
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -192,10 +193,22 @@ def list_image_set(set_root: Path, classes: list[str] | None = None, name: str =
         paths = sorted(p for p in set_root.iterdir() if _is_image(p))
         labels = [UNLABELLED] * len(paths)
         classes = list(classes or [])
+    _note_unread_files(set_root, class_dirs or [set_root])
     if not paths:
         raise HuddError(
             f"{set_root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files in its class folders)")
     return ImageSet(name=name, root=set_root, paths=paths, labels=labels, classes=classes)
+
+
+def _note_unread_files(set_root: Path, folders: list[Path]) -> None:
+    """A warning naming the files the set leaves out for their extension (a .gif, a .heic): left out
+    silently, a class could lose its images without a word. Hidden files and text companions go unnamed."""
+    unread = sorted(p for folder in folders for p in folder.iterdir()
+                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_EXTENSIONS
+                    and p.suffix.lower() not in COMPANION_EXTENSIONS)
+    if unread:
+        log.warning("%s: %d file(s) left out, of a kind HUDD does not read as an image (e.g. %s); images are %s",
+                    set_root, len(unread), unread[0].relative_to(set_root), ", ".join(IMAGE_EXTENSIONS))
 
 
 KEYPOINT_LABELS = "labels.csv"

@@ -61,6 +61,24 @@ def test_images_beside_class_folders_are_refused_not_dropped(tmp_path):
         Helper.list_image_set(tmp_path / "Set")
 
 
+def test_tiff_and_webp_images_are_read_and_other_files_are_named_not_dropped_silently(tmp_path, caplog):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for name in ("a.tif", "b.TIFF", "c.webp", "d.pgm"):
+        (tmp_path / "Set" / "cat").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels if name != "d.pgm" else pixels[..., 0]).save(tmp_path / "Set" / "cat" / name)
+    Image.fromarray(pixels).save(tmp_path / "Set" / "cat" / "e.gif")
+    (tmp_path / "Set" / "cat" / "notes.txt").write_text("a companion file")
+    with caplog.at_level("WARNING", logger="hudd"):
+        listed = Helper.list_image_set(tmp_path / "Set")
+    assert [p.name for p in listed.paths] == ["a.tif", "b.TIFF", "c.webp", "d.pgm"]
+    for path in listed.paths:   # each read as the model's input is
+        assert Image.open(path).convert("RGB").size == (8, 8)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "1 file(s) left out" in warned[0] and "e.gif" in warned[0]   # not notes.txt
+
+
 def test_a_class_folder_named_in_another_unicode_form_is_the_same_class(tmp_path):
     import unicodedata
     rng = np.random.default_rng(0)
