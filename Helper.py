@@ -883,8 +883,18 @@ def pick_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise HuddError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HuddError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HuddError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise HuddError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        try:  # mps, xpu, ...: their own availability checks differ; a tensor on the device tells
+            torch.empty(1, device=device)
+        except Exception as error:  # noqa: BLE001 - whatever the backend raises
+            why = str(error).splitlines()[0].split(". ")[0][:120]  # torch's first sentence; the rest lists backends
+            raise HuddError(f"--device {name}: not usable on this machine ({why}); use --device cpu") from None
     return device
 
 

@@ -267,6 +267,15 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(HuddError, match="CUDA is not available"):
             Helper.pick_device("cuda")
+    else:
+        with pytest.raises(HuddError, match=rf"--device cuda:99: this machine has {torch.cuda.device_count()} CUDA"):
+            Helper.pick_device("cuda:99")
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
+def test_a_device_type_this_machine_lacks_is_one_line_not_an_internal_error():
+    with pytest.raises(HuddError, match=r"--device mps: not usable on this machine \(.*\); use --device cpu"):
+        Helper.pick_device("mps")
 
 
 def test_seed_makes_python_numpy_torch_repeat():
