@@ -255,6 +255,11 @@ def near_chance_note(sets: dict, chance: float | None) -> str:
             "BatchNorm statistics never settled is near chance in eval mode too")
 
 
+def counted(number: int, noun: str) -> str:
+    """"1 RCC", "20 RCCs"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def cluster_quality(clusters: dict) -> str:
     """"; purity .., coverage .., the 10 largest .. / .." of the cluster step's summary; n/a where a measure
     is undefined (with very few error images), and why."""
@@ -291,14 +296,15 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
     if clusters:
         noise = f" and {clusters['noise']} unclustered" if clusters["noise"] else ""
         quality = cluster_quality(clusters) if "purity" in clusters else ""
-        print(f"  root-cause clusters: {clusters['k']} RCCs (median {clusters['median_size']:.0f} images){noise}, "
-              f"{clusters['sub_k']} sub-clusters, in {clusters['layer']} of the {clusters['features']}{quality} "
-              f"-> {clusters['folder']}")
+        median = f"{clusters['median_size']:.0f}"
+        print(f"  root-cause clusters: {counted(clusters['k'], 'RCC')} (median {median} image{'' if median == '1' else 's'})"
+              f"{noise}, {counted(clusters['sub_k'], 'sub-cluster')}, in {clusters['layer']} of the "
+              f"{clusters['features']}{quality} -> {clusters['folder']}")
     unsafe = results.get("assign")
     if unsafe:
-        subs = f"{unsafe['groups']} sub-clusters of " if unsafe["groups"] != unsafe["rccs"] else ""
-        print(f"  unsafe set: {unsafe['images']} improvement images assigned to {subs}{unsafe['rccs']} RCCs "
-              f"-> {unsafe['folder']}")
+        subs = f"{counted(unsafe['groups'], 'sub-cluster')} of " if unsafe["groups"] != unsafe["rccs"] else ""
+        print(f"  unsafe set: {counted(unsafe['images'], 'improvement image')} assigned to {subs}"
+              f"{counted(unsafe['rccs'], 'RCC')} -> {unsafe['folder']}")
         if unsafe.get("to_label") and not ctx.paths.improvement_labels.is_file():
             print("    the improvement set has no labels: to retrain, fill the label column(s) of "
                   f"{unsafe['to_label']} and save it as {ctx.paths.improvement_labels}")

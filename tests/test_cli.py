@@ -61,8 +61,10 @@ def test_class_folders_named_by_numbers_stay_names_through_every_step(make_case)
     groups = pd.read_csv(case / "T" / "UnsafeSet" / "assignments.csv", dtype=str)["rcc"]
     line = next(line for line in result.stdout.splitlines() if "unsafe set:" in line)
     tops = groups.str.split(".").str[0].nunique()
-    subs = f"{groups.nunique()} sub-clusters of " if groups.nunique() != tops else ""
-    assert f"{len(groups)} improvement images assigned to {subs}{tops} RCCs" in line
+    def plural(n, noun):
+        return f"{n} {noun}" + ("" if n == 1 else "s")
+    subs = f"{plural(groups.nunique(), 'sub-cluster')} of " if groups.nunique() != tops else ""
+    assert f"{plural(len(groups), 'improvement image')} assigned to {subs}{plural(tops, 'RCC')}" in line
 
 
 def test_the_classes_setting_gives_the_models_output_order(make_case):
