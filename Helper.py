@@ -867,6 +867,10 @@ def check_output_size(model: nn.Module, settings: Settings, num_classes: int, mo
         raise HuddError(f"{model_path}: the model fails on a {settings.channels}x{height}x{width} input "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0]}); set input_size/channels in "
                         "hudd.json to what the model takes")
+    if not isinstance(output, torch.Tensor):  # (logits, features), {"logits": ...}: LRP explains one output tensor
+        raise HuddError(f"{model_path}: the model ({settings.arch}) returns a {type(output).__name__} in eval mode; "
+                        "HUDD explains one output tensor: make its forward return the outputs alone in eval mode, "
+                        "or give --arch a class of yours whose forward returns them (e.g. model(x)[0])")
     problem = make_task(settings).check_output(output, num_classes)
     if problem:
         raise HuddError(f"{model_path}: {problem}")

@@ -297,6 +297,21 @@ def test_manifest_needs_matching_fingerprint_and_existing_outputs(tmp_path):
     assert not reread.is_current("test", "abc")
 
 
+@pytest.mark.parametrize("returned, kind", [("self.fc(h), h", "tuple"), ('{"logits": self.fc(h)}', "dict")])
+def test_a_model_returning_more_than_its_outputs_in_eval_mode_is_one_clear_line(case, tmp_path, returned, kind):
+    """(logits, features) or {"logits": ...}: LRP explains one output tensor; this was an internal error."""
+    (tmp_path / "nets.py").write_text(
+        "import torch\nfrom torch import nn\n\nclass Net(nn.Module):\n"
+        "    def __init__(self, num_classes):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(3 * 32 * 32, num_classes)\n\n"
+        f"    def forward(self, x):\n        h = x.flatten(1)\n        return {returned}\n")
+    arch = f"{tmp_path / 'nets.py'}:Net"
+    torch.save(Helper.build_architecture(arch, len(CLASSES)).state_dict(), tmp_path / "net.pth")
+    with pytest.raises(HuddError, match=rf"net.pth: the model \(.*:Net\) returns a {kind} in eval mode; HUDD explains "
+                                        "one output tensor"):
+        Helper.load_model(tmp_path / "net.pth", _settings(case, arch=arch), len(CLASSES))
+
+
 def test_a_user_class_without_num_classes_is_a_clear_error(tmp_path):
     (tmp_path / "nets.py").write_text("from torch import nn\n\nclass Block(nn.Module):\n"
                                       "    def __init__(self, width):\n        super().__init__()\n")
