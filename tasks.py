@@ -113,6 +113,10 @@ class ClassificationTask:
     # ---- the model's output
     def check_output(self, output: torch.Tensor, num_classes: int) -> str:
         """Why the output does not fit the task ("" when it does)."""
+        if output.ndim == 2 and output.shape[1] == 1 and num_classes == 2:
+            return ("the model gives one output (a binary model with a sigmoid) for the training set's 2 classes; "
+                    "HUDD explains one output per class, as a softmax model gives: a model with a single logit z "
+                    "becomes one by returning torch.cat([-z / 2, z / 2], 1) from a class of yours (--arch)")
         if output.ndim != 2 or output.shape[1] != num_classes:
             return (f"the model's output has shape {tuple(output.shape[1:])} but the training set has {num_classes} "
                     "classes; check the model or the class folders of DataSets/TrainingSet")

@@ -312,6 +312,16 @@ def test_a_model_returning_more_than_its_outputs_in_eval_mode_is_one_clear_line(
         Helper.load_model(tmp_path / "net.pth", _settings(case, arch=arch), len(CLASSES))
 
 
+def test_a_binary_model_with_one_logit_is_told_how_to_give_two():
+    task = Helper.make_task(Helper.Settings())
+    problem = task.check_output(torch.zeros(4, 1), 2)
+    assert "one output (a binary model with a sigmoid)" in problem and "torch.cat([-z / 2, z / 2], 1)" in problem
+    z = torch.tensor([[-1.5], [0.3]])        # the suggested pair: softmax gives sigmoid(z) to the second class
+    torch.testing.assert_close(torch.softmax(torch.cat([-z / 2, z / 2], 1), 1)[:, 1], torch.sigmoid(z[:, 0]))
+    assert task.check_output(torch.zeros(4, 2), 2) == ""
+    assert "has shape (1,) but the training set has 3 classes" in task.check_output(torch.zeros(4, 1), 3)
+
+
 def test_a_user_class_without_num_classes_is_a_clear_error(tmp_path):
     (tmp_path / "nets.py").write_text("from torch import nn\n\nclass Block(nn.Module):\n"
                                       "    def __init__(self, width):\n        super().__init__()\n")
