@@ -407,7 +407,8 @@ class Settings:
     task: str = "classification"          # "classification" (regression arrives with keypoints)
     arch: str = "alexnet256"              # built-in name, torchvision model name or file.py:Class
     input_size: list[int] | None = None   # [height, width]; None = the architecture's own, else 224
-    resize: str = "resize"                # "resize" to input_size, "center-crop" (original GD/OC/OD), "none"
+    resize: str = "resize"                # "resize" to input_size, "center-crop" (original GD/OC/OD), "resize-crop", "none"
+    resize_to: int | None = None          # resize-crop: the shorter side first (None: 8/7 of the input, 256 for 224)
     channels: int = 3                     # 3 = RGB, 1 = grayscale
     classes: list[str] | None = None      # class folder names in the model's output order; None = sorted (ImageFolder's)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
@@ -492,7 +493,9 @@ RETRAIN_MODES = ("HUDD", "BL1", "BL2", "BL3")   # -mode: HUDD's unsafe set and t
 
 SETTING_CHOICES: dict[str, dict[str, str]] = {
     "task": {"classification": "class folders", "keypoints": "regression of keypoint maps"},
-    "resize": {"resize": "to input_size", "center-crop": "the original's GD/OC/OD preprocessing", "none": ""},
+    "resize": {"resize": "to input_size", "center-crop": "the original's GD/OC/OD preprocessing",
+               "resize-crop": "the shorter side to resize_to, then the centre input_size (torchvision's ImageNet "
+                              "evaluation: 256, then 224)", "none": ""},
     "rules": {name: "" for name in RULE_PRESETS},
     "features": {"heatmaps": "HUDD's LRP relevance", "activations": "the same layers' activations",
                  "backbone": "a network you give, black-box", "pixels": "the model's input"},
@@ -561,6 +564,9 @@ def _validate_settings(s: Settings, source: Path) -> None:
         if not (isinstance(s.input_size, list) and len(s.input_size) == 2
                 and all(_whole(v) and v >= 1 for v in s.input_size)):
             raise bad("input_size", "use one whole number of pixels or [height, width]")
+    if s.resize_to is not None and (not _whole(s.resize_to) or s.resize_to < max(resolve_input_size(s))):
+        raise bad("resize_to", f"must be a whole number of pixels, at least the input size ({max(resolve_input_size(s))}), "
+                               "or null (8/7 of it)")
     if s.features == "backbone" and not (isinstance(s.backbone, str) and isinstance(s.backbone_weights, str)):
         raise bad("features", "'backbone' needs the settings backbone (an architecture) and backbone_weights (its "
                               "state_dict file); no weights are ever downloaded")
@@ -617,6 +623,11 @@ def resolve_input_size(settings: Settings) -> list[int]:
     return [size, size]
 
 
+def resize_shorter_side(settings: Settings) -> int:
+    """resize-crop's first size, the shorter side's: the setting, else 8/7 of the input (224 -> 256)."""
+    return settings.resize_to or round(max(resolve_input_size(settings)) * 8 / 7)
+
+
 def make_transform(settings: Settings):
     """PIL image -> normalised float tensor, as the model was trained with."""
     from torchvision import transforms
@@ -626,6 +637,8 @@ def make_transform(settings: Settings):
         steps.append(transforms.Resize(tuple(size)))
     elif settings.resize == "center-crop":
         steps.append(transforms.CenterCrop(tuple(size)))
+    elif settings.resize == "resize-crop":
+        steps += [transforms.Resize(resize_shorter_side(settings)), transforms.CenterCrop(tuple(size))]
     steps += [transforms.ToTensor(), transforms.Normalize(settings.mean, settings.std)]
     return transforms.Compose(steps)
 
@@ -1185,7 +1198,8 @@ class RunContext:
         s = self.settings
         return {"model": self.model_digest(), "arch": arch_identity(s.arch), "task": s.task,
                 "input_size": resolve_input_size(s),
-                "resize": s.resize, "channels": s.channels, "mean": s.mean, "std": s.std}
+                "resize": s.resize, "channels": s.channels, "mean": s.mean, "std": s.std,
+                **({"resize_to": resize_shorter_side(s)} if s.resize == "resize-crop" else {})}
 
 
 # --------------------------------------------------------------------------------------------

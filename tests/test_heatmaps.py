@@ -57,22 +57,25 @@ def test_heatmap_files_read_back_and_match_the_engine(make_case):
         assert np.array_equal(np.asarray(overlay)[:, :tile], np.asarray(picture))
 
 
-def test_a_center_crop_models_overlays_show_the_crop_it_saw(make_case):
-    """With the center-crop setting the relevance covers the image's centre: the overlay shows that
-    centre, not the whole image squeezed under relevance of another place."""
+@pytest.mark.parametrize("resize", ["center-crop", "resize-crop"])
+def test_a_cropping_models_overlays_show_the_crop_it_saw(make_case, resize):
+    """With the center-crop setting (or resize-crop: the shorter side to 8/7 of the input, 37 pixels, then
+    the centre) the relevance covers the image's centre: the overlay shows that centre, not the whole image
+    squeezed under relevance of another place."""
     from PIL import Image
-    from torchvision.transforms import CenterCrop
+    from torchvision.transforms import CenterCrop, Resize
     case = make_case(per_class=4)
     rng = np.random.default_rng(5)
     for path in (case / "DataSets" / "TestSet").rglob("*.png"):   # larger than the 32 x 32 input
-        Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(path)
-    run_both(case, resize="center-crop")
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(path)
+    run_both(case, resize=resize)
     index = pd.read_csv(case / "T" / "Heatmaps" / "index.csv")
     tile = heatmapModule.OVERLAY_TILE
     for i in (0, len(index) - 1):
         overlay = np.asarray(Image.open(case / "T" / "Heatmaps" / "overlays" / f"{i}.png"))
-        seen = CenterCrop((32, 32))(Image.open(case / index["image"][i]).convert("RGB")).resize((tile, tile), Image.BILINEAR)
-        assert np.array_equal(overlay[:, :tile], np.asarray(seen))
+        image = Image.open(case / index["image"][i]).convert("RGB")
+        seen = CenterCrop((32, 32))(image if resize == "center-crop" else Resize(37)(image))
+        assert np.array_equal(overlay[:, :tile], np.asarray(seen.resize((tile, tile), Image.BILINEAR)))
 
 
 def test_an_overlay_keeps_the_model_inputs_aspect_and_puts_relevance_where_it_is():

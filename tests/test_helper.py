@@ -261,6 +261,21 @@ def test_output_size_mismatch_is_named(case, tmp_path):
         Helper.load_model(tmp_path / "five.pth", _settings(case), len(CLASSES))
 
 
+def test_resize_crop_takes_the_centre_after_resizing_the_shorter_side(case):
+    """torchvision's ImageNet evaluation (Resize(256), CenterCrop(224)), the preprocessing of most models
+    trained on photographs; resize_to gives another first size, and must not be below the input size."""
+    from PIL import Image
+    from torchvision import transforms
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    settings = _settings(case, resize="resize-crop", input_size=224, arch="resnet18")
+    expected = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                   transforms.Normalize(settings.mean, settings.std)])(image)
+    assert torch.equal(Helper.make_transform(settings)(image), expected)
+    assert Helper.resize_shorter_side(_settings(case, resize="resize-crop", input_size=224, resize_to=288)) == 288
+    with pytest.raises(HuddError, match=r"setting resize_to=100 .*at least the input size \(224\)"):
+        _settings(case, resize="resize-crop", input_size=224, resize_to=100)
+
+
 def test_device_choice():
     assert Helper.pick_device("cpu") == torch.device("cpu")
     assert Helper.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
