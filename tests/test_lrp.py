@@ -905,22 +905,34 @@ def test_default_layers_leave_out_the_layers_inside_a_squeeze_and_excitation_blo
         assert_close(rel[key], expected[key], 1e-10, key)
 
 
+GLOBAL_POOLS = {"sum": lambda h: h.sum((2, 3)), "mean": lambda h: h.mean((2, 3)), "amax": lambda h: h.amax((2, 3)),
+                "torch.amax": lambda h: torch.amax(h, dim=(2, 3)), "max": lambda h: h.flatten(2).max(dim=2).values,
+                "pool": lambda h: F.adaptive_max_pool2d(h, 1).flatten(1)}
+
+
+class PooledNet(nn.Module):
+    """A convolution, a global pooling over the positions written as GLOBAL_POOLS[how], a linear layer."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.conv, self.fc = how, nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(GLOBAL_POOLS[self.how](torch.relu(self.conv(x))))
+
+
+def pooled_pair(how: str, like: str, seed: int) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    ours, theirs = PooledNet(how).double().eval(), PooledNet(like).double().eval()
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
 def test_a_sum_over_the_positions_distributes_relevance_as_the_mean_does():
     """Global sum pooling (x.sum((2, 3))) crashed the backward pass (in-place product on the sum's broadcast
     gradient). Summing, then a linear layer, is averaging, then the layer with weights times the positions:
     the same outputs, the same contributions, so the same relevance."""
-    class Pooled(nn.Module):
-        def __init__(self, how):
-            super().__init__()
-            self.how, self.conv, self.fc = how, nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
-
-        def forward(self, x):
-            h = torch.relu(self.conv(x))
-            return self.fc(h.sum((2, 3)) if self.how == "sum" else h.mean((2, 3)))
-
-    torch.manual_seed(15)
-    summed, averaged = Pooled("sum").double().eval(), Pooled("mean").double().eval()
-    averaged.load_state_dict(summed.state_dict())
+    summed, averaged = pooled_pair("sum", "mean", seed=15)
     with torch.no_grad():
         averaged.fc.weight.mul_(36)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
@@ -932,22 +944,7 @@ def test_a_sum_over_the_positions_distributes_relevance_as_the_mean_does():
 
 @pytest.mark.parametrize("how", ["amax", "max", "torch.amax"])
 def test_a_max_over_the_positions_is_winner_takes_all_as_max_pooling(how):
-    class Pooled(nn.Module):
-        def __init__(self, how):
-            super().__init__()
-            self.how, self.conv, self.fc = how, nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
-
-        def forward(self, x):
-            h = torch.relu(self.conv(x))
-            if self.how == "pool":
-                return self.fc(F.adaptive_max_pool2d(h, 1).flatten(1))
-            if self.how == "max":
-                return self.fc(h.flatten(2).max(dim=2).values)
-            return self.fc(h.amax((2, 3)) if self.how == "amax" else torch.amax(h, dim=(2, 3)))
-
-    torch.manual_seed(16)
-    ours, pooled = Pooled(how).double().eval(), Pooled("pool").double().eval()
-    pooled.load_state_dict(ours.state_dict())
+    ours, pooled = pooled_pair(how, "pool", seed=16)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     got, expected = lrp.relevance(ours, x, rules="epsilon"), lrp.relevance(pooled, x, rules="epsilon")
     for key in ("conv", "input"):
