@@ -43,7 +43,7 @@ log = logging.getLogger("hudd")
 INPUT_LAYER = "Layer0"
 OVERLAYS = "overlays"
 OVERLAY_TILE = 96          # pixels per overlay half (image | image with relevance)
-OVERLAY_BYTES = 32 * 1024  # an overlay's PNG on disk, at most about (27 KB measured with ResNet-18 on signs)
+OVERLAY_BYTES = 32 * 1024  # an overlay's PNG on disk, rounded up (27 KB measured with ResNet-18 on the signs)
 BWR_LEVELS = 256           # the diverging map's table, as matplotlib's colormap object samples it
 
 
@@ -407,14 +407,14 @@ def compute_heatmaps(ctx: RunContext, index: pd.DataFrame, folder: Path, step_pr
     pending = progress.pending(start, stop, ctx.settings.batch_size)
     writers = LayerWriters(folder, len(index), shapes, ctx.settings.heatmap_dtype)
     loader = make_loader(image_set, ctx.settings, ctx.settings.batch_size, ctx.settings.workers, batches=pending)
+    view = overlay_view(ctx.settings)
     try:
         for inputs, _labels, rows, failures in tqdm(loader, desc="heatmaps", unit="batch", leave=False,
                                                     disable=distributed.progress_off()):
             stop_on_unreadable(image_set, failures)
             blocks = explain(inputs.to(ctx.device), channels[rows])
             writers.write(blocks, int(rows[0]))
-            write_overlays(ctx.paths, [image_set.paths[int(r)] for r in rows], blocks[INPUT_LAYER], int(rows[0]),
-                           overlay_view(ctx.settings))
+            write_overlays(ctx.paths, [image_set.paths[int(r)] for r in rows], blocks[INPUT_LAYER], int(rows[0]), view)
             progress.save(int(rows[0]), int(rows[-1]) + 1)
     finally:
         writers.close()
