@@ -19,7 +19,6 @@ import random
 import shutil
 import sys
 import unicodedata
-import warnings
 import zipfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -710,7 +709,10 @@ def make_loader(image_set: ImageSet, settings: Settings, batch_size: int, worker
 # Models
 # --------------------------------------------------------------------------------------------
 
-def build_architecture(arch: str, num_classes: int, channels: int = 3) -> nn.Module:
+AUXILIARY_HEADS = ("aux1.", "aux2.", "AuxLogits.")  # torchvision's GoogLeNet and Inception v3 train with these
+
+
+def build_architecture(arch: str, num_classes: int, channels: int = 3, auxiliary: bool = True) -> nn.Module:
     """An untrained network: a built-in architecture, a torchvision model name, or the user's own
     class as `path/to/file.py:ClassName` (called with num_classes=...)."""
     from architectures import BUILTIN_ARCHITECTURES
@@ -725,9 +727,11 @@ def build_architecture(arch: str, num_classes: int, channels: int = 3) -> nn.Mod
                             "constructor must take num_classes, every other argument with a default") from error
     import torchvision
     if arch in torchvision.models.list_models():
-        with warnings.catch_warnings():  # GoogLeNet's and Inception's note on their initialisation: the weights are the user's
-            warnings.filterwarnings("ignore", message="The default weight initialization", category=FutureWarning)
-            return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        options = {}
+        if arch in ("googlenet", "inception_v3"):
+            # the weights loaded next are the user's: none of the default initialisation (slow, and warned about)
+            options = {"init_weights": False, **({} if auxiliary else {"aux_logits": False})}
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
     raise HuddError(
         f"architecture {arch!r} is unknown: use one of {', '.join(BUILTIN_ARCHITECTURES)}, a torchvision "
         "model name (e.g. resnet18), or your own class as path/to/file.py:ClassName")
@@ -784,7 +788,9 @@ def load_model(model_path: Path, settings: Settings, num_classes: int, trust_pic
         model = loaded
     else:
         state = _state_dict_of(loaded, model_path)
-        model = build_architecture(settings.arch, num_classes, settings.channels)
+        # a GoogLeNet or Inception v3 saved without its auxiliary heads (aux_logits=False) is built without them
+        auxiliary = any(f".{head}" in f".{key}" for key in state for head in AUXILIARY_HEADS)
+        model = build_architecture(settings.arch, num_classes, settings.channels, auxiliary)
         _load_state_dict(model, state, model_path, settings.arch, num_classes)
     model.eval()
     check_output_size(model, settings, num_classes, model_path)

@@ -249,6 +249,20 @@ def test_googlenet_builds_without_torchvisions_initialisation_warning():
     assert model.fc.out_features == len(CLASSES) and model.aux1 is not None   # as torchvision builds it
 
 
+@pytest.mark.parametrize("heads", [True, False])
+def test_a_googlenet_saved_with_or_without_its_auxiliary_heads_loads(case, tmp_path, heads):
+    import torchvision
+    torch.manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        saved = torchvision.models.googlenet(weights=None, num_classes=len(CLASSES), aux_logits=heads,
+                                             init_weights=False).eval()
+    torch.save({"model": saved.state_dict()}, tmp_path / "googlenet.pth")
+    loaded = Helper.load_model(tmp_path / "googlenet.pth", _settings(case, arch="googlenet", input_size=64),
+                               len(CLASSES))
+    assert _same_weights(loaded, saved) and (loaded.aux1 is not None) == heads
+
+
 def test_architecture_mismatch_names_the_first_keys(case, tmp_path):
     torch.save(Helper.build_architecture("resnet18", len(CLASSES)).state_dict(), tmp_path / "r18.pth")
     with pytest.raises(HuddError, match=r"does not fit architecture 'demonet' \(missing features.0.weight"):
