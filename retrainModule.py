@@ -302,11 +302,14 @@ def train_epoch(model, optimiser, data: TrainingData, bag: np.ndarray, ctx: RunC
 
 def main_and_auxiliary(outputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(the main output, the auxiliary outputs) of a forward pass in training mode. torchvision's GoogLeNet
-    and Inception v3 return (logits, auxiliary logits...) there, and their output tensor in eval mode."""
+    and Inception v3 return (logits, auxiliary logits...) there, and their output tensor in eval mode. Only
+    extra outputs of the main output's shape are auxiliary outputs: others (a model's features, returned
+    beside its logits for a loss of its own) are no outputs to learn the labels from."""
     if isinstance(outputs, torch.Tensor):
         return outputs, []
     if isinstance(outputs, tuple) and outputs and isinstance(outputs[0], torch.Tensor):
-        return outputs[0], [extra for extra in outputs[1:] if isinstance(extra, torch.Tensor)]
+        main = outputs[0]
+        return main, [extra for extra in outputs[1:] if isinstance(extra, torch.Tensor) and extra.shape == main.shape]
     raise HuddError(f"the model returns a {type(outputs).__name__} in training mode; HUDD retrains a model that "
                     "returns its output tensor, or a tuple (output, auxiliary outputs...) as torchvision's GoogLeNet")
 

@@ -220,6 +220,14 @@ def test_a_model_with_auxiliary_outputs_in_training_learns_from_its_main_and_aux
     assert not torch.equal(ours.aux.weight, initial)   # the auxiliary head learned
 
 
+def test_features_returned_beside_the_logits_are_no_auxiliary_output():
+    """(logits, features) in training mode, for a loss of the user's own: the features (16 wide, more than the
+    3 classes, so cross-entropy would accept them) are left alone."""
+    logits, features, aux = torch.zeros(4, 3), torch.zeros(4, 16), torch.ones(4, 3)
+    main, auxiliary = retrainModule.main_and_auxiliary((logits, features, aux))
+    assert main is logits and len(auxiliary) == 1 and auxiliary[0] is aux
+
+
 def test_a_model_returning_a_dict_in_training_is_refused_with_one_line():
     with pytest.raises(HuddError, match="returns a dict in training mode"):
         retrainModule.main_and_auxiliary({"out": torch.zeros(1)})
