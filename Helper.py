@@ -731,10 +731,24 @@ def build_architecture(arch: str, num_classes: int, channels: int = 3, auxiliary
         if arch in ("googlenet", "inception_v3"):
             # the weights loaded next are the user's: none of the default initialisation (slow, and warned about)
             options = {"init_weights": False, **({} if auxiliary else {"aux_logits": False})}
-        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
+        return model if channels == 3 else _with_input_channels(model, channels)
     raise HuddError(
         f"architecture {arch!r} is unknown: use one of {', '.join(BUILTIN_ARCHITECTURES)}, a torchvision "
         "model name (e.g. resnet18), or your own class as path/to/file.py:ClassName")
+
+
+def _with_input_channels(model: nn.Module, channels: int) -> nn.Module:
+    """A torchvision model (built for RGB) taking `channels` input channels: its first convolution rebuilt
+    alike but for the channels, as users adapt one to grayscale images (model.conv1 = nn.Conv2d(1, 64, ...))."""
+    path, first = next(((p, m) for p, m in model.named_modules() if isinstance(m, nn.Conv2d)), ("", None))
+    if first is None:
+        return model
+    rebuilt = nn.Conv2d(channels, first.out_channels, first.kernel_size, first.stride, first.padding, first.dilation,
+                        first.groups, first.bias is not None, first.padding_mode)
+    owner, _, name = path.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, name, rebuilt)
+    return model
 
 
 def _is_class_spec(arch: Any) -> bool:

@@ -240,6 +240,25 @@ def test_torchvision_architecture_by_name(case, tmp_path):
         Helper.build_architecture("resnet19", 3)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_a_torchvision_model_adapted_to_grayscale_loads_with_channels_1(case, tmp_path, arch):
+    """A user's ResNet whose first convolution takes one channel (model.conv1 = nn.Conv2d(1, 64, ...)), as
+    grayscale images need: with channels 1 HUDD builds the architecture alike, and it runs on one channel."""
+    import torchvision
+    torch.manual_seed(3)
+    saved = torchvision.models.get_model(arch, weights=None, num_classes=len(CLASSES))
+    path, first = next((p, m) for p, m in saved.named_modules() if isinstance(m, nn.Conv2d))
+    owner, _, name = path.rpartition(".")
+    setattr(saved.get_submodule(owner) if owner else saved, name,
+            nn.Conv2d(1, first.out_channels, first.kernel_size, first.stride, first.padding, bias=first.bias is not None))
+    torch.save(saved.eval().state_dict(), tmp_path / "grey.pth")
+    settings = _settings(case, arch=arch, channels=1, mean=[0.5], std=[0.25], input_size=64)
+    loaded = Helper.load_model(tmp_path / "grey.pth", settings, len(CLASSES))
+    assert _same_weights(loaded, saved)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(torch.ones(2, 1, 64, 64)), saved(torch.ones(2, 1, 64, 64)))
+
+
 def test_googlenet_builds_without_torchvisions_initialisation_warning():
     """Every step loads the model: torchvision's FutureWarning on GoogLeNet's default initialisation (the
     weights loaded next are the user's) would print at each one."""
