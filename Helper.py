@@ -182,29 +182,39 @@ def list_image_set(set_root: Path, classes: list[str] | None = None, name: str =
             raise HuddError(
                 f"{set_root}: class folder(s) {', '.join(repr(c) for c in unknown)} are not classes of the "
                 f"training set ({', '.join(classes)}); rename or remove them")
-        paths, labels = [], []
+        paths, labels, unread = [], [], []
         for folder in class_dirs:
             _refuse_nested_images(folder)
-            for image in sorted(p for p in folder.iterdir() if _is_image(p)):
-                paths.append(image)
-                labels.append(index[unicodedata.normalize("NFC", folder.name)])
+            images, left_out = _images_and_unread(folder)
+            paths += images
+            labels += [index[unicodedata.normalize("NFC", folder.name)]] * len(images)
+            unread += left_out
     else:
-        paths = sorted(p for p in set_root.iterdir() if _is_image(p))
+        paths, unread = _images_and_unread(set_root)
         labels = [UNLABELLED] * len(paths)
         classes = list(classes or [])
-    _note_unread_files(set_root, class_dirs or [set_root])
+    _note_unread_files(set_root, unread)
     if not paths:
         raise HuddError(
             f"{set_root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files in its class folders)")
     return ImageSet(name=name, root=set_root, paths=paths, labels=labels, classes=classes)
 
 
-def _note_unread_files(set_root: Path, folders: list[Path]) -> None:
+def _images_and_unread(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(the images, the other files but hidden ones and text companions) directly in `folder`, sorted;
+    one listing for both."""
+    images, unread = [], []
+    for path in sorted(folder.iterdir()):
+        if _is_image(path):
+            images.append(path)
+        elif path.is_file() and not path.name.startswith(".") and path.suffix.lower() not in COMPANION_EXTENSIONS:
+            unread.append(path)
+    return images, unread
+
+
+def _note_unread_files(set_root: Path, unread: list[Path]) -> None:
     """A warning naming the files the set leaves out for their extension (a .gif, a .heic): left out
-    silently, a class could lose its images without a word. Hidden files and text companions go unnamed."""
-    unread = sorted(p for folder in folders for p in folder.iterdir()
-                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_EXTENSIONS
-                    and p.suffix.lower() not in COMPANION_EXTENSIONS)
+    silently, a class could lose its images without a word."""
     if unread:
         log.warning("%s: %d file(s) left out, of a kind HUDD does not read as an image (e.g. %s); images are %s",
                     set_root, len(unread), unread[0].relative_to(set_root), ", ".join(IMAGE_EXTENSIONS))
@@ -627,19 +637,25 @@ def resize_shorter_side(settings: Settings) -> int:
     return settings.resize_to or round(max(resolve_input_size(settings)) * 8 / 7)
 
 
+def crop_steps(settings: Settings) -> list:
+    """The transforms that take the part of each image the model sees: center-crop's centre, resize-crop's
+    resize then centre; none where it sees the whole image (resized to the input, or already of its size).
+    The overlays show that part (heatmapModule.overlay_view)."""
+    from torchvision import transforms
+    size = tuple(resolve_input_size(settings))
+    if settings.resize == "center-crop":
+        return [transforms.CenterCrop(size)]  # pads an image smaller than the crop
+    if settings.resize == "resize-crop":
+        return [transforms.Resize(resize_shorter_side(settings)), transforms.CenterCrop(size)]
+    return []
+
+
 def make_transform(settings: Settings):
     """PIL image -> normalised float tensor, as the model was trained with."""
     from torchvision import transforms
-    size = resolve_input_size(settings)
-    steps = []
-    if settings.resize == "resize":
-        steps.append(transforms.Resize(tuple(size)))
-    elif settings.resize == "center-crop":
-        steps.append(transforms.CenterCrop(tuple(size)))
-    elif settings.resize == "resize-crop":
-        steps += [transforms.Resize(resize_shorter_side(settings)), transforms.CenterCrop(tuple(size))]
-    steps += [transforms.ToTensor(), transforms.Normalize(settings.mean, settings.std)]
-    return transforms.Compose(steps)
+    resize = [transforms.Resize(tuple(resolve_input_size(settings)))] if settings.resize == "resize" else []
+    return transforms.Compose([*resize, *crop_steps(settings), transforms.ToTensor(),
+                               transforms.Normalize(settings.mean, settings.std)])
 
 
 class ImageDataset(torch.utils.data.Dataset):

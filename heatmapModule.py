@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import distributed
 from Helper import (CasePaths, HuddError, ImageDataset, ImageSet, PipelineStop, RunContext, Step, atomic_path,
-                    make_loader, read_csv, resize_shorter_side, resolve_input_size, stop_on_unreadable, write_csv)
+                    crop_steps, make_loader, read_csv, stop_on_unreadable, write_csv)
 from lrp import RULE_PRESETS, LRPExplainer, NoRuleError, default_layers, relevance  # noqa: F401  (public API)
 from testModule import error_index
 
@@ -225,16 +225,12 @@ def overlay_tile(image_path: Path, relevance: np.ndarray, view: Callable | None 
 
 
 def overlay_view(settings) -> Callable | None:
-    """The crop the model's transform takes of each image (PIL image -> PIL image: center-crop's centre,
-    resize-crop's resize then centre); None where the model sees the whole image (resized, or already of
-    the input size). Its resizing to the input size is left to the overlay's own."""
+    """The crop the model's transform takes of each image (PIL image -> PIL image, Helper.crop_steps); None
+    where the model sees the whole image. Resizing to the input size is left to the overlay's own, which
+    keeps the detail of a large image."""
     from torchvision import transforms
-    size = tuple(resolve_input_size(settings))
-    if settings.resize == "center-crop":
-        return transforms.CenterCrop(size)  # as the model's transform crops (padding an image smaller than it)
-    if settings.resize == "resize-crop":
-        return transforms.Compose([transforms.Resize(resize_shorter_side(settings)), transforms.CenterCrop(size)])
-    return None
+    steps = crop_steps(settings)
+    return transforms.Compose(steps) if steps else None
 
 
 def write_overlays(paths: CasePaths, images: list[Path], pixel_relevance: np.ndarray, first_row: int,

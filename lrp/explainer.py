@@ -30,7 +30,7 @@ def default_layers(model: nn.Module, example_input: torch.Tensor | None = None,
     forward pass with hooks on a private copy, on ``example_input`` or on a zero input inferred from
     the model (``model.input_size`` and the first layer's input channels). The model is not changed.
     """
-    whole = tuple({**gating_module_rules(model), **(module_rules or {})})
+    whole = tuple(all_module_rules(model, module_rules))
     try:
         gm, module_nodes = graph.trace(model, whole)
         paths = graph.default_layer_paths(gm, module_nodes)
@@ -75,6 +75,11 @@ def gating_module_rules(model: nn.Module) -> dict:
     return {SqueezeExcitation: "pass"} if any(isinstance(m, SqueezeExcitation) for m in model.modules()) else {}
 
 
+def all_module_rules(model: nn.Module, module_rules: dict | None) -> dict:
+    """The module rules an explanation of `model` applies: the gating blocks' defaults, the user's over them."""
+    return {**gating_module_rules(model), **(module_rules or {})}
+
+
 class LRPExplainer:
     """Prepared LRP explainer: ``LRPExplainer(model, rules)(inputs, target) -> dict``.
 
@@ -103,7 +108,7 @@ class LRPExplainer:
             raise TypeError("LRP: model must be a torch.nn.Module")
         self.preset, preset = resolve_preset(rules)
         self.epsilon = float(epsilon)
-        self.module_rules = {**gating_module_rules(model), **(module_rules or {})}
+        self.module_rules = all_module_rules(model, module_rules)
         check_module_rules(self.module_rules)
         self._composite = Composite(preset, self.epsilon, self.module_rules)
         self.rules = self._composite.affine_rule_names()
