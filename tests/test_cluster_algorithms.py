@@ -48,6 +48,9 @@ def test_distances_match_scipy_in_chunks(normalisation):
     in_chunks = C.pairwise_distances(x, normalisation, chunk_bytes=8 * 40 * 7)  # 7 rows a block
     np.testing.assert_allclose(in_chunks, cdist(flat, flat), rtol=1e-12, atol=1e-12)
     assert np.array_equal(in_chunks, in_chunks.T) and not in_chunks.diagonal().any()
+    x[3] = x[10] = x[2]  # identical heatmaps in one block and in two: exactly 0 apart, both ways
+    in_chunks = C.pairwise_distances(x, normalisation, chunk_bytes=8 * 40 * 7)
+    assert not in_chunks[np.ix_([2, 3, 10], [2, 3, 10])].any()
 
 
 def test_near_duplicates_are_exact():
@@ -55,8 +58,8 @@ def test_near_duplicates_are_exact():
     base = rng.normal(1000.0, 1.0, size=(1, 5000))
     x = np.concatenate([base, base, base + 1e-6, rng.normal(1000.0, 1.0, size=(2, 5000))])
     d = C.pairwise_distances(x)
-    assert d[0, 1] == 0.0
-    assert d[0, 2] == pytest.approx(np.sqrt(5000) * 1e-6, rel=1e-6)
+    assert d[0, 1] == d[1, 0] == 0.0
+    assert d[0, 2] == d[2, 0] == pytest.approx(np.sqrt(5000) * 1e-6, rel=1e-6)
 
 
 def test_labels_match_fcluster_partitions():
@@ -286,8 +289,8 @@ def test_near_duplicates_are_exact_on_a_device(device):
     base = rng.normal(1000.0, 1.0, size=(1, 5000))
     x = np.concatenate([base, base, base + 1e-6, rng.normal(1000.0, 1.0, size=(2, 5000))])
     d = C.pairwise_distances(x, device=device)
-    assert d[0, 1] == 0.0
-    assert d[0, 2] == pytest.approx(np.sqrt(5000) * 1e-6, rel=1e-6)
+    assert d[0, 1] == d[1, 0] == 0.0
+    assert d[0, 2] == d[2, 0] == pytest.approx(np.sqrt(5000) * 1e-6, rel=1e-6)
 
 
 @pytest.mark.parametrize("device", device_cases())
