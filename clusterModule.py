@@ -30,6 +30,7 @@ after an interruption resumes at the first unfinished layer, and one that change
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -58,6 +59,9 @@ log = logging.getLogger("hudd")
 # Above this many images a distance matrix is not exported to XLSX: 4 million cells (40 MB, seconds to
 # write) is already past what anyone reads cell by cell, and distances.npy holds the matrix anyway.
 XLSX_MAX_IMAGES = 2000
+# A layer's distance matrix up to this size is written on a thread while the next layer's is computed
+# (5,000 images: 200 MB); a larger one first, so that no two are in memory at once.
+HANDOFF_BYTES = 256 * 2 ** 20
 # The workbook's significant digits: the heatmaps are float32 (7-8 significant digits; fewer in float16),
 # so past 9 a distance's digits carry no information, and 9 instead of 17 formats and deflates in 0.6 of
 # the time into 0.6 of the bytes. distances.npy holds every bit.
@@ -373,20 +377,27 @@ def cluster_rows(ctx: RunContext, layer: str, rows: np.ndarray):
     return cluster_layer(layer, distances, **options), distances, None, projection
 
 
-def cluster_one_layer(ctx: RunContext, space: FeatureSpace, layer: str, index: pd.DataFrame, metadata,
-                      imported: Future | None = None):
-    """Distances, clustering and the files of one layer; a reason string where it is skipped. The files
-    are written once `imported` (the thread importing ahead) is done: the characterisation workbook
-    imports openpyxl, and two threads importing it together can meet a partly initialised module."""
+def cluster_one_layer(ctx: RunContext, space: FeatureSpace, layer: str, index: pd.DataFrame, metadata):
+    """(outcome, its files): the clustering of one layer and a call that writes its files (distances.npy,
+    labels, statistics: write_layer_outputs), left to the step's `files` thread; (reason, None) where
+    the layer is skipped."""
     rows = space.error_rows(ctx, layer)
     problem = finite_rows(rows)
     if problem:
         log.warning("%s skipped: %s (the LRP rules divide by small activations; try another rules preset)",
                     layer, problem)
-        return f"{layer}: {problem}"
-    folder = layer_dir(ctx.paths, layer)
-    folder.mkdir(parents=True, exist_ok=True)
+        return f"{layer}: {problem}", None
     result, distances, sample, projection = cluster_rows(ctx, layer, rows)
+    return result, functools.partial(write_layer_outputs, layer_dir(ctx.paths, layer), result, distances=distances,
+                                     sample=sample, projection=projection, index=index, metadata=metadata,
+                                     ordinary=ctx.settings.ordinary_scenario)
+
+
+def write_layer_outputs(folder: Path, result: LayerClustering, distances: np.ndarray, sample: np.ndarray | None,
+                        projection: Projection | None, index: pd.DataFrame, metadata, ordinary: str) -> None:
+    """Everything one clustered layer writes but its RCC folders: sample.npy and projection.npz where
+    there are, distances.npy, then write_layer_files."""
+    folder.mkdir(parents=True, exist_ok=True)
     for stale in (folder / SAMPLE_FILE, folder / PROJECTION_FILE):
         stale.unlink(missing_ok=True)
     if sample is not None:
@@ -394,10 +405,7 @@ def cluster_one_layer(ctx: RunContext, space: FeatureSpace, layer: str, index: p
     if projection is not None:
         save_projection(projection, folder / PROJECTION_FILE)
     save_npy(distances, folder / DISTANCES_FILE)
-    if imported is not None:
-        imported.result()
-    write_layer_files(result, distances, index, metadata, folder, sample, ordinary=ctx.settings.ordinary_scenario)
-    return result
+    write_layer_files(result, distances, index, metadata, folder, sample, ordinary=ordinary)
 
 
 def save_projection(projection: Projection, path: Path) -> None:
@@ -733,23 +741,30 @@ def write_summary(results, skipped, chosen, scenarios, alignments: dict[str, flo
 
 def publish_selected_layer(ctx: RunContext, layer: str) -> None:
     """The selected layer's RCC folders under T/<Layer>/, each image with its heatmap overlay (drawn by
-    the heatmap step), and inside each RCC a folder per sub-cluster; all hard links to the same files
-    where the file system allows (no second copy on disk), else copies. The files the step writes into
-    the layer's folder meanwhile (LATE_FILES, and their temporaries) are left to publish_late_files."""
+    the heatmap step), and inside each RCC a folder per sub-cluster, beside the layer's tables; all hard
+    links to the same files where the file system allows (no second copy on disk), else copies. Linked
+    from the case's images and the layer's labels, not from the layer's own RCC folders, so that it runs
+    while those are linked. The files the step writes into the layer's folder meanwhile (LATE_FILES)
+    are left to publish_late_files."""
     for old in [*ctx.paths.t_dir.glob("Layer*"), ctx.paths.t_dir / PixelSpace.LAYER, ctx.paths.t_dir / BackboneSpace.LAYER]:
         if old.is_dir():
             shutil.rmtree(old)
-    shutil.copytree(layer_dir(ctx.paths, layer), published_dir(ctx.paths, layer), copy_function=link_or_copy,
-                    ignore=shutil.ignore_patterns(DISTANCES_FILE, SAMPLE_FILE, PROJECTION_FILE, *LATE_FILES, ".*"))
+    published_dir(ctx.paths, layer).mkdir(parents=True)
+    unpublished = {DISTANCES_FILE, SAMPLE_FILE, PROJECTION_FILE, *LATE_FILES}
+    for entry in os.scandir(layer_dir(ctx.paths, layer)):
+        if entry.is_file() and entry.name not in unpublished and not entry.name.startswith("."):
+            link_or_copy(entry.path, published_dir(ctx.paths, layer) / entry.name)
     labels = read_labels(ctx.paths, layer)
     for rcc, sub_rcc in labels[["rcc", "sub_rcc"]].drop_duplicates().itertuples(index=False):
-        rcc_folder(ctx.paths, layer, rcc, sub_rcc).mkdir(exist_ok=True)
+        rcc_folder(ctx.paths, layer, rcc, sub_rcc).mkdir(parents=True, exist_ok=True)
     published, overlays = str(published_dir(ctx.paths, layer)), str(heatmapModule.overlay_dir(ctx.paths))
+    case_root = str(ctx.paths.root)
     columns = (labels[name] for name in ("image", "expected", "rcc", "sub_rcc"))
     for row, (image, expected, rcc, sub_rcc) in enumerate(zip(*columns)):  # labels rows are heatmap rows
         # strings, not Path: four links per error image (the RCC's folder took 0.8 s at 1,000 with Path)
         copy, top = _copy_name(image, expected), os.path.join(published, rcc)
         overlay = _overlay_name(copy)
+        link_or_copy(os.path.join(case_root, image), os.path.join(top, copy))
         link_or_copy(os.path.join(overlays, heatmapModule.overlay_name(row)), os.path.join(top, overlay))
         for name in (copy, overlay):
             link_or_copy(os.path.join(top, name), os.path.join(top, sub_rcc, name))
@@ -776,29 +791,40 @@ def link_or_copy(source: Path | str, target: Path | str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def cluster_every_layer(ctx: RunContext, index: pd.DataFrame, metadata, progress: LayerProgress,
-                        files: ThreadPoolExecutor, imported: Future | None = None
-                        ) -> tuple[list[LayerClustering], list[str], str | None, list[Future]]:
-    """(clusterings, reasons of the skipped layers, the layer before the output, the pending jobs of
-    `files`) of every layer of the feature space; a layer an interrupted run finished is restored, not
-    clustered again. Each layer's RCC folders are linked on the `files` thread (system calls, free of
-    the GIL) while the next layer's distances run, and only then is the layer saved as finished."""
+                        files: ThreadPoolExecutor
+                        ) -> tuple[list[LayerClustering], list[str], str | None, list[Future], list[Future]]:
+    """(clusterings, reasons of the skipped layers, the layer before the output, and the `files` thread's
+    pending jobs: the layers' files, the layers' folders) of every layer of the feature space; a layer an interrupted run finished is restored, not
+    clustered again. Each layer's files, then its RCC folders, are written on the `files` thread
+    (numpy's writes and the links are system calls, free of the GIL) while the next layer's distances
+    run; the layer is saved as finished after both.
+    A distance matrix past HANDOFF_BYTES is written before the next one is computed: two of them in
+    memory at once would double the step's peak."""
     space = make_space(ctx.settings.features)
-    results, skipped, layers, pending = [], [], space.layers(ctx), []
+    results, skipped, layers, written, linked = [], [], space.layers(ctx), [], []
     for layer in tqdm(layers, desc="clustering layers", unit="layer", leave=False, disable=None):
         outcome = progress.restore(ctx.paths, layer)
         if outcome is None:
-            outcome = cluster_one_layer(ctx, space, layer, index, metadata, imported)
-            pending.append(files.submit(finish_layer, ctx.paths, outcome, progress))
+            outcome, write = cluster_one_layer(ctx, space, layer, index, metadata)
+            files_job = files.submit(write) if write is not None else None
+            written += [files_job] if files_job else []
+            linked.append(files.submit(finish_layer, ctx.paths, outcome, files_job, progress))
+            if files_job and write.keywords["distances"].nbytes > HANDOFF_BYTES:
+                files_job.result()
         (results if isinstance(outcome, LayerClustering) else skipped).append(outcome)
     if not results:
         raise HuddError(f"{heatmapModule.heatmaps_dir(ctx.paths)}: no layer could be clustered "
                         f"({'; '.join(skipped)})")
-    return results, skipped, space.layer_before_output(ctx), pending
+    return results, skipped, space.layer_before_output(ctx), written, linked
 
 
-def finish_layer(paths: CasePaths, outcome: LayerClustering | str, progress: LayerProgress) -> None:
-    """A clustered layer's RCC folders (from its labels.csv), then the layer saved as finished: a
-    resumed run trusts both, so a failed link leaves the layer unfinished."""
+def finish_layer(paths: CasePaths, outcome: LayerClustering | str, files_job: Future | None,
+                 progress: LayerProgress) -> None:
+    """A clustered layer's RCC folders (from the labels.csv that `files_job` wrote), then the layer saved
+    as finished: a resumed run trusts its files and folders, so a failure of either leaves it
+    unfinished (files_job.result() raises the files' error)."""
+    if files_job is not None:
+        files_job.result()
     if isinstance(outcome, LayerClustering):
         copy_rcc_images(paths.root, read_labels(paths, outcome.layer), layer_dir(paths, outcome.layer))
     progress.save(outcome)
@@ -839,26 +865,29 @@ class ClusterStep(Step):
         index = heatmapModule.read_index(ctx.paths)
         metadata = error_metadata(ctx, index)
         progress = LayerProgress(analysis_dir(ctx.paths), self.clustering_fingerprint(ctx), resume=not ctx.force)
-        # Beside the algorithm, on two threads. `files` imports ahead, links each layer's RCC folders (in
-        # layer order) and at the end publishes the selected layer; `side` describes the error images
-        # (whichever layer is chosen), then hands the distance workbook to its writer process (a second
-        # of formatting at 1,000 images, started now) and waits for it. Meanwhile this thread writes the
-        # summary, the characterisation and the k plot. The writer is entered first so that it ends last.
+        # Beside the algorithm, on two threads. `files` imports ahead, writes each layer's files and links
+        # its RCC folders (in layer order); at the end `publisher` publishes the selected layer; `side` describes
+        # the error images (whichever layer is chosen), then hands the distance workbook to its writer
+        # process (a second of formatting at 1,000 images, started now) and waits for it. Meanwhile this
+        # thread writes the summary, the characterisation and the k plot, once every layer's files are
+        # written (they go into the layers' folders). The writer is entered first so that it ends last.
         if ctx.settings.k_criterion == "knee":
             import kneed  # noqa: F401  (it imports matplotlib.pyplot: here, never beside the thread importing ahead)
         with distance_writer(ctx, len(index)) as writer, ThreadPoolExecutor(1) as files, \
-                ThreadPoolExecutor(1) as side:
+                ThreadPoolExecutor(1) as side, ThreadPoolExecutor(1) as publisher:
             imported = files.submit(_import_ahead)  # hidden behind the distances' matrix products
             described = side.submit(describe_and_write_relevance, ctx, index)
-            results, skipped, before_output, linked = cluster_every_layer(ctx, index, metadata, progress, files,
-                                                                          imported)
-            # Finished before this thread imports any of it (cluster_one_layer): two threads importing
-            # openpyxl together can meet a partly initialised module (ImportError, seen in CI).
-            imported.result()
+            results, skipped, before_output, written, linked = cluster_every_layer(ctx, index, metadata, progress,
+                                                                                   files)
+            # The import finished before this thread imports any of it: two threads importing openpyxl
+            # together can meet a partly initialised module (ImportError, seen in CI). The last layer's
+            # folders are linked meanwhile.
+            for job in [imported, *written]:
+                job.result()
             alignments = output_alignments(results, explained_outputs(ctx, index))
             chosen = select_layer(results, ctx.settings.layer_criterion, last_layer=before_output,
                                   alignments=alignments)
-            published = files.submit(publish_selected_layer, ctx, chosen.layer)  # after the links, in order
+            published = publisher.submit(publish_selected_layer, ctx, chosen.layer)  # beside the last links
             exported = side.submit(export_distances, ctx, index, [r.layer for r in results], chosen.layer, writer)
             write_summary(results, skipped, chosen, scenarios_of(metadata), alignments, analysis_dir(ctx.paths),
                           ctx.settings.ordinary_scenario)

@@ -96,6 +96,16 @@ def test_outputs_read_back(make_case):
     copied = next(p for p in published.glob("RCC*/*.png") if not p.name.endswith("_heatmap.png"))
     expected_class, file_name = copied.name.split("__")
     assert copied.read_bytes() == (case / "DataSets" / "TestSet" / expected_class / file_name).read_bytes()
+    # each error image and its overlay in its RCC and in its sub-cluster inside it, and nothing else
+    labels = pd.read_csv(analysis / summary["layer"] / "rcc_labels.csv")
+    wanted = set()
+    for member in labels.itertuples():
+        copy = f"{member.expected}__{Path(member.image).name}"
+        overlay = f"{member.expected}__{Path(member.image).stem}_heatmap.png"
+        wanted |= {f"{member.rcc}/{name}" for name in (copy, overlay)}
+        wanted |= {f"{member.rcc}/{member.sub_rcc}/{name}" for name in (copy, overlay)}
+        assert (published / member.rcc / copy).read_bytes() == (case / member.image).read_bytes()
+    assert {str(p.relative_to(published)) for p in published.glob("RCC*/**/*") if p.is_file()} == wanted
 
 
 def test_characterisation_matches_the_labels(make_case):
@@ -300,6 +310,29 @@ def test_an_interrupted_step_keeps_its_finished_layers(make_case, monkeypatch):
     for layer, distances in clean_distances.items():
         np.testing.assert_array_equal(np.load(analysis / layer / "distances.npy"), distances)
     assert (analysis / clusterModule.selected_layer(ctx.paths) / "knee.png").is_file()
+
+
+def test_a_large_distance_matrix_is_written_before_the_next_layer_is_clustered(make_case, monkeypatch):
+    """Past HANDOFF_BYTES a layer's files are written before the next layer's distances are computed
+    (no two large matrices in memory at once); below it they are written beside it. The files are the same."""
+    case = make_case(per_class=4)
+    ctx, _ = run_steps(case)
+    analysis = case / "T" / "ClusterAnalysis"
+    beside = {p.relative_to(analysis): p.read_bytes() for p in analysis.rglob("*.csv")}
+    layers = list(pd.read_csv(case / "T" / "Heatmaps" / "layers.csv")["layer"])
+    original, previous_written = clusterModule.cluster_one_layer, []
+
+    def noting(ctx, space, layer, *rest):
+        before = layers[layers.index(layer) - 1] if layer != layers[0] else None
+        previous_written.append(before is None or (analysis / before / "rcc_labels.csv").is_file())
+        return original(ctx, space, layer, *rest)
+
+    monkeypatch.setattr(clusterModule, "cluster_one_layer", noting)
+    monkeypatch.setattr(clusterModule, "HANDOFF_BYTES", 0)
+    shutil.rmtree(analysis)
+    clusterModule.STEP.compute(replace(context(case), force=True))
+    assert len(previous_written) == len(layers) and all(previous_written)
+    assert {p.relative_to(analysis): p.read_bytes() for p in analysis.rglob("*.csv")} == beside
 
 
 def test_a_step_killed_while_it_is_recomputed_is_not_reused_afterwards(make_case, monkeypatch):
