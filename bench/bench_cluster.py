@@ -3,6 +3,7 @@
     python bench/bench_cluster.py            # full sizes (several minutes on 2 cores)
     python bench/bench_cluster.py --quick    # small sizes, to check it runs
     python bench/bench_cluster.py --only-step --sizes 1000 --repeats 5   # part 4 alone, at 1,000
+    python bench/bench_cluster.py --sizes 1000 --against /tmp/base       # part 4, this code against another checkout
 
 1. pairwise distances of 2,000 heatmaps of 50,000 dimensions: ours (float64 matrix products, in
    chunks) vs scipy's pdist, in the same run, with the largest difference between them;
@@ -218,8 +219,9 @@ def xlsx_writers(n: int) -> None:
                       f"{slow / fast:.0f}x faster)" for digits, fast in streamed.items()))
 
 
-def in_child(kind: str, **kwargs) -> dict:
-    code = (f"import sys, json; sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'bench')!r}); "
+def in_child(kind: str, repo: Path = REPO, **kwargs) -> dict:
+    """bench_cluster.<kind>(**kwargs) in a fresh process, with the code of checkout `repo`."""
+    code = (f"import sys, json; sys.path.insert(0, {str(repo)!r}); sys.path.insert(0, {str(repo / 'bench')!r}); "
             f"import bench_cluster as b; print(json.dumps(b.{kind}(**{kwargs!r})))")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -232,8 +234,16 @@ def main() -> None:
     parser.add_argument("--cases", default="/tmp/hudd_bench_cluster", help="where part 4 builds its cases")
     parser.add_argument("--sizes", default="1000,5000", help="part 4's numbers of error images (before --quick)")
     parser.add_argument("--repeats", type=int, default=3, help="part 4's alternating runs up to 1,000 images")
+    parser.add_argument("--against", type=Path, help="another checkout (e.g. `git worktree add /tmp/base HEAD~1`): "
+                        "part 4 at the first size only, this code and that one in alternating processes")
+    parser.add_argument("--rounds", type=int, default=6, help="with --against: processes per version")
     args = parser.parse_args()
     scale = 10 if args.quick else 1
+    if args.against:
+        case = build_step_case(Path(args.cases) / f"errors{int(args.sizes.split(',')[0]) // scale}",
+                               int(args.sizes.split(",")[0]) // scale)
+        return side_by_side({"this checkout": REPO, str(args.against): args.against.resolve()}, case, args.rounds,
+                            args.repeats)
     if not args.only_step:
         algorithm_parts(scale)
     xlsx_writers(1000 // scale)
@@ -249,6 +259,22 @@ def main() -> None:
               f"algorithm inside it: median {np.median(r['within']):.2f}x (" + ", ".join(f"{x:.2f}" for x in r["within"])
               + "x); in the fastest step: "
               + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in r["parts"].items()))
+
+
+def side_by_side(repos: dict[str, Path], case: Path, rounds: int, repeats: int) -> None:
+    """whole_step of each checkout in turn, `rounds` processes of `repeats` runs each, the order
+    alternating (the machine's drift falls on both alike); per checkout the medians of all its runs."""
+    runs = {name: {"step_all": [], "algorithm_all": [], "within": []} for name in repos}
+    for round_ in range(rounds):
+        for name in (list(repos) if round_ % 2 == 0 else list(repos)[::-1]):
+            r = in_child("whole_step", repo=repos[name], case=str(case), repeats=repeats)
+            for key, values in runs[name].items():
+                values += r[key]
+    for name, r in runs.items():
+        step, algorithm = np.median(r["step_all"]), np.median(r["algorithm_all"])
+        print(f"{name}: {len(r['step_all'])} runs; step median {step:.2f} s, algorithm alone median {algorithm:.2f} s, "
+              f"median to median {step / algorithm:.2f}x; each step against the algorithm inside it, median "
+              f"{np.median(r['within']):.2f}x")
 
 
 def algorithm_parts(scale: int) -> None:
