@@ -658,6 +658,38 @@ def make_transform(settings: Settings):
                                transforms.Normalize(settings.mean, settings.std)])
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": 32-bit integers, 16-bit data in older Pillow
+
+
+def image_in_mode(image: Image.Image, mode: str) -> Image.Image:
+    """`image` converted to `mode` ("RGB" or "L"). A 16-bit greyscale image is scaled to 8 bits first
+    (value / 257: 65535 becomes 255); PIL's own conversion clips it at 255, which turns nearly every
+    pixel white. A floating-point image, or an integer one past 16 bits, has no one reading: refused."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"its pixels span {values.min()}..{values.max()}, past 16 bits; save the set as "
+                             "8- or 16-bit images, read the way the model was trained")
+        image = Image.fromarray(np.round(values / 257.0).astype(np.uint8))
+    elif image.mode == "F":
+        raise ValueError("it is a floating-point image, which has no one 8-bit reading; save the set as 8- or "
+                         "16-bit images, read the way the model was trained")
+    return image.convert(mode)
+
+
+def note_sixteen_bit(image_set: ImageSet) -> None:
+    """One warning for a set whose first image is 16-bit: read scaled to 8 bits (image_in_mode), which
+    is right only if the model was trained on them read the same way."""
+    if not image_set.paths:
+        return
+    with Image.open(image_set.paths[0]) as image:
+        mode = image.mode
+    if mode in SIXTEEN_BIT_MODES:
+        log.warning("%s: 16-bit images (%s, mode %s): read scaled to 8 bits (value / 257); if the model was "
+                    "trained on them read another way, convert the sets to 8-bit images that way first",
+                    image_set.root, image_set.paths[0].name, mode)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Images of one ImageSet as (tensor, label, index, error). A file that cannot be read yields
     error text instead of raising inside a worker process, so the caller can name the file."""
@@ -674,7 +706,7 @@ class ImageDataset(torch.utils.data.Dataset):
         path = self.image_set.paths[index]
         try:
             with Image.open(path) as image:
-                tensor = self.transform(image.convert(self.mode))
+                tensor = self.transform(image_in_mode(image, self.mode))
             return tensor, self.image_set.labels[index], index, ""
         except Exception as exc:  # any decoding problem is reported with the file's name
             return None, self.image_set.labels[index], index, f"{type(exc).__name__}: {exc}"
@@ -1196,6 +1228,8 @@ class RunContext:
     def sets(self) -> dict[str, ImageSet]:
         if self._sets is None:
             self._sets = load_case_sets(self.paths, self.task)
+            for image_set in self._sets.values():
+                note_sixteen_bit(image_set)
         return self._sets
 
     def keep_only(self, set_key: str, rows: list[int]) -> None:

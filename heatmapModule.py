@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import distributed
 from Helper import (CasePaths, HuddError, ImageDataset, ImageSet, PipelineStop, RunContext, Step, atomic_path,
-                    crop_steps, make_loader, read_csv, stop_on_unreadable, write_csv)
+                    crop_steps, image_in_mode, make_loader, read_csv, stop_on_unreadable, write_csv)
 from lrp import RULE_PRESETS, LRPExplainer, NoRuleError, default_layers, relevance  # noqa: F401  (public API)
 from testModule import error_index
 
@@ -209,7 +209,7 @@ def overlay_tile(image_path: Path, relevance: np.ndarray, view: Callable | None 
     heat = relevance.sum(axis=0) if relevance.ndim == 3 else relevance
     size = overlay_size(*heat.shape, tile=tile)
     with Image.open(image_path) as source:
-        seen = source.convert("RGB")
+        seen = image_in_mode(source, "RGB")
     if view is not None:
         seen = view(seen)
     picture = seen.resize(size, Image.BILINEAR)

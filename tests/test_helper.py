@@ -79,6 +79,32 @@ def test_tiff_and_webp_images_are_read_and_other_files_are_named_not_dropped_sil
     assert len(warned) == 1 and "1 file(s) left out" in warned[0] and "e.gif" in warned[0]   # not notes.txt
 
 
+def test_sixteen_bit_images_are_read_scaled_to_8_bits_not_clipped_and_float_images_are_named(tmp_path, caplog):
+    """PIL's own conversion clips a 16-bit image at 255 (nearly every pixel white): read scaled instead,
+    with one warning for the set; a floating-point image has no one reading and is refused by name."""
+    from PIL import Image
+    values = (np.arange(16 * 16).reshape(16, 16) * 257).astype(np.uint16)   # 0 .. 65535 in steps of 257
+    (tmp_path / "Set" / "cat").mkdir(parents=True)
+    Image.fromarray(values).save(tmp_path / "Set" / "cat" / "a.png")
+    Image.fromarray(values.astype(np.float32) / 65535).save(tmp_path / "Set" / "cat" / "b.tif")
+    with Image.open(tmp_path / "Set" / "cat" / "a.png") as image:
+        assert image.mode.startswith("I") and np.asarray(image.convert("L")).mean() > 250  # the clipping
+    listed = Helper.list_image_set(tmp_path / "Set")
+    with caplog.at_level("WARNING", logger="hudd"):
+        Helper.note_sixteen_bit(listed)
+    assert len(caplog.records) == 1 and "a.png" in caplog.records[0].getMessage() and "16-bit" in caplog.records[0].getMessage()
+    for channels in (1, 3):
+        settings = Helper.Settings(arch="demonet", input_size=[16, 16], channels=channels, mean=[0.0] * channels,
+                                   std=[1.0] * channels)
+        dataset = Helper.ImageDataset(listed, settings)
+        tensor, _label, _index, error = dataset[0]
+        assert error == ""
+        expected = np.round(values / 257.0) / 255.0   # an independent reading: value / 257, then ToTensor's / 255
+        for channel in tensor.numpy():
+            np.testing.assert_allclose(channel, expected, atol=1e-6)
+        assert "floating-point image" in dataset[1][3]
+
+
 def test_a_class_folder_named_in_another_unicode_form_is_the_same_class(tmp_path):
     import unicodedata
     rng = np.random.default_rng(0)
