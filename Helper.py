@@ -677,17 +677,22 @@ def image_in_mode(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
-def note_sixteen_bit(image_set: ImageSet) -> None:
-    """One warning for a set whose first image is 16-bit: read scaled to 8 bits (image_in_mode), which
-    is right only if the model was trained on them read the same way."""
+def is_sixteen_bit(image_set: ImageSet) -> bool:
+    """Whether the set's first image is 16-bit (image_in_mode reads it scaled to 8 bits)."""
     if not image_set.paths:
-        return
+        return False
     with Image.open(image_set.paths[0]) as image:
-        mode = image.mode
-    if mode in SIXTEEN_BIT_MODES:
-        log.warning("%s: 16-bit images (%s, mode %s): read scaled to 8 bits (value / 257); if the model was "
-                    "trained on them read another way, convert the sets to 8-bit images that way first",
-                    image_set.root, image_set.paths[0].name, mode)
+        return image.mode in SIXTEEN_BIT_MODES
+
+
+def note_sixteen_bit(sets: list[ImageSet]) -> None:
+    """One warning naming the sets of 16-bit images: read scaled to 8 bits (image_in_mode), which is
+    right only if the model was trained on them read the same way."""
+    sixteen = [image_set for image_set in sets if is_sixteen_bit(image_set)]
+    if sixteen:
+        log.warning("16-bit images in %s (e.g. %s): read scaled to 8 bits (value / 257); if the model was trained "
+                    "on them read another way, convert the sets to 8-bit images that way first",
+                    ", ".join(image_set.root.name for image_set in sixteen), sixteen[0].paths[0])
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -1228,8 +1233,7 @@ class RunContext:
     def sets(self) -> dict[str, ImageSet]:
         if self._sets is None:
             self._sets = load_case_sets(self.paths, self.task)
-            for image_set in self._sets.values():
-                note_sixteen_bit(image_set)
+            note_sixteen_bit(list(self._sets.values()))
         return self._sets
 
     def keep_only(self, set_key: str, rows: list[int]) -> None:

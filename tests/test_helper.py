@@ -91,7 +91,7 @@ def test_sixteen_bit_images_are_read_scaled_to_8_bits_not_clipped_and_float_imag
         assert image.mode.startswith("I") and np.asarray(image.convert("L")).mean() > 250  # the clipping
     listed = Helper.list_image_set(tmp_path / "Set")
     with caplog.at_level("WARNING", logger="hudd"):
-        Helper.note_sixteen_bit(listed)
+        Helper.note_sixteen_bit([listed, listed])
     assert len(caplog.records) == 1 and "a.png" in caplog.records[0].getMessage() and "16-bit" in caplog.records[0].getMessage()
     for channels in (1, 3):
         settings = Helper.Settings(arch="demonet", input_size=[16, 16], channels=channels, mean=[0.0] * channels,
