@@ -778,12 +778,18 @@ def publish_late_files(ctx: RunContext, layer: str) -> None:
 
 
 def link_or_copy(source: Path | str, target: Path | str) -> None:
-    """A hard link of `source` at `target`; a copy where the file system has no hard links (another
-    file system, some network shares). The signature of shutil.copytree's copy_function."""
+    """A hard link of `source` at `target`; where the file system refuses one (`source` on another file
+    system, as a DataSets folder linked in from a data disk; some network shares) a symbolic link to its
+    real path, which costs no disk either (a copy of every error image per layer would cost gigabytes on a
+    real case); a copy only where neither is possible (FAT drives, Windows without the privilege). The
+    signature of shutil.copytree's copy_function."""
     try:
         os.link(source, target)
     except OSError:
-        shutil.copy2(source, target)
+        try:
+            os.symlink(os.path.realpath(source), target)
+        except OSError:
+            shutil.copy2(source, target)
 
 
 # --------------------------------------------------------------------------------------------

@@ -410,3 +410,30 @@ def test_no_workbook_is_written_while_a_thread_imports_ahead(make_case, monkeypa
     monkeypatch.setattr(clusterModule, "write_characterisation", noting_write)
     clusterModule.STEP.compute(replace(context(case), force=True))
     assert written and all(written)
+
+
+@pytest.mark.parametrize("refused", ["hard", "hard and symbolic"])
+def test_images_on_another_file_system_are_linked_symbolically_else_copied(make_case, monkeypatch, refused):
+    """Where hard links are refused (the images on another file system: EXDEV), the RCC folders hold
+    symbolic links to the images' real paths, not a copy per layer; copies only where both are refused."""
+    import errno
+    case = make_case(per_class=4)
+    ctx, _ = run_steps(case)
+
+    def no_link(*_args, **_kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(clusterModule.os, "link", no_link)
+    if refused == "hard and symbolic":
+        monkeypatch.setattr(clusterModule.os, "symlink", no_link)
+    clusterModule.STEP.compute(replace(context(case), force=True))
+    layer = clusterModule.selected_layer(ctx.paths)
+    labels = pd.read_csv(case / "T" / "ClusterAnalysis" / layer / "rcc_labels.csv")
+    for member in labels.itertuples():
+        name = f"{member.expected}__{Path(member.image).name}"
+        for copy in (case / "T" / "ClusterAnalysis" / layer / member.rcc / name, case / "T" / layer / member.rcc / name,
+                     case / "T" / layer / member.rcc / member.sub_rcc / name):
+            assert copy.is_symlink() == (refused == "hard")
+            if copy.is_symlink():
+                assert os.readlink(copy) == os.path.realpath(case / member.image)
+            assert copy.read_bytes() == (case / member.image).read_bytes()
