@@ -23,7 +23,10 @@ Public API
 Targets (the seed)
 ------------------
 The backward pass starts from ``seed = one_hot(target) * output`` (the raw output value, no
-softmax; it may be negative). ``target`` is ``None`` (the predicted class: argmax over dim 1 of a
+softmax; it may be negative). Where the model ends in a softmax or log-softmax (``nn.Softmax``,
+``nn.LogSoftmax``, ``F.softmax``, ``F.log_softmax`` or the tensor methods), ``output`` is that call's
+input, the logits: a probability or log-probability seed would scale each heatmap by p/z or log(p)/z
+and flip its sign wherever that is negative (traced mode; the fallback mode seeds the model output). ``target`` is ``None`` (the predicted class: argmax over dim 1 of a
 ``(batch, classes)`` output), an ``int``, a 1-D integer tensor of per-sample class indices (for an
 N-d output such as keypoint heatmaps, an index selects that channel at every position), or a float
 tensor of the output's shape used as a mask (``seed = mask * output``, for regression models).

@@ -9,8 +9,9 @@
 3. ``mark_nonnegative``: which tensors are known to be >= 0 (z+ then skips its negative half);
 4. ``attach_rules``: every module and functional call is replaced by a stand-in applying its rule
    (calls with the ordinary gradient as their rule stay as they are);
-5. ``return_captures``: the graph returns (output, the requested layers' outputs), whose gradients
-   are their relevance.
+5. ``return_captures``: the graph returns (the explained output: the model output, or the logits
+   before a final softmax or log-softmax; the requested layers' outputs), whose gradients are their
+   relevance.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from . import ops
 from .affine import can_merge, merge_batchnorm
-from .layertypes import BATCHNORMS, DEFAULT_LAYERS, NONNEG_OUTPUT, NONNEG_PRESERVING, SEE_THROUGH
+from .layertypes import BATCHNORMS, DEFAULT_LAYERS, FINAL_SOFTMAX, NONNEG_OUTPUT, NONNEG_PRESERVING, SEE_THROUGH
 from .model import check_called_once, no_rule_error, set_submodule
 from .presets import Composite
 from .rules import Gradient, Proportional
@@ -62,12 +63,32 @@ def output_node(graph: fx.Graph) -> fx.Node:
     return next(n for n in reversed(graph.nodes) if n.op == "output")
 
 
+_SOFTMAX_FUNCTIONS = (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)
+
+
+def _is_final_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return ((node.op == "call_module" and isinstance(gm.get_submodule(node.target), FINAL_SOFTMAX))
+            or (node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS)
+            or (node.op == "call_method" and node.target in ("softmax", "log_softmax")))
+
+
+def explained_node(gm: fx.GraphModule) -> fx.Node | None:
+    """The node whose value the backward pass starts from: the model output, or where the model ends
+    in a softmax or log-softmax (module, function or method), that call's input, the logits. None
+    where the model returns no single tensor node."""
+    out_arg = output_node(gm.graph).args[0]
+    node = out_arg if isinstance(out_arg, fx.Node) else None
+    while node is not None and _is_final_softmax(gm, node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
 def default_layer_paths(gm: fx.GraphModule, module_nodes: dict) -> list[str]:
     """Default layer paths in execution order from a traced (not yet rewritten) graph; the layer
-    whose output is the model output (seen through BatchNorm/identity/dropout) is left out."""
+    whose output is the explained output (explained_node, seen through BatchNorm/identity/dropout)
+    is left out."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    out_arg = output_node(gm.graph).args[0]
-    final = out_arg if isinstance(out_arg, fx.Node) else None
+    final = explained_node(gm)
     while final is not None and final.op == "call_module" and isinstance(
             gm.get_submodule(final.target), SEE_THROUGH):
         src = final.args[0] if final.args else None
@@ -245,10 +266,10 @@ def attach_rules(gm: fx.GraphModule, composite: Composite, merged: dict, nonneg:
     _attach_call_rules(gm, composite)
 
 
-def return_captures(graph: fx.Graph, capture: list[fx.Node]) -> None:
-    """Phase 5: the graph returns (output, captured layer outputs)."""
+def return_captures(graph: fx.Graph, capture: list[fx.Node], explained: fx.Node | None) -> None:
+    """Phase 5: the graph returns (the explained output, captured layer outputs)."""
     out = output_node(graph)
-    out.args = ((out.args[0], tuple(capture)),)
+    out.args = ((explained if explained is not None else out.args[0], tuple(capture)),)
 
 
 def prepare(gm: fx.GraphModule, module_nodes: dict, paths: list[str], composite: Composite,
@@ -257,11 +278,13 @@ def prepare(gm: fx.GraphModule, module_nodes: dict, paths: list[str], composite:
     each layer in ``paths``])."""
     capture = captured_nodes(paths, module_nodes)
     inplace_to_ssa(gm.graph, inplace_modules)
+    explained = explained_node(gm)  # after inplace_to_ssa: the node later users read
     merged, remap = merge_batchnorms(gm, module_nodes)
     capture = [remap.get(n, n) for n in capture]
+    explained = remap.get(explained, explained)
     nonneg = mark_nonnegative(gm)
     attach_rules(gm, composite, merged, nonneg)
-    return_captures(gm.graph, capture)
+    return_captures(gm.graph, capture, explained)
     gm.graph.lint()
     gm.recompile()
     return gm

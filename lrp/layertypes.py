@@ -40,6 +40,11 @@ AVERAGING = AVG_POOLS + (nn.Upsample,)
 # identity, dropout in eval mode)
 SEE_THROUGH = BATCHNORMS + (nn.Identity,) + DROPOUTS
 
+# a final normalisation of the class scores: relevance starts at its input, the logits (the seed of a
+# probability or a log-probability would scale each heatmap by p/z or log(p)/z, flipping its sign
+# wherever that factor is negative: every heatmap of a log_softmax model, as PyTorch's MNIST example is)
+FINAL_SOFTMAX = (nn.Softmax, nn.LogSoftmax)
+
 # outputs that are >= 0 whatever the input (lets z+ skip its negative-input half)
 NONNEG_OUTPUT = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Softmax2d,
                  nn.Softplus, nn.Softmin)

@@ -531,6 +531,39 @@ def test_targets_give_expected_seeds():
         lrp.relevance(model, x, target=torch.tensor([0, 1]))
 
 
+class _EndsIn(nn.Module):
+    """DemoNet's logits followed by a final softmax or log-softmax written as a module, a function or a method."""
+
+    def __init__(self, inner: nn.Module, how: str):
+        super().__init__()
+        self.inner, self.how = inner, how
+        self.final = nn.Softmax(dim=1) if how == "Softmax" else nn.LogSoftmax(dim=1) if how == "LogSoftmax" else None
+
+    def forward(self, x):
+        logits = self.inner(x)
+        if self.final is not None:
+            return self.final(logits)
+        return F.log_softmax(logits, dim=1) if self.how == "F.log_softmax" else logits.softmax(1)
+
+
+@pytest.mark.parametrize("how", ["Softmax", "LogSoftmax", "F.log_softmax", "method softmax"])
+def test_a_final_softmax_is_seen_through_to_the_logits(how):
+    """The seed is the logit, not the probability or log-probability (which would scale each heatmap by
+    p/z or log(p)/z: a log-softmax model's heatmaps all came out sign-flipped); the default layers are
+    those of the logits model."""
+    torch.manual_seed(7)
+    logits_model = DemoNet(num_classes=6).eval()
+    x = torch.randn(4, 3, 32, 32)
+    wrapped = _EndsIn(logits_model, how).eval()
+    plain = lrp.relevance(logits_model, x)
+    layers = lrp.default_layers(wrapped, example_input=x)
+    assert [path for _, path in layers] == ["inner." + path for _, path in lrp.default_layers(logits_model, example_input=x)]
+    ended = lrp.relevance(wrapped, x)
+    assert_close(ended["input"], plain["input"], 1e-6, how)
+    for _, path in layers:
+        assert_close(ended[path], plain[path[len("inner."):]], 1e-6, path)
+
+
 def test_resnet_block_layer():
     model = resnet18()
     x = torch.randn(2, 3, 32, 32)
