@@ -176,6 +176,11 @@ class ClassificationTask:
         return torch.as_tensor(labels, dtype=torch.long)
 
     def loss(self, outputs: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the logits; of a log-softmax model's log-probabilities it is the same (their
+        softmax is the probabilities). A model ending in softmax gives probabilities: their negative
+        log-likelihood, since cross-entropy would take a softmax of them again and barely train."""
+        if probability_rows(outputs):
+            return nn.functional.nll_loss(outputs.clamp_min(1e-12).log(), truth)
         return nn.functional.cross_entropy(outputs, truth)
 
     def count_correct(self, outputs: torch.Tensor, truth: torch.Tensor) -> int:
@@ -196,9 +201,18 @@ class ClassificationTask:
                             expected=pd.Series(names[expected], index=images))
 
 
+def probability_rows(outputs: torch.Tensor) -> bool:
+    """Whether a class model's outputs are already probabilities (every row >= 0 and summing to 1: a
+    model that ends in softmax), not logits or log-probabilities."""
+    rows = outputs.detach().float()
+    return rows.dim() == 2 and rows.shape[1] > 1 and bool((rows >= 0).all()) and \
+        bool(torch.allclose(rows.sum(dim=1), torch.ones(len(rows), device=rows.device), atol=1e-4))
+
+
 def softmax_margin(logits: torch.Tensor) -> torch.Tensor:
-    """Per row: top-1 minus top-2 softmax probability (1 with a single class)."""
-    probabilities = torch.softmax(logits.float(), dim=1)
+    """Per row: top-1 minus top-2 softmax probability (1 with a single class); outputs that are already
+    probabilities (probability_rows) are taken as they are."""
+    probabilities = logits.float() if probability_rows(logits) else torch.softmax(logits.float(), dim=1)
     if probabilities.shape[1] < 2:
         return torch.ones(len(probabilities), device=probabilities.device)
     top = probabilities.topk(2, dim=1).values

@@ -384,3 +384,23 @@ def test_the_learning_rate_schedule_is_part_of_what_a_retraining_reuses(pipeline
               for s in ("constant", "cosine")}
     assert inputs["constant"] != inputs["cosine"]
     assert Helper.Settings().lr_schedule == "constant"   # the original's, unless asked
+
+
+def test_a_model_that_ends_in_softmax_trains_on_the_log_likelihood_and_log_softmax_outputs_are_unchanged():
+    """Cross-entropy takes a softmax of what it is given: probabilities (a model ending in softmax) get
+    their negative log-likelihood instead, the cross-entropy of the logits behind them; logits and
+    log-probabilities keep plain cross-entropy, which is already right for both. BL3's margin alike."""
+    import tasks
+    task = tasks.ClassificationTask()
+    torch.manual_seed(3)
+    logits = torch.randn(16, 5) * 3
+    truth = torch.randint(0, 5, (16,))
+    expected = F.cross_entropy(logits, truth)   # what the logits model trains on
+    for outputs in (logits, F.log_softmax(logits, dim=1), F.softmax(logits, dim=1)):
+        assert torch.allclose(task.loss(outputs, truth), expected, atol=1e-5)
+    assert task.loss(logits, truth) == expected   # the same computation, bit for bit, for logits
+    probabilities = F.softmax(logits, dim=1)
+    top = probabilities.topk(2, dim=1).values
+    for outputs in (logits, F.log_softmax(logits, dim=1), probabilities):
+        assert torch.allclose(tasks.softmax_margin(outputs), top[:, 0] - top[:, 1], atol=1e-6)
+    assert not tasks.probability_rows(torch.rand(16, 5))   # non-negative rows that do not sum to 1
