@@ -18,6 +18,7 @@ import pickle
 import random
 import shutil
 import sys
+import threading
 import unicodedata
 import zipfile
 from dataclasses import dataclass, field, replace
@@ -677,22 +678,29 @@ def image_in_mode(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
-def is_sixteen_bit(image_set: ImageSet) -> bool:
-    """Whether the set's first image is 16-bit (image_in_mode reads it scaled to 8 bits)."""
+def sixteen_bit_range(image_set: ImageSet) -> tuple[int, int] | None:
+    """The value range of the set's first image where it is 16-bit (image_in_mode reads it scaled to
+    8 bits); None otherwise."""
     if not image_set.paths:
-        return False
+        return None
     with Image.open(image_set.paths[0]) as image:
-        return image.mode in SIXTEEN_BIT_MODES
+        if image.mode not in SIXTEEN_BIT_MODES:
+            return None
+        values = np.asarray(image)
+        return int(values.min()), int(values.max())
 
 
 def note_sixteen_bit(sets: list[ImageSet]) -> None:
     """One warning naming the sets of 16-bit images: read scaled to 8 bits (image_in_mode), which is
-    right only if the model was trained on them read the same way."""
-    sixteen = [image_set for image_set in sets if is_sixteen_bit(image_set)]
+    right only if the model was trained on them read the same way. The first image's values are named:
+    12-bit data (up to 4095) in 16-bit files comes out dark scaled so."""
+    ranges = {image_set.root.name: (image_set, sixteen_bit_range(image_set)) for image_set in sets}
+    sixteen = {name: pair for name, pair in ranges.items() if pair[1] is not None}
     if sixteen:
-        log.warning("16-bit images in %s (e.g. %s): read scaled to 8 bits (value / 257); if the model was trained "
-                    "on them read another way, convert the sets to 8-bit images that way first",
-                    ", ".join(image_set.root.name for image_set in sixteen), sixteen[0].paths[0])
+        first_set, (low, high) = next(iter(sixteen.values()))
+        log.warning("16-bit images in %s (e.g. %s, values %d..%d of 0..65535): read scaled to 8 bits (value / 257); "
+                    "if the model was trained on them read another way, convert the sets to 8-bit images that way "
+                    "first", ", ".join(sixteen), first_set.paths[0], low, high)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -1026,6 +1034,13 @@ def setup_logging(debug: bool = False) -> None:
 # --------------------------------------------------------------------------------------------
 # Atomic writes and the run manifest
 # --------------------------------------------------------------------------------------------
+
+# numpy reads a .npy header (and each .npz member's) with ast.literal_eval, and CPython 3.11's AST
+# constructor is not safe on two threads at once ("SystemError: AST constructor recursion depth
+# mismatch", seen when the cluster step's main thread opened a layer while another thread read the object
+# masks): the loads that threads may run together hold this lock while they parse.
+ARRAY_HEADER_LOCK = threading.Lock()
+
 
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
