@@ -51,8 +51,8 @@ from clustering import (EXACT_LIMIT, LayerClustering, Projection, cluster_layer,
                         readable_quality, select_layer)
 from features import BackboneSpace, FeatureSpace, PixelSpace, make_space
 import xlsxMatrix
-from Helper import (CasePaths, HuddError, RunContext, Step, atomic_path, fingerprint, read_csv, read_metadata,
-                    write_csv)
+from Helper import (ARRAY_HEADER_LOCK, CasePaths, HuddError, RunContext, Step, atomic_path, fingerprint, read_csv,
+                    read_metadata, write_csv)
 
 log = logging.getLogger("hudd")
 
@@ -173,7 +173,7 @@ def read_projection(paths: CasePaths, layer: str) -> Projection | None:
     path = layer_dir(paths, layer) / PROJECTION_FILE
     if not path.is_file():
         return None
-    with np.load(path) as saved:
+    with ARRAY_HEADER_LOCK, np.load(path) as saved:
         return Projection(str(saved["normalisation"]), saved["mean"], saved["components"])
 
 
@@ -435,7 +435,8 @@ def export_distances(ctx: RunContext, index: pd.DataFrame, clustered: list[str],
     for layer in wanted:
         folder, path = layer_dir(ctx.paths, layer), distance_xlsx_file(ctx.paths, layer)
         sampled = folder / SAMPLE_FILE  # a two-stage clustering's distances cover its sample only
-        names = list((index.iloc[np.load(sampled)] if sampled.is_file() else index)["image"])
+        with ARRAY_HEADER_LOCK:
+            names = list((index.iloc[np.load(sampled)] if sampled.is_file() else index)["image"])
         if len(names) > XLSX_MAX_IMAGES:
             log.info("%s not written: %d images is more than %d, past what anyone reads in a spreadsheet; "
                      "%s/%s holds the matrix", path.name, len(names), XLSX_MAX_IMAGES, layer, DISTANCES_FILE)
@@ -741,8 +742,8 @@ def write_summary(results, skipped, chosen, scenarios, alignments: dict[str, flo
 
 def publish_selected_layer(ctx: RunContext, layer: str) -> None:
     """The selected layer's RCC folders under T/<Layer>/, each image with its heatmap overlay (drawn by
-    the heatmap step), and inside each RCC a folder per sub-cluster, beside the layer's tables; all hard
-    links to the same files where the file system allows (no second copy on disk), else copies. Linked
+    the heatmap step), and inside each RCC a folder per sub-cluster, beside the layer's tables; all links
+    to the same files (link_or_copy: no second copy on disk where the file system allows). Linked
     from the case's images and the layer's labels, not from the layer's own RCC folders, so that it runs
     while those are linked. The files the step writes into the layer's folder meanwhile (LATE_FILES)
     are left to publish_late_files."""
@@ -800,12 +801,13 @@ def cluster_every_layer(ctx: RunContext, index: pd.DataFrame, metadata, progress
                         files: ThreadPoolExecutor
                         ) -> tuple[list[LayerClustering], list[str], str | None, list[Future], list[Future]]:
     """(clusterings, reasons of the skipped layers, the layer before the output, and the `files` thread's
-    pending jobs: the layers' files, the layers' folders) of every layer of the feature space; a layer an interrupted run finished is restored, not
-    clustered again. Each layer's files, then its RCC folders, are written on the `files` thread
-    (numpy's writes and the links are system calls, free of the GIL) while the next layer's distances
-    run; the layer is saved as finished after both.
-    A distance matrix past HANDOFF_BYTES is written before the next one is computed: two of them in
-    memory at once would double the step's peak."""
+    pending jobs: the layers' files, the layers' folders) of every layer of the feature space; a layer
+    an interrupted run finished is restored, not clustered again. Each layer's files, then its RCC
+    folders, are written on the `files` thread while the next layer's distances run (numpy's writes and
+    the links are system calls, free of the GIL; the tables' pandas work is not, yet side by side the
+    step was faster so: bench/README); the layer is saved as finished after both. A distance matrix
+    past HANDOFF_BYTES is written before the next one is computed: two of them in memory at once would
+    double the step's peak."""
     space = make_space(ctx.settings.features)
     results, skipped, layers, written, linked = [], [], space.layers(ctx), [], []
     for layer in tqdm(layers, desc="clustering layers", unit="layer", leave=False, disable=None):

@@ -33,8 +33,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import distributed
-from Helper import (CasePaths, HuddError, ImageDataset, ImageSet, PipelineStop, RunContext, Step, atomic_path,
-                    crop_steps, image_in_mode, make_loader, read_csv, stop_on_unreadable, write_csv)
+from Helper import (ARRAY_HEADER_LOCK, CasePaths, HuddError, ImageDataset, ImageSet, PipelineStop, RunContext,
+                    Step, atomic_path, crop_steps, image_in_mode, make_loader, read_csv, stop_on_unreadable, write_csv)
 from lrp import RULE_PRESETS, LRPExplainer, NoRuleError, default_layers, relevance  # noqa: F401  (public API)
 from testModule import error_index
 
@@ -162,7 +162,8 @@ def read_layers(paths: CasePaths) -> pd.DataFrame:
 def open_layer(paths: CasePaths, layer: str) -> np.ndarray:
     """A layer's heatmaps, memory-mapped: (error images, *layer shape), float32 or float16 as stored; a
     bfloat16 file reads as float32 (Bfloat16Rows)."""
-    array = np.load(layer_file(paths, layer), mmap_mode="r")
+    with ARRAY_HEADER_LOCK:
+        array = np.load(layer_file(paths, layer), mmap_mode="r")
     return Bfloat16Rows(array) if array.dtype == np.uint16 else array
 
 

@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 import descriptors
 import distributed
-from Helper import (SET_FOLDERS, CasePaths, HuddError, ImageSet, RunContext, Settings, Step, atomic_path,
-                    image_set_digest, make_loader, metadata_digest, read_csv, read_metadata, resolve_input_size,
+from Helper import (ARRAY_HEADER_LOCK, SET_FOLDERS, CasePaths, HuddError, ImageSet, RunContext, Settings, Step,
+                    atomic_path, image_set_digest, make_loader, metadata_digest, read_csv, read_metadata, resolve_input_size,
                     write_csv)
 
 log = logging.getLogger("hudd")
@@ -89,7 +89,7 @@ def read_object_masks(paths: CasePaths, images: list[str]) -> tuple[np.ndarray, 
     path = paths.root / OBJECT_FILE
     if not path.is_file():
         raise HuddError(f"{path}: not found; run the test step first (python HUDD.py -o CASE --steps test)")
-    with np.load(path) as stored:
+    with ARRAY_HEADER_LOCK, np.load(path) as stored:  # each member's header is parsed as it is read
         rows = pd.Index(stored["images"]).get_indexer(images)
         if (rows < 0).any():
             raise HuddError(f"{path}: has no mask for {images[int(np.flatnonzero(rows < 0)[0])]}; rerun the test step")

@@ -437,3 +437,23 @@ def test_images_on_another_file_system_are_linked_symbolically_else_copied(make_
             if copy.is_symlink():
                 assert os.readlink(copy) == os.path.realpath(case / member.image)
             assert copy.read_bytes() == (case / member.image).read_bytes()
+
+
+def test_every_array_load_of_the_threaded_step_parses_its_header_under_the_lock(make_case, monkeypatch):
+    """numpy parses .npy headers with ast.literal_eval, which CPython 3.11 cannot run on two threads at
+    once (a SystemError seen in this test file): the step's loads, on any of its threads, hold
+    Helper.ARRAY_HEADER_LOCK while they parse."""
+    import Helper
+    case = make_case(per_class=4)
+    add_scenarios(case)
+    run_steps(case)
+    load, held = np.load, []
+
+    def noting_load(*args, **kwargs):
+        held.append((threading.current_thread().name, Helper.ARRAY_HEADER_LOCK.locked()))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(np, "load", noting_load)
+    clusterModule.STEP.compute(replace(context(case), force=True))
+    assert len({name for name, _ in held}) >= 2   # loads on more than one thread
+    assert held and all(locked for _, locked in held), held
