@@ -694,13 +694,12 @@ def note_sixteen_bit(sets: list[ImageSet]) -> None:
     """One warning naming the sets of 16-bit images: read scaled to 8 bits (image_in_mode), which is
     right only if the model was trained on them read the same way. The first image's values are named:
     12-bit data (up to 4095) in 16-bit files comes out dark scaled so."""
-    ranges = {image_set.root.name: (image_set, sixteen_bit_range(image_set)) for image_set in sets}
-    sixteen = {name: pair for name, pair in ranges.items() if pair[1] is not None}
+    sixteen = [(image_set, values) for image_set in sets if (values := sixteen_bit_range(image_set)) is not None]
     if sixteen:
-        first_set, (low, high) = next(iter(sixteen.values()))
+        (first_set, (low, high)) = sixteen[0]
         log.warning("16-bit images in %s (e.g. %s, values %d..%d of 0..65535): read scaled to 8 bits (value / 257); "
                     "if the model was trained on them read another way, convert the sets to 8-bit images that way "
-                    "first", ", ".join(sixteen), first_set.paths[0], low, high)
+                    "first", ", ".join(image_set.root.name for image_set, _ in sixteen), first_set.paths[0], low, high)
 
 
 class ImageDataset(torch.utils.data.Dataset):

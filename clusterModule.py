@@ -873,7 +873,7 @@ class ClusterStep(Step):
         index = heatmapModule.read_index(ctx.paths)
         metadata = error_metadata(ctx, index)
         progress = LayerProgress(analysis_dir(ctx.paths), self.clustering_fingerprint(ctx), resume=not ctx.force)
-        # Beside the algorithm, on two threads. `files` imports ahead, writes each layer's files and links
+        # Beside the algorithm, on three threads. `files` imports ahead, writes each layer's files and links
         # its RCC folders (in layer order); at the end `publisher` publishes the selected layer; `side` describes
         # the error images (whichever layer is chosen), then hands the distance workbook to its writer
         # process (a second of formatting at 1,000 images, started now) and waits for it. Meanwhile this
