@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import logging
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +115,9 @@ def esc(value) -> str:
 
 
 def rel(path: Path, base: Path) -> str:
-    return Path(path).relative_to(base).as_posix()
+    """`path` as a link from `base`: relative (the page opens from disk anywhere) and URL-quoted, since
+    users' class and file names may hold what a URL or an attribute reads otherwise ('#', '%', quotes)."""
+    return urllib.parse.quote(Path(path).relative_to(base).as_posix())
 
 
 def sets_table(sets: dict[str, dict]) -> str:

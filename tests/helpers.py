@@ -19,8 +19,10 @@ import Helper  # noqa: E402
 from architectures import DemoNet  # noqa: E402
 from HUDD import run_step  # noqa: E402,F401  (the step protocol, as HUDD.py applies it)
 
-# Names the original tool broke on: underscores, dots and spaces in classes and files.
+# Names the original tool broke on: underscores, dots and spaces in classes and files; and what a URL
+# or an HTML attribute must escape ('#', '%', an apostrophe) in the files' names.
 CLASSES = ["class_a", "class.b", "class c"]
+IMAGE_NAME = "img_{c}.{i} v2 #1 50% o'k.png"
 SETTINGS = {"arch": "demonet", "input_size": [32, 32], "workers": 0, "batch_size": 4,
             "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
@@ -40,7 +42,7 @@ def write_set(folder: Path, rng: np.random.Generator, per_class: int, labelled: 
     written = []
     for c, name in enumerate(CLASSES):
         for i in range(per_class):
-            file_name = f"img_{c}.{i} v2.png"
+            file_name = IMAGE_NAME.format(c=c, i=i)
             path = folder / name / file_name if labelled else folder / f"{c}_{file_name}"
             write_image(path, rng, size)
             written.append(path)

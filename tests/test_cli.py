@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from PIL import Image
 
 import HUDD
 from architectures import DemoNet
-from helpers import REPO, SETTINGS, assert_clean_error, hudd, save_model
+from helpers import IMAGE_NAME, REPO, SETTINGS, assert_clean_error, hudd, save_model
 
 
 def test_original_package_layout_runs(make_case):
@@ -142,7 +143,8 @@ def test_images_in_a_folder_inside_a_class_folder_are_refused_not_left_out(make_
     case = make_case(per_class=2)
     inner = case / "DataSets" / "TestSet" / "class.b" / "more"
     inner.mkdir()
-    (inner.parent / "img_1.0 v2.png").rename(inner / "img_1.0 v2.png")
+    name = IMAGE_NAME.format(c=1, i=0)
+    (inner.parent / name).rename(inner / name)
     (case / "DataSets" / "TestSet" / "class_a" / ".cache").mkdir()   # hidden folders stay ignored
     assert_clean_error(hudd("-o", str(case)), str(inner), "inside class folder class.b", "move them up")
     assert not (case / "testResult.csv").exists()
@@ -177,7 +179,7 @@ def test_skipped_images_are_left_out_of_every_later_step_through_retraining(make
     assert pd.read_csv(case / "T" / "Retrain" / "HUDD_runs.csv")["labelled"].iloc[0] > 0
     report = (case / "T" / "report.html").read_text()   # the report says what it does not count
     note = report[report.index("<p id=left-out>"):].split("</p>")[0]
-    assert all(f"<code>{image.relative_to(case).as_posix()}</code>" in note for image in bad.values())
+    assert all(f"<code>{html.escape(image.relative_to(case).as_posix())}</code>" in note for image in bad.values())
     assert "TrainingSet 1:" in note and "ImprovementSet 1:" in note
     again = hudd("-o", str(case), "--skip-bad-images", "-mode", "HUDD", "--runs", "1")   # reused, left out again
     assert again.returncode == 0 and "retraining HUDD: inputs unchanged" in again.stdout, again.stderr

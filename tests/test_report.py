@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.parse
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -50,6 +51,17 @@ def parse(path: Path) -> PageParser:
     return parser
 
 
+def linked_file(reference: str) -> str | None:
+    """The file a link or image source opens, read as a browser reads it (the fragment and the query
+    split off, the path percent-decoded); None for a link to an element of the page itself."""
+    parts = urllib.parse.urlsplit(reference)
+    if not parts.path:
+        assert parts.fragment, reference
+        return None
+    assert not parts.fragment and not parts.query, f"{reference}: a file name read as part of the URL"
+    return urllib.parse.unquote(parts.path)
+
+
 def element_ids(page: PageParser) -> set[str]:
     return {attrs["id"] for _tag, attrs in page.data if "id" in attrs}
 
@@ -73,10 +85,11 @@ def test_every_referenced_file_exists(retrained_case):
     ids = {attrs["id"] for _tag, attrs in page.data if "id" in attrs}
     for reference in page.sources + page.links:
         assert not reference.startswith(("/", "http")), reference   # relative: the page opens from disk anywhere
-        if reference.startswith("#"):                               # the summary's links to the cards
+        target = linked_file(reference)
+        if target is None:                                          # the summary's links to the cards
             assert reference[1:] in ids, reference
         else:
-            assert (case / "T" / reference).exists(), reference
+            assert (case / "T" / target).exists(), reference
 
 
 def test_the_numbers_are_those_of_the_output_files(retrained_case):
@@ -122,7 +135,7 @@ def test_each_rcc_shows_first_the_most_typical_member_of_each_sub_cluster_larges
                   for _, group in sorted(members.groupby("sub_rcc"), key=lambda item: (-sizes[item[0]], item[0]))]
         order = [queue[turn] for turn in range(max(map(len, queues))) for queue in queues if turn < len(queue)]
         row = re.search(f"<tr data-top-rcc='{rcc}'>(.*?)</tr>", text, re.S).group(1)
-        shown = [html.unescape(src).rsplit("/", 1)[1] for src in re.findall(r"src='([^']*)'", row)]
+        shown = [linked_file(html.unescape(src)).rsplit("/", 1)[1] for src in re.findall(r"src='([^']*)'", row)]
         images = {f"{r.expected}__{Path(r.image).stem}_heatmap.png": r.image for r in members.itertuples()}
         assert [images[name] for name in shown] == order[:4]
 
