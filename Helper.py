@@ -338,21 +338,37 @@ def _listed_image(text: str, known: set[str], set_root: Path, case_root: Path) -
     return next((k for k in keys if k in known), None)
 
 
+def read_spreadsheet_csv(path: Path, numbers_but: tuple | None = None, **options) -> pd.DataFrame:
+    """A CSV file a person may have saved from a spreadsheet: UTF-8 (with or without a byte-order mark)
+    or UTF-16 text, ',' ';' or tab as the separator (whichever the header line holds most of). With ';'
+    and `numbers_but` given, numbers may have a decimal comma (Excel's CSV where the comma is the decimal
+    mark): a text column whose every value reads so, but those named in `numbers_but`, becomes numbers.
+    pandas' `options` apply; anything unreadable is one error line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+    except UnicodeDecodeError:
+        raise HuddError(f"{path}: is not UTF-8 or UTF-16 text; save it as CSV (UTF-8)") from None
+    header = text.lstrip().splitlines()[0] if text.strip() else ""
+    separator = max((",", ";", "\t"), key=header.count)
+    try:
+        table = pd.read_csv(io.StringIO(text), sep=separator, **options)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise HuddError(f"{path}: not a readable CSV file ({error}); save it as CSV with a header line") from None
+    if separator == ";" and numbers_but is not None:
+        texts = [c for c in table.columns if pd.api.types.is_string_dtype(table[c]) or table[c].dtype == object]
+        for column in [c for c in texts if c not in numbers_but]:
+            values = table[column].dropna().astype(str).str.strip()
+            if len(values) and values.str.fullmatch(r"[-+]?\d+,\d+|[-+]?\d+").all() and values.str.contains(",").any():
+                table[column] = pd.to_numeric(table[column].str.strip().str.replace(",", ".", regex=False))
+    return table
+
+
 def _read_label_table(label_file: Path, label_columns: list[str]) -> pd.DataFrame:
     """The label file's image and label columns, values as text. Spreadsheet habits are taken as they
     come: a UTF-8 byte-order mark or UTF-16 text, ';' or tab as the separator (read from the header),
     'Image'/'Label' in any case and with spaces, and empty rows. Anything else is one error line."""
-    raw = label_file.read_bytes()
-    try:
-        text = raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
-    except UnicodeDecodeError:
-        raise HuddError(f"{label_file}: is not UTF-8 or UTF-16 text; save it as CSV (UTF-8)") from None
-    header = text.lstrip().splitlines()[0] if text.strip() else ""
-    separator = max((",", ";", "\t"), key=header.count)
-    try:
-        table = pd.read_csv(io.StringIO(text), sep=separator, dtype=str, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise HuddError(f"{label_file}: not a readable CSV file ({error}); save it as CSV with a header line") from None
+    table = read_spreadsheet_csv(label_file, dtype=str, keep_default_na=False, na_values=[""])
     fixed = {"image": "image", "label": "label"}
     table.columns = [fixed.get(str(c).strip().lower(), str(c).strip()) for c in table.columns]
     missing = [c for c in ("image", *label_columns) if c not in table.columns]
@@ -392,7 +408,8 @@ def read_metadata(set_root: Path, case_root: Path) -> pd.DataFrame | None:
     meta_path = metadata_file(set_root)
     if meta_path is None:
         return None
-    meta = read_csv(meta_path)
+    meta = read_spreadsheet_csv(meta_path, numbers_but=NAME_COLUMNS, dtype=dict.fromkeys(NAME_COLUMNS, str))
+    meta.columns = [str(c).strip() for c in meta.columns]
     if "image" not in meta.columns:
         raise HuddError(f"{meta_path}: needs an 'image' column with paths relative to {meta_path.parent}")
     empty = np.flatnonzero(meta["image"].isna().to_numpy())

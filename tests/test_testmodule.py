@@ -91,6 +91,32 @@ def test_scenario_accuracy_from_metadata(make_case):
     assert summary["scenarios"] is not None
 
 
+def test_metadata_saved_from_a_spreadsheet_reads_as_the_plain_csv(make_case):
+    """Excel's "CSV UTF-8" writes a byte-order mark; where the comma is the decimal mark it separates with
+    ';' and writes 12,5; "Unicode text" is UTF-16 with tabs. Each reads as the plain CSV, numbers as
+    numbers, and a scenario or image name that looks like a number stays text."""
+    case = make_case(per_class=2)
+    test_dir = case / "DataSets" / "TestSet"
+    images = sorted(Path(os.path.relpath(p, test_dir)).as_posix() for p in test_dir.rglob("*.png"))
+    plain = pd.DataFrame({"image": images, "scenario": ["1,5" if i % 2 else "none" for i in range(len(images))],
+                          "angle": [12.5 * i - 20 for i in range(len(images))],
+                          "count": list(range(len(images)))})
+    plain.to_csv(test_dir / "metadata.csv", index=False)
+    expected = Helper.read_metadata(test_dir, case)
+    assert expected["angle"].dtype == float and expected.loc[f"DataSets/TestSet/{images[3]}", "scenario"] == "1,5"
+    european = "\r\n".join([" image;scenario;angle;count"] + [
+        f"{image};{scenario};{str(angle).replace('.', ',')};{count}" for image, scenario, angle, count
+        in plain.itertuples(index=False)]) + "\r\n"
+    unicode_text = plain.to_csv(sep="\t", index=False)
+    for raw in (european.encode("utf-8-sig"), unicode_text.encode("utf-16")):
+        (test_dir / "metadata.csv").write_bytes(raw)
+        pd.testing.assert_frame_equal(Helper.read_metadata(test_dir, case), expected)
+    (test_dir / "metadata.csv").write_bytes(european.encode("utf-8-sig"))
+    run_step(testModule.STEP, context(case))   # the scenarios reach the accuracy table
+    table = pd.read_csv(case / testModule.SCENARIO_FILE)
+    assert set(table["scenario"].astype(str)) == {"1,5", "none"}
+
+
 def test_metadata_missing_an_image_is_named(make_case):
     case = make_case(per_class=2)
     pd.DataFrame({"image": ["class_a/nothing.png"], "scenario": ["none"]}).to_csv(
