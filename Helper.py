@@ -238,8 +238,9 @@ def list_keypoint_set(set_root: Path, name: str = "", keypoints: list[str] | Non
             raise HuddError(f"{set_root}: no images found")
         return ImageSet(name=name, root=set_root, paths=images, labels=[UNLABELLED] * len(images),
                         classes=list(keypoints or []))
-    table = read_csv(label_file)
-    columns = list(table.columns)
+    table = read_spreadsheet_csv(label_file, numbers_but=NAME_COLUMNS, dtype=dict.fromkeys(NAME_COLUMNS, str))
+    columns = [str(c).strip() for c in table.columns]
+    table.columns = columns
     if not columns or columns[0] != "image" or len(columns) < 3 or len(columns) % 2 == 0:
         raise HuddError(f"{label_file}: needs an 'image' column, then an x and a y column per keypoint "
                         "(kp0_x, kp0_y, kp1_x, ...)")

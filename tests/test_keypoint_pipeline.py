@@ -138,6 +138,11 @@ def test_keypoint_set_listing_reads_targets(tmp_path):
     table = pd.read_csv(case / "DataSets" / "TestSet" / "labels.csv")
     assert image_set.classes == [f"kp{k}" for k in range(KEYPOINTS)]
     np.testing.assert_array_equal(image_set.targets.reshape(4, -1), table.iloc[:, 1:].to_numpy())
+    # saved from a spreadsheet where the comma is the decimal mark: ';', 12,5, a byte-order mark
+    european = table.to_csv(sep=";", index=False, decimal=",")
+    assert "," in european   # the coordinates have decimals
+    (case / "DataSets" / "TestSet" / "labels.csv").write_bytes(european.encode("utf-8-sig"))
+    np.testing.assert_array_equal(Helper.list_keypoint_set(case / "DataSets" / "TestSet").targets, image_set.targets)
 
 
 def test_keypoint_retraining_and_rq_through_the_command_line(tmp_path):
