@@ -12,6 +12,7 @@ One run per case study at a time (CASE/.hudd.lock).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -255,6 +256,26 @@ def near_chance_note(sets: dict, chance: float | None) -> str:
             "BatchNorm statistics never settled is near chance in eval mode too")
 
 
+def class_order_note(test: dict) -> str:
+    """A note where the class folders are numbers and the model scores far better with its outputs read
+    in numeric order than in the folders' name order, which HUDD uses: a silent mislabelling otherwise."""
+    order = test.get("numeric_order")
+    named = next(((name, entry) for name, entry in test["sets"].items() if "numeric_order_accuracy" in entry), None)
+    if not order or named is None or named[1]["numeric_order_accuracy"] < named[1]["accuracy"] + 10:
+        return ""
+    name, entry = named
+    return (f"  note: the class folders are numbers, which HUDD takes in name order as torchvision's ImageFolder "
+            f"does ({few(test['classes'])}); read in numeric order ({few(order)}) the model's outputs give {name} "
+            f"accuracy {entry['numeric_order_accuracy']:.2f}% against {entry['accuracy']:.2f}%. If the model was "
+            "trained with the numbers as labels, set in hudd.json "
+            + (f'"classes": {json.dumps(order)}' if len(order) <= 60 else '"classes" to the folder names in numeric order'))
+
+
+def few(names: list[str], shown: int = 4) -> str:
+    """The first names of a list, and its last: "0, 1, 10, 11, ..., 9"."""
+    return ", ".join(names if len(names) <= shown + 1 else [*names[:shown], "...", names[-1]])
+
+
 def counted(number: int, noun: str) -> str:
     """"1 RCC", "20 RCCs"."""
     return f"{number} {noun}{'' if number == 1 else 's'}"
@@ -279,9 +300,10 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
             accuracy = f"accuracy {entry['accuracy']:6.2f}%  wrong {entry['wrong']:5d}" if "accuracy" in entry \
                 else "unlabelled"
             print(f"  {set_name:15s} {entry['images']:6d} images  {accuracy}  -> {entry['file']}")
-        near_chance = near_chance_note(test["sets"], test.get("chance"))
-        if near_chance:
-            print(near_chance)
+        # a class order that explains the low accuracy is the note to read; the near-chance one's settings are not it
+        note = class_order_note(test) or near_chance_note(test["sets"], test.get("chance"))
+        if note:
+            print(note)
         scenarios = test["scenarios"]
         if scenarios is not None:
             print("  accuracy per scenario (from metadata.csv):")

@@ -337,17 +337,39 @@ class TestStep(Step):
             scenario_path.unlink()  # stale: the sets no longer carry scenarios
 
     def summary(self, ctx: RunContext) -> dict:
-        """Accuracy per set (and per scenario) read back from the step's own files."""
+        """Accuracy per set (and per scenario) read back from the step's own files; for class folders
+        named by numbers, also the accuracy the model's outputs would have in numeric order."""
+        classification = ctx.task.name == "classification"
         summary = {"sets": {}, "scenarios": read_scenario_accuracy(ctx.paths),
-                   "chance": 100.0 / len(ctx.classes) if ctx.task.name == "classification" else None}
+                   "chance": 100.0 / len(ctx.classes) if classification else None,
+                   "classes": list(ctx.classes), "numeric_order": numeric_order(ctx.classes) if classification else None}
         for set_key in ctx.sets():
             frame = read_results(ctx.paths, set_key)
             entry = {"images": len(frame), "file": result_path(ctx.paths, set_key)}
             if "result" in frame.columns:
                 entry["wrong"] = int(frame["result"].eq("Wrong").sum())
                 entry["accuracy"] = 100.0 * (1 - entry["wrong"] / len(frame))
+                if summary["numeric_order"]:
+                    entry["numeric_order_accuracy"] = accuracy_in_order(frame, ctx.classes, summary["numeric_order"])
             summary["sets"][SET_FOLDERS[set_key]] = entry
         return summary
+
+
+def numeric_order(classes: list[str]) -> list[str] | None:
+    """The classes in numeric order where every name is a whole number and that order is not theirs
+    ("0".."10": ImageFolder, and HUDD, order folders by name, 0, 1, 10, 2, ...; a model trained on the
+    numbers as labels has its outputs in numeric order), else None."""
+    if not all(name.strip().isdecimal() for name in classes):
+        return None
+    ordered = sorted(classes, key=lambda name: (int(name), name))
+    return ordered if ordered != list(classes) else None
+
+
+def accuracy_in_order(frame: pd.DataFrame, classes: list[str], order: list[str]) -> float:
+    """The accuracy (%) of a set's result rows were output i the class order[i], not classes[i]."""
+    scores = frame[[f"score_{name}" for name in classes]].to_numpy(dtype=np.float64)
+    predicted = np.asarray(order, dtype=object)[scores.argmax(axis=1)]
+    return 100.0 * float(np.mean(predicted == frame["expected"].astype(str).to_numpy(dtype=object)))
 
 
 STEP = TestStep()

@@ -290,6 +290,60 @@ def test_demo_takes_a_kind_and_a_folder():
     assert HUDD.build_parser().parse_args(["--demo"]).demo == []
 
 
+def numbered_class_case(root: Path, classes: int = 11) -> Path:
+    """Class folders 0..classes-1 of plain-coloured images (a little noise), and a DemoNet trained on them
+    with the folder numbers as labels, as a user's own training loop labels them: its output i is class i."""
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, size=(classes, 3))
+    images, labels = [], []
+    for set_name, per_class in (("TrainingSet", 6), ("TestSet", 3), ("ImprovementSet", 2)):
+        for number in range(classes):
+            for i in range(per_class):
+                pixels = np.clip(colours[number] + rng.normal(0, 8, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+                (root / "DataSets" / set_name / str(number)).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(root / "DataSets" / set_name / str(number) / f"{i}.png")
+                if set_name == "TrainingSet":
+                    images.append((pixels / 255.0 - 0.5) / 0.25)
+                    labels.append(number)
+    torch.manual_seed(0)
+    model = DemoNet(num_classes=classes)
+    inputs = torch.tensor(np.stack(images).transpose(0, 3, 1, 2), dtype=torch.float32)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(60):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(model(inputs), torch.tensor(labels)).backward()
+        optimiser.step()
+    (root / "DNNModels").mkdir()
+    torch.save(model.eval().state_dict(), root / "DNNModels" / "OriginalModel.pth")
+    (root / "hudd.json").write_text(json.dumps(SETTINGS))
+    return root
+
+
+def test_numbered_class_folders_read_in_the_wrong_order_get_a_note_with_the_accuracy_in_numeric_order(tmp_path):
+    """Folders 0..10 sort as 0, 1, 10, 2, ...: a model whose output i is class i is then read as
+    mislabelling most of its images. The summary says so with both accuracies; the `classes` setting it
+    names in numeric order makes the accuracy the model's own, and the note goes."""
+    case = numbered_class_case(tmp_path / "case")
+    result = hudd("-o", str(case), "--steps", "test")
+    assert result.returncode == 0, result.stderr
+    train = pd.read_csv(case / "trainResult.csv")
+    names = sorted(str(n) for n in range(11))
+    scores = train[[f"score_{name}" for name in names]].to_numpy()
+    numeric = 100 * np.mean(scores.argmax(axis=1) == train["expected"].astype(int).to_numpy())  # output i: class i
+    named = 100 * np.mean(train["result"] == "Correct")
+    assert numeric > named + 10
+    assert ("note: the class folders are numbers, which HUDD takes in name order as torchvision's ImageFolder does "
+            f"(0, 1, 10, 2, ..., 9); read in numeric order (0, 1, 2, 3, ..., 10) the model's outputs give TrainingSet "
+            f"accuracy {numeric:.2f}% against {named:.2f}%. If the model was trained with the numbers as labels, set "
+            f'in hudd.json "classes": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"]') in result.stdout
+    assert "near chance" not in result.stdout   # its advice (input_size, mean, std) is not what is wrong
+    (case / "hudd.json").write_text(json.dumps({**SETTINGS, "classes": [str(n) for n in range(11)]}))
+    again = hudd("-o", str(case), "--steps", "test")
+    assert again.returncode == 0, again.stderr
+    assert "class folders are numbers" not in again.stdout
+    assert 100 * np.mean(pd.read_csv(case / "trainResult.csv")["result"] == "Correct") == pytest.approx(numeric)
+
+
 def test_a_model_near_chance_on_its_training_images_gets_a_note_naming_the_settings_to_check():
     sets = {"TrainingSet": {"images": 90, "accuracy": 12.0}, "TestSet": {"images": 30, "accuracy": 60.0}}
     note = HUDD.near_chance_note(sets, chance=100 / 9)
