@@ -841,8 +841,47 @@ def arch_identity(arch: str) -> str:
         return arch
     file_name, class_name = arch.rsplit(":", 1)
     path = Path(file_name)
-    content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-    return f"{class_name}@{content}"
+    if not path.is_file():
+        return f"{class_name}@missing"
+    root, parts = _package_of(path.resolve())
+    # a file inside a package may import its siblings: every .py file of the package counts
+    files = sorted(root.joinpath(parts[0]).rglob("*.py")) if len(parts) > 1 else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return f"{class_name}@{digest.hexdigest()}"
+
+
+def _package_of(file_path: Path) -> tuple[Path, list[str]]:
+    """(the folder to import from, the module's dotted name as parts) of a Python file: inside a package
+    (folders holding __init__.py) the package's top folder's parent and e.g. ["mynet", "model"]; else its
+    own folder and [stem]."""
+    root, parts = file_path.parent, [file_path.stem]
+    while (root / "__init__.py").is_file():
+        parts.insert(0, root.name)
+        root = root.parent
+    return root, parts
+
+
+def _import_user_file(file_path: Path, spec: str):
+    """The user's architecture file as a module. A file inside a package is imported as the package's
+    module, so that its relative imports (`from .layers import Block`) work; any other file by its path,
+    under a name of its own, with its folder importable for its siblings. An error of the file's own code
+    is one line naming it."""
+    root, parts = _package_of(file_path)
+    sys.path.insert(0, str(root))
+    try:
+        if len(parts) > 1:
+            return importlib.import_module(".".join(parts))
+        module_spec = importlib.util.spec_from_file_location(f"hudd_user_{file_path.stem}", file_path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module
+    except Exception as error:  # the user's code, not ours
+        raise HuddError(f"{file_path}: could not be imported (arch {spec}): {type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")) from error
+    finally:
+        sys.path.pop(0)
 
 
 def _user_class(spec: str) -> type:
@@ -851,13 +890,7 @@ def _user_class(spec: str) -> type:
     if not file_path.is_file():
         raise HuddError(f"{file_path}: architecture file not found (from arch {spec}; a path in hudd.json is "
                         "relative to the case folder, one given with --arch to the current folder)")
-    module_spec = importlib.util.spec_from_file_location(f"hudd_user_{file_path.stem}", file_path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.path.insert(0, str(file_path.parent.resolve()))
-    try:
-        module_spec.loader.exec_module(module)
-    finally:
-        sys.path.pop(0)
+    module = _import_user_file(file_path.resolve(), spec)
     if not hasattr(module, class_name):
         raise HuddError(f"{file_path}: has no class {class_name!r} (from arch {spec})")
     return getattr(module, class_name)

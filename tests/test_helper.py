@@ -404,6 +404,34 @@ def test_a_user_class_without_num_classes_is_a_clear_error(tmp_path):
         Helper.build_architecture(f"{tmp_path / 'nets.py'}:Block", 3)
 
 
+def test_a_class_in_a_package_imports_its_siblings_and_is_known_by_the_whole_package(tmp_path):
+    """A model file of the user's own package, `from .layers import Block` (this was an internal error:
+    a relative import with no known parent package); an edit of the sibling counts as a new architecture."""
+    package = tmp_path / "mynet"
+    (package / "parts").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "parts" / "__init__.py").write_text("")
+    (package / "parts" / "layers.py").write_text("from torch import nn\n\nclass Block(nn.Sequential):\n"
+                                                 "    def __init__(self, width):\n"
+                                                 "        super().__init__(nn.Linear(4, width), nn.ReLU())\n")
+    (package / "model.py").write_text("from torch import nn\nfrom .parts.layers import Block\n\nclass Net(nn.Sequential):\n"
+                                      "    def __init__(self, num_classes=3):\n"
+                                      "        super().__init__(Block(8), nn.Linear(8, num_classes))\n")
+    arch = f"{package / 'model.py'}:Net"
+    model = Helper.build_architecture(arch, 5)
+    assert type(model[0]).__name__ == "Block" and model[1].out_features == 5
+    identity = Helper.arch_identity(arch)
+    (package / "parts" / "layers.py").write_text((package / "parts" / "layers.py").read_text() + "# edited\n")
+    assert Helper.arch_identity(arch) != identity
+
+
+def test_an_error_in_the_users_class_file_is_one_line_naming_it(tmp_path):
+    (tmp_path / "nets.py").write_text("import torch\nraise RuntimeError('this machine has no CUDA')\n")
+    with pytest.raises(HuddError, match=r"nets.py: could not be imported \(arch .*nets.py:Net\): RuntimeError: "
+                                        "this machine has no CUDA"):
+        Helper.build_architecture(f"{tmp_path / 'nets.py'}:Net", 3)
+
+
 def test_a_class_file_in_hudd_json_is_found_from_the_case_and_known_by_its_content(case, monkeypatch, tmp_path):
     (case / "nets.py").write_text("from torch import nn\n\nclass Net(nn.Linear):\n"
                                   "    def __init__(self, num_classes=3):\n        super().__init__(4, num_classes)\n")
