@@ -869,6 +869,10 @@ def _import_user_file(file_path: Path, spec: str):
     under a name of its own, with its folder importable for its siblings. An error of the file's own code
     is one line naming it."""
     root, parts = _package_of(file_path)
+    loaded = sys.modules.get(parts[0]) if len(parts) > 1 else None
+    if loaded is not None and Path(getattr(loaded, "__file__", None) or "/").resolve().parent != root / parts[0]:
+        raise HuddError(f"{file_path}: its package {parts[0]!r} has the name of a module already imported "
+                        f"({getattr(loaded, '__file__', None) or 'built in'}); rename the package folder")
     sys.path.insert(0, str(root))
     try:
         if len(parts) > 1:

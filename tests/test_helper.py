@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -423,6 +424,9 @@ def test_a_class_in_a_package_imports_its_siblings_and_is_known_by_the_whole_pac
     identity = Helper.arch_identity(arch)
     (package / "parts" / "layers.py").write_text((package / "parts" / "layers.py").read_text() + "# edited\n")
     assert Helper.arch_identity(arch) != identity
+    clash = shutil.copytree(package, tmp_path / "other" / "Helper")   # named as a module HUDD has imported
+    with pytest.raises(HuddError, match="its package 'Helper' has the name of a module already imported.*rename"):
+        Helper.build_architecture(f"{clash / 'model.py'}:Net", 5)
 
 
 def test_an_error_in_the_users_class_file_is_one_line_naming_it(tmp_path):
