@@ -398,6 +398,14 @@ def test_a_binary_model_with_one_logit_is_told_how_to_give_two():
     assert "has shape (1,) but the training set has 3 classes" in task.check_output(torch.zeros(4, 1), 3)
 
 
+def test_a_keypoint_model_regressing_coordinates_is_told_what_the_task_takes():
+    task = Helper.make_task(Helper.Settings(task="keypoints"))
+    assert "an x and a y per keypoint" in task.check_output(torch.zeros(4, 10), 5)
+    assert "not supported yet" in task.check_output(torch.zeros(4, 10), 5)
+    assert "must give one map per keypoint (5 in" in task.check_output(torch.zeros(4, 7), 5)
+    assert task.check_output(torch.zeros(4, 5, 16, 16), 5) == ""
+
+
 def test_a_user_class_without_num_classes_is_a_clear_error(tmp_path):
     (tmp_path / "nets.py").write_text("from torch import nn\n\nclass Block(nn.Module):\n"
                                       "    def __init__(self, width):\n        super().__init__()\n")
