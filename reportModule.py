@@ -166,7 +166,7 @@ def run_section(ctx: RunContext, data: ReportData) -> str:
 <h2>The run</h2>
 <p>Model <b>{esc(ctx.model_path.name)}</b> ({esc(s.arch)}), case <code>{esc(ctx.paths.root)}</code>.
 <b id=errors data-value={errors}>{errors}</b> error-inducing test images explained with the
-<b>{esc(s.rules)}</b> LRP rules (class explained: {esc(s.explain)}).</p>
+<b>{esc(s.rules)}</b> LRP rules, each explaining {esc(ctx.task.explained_words[0])} (setting <code>explain</code>).</p>
 {sets_table(data.sets)}
 {left_out_note(ctx)}
 {scenario_table(ctx)}

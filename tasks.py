@@ -61,7 +61,12 @@ class ClassificationTask:
     explain_choices = ("predicted", "expected")
     label_layout = "one sub-folder per class"
     labelling_hint = "put them in one folder per class"
-    explained_words = ("the predicted class", "expected → predicted class")
+
+    @property
+    def explained_words(self) -> tuple[str, str]:
+        """(what each heatmap explains, the caption of an error image) in the report's words."""
+        explained = "the expected (true) class" if self.explain == "expected" else "the predicted class"
+        return explained, "expected → predicted class"
 
     def __init__(self, explain: str = "predicted", error_threshold: float = 0.0, output_order: list[str] | None = None):
         self.explain = explain
@@ -230,7 +235,11 @@ class KeypointTask(ClassificationTask):
     explain_choices = ("predicted", "worst", "all")
     label_layout = "a labels.csv with the keypoints"
     labelling_hint = "add a labels.csv with their keypoints"
-    explained_words = ("the worst keypoint's output map", "the worst keypoint's face component → the worst keypoint")
+
+    @property
+    def explained_words(self) -> tuple[str, str]:
+        explained = "every keypoint's output map" if self.explain == "all" else "the worst keypoint's output map"
+        return explained, "the worst keypoint's face component → the worst keypoint"
 
     def __init__(self, explain: str = "worst", error_threshold: float = 4.0):
         self.explain = explain

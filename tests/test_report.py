@@ -140,6 +140,21 @@ def test_each_rcc_shows_first_the_most_typical_member_of_each_sub_cluster_larges
         assert [images[name] for name in shown] == order[:4]
 
 
+def test_the_page_says_what_each_heatmap_explains_as_the_explain_setting_chose(retrained_case):
+    """The run's line and the cards' legend name the explained output in words; they said "class explained:
+    predicted" for every task, keypoint models included, and "the predicted class" with explain expected."""
+    case, _ = retrained_case
+    text = (case / "T" / "report.html").read_text(encoding="utf-8")
+    assert "LRP rules, each explaining the predicted class" in text and "relevance of the predicted class" in text
+    words = {(task, explain): Helper.make_task(Helper.Settings(task=task, explain=explain)).explained_words[0]
+             for task, explain in [("classification", "predicted"), ("classification", "expected"),
+                                   ("keypoints", "predicted"), ("keypoints", "all")]}
+    assert words == {("classification", "predicted"): "the predicted class",
+                     ("classification", "expected"): "the expected (true) class",
+                     ("keypoints", "predicted"): "the worst keypoint's output map",
+                     ("keypoints", "all"): "every keypoint's output map"}
+
+
 def test_tiles_take_turns_over_the_sub_clusters_largest_first():
     members = pd.DataFrame({"image": list("abcdefg"),
                             "sub_rcc": ["RCC03.2", "RCC03.1", "RCC03.1", "RCC03.3", "RCC03.2", "RCC03.1", "RCC03.2"],
