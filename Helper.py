@@ -882,8 +882,8 @@ def _import_user_file(file_path: Path, spec: str):
         module_spec.loader.exec_module(module)
         return module
     except Exception as error:  # the user's code, not ours
-        raise HuddError(f"{file_path}: could not be imported (arch {spec}): {type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")) from error
+        said = f": {str(error).splitlines()[0]}" if str(error) else ""
+        raise HuddError(f"{file_path}: could not be imported (arch {spec}): {type(error).__name__}{said}") from error
     finally:
         sys.path.pop(0)
 
