@@ -102,6 +102,17 @@ class CasePaths:
         return Path(os.path.relpath(path, self.root)).as_posix()
 
 
+def path_below_set(image: str) -> list[str]:
+    """The parts of a case-relative image path below its set folder: `DataSets/<Set>/` (and the doubled
+    `ImprovementSet/ImprovementSet/` layout's second folder) taken off; a class image gives [class, file],
+    a keypoint image [file] or [its folders..., file]."""
+    parts = image.split("/")
+    if len(parts) < 3 or parts[0] != "DataSets":
+        return parts[-1:]
+    below = parts[2:]
+    return below[1:] if len(below) > 1 and below[0] == parts[1] else below
+
+
 def class_folders(folder: Path) -> list[Path]:
     """A set folder's sub-folders, sorted; hidden ones (.ipynb_checkpoints and the like) are no class."""
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))

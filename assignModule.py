@@ -39,7 +39,7 @@ import testModule
 from clustering import CHUNK_BYTES, normalise_rows, times_transposed
 from features import make_space
 from Helper import (CasePaths, HuddError, PipelineStop, RunContext, Step, image_set_digest, make_loader,
-                    read_csv, stop_on_unreadable, write_csv, write_label_template)
+                    path_below_set, read_csv, stop_on_unreadable, write_csv, write_label_template)
 from tasks import WRONG
 
 log = logging.getLogger("hudd")
@@ -219,9 +219,11 @@ def to_label_path(paths: CasePaths) -> Path:
 
 
 def unsafe_copy(paths: CasePaths, rcc: str, image: str) -> Path:
-    """The copy of an assigned improvement image in its RCC's folder: `<its folder>__<file>`."""
-    source = Path(image)
-    return unsafe_dir(paths) / rcc / f"{source.parent.name}__{source.name}"
+    """The copy of an assigned improvement image in its RCC's folder: `<its folder>__<file>`, every folder
+    below the set kept (`subject1__left__0001.png`), so that two files of one name cannot collide; an
+    image directly in an unlabelled set keeps the set's name as its folder (`ImprovementSet__<file>`)."""
+    below = path_below_set(image)
+    return unsafe_dir(paths) / rcc / "__".join(below if len(below) > 1 else [Path(image).parent.name, *below])
 
 
 def read_assignments(paths: CasePaths) -> pd.DataFrame | None:
@@ -528,6 +530,8 @@ def write_outputs(ctx: RunContext, images: list[str], eligible: list[str], dista
     for row in table.itertuples():
         target = unsafe_copy(ctx.paths, row.rcc, row.image)
         target.parent.mkdir(exist_ok=True)
+        if target.exists():  # unsafe_copy's names are unique per image: a second one is a bug, never an overwrite
+            raise FileExistsError(f"{target}: two images of the unsafe set would share this name")
         shutil.copy2(ctx.paths.root / row.image, target)
     write_csv(table, folder / ASSIGNMENTS_FILE)
     if not ctx.sets()["improve"].labelled:  # the only images an engineer must label before retraining

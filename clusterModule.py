@@ -51,8 +51,8 @@ from clustering import (EXACT_LIMIT, LayerClustering, Projection, cluster_layer,
                         readable_quality, select_layer)
 from features import BackboneSpace, FeatureSpace, PixelSpace, make_space
 import xlsxMatrix
-from Helper import (ARRAY_HEADER_LOCK, CasePaths, HuddError, RunContext, Step, atomic_path, fingerprint, read_csv,
-                    read_metadata, write_csv)
+from Helper import (ARRAY_HEADER_LOCK, CasePaths, HuddError, RunContext, Step, atomic_path, fingerprint,
+                    path_below_set, read_csv, read_metadata, write_csv)
 
 log = logging.getLogger("hudd")
 
@@ -229,8 +229,13 @@ def _overlay_name(copy_name: str) -> str:
 
 
 def _copy_name(image: str, expected: str) -> str:
-    """`<expected class>__<file name>`, so files of different class folders cannot collide."""
-    return f"{expected}__{os.path.basename(image)}"  # os.path, not Path: called per image per layer
+    """`<expected class>__<file name>`, so files of different class folders cannot collide; an image in
+    folders below its set (a keypoint set's `subject1/0001.png`) keeps them in its name,
+    `<expected>__subject1__0001.png`, so that two files of one name in different folders cannot either."""
+    below = path_below_set(image)
+    if len(below) == 2 and below[0] == expected:   # a class folder's image: its folder is `expected`
+        below = below[1:]
+    return f"{expected}__{'__'.join(below)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -783,14 +788,23 @@ def link_or_copy(source: Path | str, target: Path | str) -> None:
     system, as a DataSets folder linked in from a data disk; some network shares) a symbolic link to its
     real path, which costs no disk either (a copy of every error image per layer would cost gigabytes on a
     real case); a copy only where neither is possible (FAT drives, Windows without the privilege). The
-    signature of shutil.copytree's copy_function."""
+    signature of shutil.copytree's copy_function.
+
+    An existing `target` is an error (FileExistsError), never written: a copy onto a hard link writes into
+    the file it links, which is the user's image in DataSets."""
     try:
         os.link(source, target)
+    except FileExistsError:
+        raise
     except OSError:
         try:
             os.symlink(os.path.realpath(source), target)
+        except FileExistsError:
+            raise
         except OSError:
-            shutil.copy2(source, target)
+            with open(source, "rb") as original, open(target, "xb") as copy:   # "x": never an existing file
+                shutil.copyfileobj(original, copy)
+            shutil.copystat(source, target)
 
 
 # --------------------------------------------------------------------------------------------

@@ -439,6 +439,67 @@ def test_images_on_another_file_system_are_linked_symbolically_else_copied(make_
             assert copy.read_bytes() == (case / member.image).read_bytes()
 
 
+@pytest.mark.parametrize("refused", ["nothing", "hard", "hard and symbolic"])
+def test_a_link_onto_an_existing_file_is_refused_and_never_writes_into_it(tmp_path, monkeypatch, refused):
+    """A name taken twice must stop, not copy: a copy onto a hard link writes into the file it links,
+    the user's image (two keypoint images of one name in different folders did that)."""
+    import errno
+    original, other = tmp_path / "original.png", tmp_path / "other.png"
+    original.write_bytes(b"the user's image")
+    other.write_bytes(b"another image")
+    target = tmp_path / "copy.png"
+    clusterModule.link_or_copy(original, target)   # the first member: a hard link to the user's file
+
+    def no_link(*_args, **_kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    if refused != "nothing":
+        monkeypatch.setattr(clusterModule.os, "link", no_link)
+    if refused == "hard and symbolic":
+        monkeypatch.setattr(clusterModule.os, "symlink", no_link)
+    with pytest.raises(FileExistsError):
+        clusterModule.link_or_copy(other, target)
+    assert original.read_bytes() == b"the user's image" and target.read_bytes() == b"the user's image"
+
+
+def test_a_keypoint_set_with_one_file_name_in_several_folders_keeps_every_image_and_never_writes_one(tmp_path):
+    """Face data is often kept per subject (subject0/left/0001.png, subject1/left/0001.png). The RCC and
+    unsafe-set folders name each copy by its folders below the set: before, the second image of a name
+    was copied onto the first one's hard link, which overwrote the user's image, then the step failed."""
+    import hashlib
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_keypoint_pipeline import build_keypoint_case
+    from helpers import hudd
+    case = build_keypoint_case(tmp_path / "case", images=8)
+    for set_name in ("TestSet", "ImprovementSet"):
+        folder = case / "DataSets" / set_name
+        table = pd.read_csv(folder / "labels.csv")
+        moved = [f"subject{i % 2}/left/{i // 2:04d}.png" for i in range(len(table))]
+        for old, new in zip(table["image"], moved):
+            (folder / new).parent.mkdir(parents=True, exist_ok=True)
+            (folder / old).rename(folder / new)
+        table.assign(image=moved).to_csv(folder / "labels.csv", index=False)
+    images = sorted((case / "DataSets").rglob("*.png"))
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in images}
+    result = hudd("-o", str(case))
+    assert result.returncode == 0, result.stderr
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in images} == before   # no image written
+    layer = clusterModule.selected_layer(clusterModule.CasePaths(case))
+    labels = pd.read_csv(case / "T" / "ClusterAnalysis" / layer / "rcc_labels.csv")
+    assert labels["image"].str.contains("/subject1/left/").any()
+    for member in labels.itertuples():   # each member its own copy, of its own bytes, in both folders
+        name = f"{member.expected}__{member.image.split('/', 2)[2].replace('/', '__')}"
+        for copy in (case / "T" / "ClusterAnalysis" / layer / member.rcc / name, case / "T" / layer / member.rcc / name,
+                     case / "T" / layer / member.rcc / member.sub_rcc / name):
+            assert copy.read_bytes() == (case / member.image).read_bytes()
+    assigned = pd.read_csv(case / "T" / "UnsafeSet" / "assignments.csv")
+    for row in assigned.itertuples():
+        copy = case / "T" / "UnsafeSet" / row.rcc / row.image.split("/", 2)[2].replace("/", "__")
+        assert copy.read_bytes() == (case / row.image).read_bytes()
+    assert len(list((case / "T" / "UnsafeSet").rglob("*.png"))) == len(assigned)
+
+
 def test_every_array_load_of_the_threaded_step_parses_its_header_under_the_lock(make_case, monkeypatch):
     """numpy parses .npy headers with ast.literal_eval, which CPython 3.11 cannot run on two threads at
     once (a SystemError seen in this test file): the step's loads, on any of its threads, hold
