@@ -259,11 +259,19 @@ def list_keypoint_set(set_root: Path, name: str = "", keypoints: list[str] | Non
     if keypoints is not None and names != keypoints:
         raise HuddError(f"{label_file}: its keypoints ({', '.join(names[:4])}...) differ from the training set's "
                         f"({', '.join(keypoints[:4])}...); use the same columns in every labels.csv")
+    repeated = table["image"][table["image"].duplicated()]
+    if len(repeated):
+        raise HuddError(f"{label_file}: lists {repeated.iloc[0]!r} more than once; keep one row per image")
     paths = [set_root / p for p in table["image"]]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise HuddError(f"{label_file}: lists {missing[0].relative_to(set_root)}, which is not in {set_root}; "
                         "fix the file or add the image")
+    listed = {os.path.normpath(p) for p in paths}
+    unlisted = sorted(p for p in set_root.rglob("*") if _is_image(p) and os.path.normpath(p) not in listed)
+    if unlisted:  # left out of the set: said, as a class folder's stray files are
+        log.warning("%s: %d image(s) under %s are not in it and are left out (e.g. %s)", label_file, len(unlisted),
+                    set_root, unlisted[0].relative_to(set_root).as_posix())
     targets = table[columns[1:]].to_numpy(dtype=np.float64)
     if not np.isfinite(targets).all():
         row = int(np.flatnonzero(~np.isfinite(targets).all(axis=1))[0])

@@ -132,6 +132,20 @@ def test_keypoint_sets_refuse_bad_labels(tmp_path):
     assert_clean_error(hudd("-o", str(case)), "face 0.png", "16x16", "32x32")
 
 
+def test_a_keypoint_labels_file_listing_an_image_twice_is_refused_and_unlisted_images_are_named(tmp_path, caplog):
+    case = build_keypoint_case(tmp_path / "case", images=4)
+    folder = case / "DataSets" / "TestSet"
+    table = pd.read_csv(folder / "labels.csv")
+    pd.concat([table, table.iloc[[2]]]).to_csv(folder / "labels.csv", index=False)
+    with pytest.raises(Helper.HuddError, match="labels.csv: lists 'face 2.png' more than once; keep one row per image"):
+        Helper.list_keypoint_set(folder)
+    table.iloc[1:].to_csv(folder / "labels.csv", index=False)   # face 0.png no longer listed
+    with caplog.at_level("WARNING", logger="hudd"):
+        image_set = Helper.list_keypoint_set(folder)
+    assert len(image_set) == 3
+    assert "1 image(s) under" in caplog.text and "are not in it and are left out (e.g. face 0.png)" in caplog.text
+
+
 def test_keypoint_set_listing_reads_targets(tmp_path):
     case = build_keypoint_case(tmp_path / "case", images=4)
     image_set = Helper.list_keypoint_set(case / "DataSets" / "TestSet")
