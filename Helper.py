@@ -113,6 +113,22 @@ def path_below_set(image: str) -> list[str]:
     return below[1:] if len(below) > 1 and below[0] == parts[1] else below
 
 
+NAME_BYTES = 255   # the longest file name most file systems take (ext4, NTFS, APFS), in bytes
+
+
+def fitting_name(name: str, room: int = 0) -> str:
+    """`name` as a file name that leaves `room` bytes of NAME_BYTES for a suffix: unchanged where it fits;
+    else its stem cut (at a character) and a hash of the whole name added before the extension, so that
+    two long names that differ only at their end stay two names."""
+    limit = NAME_BYTES - room
+    if len(name.encode()) <= limit:
+        return name
+    stem, extension = os.path.splitext(name)
+    tag = "~" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    keep = limit - len(tag.encode()) - len(extension.encode())
+    return stem.encode()[:keep].decode(errors="ignore") + tag + extension
+
+
 def class_folders(folder: Path) -> list[Path]:
     """A set folder's sub-folders, sorted; hidden ones (.ipynb_checkpoints and the like) are no class."""
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))

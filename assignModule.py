@@ -39,7 +39,7 @@ import testModule
 from clustering import CHUNK_BYTES, normalise_rows, times_transposed
 from features import make_space
 from Helper import (CasePaths, HuddError, PipelineStop, RunContext, Step, image_set_digest, make_loader,
-                    path_below_set, read_csv, stop_on_unreadable, write_csv, write_label_template)
+                    fitting_name, path_below_set, read_csv, stop_on_unreadable, write_csv, write_label_template)
 from tasks import WRONG
 
 log = logging.getLogger("hudd")
@@ -223,7 +223,8 @@ def unsafe_copy(paths: CasePaths, rcc: str, image: str) -> Path:
     below the set kept (`subject1__left__0001.png`), so that two files of one name cannot collide; an
     image directly in an unlabelled set keeps the set's name as its folder (`ImprovementSet__<file>`)."""
     below = path_below_set(image)
-    return unsafe_dir(paths) / rcc / "__".join(below if len(below) > 1 else [Path(image).parent.name, *below])
+    name = "__".join(below if len(below) > 1 else [Path(image).parent.name, *below])
+    return unsafe_dir(paths) / rcc / fitting_name(name)
 
 
 def read_assignments(paths: CasePaths) -> pd.DataFrame | None:

@@ -52,7 +52,7 @@ from clustering import (EXACT_LIMIT, LayerClustering, Projection, cluster_layer,
 from features import BackboneSpace, FeatureSpace, PixelSpace, make_space
 import xlsxMatrix
 from Helper import (ARRAY_HEADER_LOCK, CasePaths, HuddError, RunContext, Step, atomic_path, fingerprint,
-                    path_below_set, read_csv, read_metadata, write_csv)
+                    fitting_name, path_below_set, read_csv, read_metadata, write_csv)
 
 log = logging.getLogger("hudd")
 
@@ -235,7 +235,8 @@ def _copy_name(image: str, expected: str) -> str:
     below = path_below_set(image)
     if len(below) == 2 and below[0] == expected:   # a class folder's image: its folder is `expected`
         below = below[1:]
-    return f"{expected}__{'__'.join(below)}"
+    # short enough for its overlay's name too (the stem + OVERLAY_SUFFIX)
+    return fitting_name(f"{expected}__{'__'.join(below)}", room=len(OVERLAY_SUFFIX))
 
 
 # --------------------------------------------------------------------------------------------

@@ -500,6 +500,40 @@ def test_a_keypoint_set_with_one_file_name_in_several_folders_keeps_every_image_
     assert len(list((case / "T" / "UnsafeSet").rglob("*.png"))) == len(assigned)
 
 
+def test_names_past_what_a_file_system_takes_are_cut_with_a_hash_of_the_whole():
+    from Helper import NAME_BYTES, fitting_name
+    assert fitting_name("class_a__img 1.png") == "class_a__img 1.png"
+    long_one, other = "a" * 300 + "1.png", "a" * 300 + "2.png"
+    for room in (0, 12):
+        cut = fitting_name(long_one, room)
+        assert len(cut.encode()) == NAME_BYTES - room and cut.endswith(".png") and cut.startswith("a" * 200)
+        assert fitting_name(other, room) != cut
+    accents = fitting_name("é" * 200 + ".png")   # two bytes a character: cut at a character, never inside one
+    assert len(accents.encode()) <= NAME_BYTES and accents.encode().decode() == accents and accents.endswith(".png")
+    import assignModule
+    unsafe = assignModule.unsafe_copy(clusterModule.CasePaths(Path("/case")), "RCC01",
+                                      "DataSets/ImprovementSet/class_a/" + "x" * 246 + ".png")
+    assert len(unsafe.name.encode()) == NAME_BYTES and unsafe.name.startswith("class_a__xxx")
+
+
+def test_an_image_whose_copy_name_would_be_too_long_gets_a_shortened_copy_and_overlay(make_case):
+    """A 250-byte file name in a class folder: `<class>__<file>` and its overlay's name pass 255 bytes,
+    which stopped the step with an OS error. Both are cut, with a hash of the whole name kept in them."""
+    case = make_case(per_class=4)
+    folder = case / "DataSets" / "TestSet" / "class_a"
+    for image in sorted(folder.glob("*.png")):   # 250 bytes, the longest a file system takes being 255
+        stem = image.stem.replace(" ", "_") + "_"
+        image.rename(folder / (stem + "x" * (250 - len(stem.encode()) - 4) + ".png"))
+    ctx, _ = run_steps(case)
+    layer = clusterModule.selected_layer(ctx.paths)
+    labels = pd.read_csv(case / "T" / "ClusterAnalysis" / layer / "rcc_labels.csv")
+    assert labels["image"].str.len().max() > 250
+    for member in labels.itertuples():
+        copy = clusterModule.member_copy(ctx.paths, layer, member.rcc, member.image, member.expected, member.sub_rcc)
+        assert copy.read_bytes() == (case / member.image).read_bytes() and len(copy.name.encode()) <= 255
+        assert clusterModule.overlay_file(ctx.paths, layer, member.rcc, member.image, member.expected).is_file()
+
+
 def test_every_array_load_of_the_threaded_step_parses_its_header_under_the_lock(make_case, monkeypatch):
     """numpy parses .npy headers with ast.literal_eval, which CPython 3.11 cannot run on two threads at
     once (a SystemError seen in this test file): the step's loads, on any of its threads, hold
