@@ -186,6 +186,34 @@ def test_conservation_bias_free(net_cls, shape, preset):
         assert not torch.allclose(sums["conv2"], explained, rtol=1e-2)  # a share, not the whole
 
 
+def test_conservation_through_shufflenet_channel_split_shuffle_and_two_branch_input():
+    """torchvision's ShuffleNet V2 splits channels (chunk), concatenates, shuffles them (view, transpose,
+    view) and feeds one input to two branches. With BatchNorm's folded shifts and the classifier's bias
+    at zero, LRP-epsilon keeps the whole relevance through every stage and to the input: the losses
+    seen with its real shifts are theirs, as LRP-epsilon gives biases their share."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None   # settled statistics: a cumulative average over one batch
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 64, 64))
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):   # folded bias beta - mean * gamma / sqrt(var + eps) = 0
+                module.bias.copy_(module.running_mean * module.weight / torch.sqrt(module.running_var + module.eps))
+        model.fc.bias.zero_()
+    model = model.double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    explained = model(x).detach().max(1).values
+    stages = ["stage2", "stage3.0", "stage4.0", "stage4", "conv5"]
+    rel = lrp.relevance(model, x, rules="epsilon", layers=stages)
+    for name in [*stages, "input"]:
+        sums = rel[name].reshape(2, -1).sum(1)
+        assert torch.allclose(sums, explained, rtol=1e-4, atol=0), (name, sums, explained)
+
+
 # ------------------------------------------------------------------------------------------------
 # against zennit
 # ------------------------------------------------------------------------------------------------
