@@ -222,10 +222,25 @@ def list_image_set(set_root: Path, classes: list[str] | None = None, name: str =
         labels = [UNLABELLED] * len(paths)
         classes = list(classes or [])
     _note_unread_files(set_root, unread)
+    _refuse_names_not_utf8(set_root, paths)
     if not paths:
         raise HuddError(
             f"{set_root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files in its class folders)")
     return ImageSet(name=name, root=set_root, paths=paths, labels=labels, classes=classes)
+
+
+def _refuse_names_not_utf8(set_root: Path, paths: list[Path]) -> None:
+    """Image paths go into UTF-8 tables. A file or folder name that is not UTF-8 text (bytes of another
+    encoding, such as Latin-1 from an older system, which Linux keeps as they are) stops the run with its
+    name, instead of an encoding error at the first table."""
+    for path in paths:
+        relative = path.relative_to(set_root)
+        try:
+            str(relative).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(relative).decode("utf-8", "backslashreplace")
+            raise HuddError(f"{set_root}: the name '{shown}' is not UTF-8 text (bytes of another encoding, such "
+                            f"as Latin-1); rename it, e.g. with convmv -f latin1 -t utf8 -r --notest {set_root}") from None
 
 
 def _images_and_unread(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -263,6 +278,7 @@ def list_keypoint_set(set_root: Path, name: str = "", keypoints: list[str] | Non
         images = sorted(p for p in set_root.rglob("*") if _is_image(p))
         if not images:
             raise HuddError(f"{set_root}: no images found")
+        _refuse_names_not_utf8(set_root, images)
         return ImageSet(name=name, root=set_root, paths=images, labels=[UNLABELLED] * len(images),
                         classes=list(keypoints or []))
     table = read_spreadsheet_csv(label_file, numbers_but=NAME_COLUMNS, dtype=dict.fromkeys(NAME_COLUMNS, str))

@@ -183,6 +183,18 @@ def test_rerun_skips_and_changed_inputs_recompute(make_case):
     assert run_step(testModule.STEP, forced)["skipped"] is False
 
 
+def test_a_file_name_that_is_not_utf8_is_named_and_stops_the_run(make_case):
+    """Linux keeps a name's bytes as they are: a Latin-1 "café" from an older system is no UTF-8 text, and
+    the first table written with it failed as an internal UnicodeEncodeError."""
+    case = make_case(per_class=2)
+    folder = os.fsencode(case / "DataSets" / "TestSet" / "class_a")
+    os.rename(os.path.join(folder, os.fsencode(IMAGE_NAME.format(c=0, i=0))), os.path.join(folder, b"caf\xe9 1.png"))
+    with pytest.raises(Helper.HuddError, match=r"TestSet: the name 'class_a/caf\\xe9 1.png' is not UTF-8 text .* "
+                                               "rename it, e.g. with convmv -f latin1 -t utf8"):
+        run_step(testModule.STEP, context(case))
+    assert not (case / "testResult.csv").exists()
+
+
 def test_unreadable_image_stops_or_is_skipped(make_case):
     case = make_case(per_class=2)
     bad = case / "DataSets" / "TestSet" / "class.b" / "broken file.png"
