@@ -546,8 +546,11 @@ def load_settings(paths: CasePaths, overrides: dict[str, Any] | None = None) -> 
     """Settings from the defaults, then `CASE/hudd.json`, then the command line (non-None values)."""
     values: dict[str, Any] = {}
     if paths.settings_file.is_file():
+        raw = paths.settings_file.read_bytes()   # Windows editors save a byte-order mark, or UTF-16 ("Unicode")
         try:
-            values = json.loads(paths.settings_file.read_text())
+            values = json.loads(raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"))
+        except UnicodeDecodeError:
+            raise HuddError(f"{paths.settings_file}: is not UTF-8 or UTF-16 text; save it as UTF-8") from None
         except json.JSONDecodeError as exc:
             raise HuddError(f"{paths.settings_file}: not valid JSON ({exc}); fix the file or remove it")
         if not isinstance(values, dict):

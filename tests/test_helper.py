@@ -143,6 +143,17 @@ def test_settings_precedence_defaults_json_command_line(case):
     assert Helper.resolve_input_size(settings) == [32, 32]  # DemoNet's own input size
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_hudd_json_saved_by_a_windows_editor_is_read(case, encoding):
+    """Notepad saves UTF-8 with a byte-order mark, or UTF-16 as "Unicode": json refused the first as
+    "Unexpected UTF-8 BOM" and the second stopped with an internal UnicodeDecodeError."""
+    (case / "hudd.json").write_bytes(json.dumps({"arch": "demonet", "epochs": 3}).encode(encoding))
+    assert Helper.load_settings(CasePaths(case)).epochs == 3
+    (case / "hudd.json").write_bytes(b"\x93arch\x94")   # Windows-1252 quotes: neither
+    with pytest.raises(HuddError, match="hudd.json: is not UTF-8 or UTF-16 text"):
+        Helper.load_settings(CasePaths(case))
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
     (json.dumps({"archh": "demonet"}), "unknown setting.*archh"),
