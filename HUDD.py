@@ -312,7 +312,7 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
                 print(f"    {set_name}: {cells}")
     heatmaps = results.get("heatmaps")
     if heatmaps:
-        print(f"  heatmaps: {heatmaps['images']} error images x {heatmaps['layers']} layers "
+        print(f"  heatmaps: {counted(heatmaps['images'], 'error image')} x {counted(heatmaps['layers'], 'layer')} "
               f"({heatmaps['megabytes']:.1f} MB) -> {heatmaps['folder']}")
     clusters = results.get("clusters")
     if clusters:
