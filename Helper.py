@@ -822,12 +822,39 @@ def stop_on_unreadable(image_set: ImageSet, failures: list[tuple[int, str]]) -> 
         raise HuddError(f"{image_set.paths[index]}: cannot read image ({error}); replace or remove the file")
 
 
+SHARED_MEMORY = "/dev/shm"
+_SHARED_MEMORY_WARNED = []
+
+
+def loader_workers(workers: int, batch_size: int, settings: Settings) -> int:
+    """`workers`, or 0 where SHARED_MEMORY cannot hold their batches. Loader processes hand each batch
+    over in shared memory, two batches ahead each; where it is too small (a Docker container's default
+    is 64 MB, and 128 RGB images of 224 x 224 take 77 MB) they die with a bus error mid-step. The images
+    are then read in this process, with one warning saying why."""
+    if workers <= 0 or not os.path.isdir(SHARED_MEMORY):
+        return workers
+    height, width = resolve_input_size(settings)
+    needed = 2 * workers * 2 * batch_size * settings.channels * height * width * 4   # float32, a margin of 2
+    free = shutil.disk_usage(SHARED_MEMORY).free
+    if free >= needed:
+        return workers
+    if not _SHARED_MEMORY_WARNED:
+        _SHARED_MEMORY_WARNED.append(True)
+        log.warning("%s has %.0f MB free, less than the %.0f MB that %d loader processes need for batches of %d "
+                    "images: the images are read in this process instead (slower). In a Docker container, give "
+                    "it more (docker run --shm-size=2g), or lower batch_size", SHARED_MEMORY, free / 2 ** 20,
+                    needed / 2 ** 20, workers, batch_size)
+    return 0
+
+
 def make_loader(image_set: ImageSet, settings: Settings, batch_size: int, workers: int,
                 shuffle: bool = False, seed: int = 0, batches: list[list[int]] | None = None
                 ) -> torch.utils.data.DataLoader:
     """Batches of the set in order (or shuffled); `batches`: exactly these lists of positions instead
     (a rank's shard, or the batches a resumed run still lacks)."""
     generator = torch.Generator().manual_seed(seed)
+    largest = max(map(len, batches), default=0) if batches is not None else batch_size
+    workers = loader_workers(workers, largest, settings)
     if batches is not None:
         return torch.utils.data.DataLoader(ImageDataset(image_set, settings), batch_sampler=batches,
                                            num_workers=workers, collate_fn=collate_images)

@@ -417,6 +417,28 @@ def test_a_keypoint_model_regressing_coordinates_is_told_what_the_task_takes():
     assert task.check_output(torch.zeros(4, 5, 16, 16), 5) == ""
 
 
+def test_loaders_read_in_process_where_shared_memory_cannot_hold_their_batches(case, monkeypatch, caplog):
+    """A Docker container's /dev/shm is 64 MB by default: loader processes handing 128-image batches
+    over in it die with a bus error. Where it is too small, the loader reads in this process, and says why
+    once; where it is large enough, the workers asked for are kept."""
+    import collections
+    settings = Helper.Settings(arch="demonet", input_size=[224, 224])
+    image_set = Helper.list_image_set(case / "DataSets" / "TestSet")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(Helper, "_SHARED_MEMORY_WARNED", [])
+    monkeypatch.setattr(Helper.os.path, "isdir", lambda path: True)
+    monkeypatch.setattr(Helper.shutil, "disk_usage", lambda path: usage(64 * 2 ** 20, 0, 64 * 2 ** 20))
+    with caplog.at_level("WARNING", logger="hudd"):
+        assert Helper.make_loader(image_set, settings, 128, 2).num_workers == 0
+        assert Helper.make_loader(image_set, settings, 128, 2).num_workers == 0
+    needed = 2 * 2 * 2 * 128 * 3 * 224 * 224 * 4 / 2 ** 20   # 2 workers, 2 batches ahead each, a margin of 2: 588 MB
+    assert caplog.text.count(f"has 64 MB free, less than the {needed:.0f} MB that 2 loader processes need for "
+                             "batches of 128 images") == 1 and "--shm-size" in caplog.text
+    assert Helper.make_loader(image_set, settings, 4, 2).num_workers == 2   # 4 images: 18 MB, it fits
+    monkeypatch.setattr(Helper.shutil, "disk_usage", lambda path: usage(2 ** 34, 0, 2 ** 34))
+    assert Helper.make_loader(image_set, settings, 128, 2).num_workers == 2
+
+
 def test_a_user_class_without_num_classes_is_a_clear_error(tmp_path):
     (tmp_path / "nets.py").write_text("from torch import nn\n\nclass Block(nn.Module):\n"
                                       "    def __init__(self, width):\n        super().__init__()\n")
