@@ -268,7 +268,8 @@ def class_order_note(test: dict) -> str:
             f"does ({few(test['classes'])}); read in numeric order ({few(order)}) the model's outputs give {name} "
             f"accuracy {entry['numeric_order_accuracy']:.2f}% against {entry['accuracy']:.2f}%. If the model was "
             "trained with the numbers as labels, set in hudd.json "
-            + (f'"classes": {json.dumps(order)}' if len(order) <= 60 else '"classes" to the folder names in numeric order'))
+            + (f'"classes": {json.dumps(order)}' if len(order) <= 60 else
+               '"classes" to the folder names in numeric order'))
 
 
 def few(names: list[str], shown: int = 4) -> str:

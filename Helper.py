@@ -232,15 +232,16 @@ def list_image_set(set_root: Path, classes: list[str] | None = None, name: str =
 def _refuse_names_not_utf8(set_root: Path, paths: list[Path]) -> None:
     """Image paths go into UTF-8 tables. A file or folder name that is not UTF-8 text (bytes of another
     encoding, such as Latin-1 from an older system, which Linux keeps as they are) stops the run with its
-    name, instead of an encoding error at the first table."""
-    for path in paths:
-        relative = path.relative_to(set_root)
-        try:
-            str(relative).encode("utf-8")
-        except UnicodeEncodeError:
-            shown = os.fsencode(relative).decode("utf-8", "backslashreplace")
-            raise HuddError(f"{set_root}: the name '{shown}' is not UTF-8 text (bytes of another encoding, such "
-                            f"as Latin-1); rename it, e.g. with convmv -f latin1 -t utf8 -r --notest {set_root}") from None
+    name, instead of an encoding error at the first table. One encoding of every path (sets hold 10^5
+    images); where it fails, the error's position names the path."""
+    joined = "\n".join(map(str, paths))
+    try:
+        joined.encode("utf-8")
+    except UnicodeEncodeError as error:
+        relative = paths[joined.count("\n", 0, error.start)].relative_to(set_root)
+        shown = os.fsencode(relative).decode("utf-8", "backslashreplace")
+        raise HuddError(f"{set_root}: the name '{shown}' is not UTF-8 text (bytes of another encoding, such as "
+                        f"Latin-1); rename it, e.g. with convmv -f latin1 -t utf8 -r --notest {set_root}") from None
 
 
 def _images_and_unread(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -282,8 +283,7 @@ def list_keypoint_set(set_root: Path, name: str = "", keypoints: list[str] | Non
         return ImageSet(name=name, root=set_root, paths=images, labels=[UNLABELLED] * len(images),
                         classes=list(keypoints or []))
     table = read_spreadsheet_csv(label_file, numbers_but=NAME_COLUMNS, dtype=dict.fromkeys(NAME_COLUMNS, str))
-    columns = [str(c).strip() for c in table.columns]
-    table.columns = columns
+    columns = list(table.columns)
     if not columns or columns[0] != "image" or len(columns) < 3 or len(columns) % 2 == 0:
         raise HuddError(f"{label_file}: needs an 'image' column, then an x and a y column per keypoint "
                         "(kp0_x, kp0_y, kp1_x, ...)")
@@ -390,23 +390,30 @@ def _listed_image(text: str, known: set[str], set_root: Path, case_root: Path) -
     return next((k for k in keys if k in known), None)
 
 
+def read_saved_text(path: Path) -> str:
+    """A text file as a person's editor or spreadsheet saved it: UTF-8 with or without a byte-order mark,
+    or UTF-16 (Windows' "Unicode"); anything else is one error line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+    except UnicodeDecodeError:
+        raise HuddError(f"{path}: is not UTF-8 or UTF-16 text; save it as UTF-8") from None
+
+
 def read_spreadsheet_csv(path: Path, numbers_but: tuple | None = None, **options) -> pd.DataFrame:
     """A CSV file a person may have saved from a spreadsheet: UTF-8 (with or without a byte-order mark)
     or UTF-16 text, ',' ';' or tab as the separator (whichever the header line holds most of). With ';'
     and `numbers_but` given, numbers may have a decimal comma (Excel's CSV where the comma is the decimal
     mark): a text column whose every value reads so, but those named in `numbers_but`, becomes numbers.
-    pandas' `options` apply; anything unreadable is one error line."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
-    except UnicodeDecodeError:
-        raise HuddError(f"{path}: is not UTF-8 or UTF-16 text; save it as CSV (UTF-8)") from None
+    Column names come stripped of spaces. pandas' `options` apply; anything unreadable is one error line."""
+    text = read_saved_text(path)
     header = text.lstrip().splitlines()[0] if text.strip() else ""
     separator = max((",", ";", "\t"), key=header.count)
     try:
         table = pd.read_csv(io.StringIO(text), sep=separator, **options)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise HuddError(f"{path}: not a readable CSV file ({error}); save it as CSV with a header line") from None
+    table.columns = [str(c).strip() for c in table.columns]
     if separator == ";" and numbers_but is not None:
         texts = [c for c in table.columns if pd.api.types.is_string_dtype(table[c]) or table[c].dtype == object]
         for column in [c for c in texts if c not in numbers_but]:
@@ -422,7 +429,7 @@ def _read_label_table(label_file: Path, label_columns: list[str]) -> pd.DataFram
     'Image'/'Label' in any case and with spaces, and empty rows. Anything else is one error line."""
     table = read_spreadsheet_csv(label_file, dtype=str, keep_default_na=False, na_values=[""])
     fixed = {"image": "image", "label": "label"}
-    table.columns = [fixed.get(str(c).strip().lower(), str(c).strip()) for c in table.columns]
+    table.columns = [fixed.get(c.lower(), c) for c in table.columns]
     missing = [c for c in ("image", *label_columns) if c not in table.columns]
     if missing:
         raise HuddError(f"{label_file}: has no column {', '.join(repr(c) for c in missing[:4])} (its header reads "
@@ -461,7 +468,6 @@ def read_metadata(set_root: Path, case_root: Path) -> pd.DataFrame | None:
     if meta_path is None:
         return None
     meta = read_spreadsheet_csv(meta_path, numbers_but=NAME_COLUMNS, dtype=dict.fromkeys(NAME_COLUMNS, str))
-    meta.columns = [str(c).strip() for c in meta.columns]
     if "image" not in meta.columns:
         raise HuddError(f"{meta_path}: needs an 'image' column with paths relative to {meta_path.parent}")
     empty = np.flatnonzero(meta["image"].isna().to_numpy())
@@ -546,11 +552,8 @@ def load_settings(paths: CasePaths, overrides: dict[str, Any] | None = None) -> 
     """Settings from the defaults, then `CASE/hudd.json`, then the command line (non-None values)."""
     values: dict[str, Any] = {}
     if paths.settings_file.is_file():
-        raw = paths.settings_file.read_bytes()   # Windows editors save a byte-order mark, or UTF-16 ("Unicode")
-        try:
-            values = json.loads(raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"))
-        except UnicodeDecodeError:
-            raise HuddError(f"{paths.settings_file}: is not UTF-8 or UTF-16 text; save it as UTF-8") from None
+        try:   # Windows editors save a byte-order mark, or UTF-16 ("Unicode")
+            values = json.loads(read_saved_text(paths.settings_file))
         except json.JSONDecodeError as exc:
             raise HuddError(f"{paths.settings_file}: not valid JSON ({exc}); fix the file or remove it")
         if not isinstance(values, dict):
@@ -829,8 +832,8 @@ _SHARED_MEMORY_WARNED = []
 def loader_workers(workers: int, batch_size: int, settings: Settings) -> int:
     """`workers`, or 0 where SHARED_MEMORY cannot hold their batches. Loader processes hand each batch
     over in shared memory, two batches ahead each; where it is too small (a Docker container's default
-    is 64 MB, and 128 RGB images of 224 x 224 take 77 MB) they die with a bus error mid-step. The images
-    are then read in this process, with one warning saying why."""
+    is 64 MB, and 128 RGB images of 224 x 224 take 77 MB) one fails to allocate ("No space left on
+    device") and the step hangs. The images are then read in this process, with one warning saying why."""
     if workers <= 0 or not os.path.isdir(SHARED_MEMORY):
         return workers
     height, width = resolve_input_size(settings)
@@ -1175,6 +1178,14 @@ def setup_logging(debug: bool = False) -> None:
 # mismatch", seen when the cluster step's main thread opened a layer while another thread read the object
 # masks): the loads that threads may run together hold this lock while they parse.
 ARRAY_HEADER_LOCK = threading.Lock()
+
+
+def copy_to_new(source: Path | str, target: Path | str) -> None:
+    """A copy of `source` (contents and times) at `target`, which must not exist (FileExistsError): a copy
+    onto an existing name could write into a file it hard-links, a user's image in DataSets."""
+    with open(source, "rb") as original, open(target, "xb") as copy:   # "x": never an existing file
+        shutil.copyfileobj(original, copy)
+    shutil.copystat(source, target)
 
 
 @contextlib.contextmanager

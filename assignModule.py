@@ -38,8 +38,8 @@ import distributed
 import testModule
 from clustering import CHUNK_BYTES, normalise_rows, times_transposed
 from features import make_space
-from Helper import (CasePaths, HuddError, PipelineStop, RunContext, Step, image_set_digest, make_loader,
-                    fitting_name, path_below_set, read_csv, stop_on_unreadable, write_csv, write_label_template)
+from Helper import (CasePaths, HuddError, PipelineStop, RunContext, Step, copy_to_new, fitting_name, image_set_digest,
+                    make_loader, path_below_set, read_csv, stop_on_unreadable, write_csv, write_label_template)
 from tasks import WRONG
 
 log = logging.getLogger("hudd")
@@ -531,9 +531,7 @@ def write_outputs(ctx: RunContext, images: list[str], eligible: list[str], dista
     for row in table.itertuples():
         target = unsafe_copy(ctx.paths, row.rcc, row.image)
         target.parent.mkdir(exist_ok=True)
-        if target.exists():  # unsafe_copy's names are unique per image: a second one is a bug, never an overwrite
-            raise FileExistsError(f"{target}: two images of the unsafe set would share this name")
-        shutil.copy2(ctx.paths.root / row.image, target)
+        copy_to_new(ctx.paths.root / row.image, target)   # unsafe_copy's names are unique: never an overwrite
     write_csv(table, folder / ASSIGNMENTS_FILE)
     if not ctx.sets()["improve"].labelled:  # the only images an engineer must label before retraining
         write_label_template(to_label_path(ctx.paths), list(table["image"]), list(table["rcc"]), ctx.task, ctx.classes)

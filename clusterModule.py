@@ -51,8 +51,8 @@ from clustering import (EXACT_LIMIT, LayerClustering, Projection, cluster_layer,
                         readable_quality, select_layer)
 from features import BackboneSpace, FeatureSpace, PixelSpace, make_space
 import xlsxMatrix
-from Helper import (ARRAY_HEADER_LOCK, CasePaths, HuddError, RunContext, Step, atomic_path, fingerprint,
-                    fitting_name, path_below_set, read_csv, read_metadata, write_csv)
+from Helper import (ARRAY_HEADER_LOCK, CasePaths, HuddError, RunContext, Step, atomic_path, copy_to_new,
+                    fingerprint, fitting_name, path_below_set, read_csv, read_metadata, write_csv)
 
 log = logging.getLogger("hudd")
 
@@ -791,21 +791,18 @@ def link_or_copy(source: Path | str, target: Path | str) -> None:
     real case); a copy only where neither is possible (FAT drives, Windows without the privilege). The
     signature of shutil.copytree's copy_function.
 
-    An existing `target` is an error (FileExistsError), never written: a copy onto a hard link writes into
-    the file it links, which is the user's image in DataSets."""
+    An existing `target` is an error (FileExistsError), never written (copy_to_new)."""
     try:
         os.link(source, target)
+        return
     except FileExistsError:
         raise
     except OSError:
-        try:
-            os.symlink(os.path.realpath(source), target)
-        except FileExistsError:
-            raise
-        except OSError:
-            with open(source, "rb") as original, open(target, "xb") as copy:   # "x": never an existing file
-                shutil.copyfileobj(original, copy)
-            shutil.copystat(source, target)
+        pass
+    try:
+        os.symlink(os.path.realpath(source), target)
+    except OSError:   # an existing target included: copy_to_new refuses it too
+        copy_to_new(source, target)
 
 
 # --------------------------------------------------------------------------------------------

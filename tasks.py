@@ -302,9 +302,9 @@ class KeypointTask(ClassificationTask):
 
     def check_output(self, output: torch.Tensor, num_classes: int) -> str:
         if output.ndim == 2 and output.shape[1] == 2 * num_classes:
-            return (f"the model's output has shape {tuple(output.shape[1:])}, an x and a y per keypoint: HUDD's keypoint "
-                    f"task takes models that give one map per keypoint ({num_classes} in labels.csv of the training "
-                    "set), as KPNet; a head regressing the coordinates themselves is not supported yet")
+            return (f"the model's output has shape {tuple(output.shape[1:])}, an x and a y per keypoint: HUDD's "
+                    f"keypoint task takes models that give one map per keypoint ({num_classes} in labels.csv of the "
+                    "training set), as KPNet; a head regressing the coordinates themselves is not supported yet")
         if output.ndim != 4 or output.shape[1] != num_classes:
             return (f"the model's output has shape {tuple(output.shape[1:])} but a keypoint model must give one map "
                     f"per keypoint ({num_classes} in labels.csv of the training set)")

@@ -342,7 +342,8 @@ class TestStep(Step):
         classification = ctx.task.name == "classification"
         summary = {"sets": {}, "scenarios": read_scenario_accuracy(ctx.paths),
                    "chance": 100.0 / len(ctx.classes) if classification else None,
-                   "classes": list(ctx.classes), "numeric_order": numeric_order(ctx.classes) if classification else None}
+                   "classes": list(ctx.classes),
+                   "numeric_order": numeric_order(ctx.classes) if classification else None}
         for set_key in ctx.sets():
             frame = read_results(ctx.paths, set_key)
             entry = {"images": len(frame), "file": result_path(ctx.paths, set_key)}
@@ -350,7 +351,8 @@ class TestStep(Step):
                 entry["wrong"] = int(frame["result"].eq("Wrong").sum())
                 entry["accuracy"] = 100.0 * (1 - entry["wrong"] / len(frame))
                 if summary["numeric_order"]:
-                    entry["numeric_order_accuracy"] = accuracy_in_order(frame, ctx.classes, summary["numeric_order"])
+                    entry["numeric_order_accuracy"] = accuracy_in_order(
+                        ctx.task.rows_of_results(frame, ctx.classes), frame["expected"], summary["numeric_order"])
             summary["sets"][SET_FOLDERS[set_key]] = entry
         return summary
 
@@ -365,11 +367,11 @@ def numeric_order(classes: list[str]) -> list[str] | None:
     return ordered if ordered != list(classes) else None
 
 
-def accuracy_in_order(frame: pd.DataFrame, classes: list[str], order: list[str]) -> float:
-    """The accuracy (%) of a set's result rows were output i the class order[i], not classes[i]."""
-    scores = frame[[f"score_{name}" for name in classes]].to_numpy(dtype=np.float64)
+def accuracy_in_order(scores: np.ndarray, expected: pd.Series, order: list[str]) -> float:
+    """The accuracy (%) of a set's output rows (`scores`, one column per class) were output i the class
+    order[i]; `expected`: each row's class name."""
     predicted = np.asarray(order, dtype=object)[scores.argmax(axis=1)]
-    return 100.0 * float(np.mean(predicted == frame["expected"].astype(str).to_numpy(dtype=object)))
+    return 100.0 * float(np.mean(predicted == expected.astype(str).to_numpy(dtype=object)))
 
 
 STEP = TestStep()

@@ -1,6 +1,8 @@
 """The cluster step: files read back, RCC folders, the selected layer, characterisation, edge cases."""
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import re
 import shutil
@@ -14,13 +16,15 @@ import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_mutual_info_score
 
+import assignModule
 import clusterModule
 import heatmapModule
 import reportModule
 import testModule
-from Helper import HuddError
+from Helper import NAME_BYTES, HuddError, fitting_name
 from features import make_space
-from helpers import context, run_step
+from helpers import context, hudd, run_step
+from test_keypoint_pipeline import build_keypoint_case
 
 
 def run_steps(case, **overrides):
@@ -416,7 +420,6 @@ def test_no_workbook_is_written_while_a_thread_imports_ahead(make_case, monkeypa
 def test_images_on_another_file_system_are_linked_symbolically_else_copied(make_case, monkeypatch, refused):
     """Where hard links are refused (the images on another file system: EXDEV), the RCC folders hold
     symbolic links to the images' real paths, not a copy per layer; copies only where both are refused."""
-    import errno
     case = make_case(per_class=4)
     ctx, _ = run_steps(case)
 
@@ -443,7 +446,6 @@ def test_images_on_another_file_system_are_linked_symbolically_else_copied(make_
 def test_a_link_onto_an_existing_file_is_refused_and_never_writes_into_it(tmp_path, monkeypatch, refused):
     """A name taken twice must stop, not copy: a copy onto a hard link writes into the file it links,
     the user's image (two keypoint images of one name in different folders did that)."""
-    import errno
     original, other = tmp_path / "original.png", tmp_path / "other.png"
     original.write_bytes(b"the user's image")
     other.write_bytes(b"another image")
@@ -466,11 +468,6 @@ def test_a_keypoint_set_with_one_file_name_in_several_folders_keeps_every_image_
     """Face data is often kept per subject (subject0/left/0001.png, subject1/left/0001.png). The RCC and
     unsafe-set folders name each copy by its folders below the set: before, the second image of a name
     was copied onto the first one's hard link, which overwrote the user's image, then the step failed."""
-    import hashlib
-    import sys
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_keypoint_pipeline import build_keypoint_case
-    from helpers import hudd
     case = build_keypoint_case(tmp_path / "case", images=8)
     for set_name in ("TestSet", "ImprovementSet"):
         folder = case / "DataSets" / set_name
@@ -501,7 +498,6 @@ def test_a_keypoint_set_with_one_file_name_in_several_folders_keeps_every_image_
 
 
 def test_names_past_what_a_file_system_takes_are_cut_with_a_hash_of_the_whole():
-    from Helper import NAME_BYTES, fitting_name
     assert fitting_name("class_a__img 1.png") == "class_a__img 1.png"
     long_one, other = "a" * 300 + "1.png", "a" * 300 + "2.png"
     for room in (0, 12):
@@ -510,7 +506,6 @@ def test_names_past_what_a_file_system_takes_are_cut_with_a_hash_of_the_whole():
         assert fitting_name(other, room) != cut
     accents = fitting_name("é" * 200 + ".png")   # two bytes a character: cut at a character, never inside one
     assert len(accents.encode()) <= NAME_BYTES and accents.encode().decode() == accents and accents.endswith(".png")
-    import assignModule
     unsafe = assignModule.unsafe_copy(clusterModule.CasePaths(Path("/case")), "RCC01",
                                       "DataSets/ImprovementSet/class_a/" + "x" * 246 + ".png")
     assert len(unsafe.name.encode()) == NAME_BYTES and unsafe.name.startswith("class_a__xxx")

@@ -1,6 +1,7 @@
 """Helper.py: layouts, names, settings, model loading, atomic writes, the manifest."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -419,9 +420,8 @@ def test_a_keypoint_model_regressing_coordinates_is_told_what_the_task_takes():
 
 def test_loaders_read_in_process_where_shared_memory_cannot_hold_their_batches(case, monkeypatch, caplog):
     """A Docker container's /dev/shm is 64 MB by default: loader processes handing 128-image batches
-    over in it die with a bus error. Where it is too small, the loader reads in this process, and says why
-    once; where it is large enough, the workers asked for are kept."""
-    import collections
+    over in it fail to allocate, and the step hangs. Where it is too small, the loader reads in this
+    process, and says why once; where it is large enough, the workers asked for are kept."""
     settings = Helper.Settings(arch="demonet", input_size=[224, 224])
     image_set = Helper.list_image_set(case / "DataSets" / "TestSet")
     usage = collections.namedtuple("usage", "total used free")
@@ -456,7 +456,8 @@ def test_a_class_in_a_package_imports_its_siblings_and_is_known_by_the_whole_pac
     (package / "parts" / "layers.py").write_text("from torch import nn\n\nclass Block(nn.Sequential):\n"
                                                  "    def __init__(self, width):\n"
                                                  "        super().__init__(nn.Linear(4, width), nn.ReLU())\n")
-    (package / "model.py").write_text("from torch import nn\nfrom .parts.layers import Block\n\nclass Net(nn.Sequential):\n"
+    (package / "model.py").write_text("from torch import nn\nfrom .parts.layers import Block\n\n"
+                                      "class Net(nn.Sequential):\n"
                                       "    def __init__(self, num_classes=3):\n"
                                       "        super().__init__(Block(8), nn.Linear(8, num_classes))\n")
     arch = f"{package / 'model.py'}:Net"
