@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import io
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -881,12 +882,7 @@ def build_architecture(arch: str, num_classes: int, channels: int = 3, auxiliary
     if arch.lower() in BUILTIN_ARCHITECTURES:
         return BUILTIN_ARCHITECTURES[arch.lower()](num_classes=num_classes, in_channels=channels)
     if _is_class_spec(arch):
-        user_class = _user_class(arch)
-        try:
-            return user_class(num_classes=num_classes)
-        except TypeError as error:  # its constructor cannot be called as HUDD calls it
-            raise HuddError(f"{arch}: {user_class.__name__}(num_classes={num_classes}) failed ({error}); its "
-                            "constructor must take num_classes, every other argument with a default") from error
+        return _build_user_class(arch, _user_class(arch), num_classes)
     import torchvision
     if arch in torchvision.models.list_models():
         options = {}
@@ -898,6 +894,23 @@ def build_architecture(arch: str, num_classes: int, channels: int = 3, auxiliary
     raise HuddError(
         f"architecture {arch!r} is unknown: use one of {', '.join(BUILTIN_ARCHITECTURES)}, a torchvision "
         "model name (e.g. resnet18), or your own class as path/to/file.py:ClassName")
+
+
+def _build_user_class(arch: str, user_class: type, num_classes: int) -> nn.Module:
+    """The user's class, called with num_classes where its constructor takes it, else with no argument:
+    many user networks fix their outputs in the class (PyTorch's MNIST example: `Net()`); the output
+    size is checked against the classes after loading (check_output_size)."""
+    try:
+        parameters = inspect.signature(user_class).parameters.values()
+    except (TypeError, ValueError):   # no signature to read (a class built in C): call it as documented
+        parameters = [inspect.Parameter("num_classes", inspect.Parameter.KEYWORD_ONLY)]
+    takes_count = any(p.name == "num_classes" or p.kind is p.VAR_KEYWORD for p in parameters)
+    call = f"{user_class.__name__}(num_classes={num_classes})" if takes_count else f"{user_class.__name__}()"
+    try:
+        return user_class(num_classes=num_classes) if takes_count else user_class()
+    except TypeError as error:  # its constructor cannot be called as HUDD calls it
+        raise HuddError(f"{arch}: {call} failed ({error}); its constructor must take num_classes or no argument, "
+                        "every other argument with a default") from error
 
 
 def _with_input_channels(model: nn.Module, channels: int) -> nn.Module:

@@ -242,6 +242,61 @@ def test_an_architecture_lrp_cannot_explain_is_one_clear_error(make_case):
                        "architecture", "cannot be explained", "'mul' of two input-dependent tensors")
 
 
+MNIST_STYLE_NETS = """import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super(Net, self).__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, 1)
+        self.dropout = nn.Dropout(0.25)
+        self.fc = nn.Linear(4 * 15 * 15, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = self.fc(torch.flatten(self.dropout(x), 1))
+        return F.log_softmax(x, dim=1)
+
+
+class Ten(Net):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4 * 15 * 15, 10)
+"""
+
+
+def test_a_user_class_whose_outputs_are_fixed_in_the_class_runs_as_written(make_case):
+    """PyTorch's MNIST example writes `Net()`: no num_classes, ten outputs fixed in the class. HUDD builds
+    such a class without arguments (this was an error asking for a num_classes parameter) and checks
+    its outputs against the classes instead."""
+    case = make_case(per_class=3)
+    (case / "nets.py").write_text(MNIST_STYLE_NETS)
+    sys.path.insert(0, str(case))
+    try:
+        from nets import Net, Ten
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("nets", None)
+    torch.manual_seed(0)
+    model = Net().eval()
+    torch.save(model.state_dict(), case / "DNNModels" / "OriginalModel.pth")
+    torch.save(Ten().state_dict(), case / "DNNModels" / "Ten.pth")
+    (case / "hudd.json").write_text(json.dumps({**SETTINGS, "arch": "nets.py:Net"}))
+    result = hudd("-o", str(case), "--steps", "test,heatmaps")
+    assert result.returncode == 0, result.stderr
+    written = pd.read_csv(case / "testResult.csv", dtype=str)
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(case / image), dtype=np.float32) / 255).permute(2, 0, 1)
+                          for image in written["image"]])
+    with torch.no_grad():
+        outputs = model((pixels - 0.5) / 0.25).argmax(1)
+    assert list(written["predicted"]) == [sorted(["class_a", "class.b", "class c"])[i] for i in outputs]
+    assert "heatmaps:" in result.stdout and list((case / "T" / "Heatmaps").iterdir())
+    (case / "hudd.json").write_text(json.dumps({**SETTINGS, "arch": "nets.py:Ten"}))
+    assert_clean_error(hudd("-o", str(case), "-m", "Ten.pth", "--steps", "test"), "Ten.pth", "10", "3 classes")
+
+
 def test_report_and_compare_together_are_refused(make_case):
     case = make_case(per_class=1)
     assert_clean_error(hudd("-o", str(case), "--compare", "--report"), "--report and --compare", "one of them")

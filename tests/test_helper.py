@@ -439,11 +439,16 @@ def test_loaders_read_in_process_where_shared_memory_cannot_hold_their_batches(c
     assert Helper.make_loader(image_set, settings, 128, 2).num_workers == 2
 
 
-def test_a_user_class_without_num_classes_is_a_clear_error(tmp_path):
+def test_a_user_class_needing_other_arguments_is_a_clear_error(tmp_path):
     (tmp_path / "nets.py").write_text("from torch import nn\n\nclass Block(nn.Module):\n"
-                                      "    def __init__(self, width):\n        super().__init__()\n")
-    with pytest.raises(HuddError, match="Block\\(num_classes=3\\) failed.*must take num_classes"):
+                                      "    def __init__(self, width):\n        super().__init__()\n\n"
+                                      "class Wide(nn.Module):\n"
+                                      "    def __init__(self, num_classes, width):\n        super().__init__()\n")
+    with pytest.raises(HuddError, match=r"Block\(\) failed \(.*'width'\); its constructor must take num_classes or "
+                                        "no argument"):
         Helper.build_architecture(f"{tmp_path / 'nets.py'}:Block", 3)
+    with pytest.raises(HuddError, match=r"Wide\(num_classes=3\) failed \(.*'width'\)"):
+        Helper.build_architecture(f"{tmp_path / 'nets.py'}:Wide", 3)
 
 
 def test_a_class_in_a_package_imports_its_siblings_and_is_known_by_the_whole_package(tmp_path):
