@@ -264,6 +264,12 @@ class Ten(Net):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4 * 15 * 15, 10)
+
+
+class Counted(Net):
+    def __init__(self, n_classes=10):
+        super().__init__()
+        self.fc = nn.Linear(4 * 15 * 15, n_classes)
 """
 
 
@@ -275,7 +281,7 @@ def test_a_user_class_whose_outputs_are_fixed_in_the_class_runs_as_written(make_
     (case / "nets.py").write_text(MNIST_STYLE_NETS)
     sys.path.insert(0, str(case))
     try:
-        from nets import Net, Ten
+        from nets import Counted, Net, Ten
     finally:
         sys.path.pop(0)
         sys.modules.pop("nets", None)
@@ -283,6 +289,7 @@ def test_a_user_class_whose_outputs_are_fixed_in_the_class_runs_as_written(make_
     model = Net().eval()
     torch.save(model.state_dict(), case / "DNNModels" / "OriginalModel.pth")
     torch.save(Ten().state_dict(), case / "DNNModels" / "Ten.pth")
+    torch.save(Counted(n_classes=3).state_dict(), case / "DNNModels" / "Counted.pth")
     (case / "hudd.json").write_text(json.dumps({**SETTINGS, "arch": "nets.py:Net"}))
     result = hudd("-o", str(case), "--steps", "test,heatmaps")
     assert result.returncode == 0, result.stderr
@@ -295,6 +302,10 @@ def test_a_user_class_whose_outputs_are_fixed_in_the_class_runs_as_written(make_
     assert "heatmaps:" in result.stdout and list((case / "T" / "Heatmaps").iterdir())
     (case / "hudd.json").write_text(json.dumps({**SETTINGS, "arch": "nets.py:Ten"}))
     assert_clean_error(hudd("-o", str(case), "-m", "Ten.pth", "--steps", "test"), "Ten.pth", "10", "3 classes")
+    # its count under another name: the file fits the classes, the class's default (10) does not
+    (case / "hudd.json").write_text(json.dumps({**SETTINGS, "arch": "nets.py:Counted"}))
+    assert_clean_error(hudd("-o", str(case), "-m", "Counted.pth", "--steps", "test"), "Counted.pth: has 3 outputs, "
+                       "one per class, but", "nets.py:Counted builds 10", "give it a num_classes parameter")
 
 
 def test_report_and_compare_together_are_refused(make_case):
