@@ -229,15 +229,20 @@ def epoch_batches(data: TrainingData, bag: np.ndarray, batch_size: int, ctx: Run
                   generator: torch.Generator):
     """One pass over the training rows and the bag, shuffled together, in global batches of
     `batch_size`: yields (inputs, labels, global batch size, slice) for this rank's contiguous slice of
-    each batch (under torchrun; the whole batch in one process). Every rank draws the same order, so the
-    ranks together see exactly the samples of the single-process epoch. A short last batch can leave a
-    rank no sample: it gets the batch's first sample with an empty slice, to weigh 0 (every rank must
-    take part in every DDP step, so that every rank's optimiser steps alike)."""
+    each batch (under torchrun; the whole batch in one process); a last batch of one sample is joined to
+    the one before. Every rank draws the same order, so the ranks together see exactly the samples of
+    the single-process epoch. A short last batch can leave a rank no sample (more ranks than samples): it
+    gets the batch's first sample with an empty slice, to weigh 0 (every rank must take part in every DDP
+    step, so that every rank's optimiser steps alike)."""
     source = np.concatenate([np.zeros(len(data.train_rows), int), np.ones(len(bag), int)])
     rows = np.concatenate([data.train_rows, bag])
     order = torch.randperm(len(rows), generator=generator).numpy()
     source, rows = source[order], rows[order]
     spans = [(start, min(start + batch_size, len(rows))) for start in range(0, len(rows), batch_size)]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] == 1:
+        # a last batch of one sample joins the one before: batch norm cannot train on a batch of one
+        # ("Expected more than 1 value per channel"), and every sample is still seen once
+        spans[-2:] = [(spans[-2][0], spans[-1][1])]
     mine = [(stop - start, part, np.arange(start, stop)[part] if part.stop > part.start else np.array([start]))
             for start, stop in spans for part in [distributed.local_slice(stop - start)]]
     if data.train.tensor is not None and data.improve.tensor is not None:

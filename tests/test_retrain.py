@@ -183,6 +183,29 @@ def test_an_epoch_passes_over_the_training_rows_and_the_bag_once(pipeline_case, 
     assert sorted(labels.tolist()) == sorted(np.concatenate([train_labels, improve_labels]).tolist())
 
 
+def test_a_last_batch_of_one_sample_joins_the_one_before_so_that_batch_norm_can_train(pipeline_case):
+    """A batch norm after a linear layer cannot train on one sample ("Expected more than 1 value per
+    channel when training": an internal error once the training rows and the bag left one over); such a
+    sample now joins the batch before it. Other last batches stay as they were."""
+    ctx = context(pipeline_case)
+    data = retrainModule.training_data(ctx)
+    batch = ctx.settings.batch_size
+    sizes = {}
+    for left_over in (1, 2):
+        bag = np.arange((left_over - len(data.train_rows)) % batch)
+        sizes[left_over] = [len(y) for _x, y, _size, _part in retrainModule.epoch_batches(
+            data, bag, batch, ctx, torch.Generator().manual_seed(0))]
+        whole, rest = divmod(len(data.train_rows) + len(bag), batch)
+        assert rest == left_over and sum(sizes[left_over]) == whole * batch + rest
+        assert sizes[left_over] == ([batch] * (whole - 1) + [batch + 1] if left_over == 1 else [batch] * whole + [left_over])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    bag = np.arange((1 - len(data.train_rows)) % batch)
+    retrainModule.train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.05), data, bag, ctx,
+                              torch.Generator().manual_seed(0))
+    assert model[2].num_batches_tracked == len(sizes[1])
+
+
 def test_a_model_with_auxiliary_outputs_in_training_learns_from_its_main_and_auxiliary_losses(pipeline_case):
     """torchvision's GoogLeNet and Inception v3 return (logits, auxiliary logits...) in training mode: the
     epoch takes the main output's loss plus 0.3 of each auxiliary one, as a hand-written epoch does."""

@@ -38,7 +38,7 @@ if sys.argv[4:] == ["batchnorm"]:
                                             torch.nn.ReLU())
 distributed.start(ctx.device)
 data = retrainModule.training_data(ctx)
-bag = np.array([0, 3, 3, 7, 11])  # 12 training images + 5: the last batch of 4 holds one sample
+bag = np.array([0, 3, 3, 7, 11])  # 12 training images + 5: the last sample joins the last batch of 4 (5, split 2 + 3)
 model, _epoch, history = retrainModule.fine_tune(ctx, data, bag, seed=7, desc="test")
 if distributed.is_main():
     torch.save({"state": model.state_dict(), "history": history}, out)
