@@ -1050,14 +1050,26 @@ def _load_pickled_model(model_path: Path, trust_pickle: bool) -> nn.Module:
     return loaded
 
 
+def _is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
 def _state_dict_of(loaded: Any, model_path: Path) -> dict[str, torch.Tensor]:
-    """The state_dict in a loaded file: a plain one, or one inside a training checkpoint."""
-    if isinstance(loaded, dict):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if isinstance(loaded.get(key), dict):
-                loaded = loaded[key]
-                break
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+    """The state_dict in a loaded file: a plain one, or one inside a training checkpoint, under a usual
+    name or as the checkpoint's only dict of tensors (pytorch-cifar saves {"net": ..., "acc": ..., "epoch": ...};
+    an optimizer's state is no dict of tensors)."""
+    if isinstance(loaded, dict) and not _is_tensor_dict(loaded):
+        known = next((loaded[key] for key in ("state_dict", "model_state_dict", "model") if isinstance(loaded.get(key), dict)),
+                     None)
+        inside = [key for key, value in loaded.items() if _is_tensor_dict(value)]
+        if known is not None:
+            loaded = known
+        elif len(inside) == 1:
+            loaded = loaded[inside[0]]
+        elif inside:
+            raise HuddError(f"{model_path}: holds several state_dicts ({', '.join(map(str, inside))}); save the one to "
+                            f"analyse alone, e.g. torch.save(checkpoint[{inside[0]!r}], path)")
+    if not _is_tensor_dict(loaded):
         raise HuddError(f"{model_path}: is not a state_dict (a dict of tensors); save model.state_dict()")
     return loaded
 

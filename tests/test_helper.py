@@ -213,12 +213,19 @@ def test_state_dict_variants_load(case, tmp_path):
         "compiled.pth": torch.compile(reference).state_dict(),          # keys under _orig_mod.
         "lightning.pth": {"epoch": 9, "state_dict": {f"model.{k}": v for k, v in state.items()}},
         "ddp_of_compiled.pth": {f"module._orig_mod.{k}": v for k, v in state.items()},
+        # pytorch-cifar's checkpoint: the state_dict under a name of its own, beside an optimizer's state
+        "net.pth": {"net": state, "acc": 91.5, "epoch": 7,
+                    "optimizer": torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9).state_dict()},
     }
     for name, content in variants.items():
         torch.save(content, tmp_path / name)
         loaded = Helper.load_model(tmp_path / name, _settings(case), len(CLASSES))
         assert _same_weights(loaded, reference), name
         assert not loaded.training
+    torch.save({"net": state, "ema": state, "epoch": 7}, tmp_path / "two.pth")
+    with pytest.raises(HuddError, match=r"two.pth: holds several state_dicts \(net, ema\); save the one to analyse "
+                                        r"alone, e.g. torch.save\(checkpoint\['net'\], path\)"):
+        Helper.load_model(tmp_path / "two.pth", _settings(case), len(CLASSES))
     with_loss = {"state_dict": {**{f"model.{k}": v for k, v in state.items()}, "loss.weight": torch.ones(3)}}
     torch.save(with_loss, tmp_path / "with_loss.pth")   # not one wrapper: named as not fitting, not guessed at
     with pytest.raises(HuddError, match=r"with_loss.pth: does not fit architecture 'demonet' \(missing features.0.weight"):
