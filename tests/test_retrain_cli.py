@@ -54,8 +54,19 @@ def test_rq1_results_match_the_retraining_tables(retrained_case):
     fixed = pd.read_csv(folder / "errors_fixed_per_RCC.csv").set_index("rcc")["fixed"]
     from_step = pd.read_csv(case / "T" / "Retrain" / "HUDD_rcc.csv").set_index("rcc")["run2"]
     pd.testing.assert_series_equal(fixed, from_step, check_names=False)
-    assert set(pd.ExcelFile(folder / "RQ1.xlsx").sheet_names) >= {"summary", "errors fixed per RCC"}
+    assert set(pd.ExcelFile(folder / "RQ1.xlsx").sheet_names) >= {"summary", "errors fixed per RCC",
+                                                                  "errors fixed per top-level RCC"}
     assert f"{summary['accuracy']:.2f}%" in result.stdout
+    # by top-level RCC, every test error counts once: those fixed are the images the model improved
+    top = pd.read_csv(folder / "errors_fixed_per_top-level_RCC.csv")
+    original = pd.read_csv(case / "testResult.csv")
+    assert top["errors"].sum() == (original["result"] == "Wrong").sum() and top["fixed"].sum() == summary["improved"]
+    assert not top["rcc"].str.contains(".", regex=False).any()
+    assert (f"errors fixed in the {len(top)} RCCs of {summary['layer']}: {top['fixed'].sum()} of {top['errors'].sum()} "
+            f"({(top['fixed'] > 0).sum()} of {len(top)} RCCs have one or more)") in result.stdout
+    if fixed.index.str.contains(".", regex=False).any():   # assigned to sub-clusters: their count follows
+        assert f"in its {len(fixed)} sub-clusters of 2+ images, which retraining's tables count: {fixed.sum()} of" \
+            in result.stdout
 
 
 def test_rq2_gives_every_model_its_accuracy(retrained_case):
