@@ -393,8 +393,11 @@ def _listed_image(text: str, known: set[str], set_root: Path, case_root: Path) -
 
 def read_saved_text(path: Path) -> str:
     """A text file as a person's editor or spreadsheet saved it: UTF-8 with or without a byte-order mark,
-    or UTF-16 (Windows' "Unicode"); anything else is one error line."""
+    or UTF-16 (Windows' "Unicode"); anything else (a workbook renamed .csv) is one error line."""
     raw = path.read_bytes()
+    if raw[:4] == b"PK\x03\x04":   # a zip archive: a spreadsheet's own format (.xlsx, .ods) under a text name
+        raise HuddError(f"{path}: is a spreadsheet workbook (.xlsx or .ods content), not text; in the spreadsheet, "
+                        f"save it as CSV (UTF-8) under this name")
     try:
         return raw.decode("utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
     except UnicodeDecodeError:

@@ -435,6 +435,7 @@ def improvement_for_training(ctx: RunContext) -> tuple[ImageSet, np.ndarray]:
                 log.warning("%s: not read, the improvement set is labelled by its class folders",
                             ctx.paths.improvement_labels)
             return improve, np.ones(len(improve), dtype=bool)
+        refuse_labels_as_workbook(ctx.paths.improvement_labels)
         if ctx.paths.improvement_labels.is_file():
             labelled_part = with_partial_labels(improve, ctx.paths.improvement_labels, ctx.task, ctx.paths.root,
                                                 ctx.left_out.get("improve", []))
@@ -506,6 +507,18 @@ def update_label_list(ctx: RunContext, mode: str, selections: list[Selection],
         rccs = [unsafe.rccs[a] if a >= 0 else "" for a in unsafe.assigned[missing]]
         write_label_template(template, list(images[missing]), rccs, ctx.task, ctx.classes)
     return len(chosen), len(missing)
+
+
+def refuse_labels_as_workbook(label_file: Path) -> None:
+    """A spreadsheet's "Save As" offers its own format first: labels saved as ImprovementLabels.xlsx
+    beside a missing ImprovementLabels.csv would otherwise read as no labels at all."""
+    if label_file.is_file():
+        return
+    workbooks = sorted(p for p in label_file.parent.glob(f"{label_file.stem}.*")
+                       if p.suffix.lower() in (".xlsx", ".xls", ".ods", ".numbers"))
+    if workbooks:
+        raise HuddError(f"{workbooks[0]}: HUDD reads the improvement labels from {label_file.name}; in the "
+                        f"spreadsheet, save them as CSV (UTF-8) under that name")
 
 
 def check_labels(ctx: RunContext, mode: str, selections: list[Selection], unsafe: UnsafeInputs) -> None:

@@ -135,6 +135,22 @@ def test_a_wrong_label_file_is_one_clear_error(unlabelled_case, tmp_path, edit, 
     assert labels_file.read_bytes() == before
 
 
+def test_labels_saved_as_a_workbook_are_named_with_what_to_do(unlabelled_case, tmp_path):
+    """A spreadsheet's "Save As" offers its own format first. Saved as ImprovementLabels.xlsx, the labels
+    read as none ("have no label ... save it as DataSets/ImprovementLabels.csv"); a workbook renamed .csv
+    read as "not UTF-8 text". Each now names the file and says to save it as CSV."""
+    case = tmp_path / "case"
+    shutil.copytree(unlabelled_case, case)
+    workbook = case / "DataSets" / "ImprovementLabels.xlsx"
+    fill(pd.read_csv(case / "T" / "UnsafeSet" / "to_label.csv")).to_excel(workbook, index=False)
+    assert_clean_error(hudd("-o", str(case), "-mode", "HUDD", *RUN), str(workbook), "from ImprovementLabels.csv",
+                       "save them as CSV (UTF-8) under that name")
+    renamed = workbook.rename(case / "DataSets" / "ImprovementLabels.csv")
+    assert_clean_error(hudd("-o", str(case), "-mode", "HUDD", *RUN), str(renamed), "is a spreadsheet workbook",
+                       "save it as CSV (UTF-8) under this name")
+    assert sorted(p.name for p in (case / "DNNModels").iterdir()) == ["OriginalModel.pth"]
+
+
 def test_keypoints_labelled_for_the_unsafe_set_only_retrain_as_if_all_were_labelled(tmp_path):
     """Twin cases with the same images: one with every improvement image labelled, one with labels for
     its unsafe set alone. The unsafe set is chosen without labels, so both retrain the same model. (Ten
