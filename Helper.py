@@ -1103,8 +1103,8 @@ def _load_state_dict(model: nn.Module, state: dict, model_path: Path, arch: str,
         if state[last_weight].shape[0] == num_classes:   # the file fits the classes: the class's default does not
             raise HuddError(
                 f"{model_path}: has {num_classes} outputs, one per class, but {arch} builds "
-                f"{expected[last_weight].shape[0]}: its constructor takes no num_classes, so its defaults were used; "
-                f"give it a num_classes parameter that sets the outputs, or make its default {num_classes}")
+                f"{expected[last_weight].shape[0]}: its outputs are not set by a num_classes parameter, so its own "
+                f"default was used; give it a num_classes parameter that sets them, or make that default {num_classes}")
         raise HuddError(
             f"{model_path}: the model has {state[last_weight].shape[0]} outputs but the training set has "
             f"{num_classes} classes; check the model file or the class folders of DataSets/TrainingSet")
