@@ -376,7 +376,7 @@ class ErrorExplainer:
             self.explainer = LRPExplainer(model, rules=ctx.settings.rules, layers=[p for _n, p in self.layers[1:]])
             probe = self(example, channels)
         except NoRuleError as error:
-            raise HuddError(f"architecture {ctx.settings.arch!r} cannot be explained: {error}. HUDD's LRP covers "
+            raise HuddError(f"architecture {ctx.settings.arch!r} cannot be explained: {error.reason}. HUDD's LRP covers "
                             "convolutional networks (ResNet, VGG, DenseNet, MobileNet, EfficientNet, ConvNeXt, ...), "
                             "not attention or recurrent layers") from error
         return {name: tuple(block.shape[1:]) for name, block in probe.items()}

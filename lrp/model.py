@@ -48,7 +48,7 @@ def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 def no_rule_error(path: str, module: nn.Module) -> NoRuleError:
     return NoRuleError(
         f"LRP: no relevance rule for module '{path}' ({type(module).__name__}); supported are "
-        "convolutions, linear, pooling, BatchNorm (merged), activations, dropout and shape layers; "
+        "convolutions, linear, pooling, BatchNorm (merged), activations, dropout and shape layers",
         "give the type a rule with module_rules={Type: 'pass'|'gradient'|'proportional'}")
 
 

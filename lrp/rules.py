@@ -296,7 +296,12 @@ class Identity(OpRule):
 
 class NoRuleError(ValueError):
     """A module or operation the engine has no relevance rule for (gating, attention, recurrence, ...):
-    callers tell it from other errors by type, not by message."""
+    callers tell it from other errors by type, not by message. `reason` is what has no rule; the message
+    adds `advice` for a caller of this library (module_rules), which a command-line user cannot follow."""
+
+    def __init__(self, reason: str, advice: str = ""):
+        super().__init__(f"{reason}; {advice}" if advice else reason)
+        self.reason = reason
 
 
 class NoRule(OpRule):
@@ -386,7 +391,7 @@ class Binary(OpRule):
     def both_traced(self, a, b, kw: dict, name: str):
         raise NoRuleError(
             f"LRP: no relevance rule for '{name}' of two input-dependent tensors (a product "
-            "such as gating or attention); give the enclosing module a rule with module_rules")
+            "such as gating or attention)", "give the enclosing module a rule with module_rules")
 
 
 class Product(Binary):

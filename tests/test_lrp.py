@@ -860,8 +860,11 @@ def test_unsupported_layers_raise_clear_errors():
             x = x * torch.sigmoid(self.conv(x))  # product of two input-dependent tensors
             return self.fc(x.flatten(1))
 
-    with pytest.raises(lrp.NoRuleError, match="mul"):   # a ValueError, told apart by its type
+    with pytest.raises(lrp.NoRuleError, match="mul") as raised:   # a ValueError, told apart by its type
         lrp.relevance(Gated(), torch.randn(1, 3, 4, 4))
+    # the message advises a caller of the engine; its reason alone is what a command line shows
+    assert "module_rules" in str(raised.value) and "module_rules" not in raised.value.reason
+    assert str(raised.value).startswith(raised.value.reason)
 
 
 def test_module_rules_for_custom_types():
