@@ -79,10 +79,14 @@ class ClassificationTask:
             def same_form(names):  # as list_image_set compares them (macOS writes names decomposed)
                 return {unicodedata.normalize("NFC", n) for n in names}
             folders = [p.name for p in class_folders(Path(set_root))]
-            if folders and same_form(folders) != same_form(self.output_order):
-                raise HuddError(f"{set_root}: its class folders ({', '.join(sorted(folders))}) differ from the "
-                                f"setting classes ({', '.join(self.output_order)}); list every class folder there "
-                                "once, in the model's output order")
+            if folders and not same_form(folders) <= same_form(self.output_order):
+                # the setting may name more classes than the folders hold (a model of 1,000 ImageNet classes
+                # looked at on a few of them): its outputs; a folder it does not name has no output
+                unnamed = sorted(same_form(folders) - same_form(self.output_order))
+                raise HuddError(f"{set_root}: its class folder(s) {', '.join(map(repr, unnamed))} are not in the "
+                                f"setting classes ({', '.join(self.output_order[:12])}"
+                                f"{', ...' if len(self.output_order) > 12 else ''}); the setting lists the model's "
+                                "outputs in order, a name for each, and every class folder must be one of them")
             known = self.output_order
         return list_image_set(set_root, classes=known, name=name)
 

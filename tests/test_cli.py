@@ -90,9 +90,37 @@ def test_the_classes_setting_gives_the_models_output_order(make_case):
         assert list(written["predicted"]) == [order[i] for i in outputs]
         assert list(written["expected"]) == [Path(image).parent.name for image in written["image"]]
     (case / "hudd.json").write_text(json.dumps({**SETTINGS, "classes": ["1", "2", "3"]}))
-    assert_clean_error(hudd("-o", str(case), "--steps", "test"), "TrainingSet", "differ from the setting classes")
+    assert_clean_error(hudd("-o", str(case), "--steps", "test"), "TrainingSet", "class folder(s) '10' are not in the "
+                       "setting classes (1, 2, 3)", "every class folder must be one of them")
     (case / "hudd.json").write_text(json.dumps({**SETTINGS, "classes": ["1", "1", "2"]}))
     assert_clean_error(hudd("-o", str(case), "--steps", "test"), "setting classes=", "in the order of its outputs")
+
+
+def test_the_classes_setting_may_name_outputs_no_folder_holds(make_case):
+    """A model of more classes than the case's folders (a 1,000-class ImageNet model looked at on a few of
+    them): `classes` names every output, and the folders are some of them. The test step scores every
+    output, and an image predicted as a class without a folder is wrong."""
+    case = make_case(per_class=3)
+    images = sorted(p.relative_to(case).as_posix() for p in (case / "DataSets" / "TestSet").rglob("*.png"))
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(case / image), dtype=np.float32) / 255).permute(2, 0, 1)
+                          for image in images])
+    torch.manual_seed(2)
+    model = DemoNet(num_classes=4).eval()
+    with torch.no_grad():   # about half of the images predicted as the folderless class "other"
+        logits = model((pixels - 0.5) / 0.25)
+        lead = logits[:, [0, 2, 3]].max(1).values - logits[:, 1]
+        model.classifier[-1].bias[1] += lead.median()
+    torch.save(model.state_dict(), case / "DNNModels" / "Four.pth")
+    order = ["class_a", "other", "class.b", "class c"]
+    (case / "hudd.json").write_text(json.dumps({**SETTINGS, "classes": order}))
+    result = hudd("-o", str(case), "-m", "Four.pth", "--steps", "test")
+    assert result.returncode == 0, result.stderr
+    written = pd.read_csv(case / "testResult.csv", dtype=str).set_index("image").loc[images]
+    assert [c for c in written.columns if c.startswith("score_")] == [f"score_{c}" for c in order]
+    with torch.no_grad():
+        predicted = [order[i] for i in model((pixels - 0.5) / 0.25).argmax(1)]
+    assert list(written["predicted"]) == predicted and "other" in predicted and set(predicted) != {"other"}
+    assert (written["result"] == np.where(written["predicted"] == written["expected"], "Correct", "Wrong")).all()
 
 
 @pytest.mark.parametrize("text, value", [("True", True), ("yes", True), ("1", True), ("False", False),
