@@ -1107,7 +1107,9 @@ def _load_state_dict(model: nn.Module, state: dict, model_path: Path, arch: str,
                 f"default was used; give it a num_classes parameter that sets them, or make that default {num_classes}")
         raise HuddError(
             f"{model_path}: the model has {state[last_weight].shape[0]} outputs but the training set has "
-            f"{num_classes} classes; check the model file or the class folders of DataSets/TrainingSet")
+            f"{num_classes} classes; check the model file or the class folders of DataSets/TrainingSet"
+            + ("; for a model of more classes than the folders hold, name every output in order in the setting "
+               "classes" if state[last_weight].shape[0] > num_classes else ""))
     parts = []
     if missing:
         parts.append("missing " + ", ".join(missing[:3]))

@@ -127,8 +127,11 @@ class ClassificationTask:
                     "HUDD explains one output per class, as a softmax model gives: a model with a single logit z "
                     "becomes one by returning torch.cat([-z / 2, z / 2], 1) from a class of yours (--arch)")
         if output.ndim != 2 or output.shape[1] != num_classes:
+            more = output.ndim == 2 and output.shape[1] > num_classes
             return (f"the model's output has shape {tuple(output.shape[1:])} but the training set has {num_classes} "
-                    "classes; check the model or the class folders of DataSets/TrainingSet")
+                    "classes; check the model or the class folders of DataSets/TrainingSet"
+                    + ("; for a model of more classes than the folders hold, name every output in order in the "
+                       "setting classes" if more else ""))
         return ""
 
     def output_rows(self, outputs: torch.Tensor) -> np.ndarray:

@@ -337,7 +337,8 @@ def test_architecture_mismatch_names_the_first_keys(case, tmp_path):
 
 def test_output_size_mismatch_is_named(case, tmp_path):
     save_model(tmp_path / "five.pth", num_classes=5)
-    with pytest.raises(HuddError, match="has 5 outputs but the training set has 3 classes"):
+    with pytest.raises(HuddError, match="has 5 outputs but the training set has 3 classes.*name every output in "
+                                        "order in the setting classes"):
         Helper.load_model(tmp_path / "five.pth", _settings(case), len(CLASSES))
 
 
@@ -415,6 +416,8 @@ def test_a_binary_model_with_one_logit_is_told_how_to_give_two():
     torch.testing.assert_close(torch.softmax(torch.cat([-z / 2, z / 2], 1), 1)[:, 1], torch.sigmoid(z[:, 0]))
     assert task.check_output(torch.zeros(4, 2), 2) == ""
     assert "has shape (1,) but the training set has 3 classes" in task.check_output(torch.zeros(4, 1), 3)
+    assert "setting classes" not in task.check_output(torch.zeros(4, 1), 3)
+    assert "name every output in order in the setting classes" in task.check_output(torch.zeros(4, 1000), 3)
 
 
 def test_a_keypoint_model_regressing_coordinates_is_told_what_the_task_takes():
