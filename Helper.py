@@ -21,6 +21,7 @@ import shutil
 import sys
 import threading
 import unicodedata
+import urllib.error
 import zipfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -914,6 +915,12 @@ def _build_user_class(arch: str, user_class: type, num_classes: int) -> nn.Modul
     except TypeError as error:  # its constructor cannot be called as HUDD calls it
         raise HuddError(f"{arch}: {call} failed ({error}); its constructor must take num_classes or no argument, "
                         "every other argument with a default") from error
+    except Exception as error:  # the user's own code failed: one line naming it, not an internal error
+        download = isinstance(error, (urllib.error.URLError, ConnectionError))
+        raise HuddError(f"{arch}: {call} failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                        + ("; it downloads pretrained weights (weights=..., pretrained=True), which HUDD does not "
+                           "need: it loads the model file's weights into the network, so build it untrained"
+                           if download else "")) from error
 
 
 def _with_input_channels(model: nn.Module, channels: int) -> nn.Module:

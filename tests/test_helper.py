@@ -461,6 +461,22 @@ def test_a_user_class_needing_other_arguments_is_a_clear_error(tmp_path):
         Helper.build_architecture(f"{tmp_path / 'nets.py'}:Wide", 3)
 
 
+def test_a_user_class_whose_constructor_fails_is_one_line_naming_it(tmp_path):
+    """A constructor that downloads pretrained weights (no network here) or fails otherwise was an
+    'internal error ... please report it'; it is the user's code, so one line names it."""
+    (tmp_path / "nets.py").write_text(
+        "import urllib.error\nfrom torch import nn\n\n"
+        "class Downloads(nn.Module):\n    def __init__(self, num_classes=3):\n        super().__init__()\n"
+        "        raise urllib.error.URLError('[Errno -2] Name or service not known')\n\n"
+        "class Broken(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        raise RuntimeError('a size the author forgot')\n")
+    with pytest.raises(HuddError, match=r"Downloads\(num_classes=3\) failed \(URLError: .*Name or service.*\); it "
+                                        "downloads pretrained weights.*build it untrained"):
+        Helper.build_architecture(f"{tmp_path / 'nets.py'}:Downloads", 3)
+    with pytest.raises(HuddError, match=r"Broken\(\) failed \(RuntimeError: a size the author forgot\)$"):
+        Helper.build_architecture(f"{tmp_path / 'nets.py'}:Broken", 3)
+
+
 def test_a_class_in_a_package_imports_its_siblings_and_is_known_by_the_whole_package(tmp_path):
     """A model file of the user's own package, `from .layers import Block` (this was an internal error:
     a relative import with no known parent package); an edit of the sibling counts as a new architecture."""
