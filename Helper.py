@@ -320,8 +320,10 @@ def load_case_sets(paths: CasePaths, task=None, set_keys=("train", "test", "impr
     classes are the training set's class folders (keypoint tasks: its keypoint names)."""
     task = task or task_class("classification")()
     if not paths.datasets.is_dir():
+        beside = [name for name in SET_FOLDERS.values() if (paths.root / name).is_dir()]
         raise HuddError(f"{paths.datasets}: DataSets folder not found; put TrainingSet, TestSet and "
-                        "ImprovementSet folders there")
+                        "ImprovementSet folders there" + (f" ({', '.join(beside)} lie in {paths.root} itself: move "
+                                                           "them into DataSets/)" if beside else ""))
     train = task.list_set(paths.set_dir("train"), SET_FOLDERS["train"])
     if not train.labelled:
         raise HuddError(f"{train.root}: the training set needs {task.label_layout}")

@@ -152,7 +152,18 @@ def test_missing_case_directory(tmp_path):
 def test_missing_datasets(make_case):
     case = make_case(per_class=1)
     shutil.rmtree(case / "DataSets")
-    assert_clean_error(hudd("-o", str(case)), "DataSets", "not found")
+    result = hudd("-o", str(case))
+    assert_clean_error(result, "DataSets", "not found")
+    assert "move them" not in result.stderr
+
+
+def test_sets_beside_a_missing_datasets_folder_are_pointed_at(make_case):
+    case = make_case(per_class=1)
+    for name in ("TrainingSet", "TestSet"):
+        shutil.move(case / "DataSets" / name, case / name)
+    shutil.rmtree(case / "DataSets")
+    assert_clean_error(hudd("-o", str(case)), "DataSets folder not found",
+                       f"(TrainingSet, TestSet lie in {case} itself: move them into DataSets/)")
 
 
 def test_missing_model_lists_the_available_ones(make_case):
