@@ -195,7 +195,8 @@ def list_image_set(set_root: Path, classes: list[str] | None = None, name: str =
     the set's class folders must be among them; its labels index that list."""
     name = name or set_root.name
     if not set_root.is_dir():
-        raise HuddError(f"{set_root}: image set folder not found; create it with one sub-folder per class")
+        raise HuddError(f"{set_root}: image set folder not found; create it with one sub-folder per class"
+                        + _other_set_folders(set_root))
     class_dirs = class_folders(set_root)
     if class_dirs:
         loose = sorted(p for p in set_root.iterdir() if _is_image(p))
@@ -229,6 +230,18 @@ def list_image_set(set_root: Path, classes: list[str] | None = None, name: str =
         raise HuddError(
             f"{set_root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files in its class folders)")
     return ImageSet(name=name, root=set_root, paths=paths, labels=labels, classes=classes)
+
+
+def _other_set_folders(set_root: Path) -> str:
+    """The folders that lie where a set was looked for (train/, test/, val/ as many projects name them),
+    for the message that the set is missing; "" where there are none."""
+    parent = set_root.parent
+    others = sorted(p.name for p in parent.iterdir() if p.is_dir() and p.name not in SET_FOLDERS.values()
+                    and not p.name.startswith(".")) if parent.is_dir() else []
+    if not others:
+        return ""
+    return (f" ({parent.name} holds {', '.join(others[:6])}{', ...' if len(others) > 6 else ''}: HUDD reads "
+            f"{', '.join(SET_FOLDERS.values())}; rename them)")
 
 
 def _refuse_names_not_utf8(set_root: Path, paths: list[Path]) -> None:
@@ -275,7 +288,7 @@ def list_keypoint_set(set_root: Path, name: str = "", keypoints: list[str] | Non
     Without labels.csv the set is unlabelled (allowed for the improvement set only)."""
     name = name or set_root.name
     if not set_root.is_dir():
-        raise HuddError(f"{set_root}: image set folder not found")
+        raise HuddError(f"{set_root}: image set folder not found" + _other_set_folders(set_root))
     label_file = set_root / KEYPOINT_LABELS
     if not label_file.is_file():
         images = sorted(p for p in set_root.rglob("*") if _is_image(p))

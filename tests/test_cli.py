@@ -166,6 +166,14 @@ def test_sets_beside_a_missing_datasets_folder_are_pointed_at(make_case):
                        f"(TrainingSet, TestSet lie in {case} itself: move them into DataSets/)")
 
 
+def test_sets_named_as_other_projects_name_them_are_pointed_at(make_case):
+    case = make_case(per_class=1)
+    for name, other in (("TrainingSet", "train"), ("TestSet", "test"), ("ImprovementSet", "val")):
+        (case / "DataSets" / name).rename(case / "DataSets" / other)
+    assert_clean_error(hudd("-o", str(case)), "TrainingSet: image set folder not found",
+                       "(DataSets holds test, train, val: HUDD reads TrainingSet, TestSet, ImprovementSet; rename them)")
+
+
 def test_missing_model_lists_the_available_ones(make_case):
     case = make_case(per_class=1)
     assert_clean_error(hudd("-o", str(case), "-m", "Other.pth"), "Other.pth", "OriginalModel.pth")
