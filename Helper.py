@@ -663,6 +663,11 @@ def _validate_settings(s: Settings, source: Path) -> None:
                            "model was trained with (both mean and std)")
     if any(v <= 0 for v in s.std):
         raise bad("std", "every value must be positive")
+    if any(v > 1 for v in s.mean):   # mmcv-style configs give them for pixels 0..255: here every input would be < 0
+        scaled = (lambda values: "[" + ", ".join(f"{v / 255:.4g}" for v in values) + "]")
+        raise bad("mean", f"a mean above 1 is on the 0-255 pixel scale (as mmcv configs give it), but HUDD scales "
+                          f"pixels to [0, 1] before normalising: give mean and std divided by 255, here mean "
+                          f"{scaled(s.mean)} and std {scaled(s.std)}")
     if s.input_size is not None:
         if _whole(s.input_size):
             s.input_size = [s.input_size, s.input_size]

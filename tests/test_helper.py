@@ -164,6 +164,9 @@ def test_hudd_json_saved_by_a_windows_editor_is_read(case, encoding):
     (json.dumps({"mean": None}), "mean=None.*list of 3 number"),
     (json.dumps({"std": ["a", "b", "c"]}), "std=.*list of 3 number"),
     (json.dumps({"std": [0.2, 0.0, 0.2]}), "std=.*positive"),
+    # an mmcv config's normalisation, for pixels 0..255: told the values for HUDD's [0, 1] pixels
+    (json.dumps({"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}),
+     r"mean=\[123.675, 116.28, 103.53\].*0-255 pixel scale.*mean \[0.485, 0.456, 0.406\] and std \[0.229, 0.224, 0.225\]"),
     (json.dumps({"channels": 1}), "mean=.*list of 1 number"),        # greyscale needs its own normalisation
     (json.dumps({"channels": True}), "channels=True"),
     (json.dumps({"input_size": "64"}), "input_size='64'.*whole number"),
