@@ -291,12 +291,18 @@ class KeypointTask(ClassificationTask):
 
     def check_targets(self, image_set: ImageSet, input_size: list[int], where) -> str:
         """A keypoint label is a pixel of the image (0 or -1: missing): one outside it is a mistake of units
-        or columns (coordinates scaled to 0..1 are inside; ones of a larger original image, or x and y of
-        the wrong keypoint, often are not), which training would learn silently. NaN (no label) passes."""
+        or columns (ones of a larger original image, or x and y of the wrong keypoint, often are), which
+        training would learn silently; so are coordinates scaled to 0..1, inside the image but every one in
+        its top-left pixel. NaN (no label) passes."""
         if image_set.targets is None:
             return ""
         height, width = input_size
         x, y = image_set.targets[..., 0], image_set.targets[..., 1]
+        given = np.isfinite(x) & np.isfinite(y) & ~(((x == 0) & (y == 0)) | ((x == -1) & (y == -1)))
+        if max(height, width) > 2 and given.any() and (np.abs(image_set.targets[given]) <= 1).all():
+            return (f"{where}: every keypoint lies within 0..1 (e.g. {x[given][0]:g}, {y[given][0]:g}): coordinates "
+                    f"scaled to the image size; labels are pixel coordinates of the stored image (here up to "
+                    f"{width}x{height}): multiply x by the image width and y by its height")
         outside = (x < -1) | (x > width) | (y < -1) | (y > height)
         if not outside.any():
             return ""

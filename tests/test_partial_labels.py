@@ -263,3 +263,10 @@ def test_keypoint_labels_outside_the_image_are_refused(tmp_path):
         retrainModule.improvement_for_training(context(case))
     assert str(labels_file) in str(refused.value)
     assert "keypoint kp4 of 'face 1.png' is at (6, 40), outside the 32x32 image" in str(refused.value)
+    # scaled to 0..1 (as some data sets give landmarks): inside the image, every one in its top-left pixel
+    scaled = table.assign(**{column: [5.0 / 32, 6.0 / 32] for column in columns})
+    scaled.loc[0, ["kp0_x", "kp0_y"]] = 0.0   # a missing keypoint (0, 0) stays what it is
+    scaled.to_csv(labels_file, index=False)
+    with pytest.raises(Helper.HuddError, match=r"ImprovementLabels.csv: every keypoint lies within 0..1 \(e.g. 0.15625, "
+                                               r"0.15625\).*multiply x by the image width and y by its height"):
+        retrainModule.improvement_for_training(context(case))
