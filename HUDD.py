@@ -272,6 +272,27 @@ def class_order_note(test: dict) -> str:
                '"classes" to the folder names in numeric order'))
 
 
+def best_order_note(test: dict) -> str:
+    """A note where the model gets far more of its training images right with its outputs read in another
+    class order (the one that fits its predictions best, testModule.best_order): a model trained with a
+    label list of its own, whose order HUDD cannot know. Only where that order makes it a working model
+    (half-way from chance to 100%) and at least 20 points better: a weak model fits some order by chance."""
+    best, chance = test.get("best_order"), test.get("chance")
+    if not best or chance is None or best["order"] == test["classes"]:
+        return ""
+    accuracy = test["sets"][best["set"]]["accuracy"]
+    if best["accuracy"] < accuracy + 20 or best["accuracy"] < chance + 0.5 * (100 - chance):
+        return ""
+    moved = [name for name, output in zip(test["classes"], best["order"]) if name != output]
+    return (f"  note: the model's outputs fit another class order far better: read with output i as the i-th of "
+            f"{few(best['order'])} ({len(moved)} of {len(test['classes'])} classes moved), they give {best['set']} "
+            f"accuracy {best['accuracy']:.2f}% against {accuracy:.2f}%. HUDD reads output i as the i-th class folder "
+            "in sorted order (as torchvision's ImageFolder), or as the setting classes lists them; if the model was "
+            "trained with its classes in the other order, set in hudd.json "
+            + (f'"classes": {json.dumps(best["order"])}' if len(best["order"]) <= 60 else
+               '"classes" to its class names in the order of its outputs'))
+
+
 def few(names: list[str], shown: int = 4) -> str:
     """The first names of a list, and its last: "0, 1, 10, 11, ..., 9"."""
     return ", ".join(names if len(names) <= shown + 1 else [*names[:shown], "...", names[-1]])
@@ -302,7 +323,7 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
                 else "unlabelled"
             print(f"  {set_name:15s} {entry['images']:6d} images  {accuracy}  -> {entry['file']}")
         # a class order that explains the low accuracy is the note to read; the near-chance one's settings are not it
-        note = class_order_note(test) or near_chance_note(test["sets"], test.get("chance"))
+        note = class_order_note(test) or best_order_note(test) or near_chance_note(test["sets"], test.get("chance"))
         if note:
             print(note)
         scenarios = test["scenarios"]

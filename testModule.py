@@ -353,8 +353,29 @@ class TestStep(Step):
                 if summary["numeric_order"]:
                     entry["numeric_order_accuracy"] = accuracy_in_order(
                         ctx.task.rows_of_results(frame, ctx.classes), frame["expected"], summary["numeric_order"])
+                if classification and "best_order" not in summary:   # the first labelled set: training, else test
+                    order = best_order(ctx.task.rows_of_results(frame, ctx.classes), frame["expected"], ctx.classes)
+                    summary["best_order"] = {"set": SET_FOLDERS[set_key], "order": order,
+                                             "accuracy": accuracy_in_order(ctx.task.rows_of_results(frame, ctx.classes),
+                                                                           frame["expected"], order)}
             summary["sets"][SET_FOLDERS[set_key]] = entry
         return summary
+
+
+def best_order(scores: np.ndarray, expected: pd.Series, classes: list[str]) -> list[str]:
+    """The names for the model's outputs, in output order, under which it gets the most of a set's images
+    right (a one-to-one matching of outputs to classes, scipy's linear_sum_assignment on the counts of
+    each output's argmax per expected class). Where a model's outputs are in another order than the class
+    folders' (a label list of the user's own), its accuracy read in this order shows it."""
+    from scipy.optimize import linear_sum_assignment
+    index = {name: i for i, name in enumerate(classes)}
+    counts = np.zeros((len(classes), len(classes)))
+    np.add.at(counts, (scores.argmax(axis=1), expected.astype(str).map(index).to_numpy(dtype=np.int64)), 1)
+    outputs, names = linear_sum_assignment(counts, maximize=True)
+    order = list(classes)
+    for output, name in zip(outputs, names):
+        order[output] = classes[name]
+    return order
 
 
 def numeric_order(classes: list[str]) -> list[str] | None:

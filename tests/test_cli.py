@@ -458,6 +458,50 @@ def test_numbered_class_folders_read_in_the_wrong_order_get_a_note_with_the_accu
     assert 100 * np.mean(pd.read_csv(case / "trainResult.csv")["result"] == "Correct") == pytest.approx(numeric)
 
 
+def test_a_model_whose_outputs_are_in_another_class_order_gets_a_note_with_that_order(tmp_path):
+    """A model trained with a label list of its own (output 0 is "dog", 1 "cat", ...): read in the folders'
+    sorted order it mislabels nearly every image, and the near-chance note's settings are not what is
+    wrong. The summary names the order that fits its outputs, checked here against the model's own
+    outputs; with that order as the setting classes, the accuracy is the model's own and the note goes."""
+    case = numbered_class_case(tmp_path / "case", classes=4)
+    trained_order = ["dog", "cat", "bird", "ant"]            # output i was trained as folder i
+    for image_set in ("TrainingSet", "TestSet", "ImprovementSet"):
+        for number, name in enumerate(trained_order):
+            (case / "DataSets" / image_set / str(number)).rename(case / "DataSets" / image_set / name)
+    result = hudd("-o", str(case), "--steps", "test")
+    assert result.returncode == 0, result.stderr
+    train = pd.read_csv(case / "trainResult.csv")
+    scores = train[[f"score_{name}" for name in sorted(trained_order)]].to_numpy()
+    own = 100 * np.mean(np.asarray(trained_order)[scores.argmax(axis=1)] == train["expected"].to_numpy())
+    read = 100 * np.mean(train["result"] == "Correct")
+    assert own > read + 20
+    assert (f"note: the model's outputs fit another class order far better: read with output i as the i-th of dog, "
+            f"cat, bird, ant (4 of 4 classes moved), they give TrainingSet accuracy {own:.2f}% against {read:.2f}%"
+            ) in result.stdout
+    assert 'set in hudd.json "classes": ["dog", "cat", "bird", "ant"]' in result.stdout
+    assert "near chance" not in result.stdout
+    (case / "hudd.json").write_text(json.dumps({**SETTINGS, "classes": trained_order}))
+    again = hudd("-o", str(case), "--steps", "test")
+    assert again.returncode == 0, again.stderr
+    assert "another class order" not in again.stdout
+    assert 100 * np.mean(pd.read_csv(case / "trainResult.csv")["result"] == "Correct") == pytest.approx(own)
+
+
+def test_the_class_order_note_needs_a_working_model_in_that_order():
+    """A weak model fits some order of its outputs better by chance: no note unless that order makes it a
+    working model (half-way from chance to 100%) and 20 points better."""
+    test = {"classes": ["a", "b", "c", "d"], "chance": 25.0, "sets": {"TrainingSet": {"accuracy": 10.0}},
+            "best_order": {"set": "TrainingSet", "order": ["b", "a", "c", "d"], "accuracy": 55.0}}
+    assert HUDD.best_order_note(test) == ""                            # 55% < 62.5%: not a working model
+    test["best_order"]["accuracy"] = 70.0
+    assert "2 of 4 classes moved" in HUDD.best_order_note(test)
+    test["sets"]["TrainingSet"]["accuracy"] = 55.0                     # only 15 points better
+    assert HUDD.best_order_note(test) == ""
+    test["best_order"]["order"] = test["classes"]
+    test["sets"]["TrainingSet"]["accuracy"] = 10.0
+    assert HUDD.best_order_note(test) == ""                            # its own order already
+
+
 def test_a_model_near_chance_on_its_training_images_gets_a_note_naming_the_settings_to_check():
     sets = {"TrainingSet": {"images": 90, "accuracy": 12.0}, "TestSet": {"images": 30, "accuracy": 60.0}}
     note = HUDD.near_chance_note(sets, chance=100 / 9)
