@@ -20,6 +20,25 @@ from architectures import DemoNet
 from helpers import IMAGE_NAME, REPO, SETTINGS, assert_clean_error, hudd, save_model
 
 
+def model_outputs(model: torch.nn.Module, case: Path, images) -> torch.Tensor:
+    """The model's own outputs for the case's images (paths relative to it), normalised as SETTINGS says."""
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(case / image), dtype=np.float32) / 255).permute(2, 0, 1)
+                          for image in images])
+    with torch.no_grad():
+        return model((pixels - 0.5) / 0.25)
+
+
+def import_nets(case: Path):
+    """The case's nets.py as a module, imported as a user's training script would, then forgotten."""
+    sys.path.insert(0, str(case))
+    try:
+        import nets
+        return nets
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("nets", None)
+
+
 def test_original_package_layout_runs(make_case):
     case = make_case(improvement="doubled", per_class=2)
     result = hudd("-o", str(case), "-m", "OriginalModel.pth")
@@ -83,11 +102,7 @@ def test_the_classes_setting_gives_the_models_output_order(make_case):
         result = hudd("-o", str(case), "--steps", "test")
         assert result.returncode == 0, result.stderr
         written = pd.read_csv(case / "testResult.csv", dtype=str)
-        pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(case / image), dtype=np.float32) / 255).permute(2, 0, 1)
-                              for image in written["image"]])
-        with torch.no_grad():
-            outputs = model((pixels - 0.5) / 0.25).argmax(1)
-        assert list(written["predicted"]) == [order[i] for i in outputs]
+        assert list(written["predicted"]) == [order[i] for i in model_outputs(model, case, written["image"]).argmax(1)]
         assert list(written["expected"]) == [Path(image).parent.name for image in written["image"]]
     (case / "hudd.json").write_text(json.dumps({**SETTINGS, "classes": ["1", "2", "3"]}))
     assert_clean_error(hudd("-o", str(case), "--steps", "test"), "TrainingSet", "class folder(s) '10' are not in the "
@@ -102,14 +117,11 @@ def test_the_classes_setting_may_name_outputs_no_folder_holds(make_case):
     output, and an image predicted as a class without a folder is wrong."""
     case = make_case(per_class=3)
     images = sorted(p.relative_to(case).as_posix() for p in (case / "DataSets" / "TestSet").rglob("*.png"))
-    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(case / image), dtype=np.float32) / 255).permute(2, 0, 1)
-                          for image in images])
     torch.manual_seed(2)
     model = DemoNet(num_classes=4).eval()
+    logits = model_outputs(model, case, images)
     with torch.no_grad():   # about half of the images predicted as the folderless class "other"
-        logits = model((pixels - 0.5) / 0.25)
-        lead = logits[:, [0, 2, 3]].max(1).values - logits[:, 1]
-        model.classifier[-1].bias[1] += lead.median()
+        model.classifier[-1].bias[1] += (logits[:, [0, 2, 3]].max(1).values - logits[:, 1]).median()
     torch.save(model.state_dict(), case / "DNNModels" / "Four.pth")
     order = ["class_a", "other", "class.b", "class c"]
     (case / "hudd.json").write_text(json.dumps({**SETTINGS, "classes": order}))
@@ -117,8 +129,7 @@ def test_the_classes_setting_may_name_outputs_no_folder_holds(make_case):
     assert result.returncode == 0, result.stderr
     written = pd.read_csv(case / "testResult.csv", dtype=str).set_index("image").loc[images]
     assert [c for c in written.columns if c.startswith("score_")] == [f"score_{c}" for c in order]
-    with torch.no_grad():
-        predicted = [order[i] for i in model((pixels - 0.5) / 0.25).argmax(1)]
+    predicted = [order[i] for i in model_outputs(model, case, images).argmax(1)]
     assert list(written["predicted"]) == predicted and "other" in predicted and set(predicted) != {"other"}
     assert (written["result"] == np.where(written["predicted"] == written["expected"], "Correct", "Wrong")).all()
 
@@ -278,13 +289,7 @@ def test_an_architecture_lrp_cannot_explain_is_one_clear_error(make_case):
         "        self.conv = nn.Conv2d(3, 4, 3, padding=1)\n        self.fc = nn.Linear(4, num_classes)\n\n"
         "    def forward(self, x):\n        h = self.conv(x)\n        h = h * torch.sigmoid(h)  # a gate: no LRP rule\n"
         "        return self.fc(h.mean((2, 3)))\n")
-    sys.path.insert(0, str(case))
-    try:
-        from nets import Gated
-    finally:
-        sys.path.pop(0)
-        sys.modules.pop("nets", None)
-    torch.save(Gated().state_dict(), case / "DNNModels" / "OriginalModel.pth")
+    torch.save(import_nets(case).Gated().state_dict(), case / "DNNModels" / "OriginalModel.pth")
     result = hudd("-o", str(case), "--arch", f"{case / 'nets.py'}:Gated")
     assert_clean_error(result, "architecture", "cannot be explained", "'mul' of two input-dependent tensors")
     assert "module_rules" not in result.stderr   # the engine's advice to a caller of its API, not to a user
@@ -327,25 +332,17 @@ def test_a_user_class_whose_outputs_are_fixed_in_the_class_runs_as_written(make_
     its outputs against the classes instead."""
     case = make_case(per_class=3)
     (case / "nets.py").write_text(MNIST_STYLE_NETS)
-    sys.path.insert(0, str(case))
-    try:
-        from nets import Counted, Net, Ten
-    finally:
-        sys.path.pop(0)
-        sys.modules.pop("nets", None)
+    nets = import_nets(case)
     torch.manual_seed(0)
-    model = Net().eval()
+    model = nets.Net().eval()
     torch.save(model.state_dict(), case / "DNNModels" / "OriginalModel.pth")
-    torch.save(Ten().state_dict(), case / "DNNModels" / "Ten.pth")
-    torch.save(Counted(n_classes=3).state_dict(), case / "DNNModels" / "Counted.pth")
+    torch.save(nets.Ten().state_dict(), case / "DNNModels" / "Ten.pth")
+    torch.save(nets.Counted(n_classes=3).state_dict(), case / "DNNModels" / "Counted.pth")
     (case / "hudd.json").write_text(json.dumps({**SETTINGS, "arch": "nets.py:Net"}))
     result = hudd("-o", str(case), "--steps", "test,heatmaps")
     assert result.returncode == 0, result.stderr
     written = pd.read_csv(case / "testResult.csv", dtype=str)
-    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(case / image), dtype=np.float32) / 255).permute(2, 0, 1)
-                          for image in written["image"]])
-    with torch.no_grad():
-        outputs = model((pixels - 0.5) / 0.25).argmax(1)
+    outputs = model_outputs(model, case, written["image"]).argmax(1)
     assert list(written["predicted"]) == [sorted(["class_a", "class.b", "class c"])[i] for i in outputs]
     assert "heatmaps:" in result.stdout and list((case / "T" / "Heatmaps").iterdir())
     (case / "hudd.json").write_text(json.dumps({**SETTINGS, "arch": "nets.py:Ten"}))

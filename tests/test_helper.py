@@ -452,32 +452,24 @@ def test_loaders_read_in_process_where_shared_memory_cannot_hold_their_batches(c
     assert Helper.make_loader(image_set, settings, 128, 2).num_workers == 2
 
 
-def test_a_user_class_needing_other_arguments_is_a_clear_error(tmp_path):
-    (tmp_path / "nets.py").write_text("from torch import nn\n\nclass Block(nn.Module):\n"
-                                      "    def __init__(self, width):\n        super().__init__()\n\n"
-                                      "class Wide(nn.Module):\n"
-                                      "    def __init__(self, num_classes, width):\n        super().__init__()\n")
-    with pytest.raises(HuddError, match=r"Block\(\) failed \(.*'width'\); its constructor must take num_classes or "
-                                        "no argument"):
-        Helper.build_architecture(f"{tmp_path / 'nets.py'}:Block", 3)
-    with pytest.raises(HuddError, match=r"Wide\(num_classes=3\) failed \(.*'width'\)"):
-        Helper.build_architecture(f"{tmp_path / 'nets.py'}:Wide", 3)
-
-
-def test_a_user_class_whose_constructor_fails_is_one_line_naming_it(tmp_path):
-    """A constructor that downloads pretrained weights (no network here) or fails otherwise was an
-    'internal error ... please report it'; it is the user's code, so one line names it."""
-    (tmp_path / "nets.py").write_text(
-        "import urllib.error\nfrom torch import nn\n\n"
-        "class Downloads(nn.Module):\n    def __init__(self, num_classes=3):\n        super().__init__()\n"
-        "        raise urllib.error.URLError('[Errno -2] Name or service not known')\n\n"
-        "class Broken(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
-        "        raise RuntimeError('a size the author forgot')\n")
-    with pytest.raises(HuddError, match=r"Downloads\(num_classes=3\) failed \(URLError: .*Name or service.*\); it "
-                                        "downloads pretrained weights.*build it untrained"):
-        Helper.build_architecture(f"{tmp_path / 'nets.py'}:Downloads", 3)
-    with pytest.raises(HuddError, match=r"Broken\(\) failed \(RuntimeError: a size the author forgot\)$"):
-        Helper.build_architecture(f"{tmp_path / 'nets.py'}:Broken", 3)
+@pytest.mark.parametrize("name, init, message", [
+    ("Block", "def __init__(self, width)", r"Block\(\) failed \(.*'width'\); its constructor must take num_classes or "
+                                          "no argument"),
+    ("Wide", "def __init__(self, num_classes, width)", r"Wide\(num_classes=3\) failed \(.*'width'\)"),
+    # the user's own code failing was an 'internal error ... please report it': one line names it, and a
+    # constructor downloading pretrained weights (no network here) is told what to do
+    ("Downloads", "def __init__(self, num_classes=3):\n        raise urllib.error.URLError('Name or service not known')",
+     r"Downloads\(num_classes=3\) failed \(URLError: .*Name or service.*\); it downloads pretrained weights.*build "
+     "it untrained"),
+    ("Broken", "def __init__(self):\n        raise RuntimeError('a size the author forgot')",
+     r"Broken\(\) failed \(RuntimeError: a size the author forgot\)$"),
+])
+def test_a_user_class_hudd_cannot_build_is_one_line_naming_it(tmp_path, name, init, message):
+    header, _, body = init.partition(":\n")
+    (tmp_path / "nets.py").write_text(f"import urllib.error\nfrom torch import nn\n\nclass {name}(nn.Module):\n"
+                                      f"    {header.rstrip(':')}:\n        super().__init__()\n{body}\n")
+    with pytest.raises(HuddError, match=message):
+        Helper.build_architecture(f"{tmp_path / 'nets.py'}:{name}", 3)
 
 
 def test_a_class_in_a_package_imports_its_siblings_and_is_known_by_the_whole_package(tmp_path):
