@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
 import importlib.util
@@ -1205,8 +1206,9 @@ def seed_everything(seed: int) -> None:
 
 
 def run_guarded(body: Callable[[], int], debug: bool) -> int:
-    """A command's exit status: body()'s; 2 with one `error:` line for bad input (HuddError); 130 when
-    interrupted; 1 with an `internal error:` line for a bug of ours. --debug re-raises with the trace."""
+    """A command's exit status: body()'s; 2 with one `error:` line for bad input (HuddError) and for a file
+    operation the machine refuses (a read-only folder, permissions, a full disk); 130 when interrupted; 1
+    with an `internal error:` line for a bug of ours. --debug re-raises with the trace."""
     try:
         return body()
     except QuietExit as exc:
@@ -1219,12 +1221,38 @@ def run_guarded(body: Callable[[], int], debug: bool) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished steps are kept and a rerun resumes", file=sys.stderr)
         return 130
+    except OSError as exc:
+        advice = ENVIRONMENT_ERRORS.get(exc.errno)
+        if advice is None or debug:   # not the machine's doing: a bug of ours, as below
+            return _internal_error(exc, debug)
+        print(f"error: {exc.filename or ''}: {exc.strerror}; {advice}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug of ours, not the user's input: say so, keep the trace for --debug
-        if debug:
-            raise
-        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and "
-              "please report it)", file=sys.stderr)
-        return 1
+        return _internal_error(exc, debug)
+
+
+# What to do where the machine refuses a file operation: not a bug of HUDD's, so one line, not a report.
+_NOT_PERMITTED = ("HUDD reads DataSets/ and DNNModels/ and writes into the case folder (T/, the result CSVs, "
+                  "retrained models): give it those permissions")
+ENVIRONMENT_ERRORS = {
+    errno.EROFS: "HUDD writes into the case folder (T/, the result CSVs, retrained models): run it on a writable "
+                 "copy, or on a case folder of your own whose DataSets is a link to the read-only data "
+                 "(ln -s /path/to/DataSets CASE/DataSets)",
+    errno.EACCES: _NOT_PERMITTED,
+    errno.EPERM: _NOT_PERMITTED,
+    errno.ENOSPC: "the disk is full: free some space (or keep fewer heatmap layers, setting layers); finished "
+                  "steps are kept and a rerun resumes",
+    errno.EDQUOT: "the disk quota is used up: free some space; finished steps are kept and a rerun resumes",
+}
+
+
+def _internal_error(exc: Exception, debug: bool) -> int:
+    """The `internal error:` line of a bug of ours, exit status 1; with --debug the exception itself."""
+    if debug:
+        raise exc
+    print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and "
+          "please report it)", file=sys.stderr)
+    return 1
 
 
 def setup_logging(debug: bool = False) -> None:

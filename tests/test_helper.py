@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import os
 import shutil
@@ -517,3 +518,28 @@ def test_a_class_file_in_hudd_json_is_found_from_the_case_and_known_by_its_conte
     assert Helper.arch_identity(f"{case.name}/nets.py:Net") == identity
     (case / "nets.py").write_text((case / "nets.py").read_text() + "# edited\n")
     assert Helper.arch_identity(settings.arch) != identity   # an edited class recomputes the steps
+
+
+@pytest.mark.parametrize("code, strerror, fragment", [
+    (errno.EROFS, "Read-only file system", "a link to the read-only data (ln -s /path/to/DataSets CASE/DataSets)"),
+    (errno.EACCES, "Permission denied", "give it those permissions"),
+    (errno.ENOSPC, "No space left on device", "the disk is full: free some space"),
+])
+def test_a_file_operation_the_machine_refuses_is_one_error_line(capsys, code, strerror, fragment):
+    """A read-only case folder (a data set mounted read-only) was an 'internal error ... please report it'
+    at the lock file; the machine's refusals are one line with what to do, exit status 2."""
+    def body():
+        raise OSError(code, strerror, "/data/case/.hudd.lock")
+    assert Helper.run_guarded(body, debug=False) == 2
+    line = capsys.readouterr().err
+    assert line.startswith(f"error: /data/case/.hudd.lock: {strerror}; ") and fragment in line
+    assert line.count("\n") == 1 and "internal error" not in line
+    with pytest.raises(OSError):                        # --debug: the exception itself, with its trace
+        Helper.run_guarded(body, debug=True)
+
+
+def test_other_os_errors_stay_internal_errors(capsys):
+    def body():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "T/Heatmaps/.Layer0.npy.partial")
+    assert Helper.run_guarded(body, debug=False) == 1
+    assert capsys.readouterr().err.startswith("internal error: FileNotFoundError")
