@@ -350,14 +350,14 @@ class TestStep(Step):
             if "result" in frame.columns:
                 entry["wrong"] = int(frame["result"].eq("Wrong").sum())
                 entry["accuracy"] = 100.0 * (1 - entry["wrong"] / len(frame))
+                scores = ctx.task.rows_of_results(frame, ctx.classes) if classification else None
                 if summary["numeric_order"]:
-                    entry["numeric_order_accuracy"] = accuracy_in_order(
-                        ctx.task.rows_of_results(frame, ctx.classes), frame["expected"], summary["numeric_order"])
+                    entry["numeric_order_accuracy"] = accuracy_in_order(scores, frame["expected"],
+                                                                        summary["numeric_order"])
                 if classification and "best_order" not in summary:   # the first labelled set: training, else test
-                    order = best_order(ctx.task.rows_of_results(frame, ctx.classes), frame["expected"], ctx.classes)
+                    order = best_order(scores, frame["expected"], ctx.classes)
                     summary["best_order"] = {"set": SET_FOLDERS[set_key], "order": order,
-                                             "accuracy": accuracy_in_order(ctx.task.rows_of_results(frame, ctx.classes),
-                                                                           frame["expected"], order)}
+                                             "accuracy": accuracy_in_order(scores, frame["expected"], order)}
             summary["sets"][SET_FOLDERS[set_key]] = entry
         return summary
 
