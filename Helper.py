@@ -1152,23 +1152,39 @@ def _load_state_dict(model: nn.Module, state: dict, model_path: Path, arch: str,
 
 
 def check_output_size(model: nn.Module, settings: Settings, num_classes: int, model_path: Path) -> None:
-    """The model takes the configured input and gives what its task needs (tasks.py)."""
+    """The model takes the configured input, one image and a batch alike, and gives what its task needs
+    (tasks.py)."""
     height, width = resolve_input_size(settings)
-    probe = torch.zeros(1, settings.channels, height, width)
-    try:
-        with torch.no_grad():
-            output = model(probe)
-    except Exception as exc:
-        raise HuddError(f"{model_path}: the model fails on a {settings.channels}x{height}x{width} input "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0]}); set input_size/channels in "
-                        "hudd.json to what the model takes")
+    output = _probe(model, settings, model_path, images=1)
     if not isinstance(output, torch.Tensor):  # (logits, features), {"logits": ...}: LRP explains one output tensor
         raise HuddError(f"{model_path}: the model ({settings.arch}) returns a {type(output).__name__} in eval mode; "
                         "HUDD explains one output tensor: make its forward return the outputs alone in eval mode, "
                         "or give --arch a class of yours whose forward returns them (e.g. model(x)[0])")
+    try:   # a forward that flattens the batch away (torch.flatten(x)) works on one image only, or not at all
+        batch = _probe(model, settings, model_path, images=2)
+        kept = output.ndim > 0 and output.shape[0] == 1 and batch.ndim > 0 and batch.shape[0] == 2
+    except HuddError:
+        kept = False
+    if not kept:
+        raise HuddError(f"{model_path}: the model's output for one {settings.channels}x{height}x{width} image has shape "
+                        f"{tuple(output.shape)}, and a batch of 2 images does not give 2 rows: its forward flattens the "
+                        "batch away (torch.flatten(x) or x.view(-1, ...)); keep it with torch.flatten(x, 1) or "
+                        "x.view(x.size(0), -1)")
     problem = make_task(settings).check_output(output, num_classes)
     if problem:
         raise HuddError(f"{model_path}: {problem}")
+
+
+def _probe(model: nn.Module, settings: Settings, model_path: Path, images: int):
+    """The model's output for `images` blank inputs of the configured size; a failure is one error line."""
+    height, width = resolve_input_size(settings)
+    try:
+        with torch.no_grad():
+            return model(torch.zeros(images, settings.channels, height, width))
+    except Exception as exc:
+        raise HuddError(f"{model_path}: the model fails on a {settings.channels}x{height}x{width} input "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0]}); set input_size/channels in "
+                        "hudd.json to what the model takes") from None
 
 
 # --------------------------------------------------------------------------------------------

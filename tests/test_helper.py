@@ -412,6 +412,22 @@ def test_a_model_returning_more_than_its_outputs_in_eval_mode_is_one_clear_line(
         Helper.load_model(tmp_path / "net.pth", _settings(case, arch=arch), len(CLASSES))
 
 
+@pytest.mark.parametrize("flattened", ["torch.flatten(h)", "h.view(-1)"])
+def test_a_model_that_flattens_the_batch_away_is_told_how_to_keep_it(case, tmp_path, flattened):
+    """torch.flatten(x) without start_dim works on one image and gives (classes,): it was "the model's output
+    has shape () but the training set has 3 classes"; a batch then fails or mixes images."""
+    (tmp_path / "nets.py").write_text(
+        "import torch\nfrom torch import nn\n\nclass Net(nn.Module):\n"
+        "    def __init__(self, num_classes=3):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(3 * 32 * 32, num_classes)\n\n"
+        f"    def forward(self, x):\n        h = x\n        return self.fc({flattened})\n")
+    arch = f"{tmp_path / 'nets.py'}:Net"
+    torch.save(Helper.build_architecture(arch, len(CLASSES)).state_dict(), tmp_path / "net.pth")
+    with pytest.raises(HuddError, match=r"net.pth: the model's output for one 3x32x32 image has shape \(3,\), and a "
+                                        r"batch of 2 images does not give 2 rows.*keep it with torch.flatten\(x, 1\)"):
+        Helper.load_model(tmp_path / "net.pth", _settings(case, arch=arch), len(CLASSES))
+
+
 def test_a_binary_model_with_one_logit_is_told_how_to_give_two():
     task = Helper.make_task(Helper.Settings())
     problem = task.check_output(torch.zeros(4, 1), 2)
