@@ -268,8 +268,7 @@ def class_order_note(test: dict) -> str:
             f"does ({few(test['classes'])}); read in numeric order ({few(order)}) the model's outputs give {name} "
             f"accuracy {entry['numeric_order_accuracy']:.2f}% against {entry['accuracy']:.2f}%. If the model was "
             "trained with the numbers as labels, set in hudd.json "
-            + (f'"classes": {json.dumps(order)}' if len(order) <= 60 else
-               '"classes" to the folder names in numeric order'))
+            + classes_setting(order, "the folder names in numeric order"))
 
 
 def best_order_note(test: dict) -> str:
@@ -289,8 +288,12 @@ def best_order_note(test: dict) -> str:
             f"accuracy {best['accuracy']:.2f}% against {accuracy:.2f}%. HUDD reads output i as the i-th class folder "
             "in sorted order (as torchvision's ImageFolder), or as the setting classes lists them; if the model was "
             "trained with its classes in the other order, set in hudd.json "
-            + (f'"classes": {json.dumps(best["order"])}' if len(best["order"]) <= 60 else
-               '"classes" to its class names in the order of its outputs'))
+            + classes_setting(best["order"], "its class names in the order of its outputs"))
+
+
+def classes_setting(order: list[str], described: str) -> str:
+    """The `classes` setting to copy into hudd.json, or, for more than 60 names, what to set it to."""
+    return f'"classes": {json.dumps(order)}' if len(order) <= 60 else f'"classes" to {described}'
 
 
 def few(names: list[str], shown: int = 4) -> str:

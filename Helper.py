@@ -921,6 +921,13 @@ def build_architecture(arch: str, num_classes: int, channels: int = 3, auxiliary
         "model name (e.g. resnet18), or your own class as path/to/file.py:ClassName")
 
 
+def first_line_of(error: BaseException) -> str:
+    """`Type: first line of its message` (`Type` alone for an empty message), for one error line that
+    quotes an exception of the user's code or of a library."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def _build_user_class(arch: str, user_class: type, num_classes: int) -> nn.Module:
     """The user's class, called with num_classes where its constructor takes it, else with no argument:
     many user networks fix their outputs in the class (PyTorch's MNIST example: `Net()`); the output
@@ -938,7 +945,7 @@ def _build_user_class(arch: str, user_class: type, num_classes: int) -> nn.Modul
                         "every other argument with a default") from error
     except Exception as error:  # the user's own code failed: one line naming it, not an internal error
         download = isinstance(error, (urllib.error.URLError, ConnectionError))
-        raise HuddError(f"{arch}: {call} failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        raise HuddError(f"{arch}: {call} failed ({first_line_of(error)})"
                         + ("; it downloads pretrained weights (weights=..., pretrained=True), which HUDD does not "
                            "need: it loads the model file's weights into the network, so build it untrained"
                            if download else "")) from error
@@ -1010,8 +1017,7 @@ def _import_user_file(file_path: Path, spec: str):
         module_spec.loader.exec_module(module)
         return module
     except Exception as error:  # the user's code, not ours
-        said = f": {str(error).splitlines()[0]}" if str(error) else ""
-        raise HuddError(f"{file_path}: could not be imported (arch {spec}): {type(error).__name__}{said}") from error
+        raise HuddError(f"{file_path}: could not be imported (arch {spec}): {first_line_of(error)}") from error
     finally:
         sys.path.pop(0)
 
@@ -1039,8 +1045,8 @@ def load_model(model_path: Path, settings: Settings, num_classes: int, trust_pic
     except pickle.UnpicklingError:
         loaded = _load_pickled_model(model_path, trust_pickle)
     except Exception as exc:
-        raise HuddError(f"{model_path}: cannot be read as a PyTorch model file ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0]}); is it a .pth saved with torch.save?")
+        raise HuddError(f"{model_path}: cannot be read as a PyTorch model file ({first_line_of(exc)}); is it a .pth saved "
+                        "with torch.save?")
     if isinstance(loaded, nn.Module):
         model = loaded
     else:
@@ -1117,6 +1123,10 @@ def _without_wrapper_names(state: dict, expected: set) -> dict:
     return peeled if set(peeled) == expected else state
 
 
+# a model of more outputs than class folders (1,000 ImageNet classes, a few of them looked at) is read so
+MORE_OUTPUTS_HINT = "; for a model of more classes than the folders hold, name every output in order in the setting classes"
+
+
 def _load_state_dict(model: nn.Module, state: dict, model_path: Path, arch: str, num_classes: int) -> None:
     expected = model.state_dict()
     state = _without_wrapper_names(state, set(expected))
@@ -1136,8 +1146,7 @@ def _load_state_dict(model: nn.Module, state: dict, model_path: Path, arch: str,
         raise HuddError(
             f"{model_path}: the model has {state[last_weight].shape[0]} outputs but the training set has "
             f"{num_classes} classes; check the model file or the class folders of DataSets/TrainingSet"
-            + ("; for a model of more classes than the folders hold, name every output in order in the setting "
-               "classes" if state[last_weight].shape[0] > num_classes else ""))
+            + (MORE_OUTPUTS_HINT if state[last_weight].shape[0] > num_classes else ""))
     parts = []
     if missing:
         parts.append("missing " + ", ".join(missing[:3]))
@@ -1152,39 +1161,44 @@ def _load_state_dict(model: nn.Module, state: dict, model_path: Path, arch: str,
 
 
 def check_output_size(model: nn.Module, settings: Settings, num_classes: int, model_path: Path) -> None:
-    """The model takes the configured input, one image and a batch alike, and gives what its task needs
-    (tasks.py)."""
-    height, width = resolve_input_size(settings)
-    output = _probe(model, settings, model_path, images=1)
+    """The model takes the configured input, a batch of two images as one, and gives what its task needs
+    (tasks.py). One forward pass of two images; one more, of one image, only where that fails or loses
+    the batch (_refuse_lost_batch)."""
+    output = _probe(model, settings, model_path, images=2)
+    if isinstance(output, HuddError) or (isinstance(output, torch.Tensor) and (output.ndim == 0 or output.shape[0] != 2)):
+        _refuse_lost_batch(model, settings, model_path)
     if not isinstance(output, torch.Tensor):  # (logits, features), {"logits": ...}: LRP explains one output tensor
         raise HuddError(f"{model_path}: the model ({settings.arch}) returns a {type(output).__name__} in eval mode; "
                         "HUDD explains one output tensor: make its forward return the outputs alone in eval mode, "
                         "or give --arch a class of yours whose forward returns them (e.g. model(x)[0])")
-    try:   # a forward that flattens the batch away (torch.flatten(x)) works on one image only, or not at all
-        batch = _probe(model, settings, model_path, images=2)
-        kept = output.ndim > 0 and output.shape[0] == 1 and batch.ndim > 0 and batch.shape[0] == 2
-    except HuddError:
-        kept = False
-    if not kept:
-        raise HuddError(f"{model_path}: the model's output for one {settings.channels}x{height}x{width} image has shape "
-                        f"{tuple(output.shape)}, and a batch of 2 images does not give 2 rows: its forward flattens the "
-                        "batch away (torch.flatten(x) or x.view(-1, ...)); keep it with torch.flatten(x, 1) or "
-                        "x.view(x.size(0), -1)")
     problem = make_task(settings).check_output(output, num_classes)
     if problem:
         raise HuddError(f"{model_path}: {problem}")
 
 
+def _refuse_lost_batch(model: nn.Module, settings: Settings, model_path: Path) -> None:
+    """Raises for a model whose batch of two failed or lost its batch: its failure on one image (a wrong
+    input size), or, where one image works, a forward that flattens the batch away (torch.flatten(x))."""
+    single = _probe(model, settings, model_path, images=1)
+    if isinstance(single, HuddError):
+        raise single
+    height, width = resolve_input_size(settings)
+    shape = tuple(single.shape) if isinstance(single, torch.Tensor) else type(single).__name__
+    raise HuddError(f"{model_path}: the model's output for one {settings.channels}x{height}x{width} image has shape "
+                    f"{shape}, and a batch of 2 images does not give 2 rows: its forward flattens the batch away "
+                    "(torch.flatten(x) or x.view(-1, ...)); keep it with torch.flatten(x, 1) or x.view(x.size(0), -1)")
+
+
 def _probe(model: nn.Module, settings: Settings, model_path: Path, images: int):
-    """The model's output for `images` blank inputs of the configured size; a failure is one error line."""
+    """The model's output for `images` blank inputs of the configured size, or the HuddError (returned,
+    not raised) that names its failure."""
     height, width = resolve_input_size(settings)
     try:
         with torch.no_grad():
             return model(torch.zeros(images, settings.channels, height, width))
     except Exception as exc:
-        raise HuddError(f"{model_path}: the model fails on a {settings.channels}x{height}x{width} input "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0]}); set input_size/channels in "
-                        "hudd.json to what the model takes") from None
+        return HuddError(f"{model_path}: the model fails on a {settings.channels}x{height}x{width} input "
+                         f"({first_line_of(exc)}); set input_size/channels in hudd.json to what the model takes")
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 import keypoints
-from Helper import KEYPOINT_LABELS, HuddError, ImageSet, class_folders, list_image_set, list_keypoint_set
+from Helper import (KEYPOINT_LABELS, MORE_OUTPUTS_HINT, HuddError, ImageSet, class_folders, list_image_set,
+                    list_keypoint_set)
 
 WRONG, CORRECT = "Wrong", "Correct"
 
@@ -130,8 +131,7 @@ class ClassificationTask:
             more = output.ndim == 2 and output.shape[1] > num_classes
             return (f"the model's output has shape {tuple(output.shape[1:])} but the training set has {num_classes} "
                     "classes; check the model or the class folders of DataSets/TrainingSet"
-                    + ("; for a model of more classes than the folders hold, name every output in order in the "
-                       "setting classes" if more else ""))
+                    + (MORE_OUTPUTS_HINT if more else ""))
         return ""
 
     def output_rows(self, outputs: torch.Tensor) -> np.ndarray:

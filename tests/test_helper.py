@@ -397,16 +397,23 @@ def test_manifest_needs_matching_fingerprint_and_existing_outputs(tmp_path):
     assert not reread.is_current("test", "abc")
 
 
-@pytest.mark.parametrize("returned, kind", [("self.fc(h), h", "tuple"), ('{"logits": self.fc(h)}', "dict")])
-def test_a_model_returning_more_than_its_outputs_in_eval_mode_is_one_clear_line(case, tmp_path, returned, kind):
-    """(logits, features) or {"logits": ...}: LRP explains one output tensor; this was an internal error."""
-    (tmp_path / "nets.py").write_text(
+def _saved_linear_net(folder: Path, forward: str) -> str:
+    """A user's nets.py in `folder` whose Net is one linear layer on 3x32x32 inputs and whose forward body
+    is `forward`, its untrained weights saved as net.pth; returns its arch."""
+    (folder / "nets.py").write_text(
         "import torch\nfrom torch import nn\n\nclass Net(nn.Module):\n"
         "    def __init__(self, num_classes):\n        super().__init__()\n"
         "        self.fc = nn.Linear(3 * 32 * 32, num_classes)\n\n"
-        f"    def forward(self, x):\n        h = x.flatten(1)\n        return {returned}\n")
-    arch = f"{tmp_path / 'nets.py'}:Net"
-    torch.save(Helper.build_architecture(arch, len(CLASSES)).state_dict(), tmp_path / "net.pth")
+        f"    def forward(self, x):\n        {forward}\n")
+    arch = f"{folder / 'nets.py'}:Net"
+    torch.save(Helper.build_architecture(arch, len(CLASSES)).state_dict(), folder / "net.pth")
+    return arch
+
+
+@pytest.mark.parametrize("returned, kind", [("self.fc(h), h", "tuple"), ('{"logits": self.fc(h)}', "dict")])
+def test_a_model_returning_more_than_its_outputs_in_eval_mode_is_one_clear_line(case, tmp_path, returned, kind):
+    """(logits, features) or {"logits": ...}: LRP explains one output tensor; this was an internal error."""
+    arch = _saved_linear_net(tmp_path, f"h = x.flatten(1)\n        return {returned}")
     with pytest.raises(HuddError, match=rf"net.pth: the model \(.*:Net\) returns a {kind} in eval mode; HUDD explains "
                                         "one output tensor"):
         Helper.load_model(tmp_path / "net.pth", _settings(case, arch=arch), len(CLASSES))
@@ -416,13 +423,7 @@ def test_a_model_returning_more_than_its_outputs_in_eval_mode_is_one_clear_line(
 def test_a_model_that_flattens_the_batch_away_is_told_how_to_keep_it(case, tmp_path, flattened):
     """torch.flatten(x) without start_dim works on one image and gives (classes,): it was "the model's output
     has shape () but the training set has 3 classes"; a batch then fails or mixes images."""
-    (tmp_path / "nets.py").write_text(
-        "import torch\nfrom torch import nn\n\nclass Net(nn.Module):\n"
-        "    def __init__(self, num_classes=3):\n        super().__init__()\n"
-        "        self.fc = nn.Linear(3 * 32 * 32, num_classes)\n\n"
-        f"    def forward(self, x):\n        h = x\n        return self.fc({flattened})\n")
-    arch = f"{tmp_path / 'nets.py'}:Net"
-    torch.save(Helper.build_architecture(arch, len(CLASSES)).state_dict(), tmp_path / "net.pth")
+    arch = _saved_linear_net(tmp_path, f"h = x\n        return self.fc({flattened})")
     with pytest.raises(HuddError, match=r"net.pth: the model's output for one 3x32x32 image has shape \(3,\), and a "
                                         r"batch of 2 images does not give 2 rows.*keep it with torch.flatten\(x, 1\)"):
         Helper.load_model(tmp_path / "net.pth", _settings(case, arch=arch), len(CLASSES))
@@ -559,3 +560,10 @@ def test_other_os_errors_stay_internal_errors(capsys):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "T/Heatmaps/.Layer0.npy.partial")
     assert Helper.run_guarded(body, debug=False) == 1
     assert capsys.readouterr().err.startswith("internal error: FileNotFoundError")
+
+
+def test_an_exception_is_quoted_by_its_type_and_first_line():
+    """The one-line errors quote the user's or a library's exception so; an empty message (a bare
+    `raise RuntimeError()` in a forward) raised IndexError in the line that quoted it."""
+    assert Helper.first_line_of(ValueError("bad size\nthe rest of the trace")) == "ValueError: bad size"
+    assert Helper.first_line_of(RuntimeError()) == "RuntimeError"
