@@ -9,6 +9,8 @@ as one clustering.
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,16 +25,47 @@ CHUNK_BYTES = 256 * 2 ** 20        # float64 working block of the distance compu
 # Distances
 # --------------------------------------------------------------------------------------------
 
+PRODUCT_TILE = 384   # rows and columns of one tile of times_transposed: fixed, so its bits are too
+
+
 def times_transposed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b.T in float64, through torch: under MKL's strict mode, which HUDD.py sets, it has the same bits at
-    any thread count. numpy's OpenBLAS does not (at 1 and 2 threads the last bits differ, and on a digit
-    case of 239 errors six layers' RCCs with them): a torchrun rank runs one thread, a process several, and
-    their outputs must be the same bytes. It costs up to a third more than numpy's product (bench/README)."""
+    """a @ b.T in float64, with the same bits whatever the number of threads: a torchrun rank runs one
+    thread, a process several, and their outputs must be the same bytes. BLAS libraries split a product
+    over their threads in ways that change the order of its sums (numpy's OpenBLAS at 1 and 2 threads; MKL
+    too on an AMD EPYC, even in its strict mode, which holds on Intel CPUs only), and on a digit case of
+    239 errors that changed the RCCs of six layers. So the product is cut into tiles of a fixed size, each
+    computed by torch on one thread, the tiles spread over torch's threads. On 2 cores it costs 0-10%
+    more than one threaded product (bench/README)."""
     import torch  # late: the module's other users need no torch
 
     def tensor(x):  # float64, C order, writable (torch refuses read-only memory maps)
         return torch.from_numpy(np.require(x, dtype=np.float64, requirements=["C", "W"]))
-    return (tensor(a) @ tensor(b).T).numpy()
+    left, right = tensor(a), tensor(b)
+    out = torch.empty((len(a), len(b)), dtype=torch.float64)
+    tiles = [(i, j) for i in range(0, len(a), PRODUCT_TILE) for j in range(0, len(b), PRODUCT_TILE)]
+
+    def one_tile(corner: tuple[int, int]) -> None:
+        rows, columns = slice(corner[0], corner[0] + PRODUCT_TILE), slice(corner[1], corner[1] + PRODUCT_TILE)
+        torch.mm(left[rows], right[columns].T, out=out[rows, columns])
+    if not _openmp_threads():  # a tile's worker cannot be held to one thread: one threaded product
+        return (left @ right.T).numpy()
+    if torch.get_num_threads() == 1:  # this thread is already held to one
+        for corner in tiles:
+            one_tile(corner)
+    else:
+        with ThreadPoolExecutor(min(torch.get_num_threads(), len(tiles)), initializer=torch.set_num_threads,
+                                initargs=(1,)) as pool:
+            list(pool.map(one_tile, tiles))
+    return out.numpy()
+
+
+@lru_cache(maxsize=1)
+def _openmp_threads() -> bool:
+    """Whether torch's threads are OpenMP's (as in the Linux and Windows builds): each thread then has its own
+    count, which torch.set_num_threads(1) sets for the calling thread alone. Elsewhere the count is the whole
+    process's, and times_transposed's bits may depend on it."""
+    import torch
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def normalise_rows(block: np.ndarray, how: str) -> np.ndarray:

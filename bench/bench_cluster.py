@@ -5,6 +5,7 @@
     python bench/bench_cluster.py --only-step --sizes 1000 --repeats 5   # part 4 alone, at 1,000
     python bench/bench_cluster.py --sizes 1000 --against /tmp/base       # part 4, this code against another checkout
 
+0. the tiled float64 product of the distances against one threaded torch product, side by side;
 1. pairwise distances of 2,000 heatmaps of 50,000 dimensions: ours (float64 matrix products, in
    chunks) vs scipy's pdist, in the same run, with the largest difference between them;
 2. full clustering of one layer as the step does it (distances, Ward, WICD for every k, silhouette for
@@ -58,6 +59,21 @@ def distances_vs_pdist(n: int, dims: int) -> None:
     theirs, theirs_s = timed(lambda: squareform(pdist(x.astype(np.float64))))
     print(f"distances {n} x {dims}: ours {ours_s:.1f} s, scipy pdist {theirs_s:.1f} s, "
           f"pdist/ours {theirs_s / ours_s:.1f}x, max |difference| {np.abs(ours - theirs).max():.2e}")
+
+
+def tiles_vs_threaded_product(repeats: int = 5) -> None:
+    """times_transposed (fixed tiles, one thread each: the same bits at any thread count) against one
+    product on torch's threads, on the shapes of a distance block, side by side (medians)."""
+    import torch
+    for n, dims in ((1000, 16384), (2000, 2048), (5000, 512)):
+        x = heatmaps(n, dims).astype(np.float64)
+        tiled, threaded = [], []
+        for _ in range(repeats):
+            tiled.append(timed(C.times_transposed, x, x)[1])
+            threaded.append(timed(lambda: (torch.from_numpy(x) @ torch.from_numpy(x).T).numpy())[1])
+        print(f"product {n} x {dims} times its transpose, {torch.get_num_threads()} threads: tiles "
+              f"{np.median(tiled):.3f} s, one threaded product {np.median(threaded):.3f} s, "
+              f"{np.median(tiled) / np.median(threaded):.2f}x")
 
 
 def one_layer(n: int, dims: int) -> dict:
@@ -278,6 +294,7 @@ def side_by_side(repos: dict[str, Path], case: Path, rounds: int, repeats: int) 
 
 
 def algorithm_parts(scale: int) -> None:
+    tiles_vs_threaded_product()
     distances_vs_pdist(2000 // scale, 50000 // scale)
     for n in (5000 // scale, 10000 // scale):
         r = in_child("one_layer", n=n, dims=2048)
