@@ -34,8 +34,8 @@ def times_transposed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     over their threads in ways that change the order of its sums (numpy's OpenBLAS at 1 and 2 threads; MKL
     too on an AMD EPYC, even in its strict mode, which holds on Intel CPUs only), and on a digit case of
     239 errors that changed the RCCs of six layers. So the product is cut into tiles of a fixed size, each
-    computed by torch on one thread, the tiles spread over torch's threads. On 2 cores it costs 0-10%
-    more than one threaded product (bench/README)."""
+    computed by torch on one thread, the tiles spread over torch's threads. On 2 cores it takes 0.9-1.25x
+    the time of one threaded product (bench/README)."""
     import torch  # late: the module's other users need no torch
 
     def tensor(x):  # float64, C order, writable (torch refuses read-only memory maps)
