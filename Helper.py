@@ -1039,14 +1039,16 @@ def load_model(model_path: Path, settings: Settings, num_classes: int, trust_pic
     pickled model. The model is returned on the CPU in eval mode, its output size checked."""
     if not model_path.is_file():
         raise HuddError(f"{model_path}: model file not found; put it in the case's DNNModels folder")
-    _check_is_torch_file(model_path)
-    try:
-        loaded = torch.load(model_path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        loaded = _load_pickled_model(model_path, trust_pickle)
-    except Exception as exc:
-        raise HuddError(f"{model_path}: cannot be read as a PyTorch model file ({first_line_of(exc)}); is it a .pth saved "
-                        "with torch.save?")
+    if _torch_file_kind(model_path) == "export":
+        loaded = _exported_weights(model_path, trust_pickle)
+    else:
+        try:
+            loaded = torch.load(model_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            loaded = _load_pickled_model(model_path, trust_pickle)
+        except Exception as exc:
+            raise HuddError(f"{model_path}: cannot be read as a PyTorch model file ({first_line_of(exc)}); is it a .pth "
+                            "saved with torch.save?")
     if isinstance(loaded, nn.Module):
         model = loaded
     else:
@@ -1060,9 +1062,10 @@ def load_model(model_path: Path, settings: Settings, num_classes: int, trust_pic
     return model
 
 
-def _check_is_torch_file(model_path: Path) -> None:
+def _torch_file_kind(model_path: Path) -> str:
     """torch.save writes a zip archive (or, before PyTorch 1.6, a pickle stream): anything else is
-    not a model file, whatever unpickling would say about it."""
+    not a model file, whatever unpickling would say about it. Returns "export" for torch.export's archive
+    (torch.export.save, a .pt2: a graph and its weights), else "torch.save"."""
     with open(model_path, "rb") as stream:
         head = stream.read(2)
     if not zipfile.is_zipfile(model_path) and head[:1] != b"\x80":
@@ -1070,10 +1073,30 @@ def _check_is_torch_file(model_path: Path) -> None:
                         "pass the .pth file saved with torch.save(model.state_dict(), path)")
     if zipfile.is_zipfile(model_path):
         with zipfile.ZipFile(model_path) as archive:
-            compiled = any(name.endswith("/constants.pkl") for name in archive.namelist())
+            names = archive.namelist()
+        compiled = any(name.endswith("/constants.pkl") for name in names)
         if compiled:   # its modules are compiled code: LRP's rules need the architecture's own layers
             raise HuddError(f"{model_path}: is a TorchScript archive (torch.jit.save); HUDD needs the weights and "
                             "the architecture: save model.state_dict() with torch.save and pass --arch")
+        if any(name.endswith("data/weights/model_weights_config.json") for name in names):
+            return "export"
+    return "torch.save"
+
+
+def _exported_weights(model_path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of a torch.export archive, by their module names, for the architecture
+    of --arch: its graph holds operators, not the layers LRP's rules need. torch.export.load may unpickle
+    what the archive holds (it falls back to an unrestricted torch.load), hence the trust flag."""
+    if not trust_pickle:
+        raise HuddError(f"{model_path}: is a torch.export archive (torch.export.save), and reading it can unpickle code "
+                        "from the file. If you trust it, pass --trust-pickle and HUDD takes its weights into the "
+                        "architecture of --arch; or save model.state_dict() with torch.save")
+    try:
+        program = torch.export.load(model_path)
+    except Exception as exc:
+        raise HuddError(f"{model_path}: is a torch.export archive that torch {torch.__version__} cannot read "
+                        f"({first_line_of(exc)}); save model.state_dict() with torch.save and pass --arch")
+    return {name: tensor.detach() for name, tensor in program.state_dict.items()}
 
 
 def _load_pickled_model(model_path: Path, trust_pickle: bool) -> nn.Module:

@@ -253,6 +253,19 @@ def test_a_torchscript_archive_is_named_as_such(case, tmp_path):
         Helper.load_model(tmp_path / "scripted.pt", _settings(case), len(CLASSES))
 
 
+def test_a_torch_export_archive_gives_its_weights_with_the_trust_flag(case, tmp_path):
+    """torch.export.save's .pt2 holds a graph of operators and the weights by module name: the weights go into
+    --arch's architecture; reading the archive can unpickle (torch.export.load falls back to it), hence the flag."""
+    reference = save_model(tmp_path / "ref.pth", seed=6).eval()
+    torch.export.save(torch.export.export(reference, (torch.zeros(1, 3, 32, 32),)), tmp_path / "exported.pt2")
+    with pytest.raises(HuddError, match=r"exported.pt2: is a torch.export archive \(torch.export.save\), and reading "
+                                        r"it can unpickle code from the file. If you trust it, pass --trust-pickle"):
+        Helper.load_model(tmp_path / "exported.pt2", _settings(case), len(CLASSES))
+    loaded = Helper.load_model(tmp_path / "exported.pt2", _settings(case), len(CLASSES), trust_pickle=True)
+    assert type(loaded) is type(reference) and list(loaded.state_dict()) == list(reference.state_dict())
+    assert _same_weights(loaded, reference)
+
+
 def test_pickled_model_needs_the_trust_flag(case, tmp_path):
     reference = save_model(tmp_path / "ref.pth", seed=4)
     torch.save(reference, tmp_path / "whole.pth")
