@@ -1039,8 +1039,11 @@ def load_model(model_path: Path, settings: Settings, num_classes: int, trust_pic
     pickled model. The model is returned on the CPU in eval mode, its output size checked."""
     if not model_path.is_file():
         raise HuddError(f"{model_path}: model file not found; put it in the case's DNNModels folder")
-    if _torch_file_kind(model_path) == "export":
+    kind = _torch_file_kind(model_path)
+    if kind == "export":
         loaded = _exported_weights(model_path, trust_pickle)
+    elif kind == "safetensors":
+        loaded = _safetensors_weights(model_path)
     else:
         try:
             loaded = torch.load(model_path, map_location="cpu", weights_only=True)
@@ -1065,9 +1068,12 @@ def load_model(model_path: Path, settings: Settings, num_classes: int, trust_pic
 def _torch_file_kind(model_path: Path) -> str:
     """torch.save writes a zip archive (or, before PyTorch 1.6, a pickle stream): anything else is
     not a model file, whatever unpickling would say about it. Returns "export" for torch.export's archive
-    (torch.export.save, a .pt2: a graph and its weights), else "torch.save"."""
+    (torch.export.save, a .pt2: a graph and its weights), "safetensors" for that format's weights (Hugging
+    Face's and timm's), else "torch.save"."""
     with open(model_path, "rb") as stream:
-        head = stream.read(2)
+        head = stream.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < model_path.stat().st_size:
+        return "safetensors"   # an 8-byte header length, then the header's JSON
     if not zipfile.is_zipfile(model_path) and head[:1] != b"\x80":
         raise HuddError(f"{model_path}: is not a PyTorch model file (torch.save writes a zip archive); "
                         "pass the .pth file saved with torch.save(model.state_dict(), path)")
@@ -1081,6 +1087,15 @@ def _torch_file_kind(model_path: Path) -> str:
         if any(name.endswith("data/weights/model_weights_config.json") for name in names):
             return "export"
     return "torch.save"
+
+
+def _safetensors_weights(model_path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors by name: raw weights and a JSON header, nothing to unpickle."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(model_path), device="cpu")
+    except Exception as exc:
+        raise HuddError(f"{model_path}: cannot be read as a .safetensors file ({first_line_of(exc)}); is it complete?")
 
 
 def _exported_weights(model_path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:

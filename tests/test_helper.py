@@ -266,6 +266,19 @@ def test_a_torch_export_archive_gives_its_weights_with_the_trust_flag(case, tmp_
     assert _same_weights(loaded, reference)
 
 
+def test_safetensors_weights_load_and_a_truncated_file_is_named(case, tmp_path):
+    """Hugging Face's and timm's weight format: a JSON header and raw tensors, read without unpickling."""
+    from safetensors.torch import save_file
+    reference = save_model(tmp_path / "ref.pth", seed=7)
+    save_file(reference.state_dict(), tmp_path / "model.safetensors")
+    loaded = Helper.load_model(tmp_path / "model.safetensors", _settings(case), len(CLASSES))
+    assert list(loaded.state_dict()) == list(reference.state_dict()) and _same_weights(loaded, reference)
+    whole = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(HuddError, match=r"cut.safetensors: cannot be read as a .safetensors file \(.+\); is it complete\?"):
+        Helper.load_model(tmp_path / "cut.safetensors", _settings(case), len(CLASSES))
+
+
 def test_pickled_model_needs_the_trust_flag(case, tmp_path):
     reference = save_model(tmp_path / "ref.pth", seed=4)
     torch.save(reference, tmp_path / "whole.pth")
