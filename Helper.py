@@ -1198,6 +1198,12 @@ def _load_state_dict(model: nn.Module, state: dict, model_path: Path, arch: str,
                     "--arch or set \"arch\" in hudd.json")
 
 
+def _first_output(output: Any) -> str:
+    """How a wrapper's forward takes a model's first output: model(x)["logits"] for a dict (Hugging Face's
+    output objects are dicts too), else model(x)[0]."""
+    return f"model(x)[{next(iter(output))!r}]" if isinstance(output, dict) and output else "model(x)[0]"
+
+
 def check_output_size(model: nn.Module, settings: Settings, num_classes: int, model_path: Path) -> None:
     """The model takes the configured input, a batch of two images as one, and gives what its task needs
     (tasks.py). One forward pass of two images; one more, of one image, only where that fails or loses
@@ -1208,7 +1214,7 @@ def check_output_size(model: nn.Module, settings: Settings, num_classes: int, mo
     if not isinstance(output, torch.Tensor):  # (logits, features), {"logits": ...}: LRP explains one output tensor
         raise HuddError(f"{model_path}: the model ({settings.arch}) returns a {type(output).__name__} in eval mode; "
                         "HUDD explains one output tensor: make its forward return the outputs alone in eval mode, "
-                        "or give --arch a class of yours whose forward returns them (e.g. model(x)[0])")
+                        f"or give --arch a class of yours whose forward returns them (e.g. {_first_output(output)})")
     problem = make_task(settings).check_output(output, num_classes)
     if problem:
         raise HuddError(f"{model_path}: {problem}")

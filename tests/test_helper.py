@@ -5,6 +5,7 @@ import collections
 import errno
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -436,12 +437,14 @@ def _saved_linear_net(folder: Path, forward: str) -> str:
     return arch
 
 
-@pytest.mark.parametrize("returned, kind", [("self.fc(h), h", "tuple"), ('{"logits": self.fc(h)}', "dict")])
-def test_a_model_returning_more_than_its_outputs_in_eval_mode_is_one_clear_line(case, tmp_path, returned, kind):
-    """(logits, features) or {"logits": ...}: LRP explains one output tensor; this was an internal error."""
+@pytest.mark.parametrize("returned, kind, taken", [("self.fc(h), h", "tuple", "model(x)[0]"),
+                                                  ('{"scores": self.fc(h), "h": h}', "dict", "model(x)['scores']")])
+def test_a_model_returning_more_than_its_outputs_in_eval_mode_is_one_clear_line(case, tmp_path, returned, kind, taken):
+    """(logits, features) or {"scores": ...}: LRP explains one output tensor; this was an internal error. The
+    wrapper's example takes the first output as that kind of output is taken."""
     arch = _saved_linear_net(tmp_path, f"h = x.flatten(1)\n        return {returned}")
     with pytest.raises(HuddError, match=rf"net.pth: the model \(.*:Net\) returns a {kind} in eval mode; HUDD explains "
-                                        "one output tensor"):
+                                        rf"one output tensor: .+ \(e.g. {re.escape(taken)}\)$"):
         Helper.load_model(tmp_path / "net.pth", _settings(case, arch=arch), len(CLASSES))
 
 
