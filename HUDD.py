@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "model name, or path/to/file.py:ClassName")
     model.add_argument("--input-size", type=positive_int, metavar="PIXELS", help="square input size the model takes")
     model.add_argument("--trust-pickle", metavar="BOOL", **flag,
-                       help="allow loading a whole pickled model, or the weights of a torch.export archive (.pt2), "
-                            "which can unpickle: unpickling runs code from the file")
+                       help="allow loading a whole pickled model, a checkpoint with Python objects beside its weights, "
+                            "or the weights of a torch.export archive (.pt2): unpickling runs code from the file")
     model.add_argument("--skip-bad-images", metavar="BOOL", **flag,
                        help="leave unreadable images out with a warning instead of stopping")
     run = parser.add_argument_group("running")

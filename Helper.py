@@ -1048,7 +1048,7 @@ def load_model(model_path: Path, settings: Settings, num_classes: int, trust_pic
         try:
             loaded = torch.load(model_path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
-            loaded = _load_pickled_model(model_path, trust_pickle)
+            loaded = _load_pickled(model_path, trust_pickle)
         except Exception as exc:
             raise HuddError(f"{model_path}: cannot be read as a PyTorch model file ({first_line_of(exc)}); is it a .pth "
                             "saved with torch.save?")
@@ -1114,15 +1114,28 @@ def _exported_weights(model_path: Path, trust_pickle: bool) -> dict[str, torch.T
     return {name: tensor.detach() for name, tensor in program.state_dict.items()}
 
 
-def _load_pickled_model(model_path: Path, trust_pickle: bool) -> nn.Module:
+def _load_pickled(model_path: Path, trust_pickle: bool) -> Any:
+    """What torch's safe loader refused: a whole pickled model, or a checkpoint with Python objects beside
+    its weights (a training script's argparse.Namespace, Lightning's hyper-parameters). Unpickled only with
+    trust_pickle; the caller takes a model as it is and a checkpoint's state_dict as any other."""
     if not trust_pickle:
-        raise HuddError(
-            f"{model_path}: holds a whole pickled model, and unpickling runs code from the file. If you trust "
-            "it, pass --trust-pickle; better, save model.state_dict() and pass --arch")
-    loaded = torch.load(model_path, map_location="cpu", weights_only=False)
-    if not isinstance(loaded, nn.Module):
-        raise HuddError(f"{model_path}: the pickled object is a {type(loaded).__name__}, not a torch model")
-    return loaded
+        raise HuddError(f"{model_path}: holds pickled Python objects{_pickled_classes(model_path)}: a whole pickled model, "
+                        "or a checkpoint with objects beside its weights. Unpickling runs code from the file: if you "
+                        "trust it, pass --trust-pickle; better, save model.state_dict() and pass --arch")
+    try:
+        return torch.load(model_path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # the classes it names are not importable here
+        raise HuddError(f"{model_path}: cannot be unpickled here ({first_line_of(exc)}): it needs the code it was "
+                        "saved with; make that code importable, or save model.state_dict() alone and pass --arch")
+
+
+def _pickled_classes(model_path: Path) -> str:
+    """' (argparse.Namespace, ...)': the classes a pickle names, read without unpickling (torch 2.5+)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(model_path)
+    except Exception:  # an older torch, or a pickle it cannot list
+        return ""
+    return f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
 
 
 def _is_tensor_dict(value: Any) -> bool:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -287,6 +288,36 @@ def test_pickled_model_needs_the_trust_flag(case, tmp_path):
         Helper.load_model(tmp_path / "whole.pth", _settings(case), len(CLASSES))
     loaded = Helper.load_model(tmp_path / "whole.pth", _settings(case), len(CLASSES), trust_pickle=True)
     assert _same_weights(loaded, reference)
+
+
+def test_a_checkpoint_with_python_objects_beside_its_weights_is_read_with_the_trust_flag(case, tmp_path):
+    """A training script's checkpoint often keeps its settings beside the weights (argparse.Namespace,
+    Lightning's hyper-parameters): torch's safe loader refuses it. It was called "a whole pickled model", and
+    with --trust-pickle refused as "a dict, not a torch model"; its state_dict is now taken as any other."""
+    import argparse
+    reference = save_model(tmp_path / "ref.pth", seed=8)
+    checkpoint = {"epoch": 3, "hyper_parameters": argparse.Namespace(lr=0.1),
+                  "state_dict": {f"model.{key}": value for key, value in reference.state_dict().items()}}
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    with pytest.raises(HuddError, match=r"last.ckpt: holds pickled Python objects \(argparse.Namespace\): a whole "
+                                        r"pickled model, or a checkpoint with objects beside its weights. Unpickling "
+                                        r"runs code from the file: if you trust it, pass --trust-pickle"):
+        Helper.load_model(tmp_path / "last.ckpt", _settings(case), len(CLASSES))
+    loaded = Helper.load_model(tmp_path / "last.ckpt", _settings(case), len(CLASSES), trust_pickle=True)
+    assert list(loaded.state_dict()) == list(reference.state_dict()) and _same_weights(loaded, reference)
+
+
+def test_a_pickle_whose_classes_are_not_importable_is_one_clear_line(case, tmp_path, monkeypatch):
+    (tmp_path / "training_settings.py").write_text("class Settings:\n    lr = 0.1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import training_settings
+    reference = save_model(tmp_path / "ref.pth", seed=9)
+    torch.save({"state_dict": reference.state_dict(), "settings": training_settings.Settings()}, tmp_path / "run.pth")
+    monkeypatch.delitem(sys.modules, "training_settings")
+    (tmp_path / "training_settings.py").unlink()   # the file goes to a machine without the training code
+    with pytest.raises(HuddError, match=r"run.pth: cannot be unpickled here \(ModuleNotFoundError: No module named "
+                                        r"'training_settings'\): it needs the code it was saved with"):
+        Helper.load_model(tmp_path / "run.pth", _settings(case), len(CLASSES), trust_pickle=True)
 
 
 def test_user_architecture_from_a_file(case, tmp_path):
