@@ -1,6 +1,6 @@
 """HUDD command line: finds why an image DNN fails, and retrains it with the images that fix it.
 
-    python HUDD.py -o CASE -m MODEL [-mode HUDD|BL1|BL2|BL3] [--runs N]
+    python HUDD.py -o CASE -m MODEL [-mode HUDD [BL1 BL2 BL3]] [--runs N]
     python HUDD.py -o CASE -m RETRAINED_MODEL -rq True
     python HUDD.py --demo [DIR]
     torchrun --nproc-per-node N HUDD.py -o CASE ...      (several processes or machines: docs/scaling.md)
@@ -58,6 +58,17 @@ def parse_steps(text: str) -> list[str]:
     return steps
 
 
+def parse_modes(text: str) -> list[str]:
+    """'HUDD', 'hudd,BL1', ...: retraining modes in their own spelling."""
+    spelled = {mode.lower(): mode for mode in MODES}
+    modes = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [mode for mode in modes if mode.lower() not in spelled]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(unknown) or repr(text)}; the modes are "
+                                         f"{', '.join(MODES)}")
+    return [spelled[mode.lower()] for mode in modes]
+
+
 def whole_number(minimum: int):
     """An argparse type: a whole number of at least `minimum`."""
     def parse(text: str) -> int:
@@ -85,10 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="case-study directory (holds DataSets/ and DNNModels/)")
     case.add_argument("-m", "--modelName", dest="model", metavar="MODEL", default="OriginalModel.pth",
                       help="model file in CASE/DNNModels/ or a path to one (default: OriginalModel.pth)")
-    case.add_argument("-mode", "--retrainMode", dest="mode", choices=MODES,
+    case.add_argument("-mode", "--retrainMode", dest="mode", type=parse_modes, nargs="+", metavar="MODE",
                       help="after finding the root causes, retrain with HUDD's unsafe set, BL1 (random misclassified "
                            "improvement images), BL2 (random improvement images) or BL3 (the improvement images the "
-                           "model is least sure of), at the same labelling budget")
+                           "model is least sure of), at the same labelling budget; several modes compare in one run "
+                           "(-mode HUDD BL1 BL2 BL3, or HUDD,BL1)")
     case.add_argument("--runs", type=positive_int, metavar="N",
                       help="retraining runs per mode, each seeded (default: the case's 'runs' setting, 1)")
     case.add_argument("-rq", "--RQ1A", dest="rq", metavar="BOOL", **flag,
@@ -213,7 +225,8 @@ def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
         else:
             results[step.name] = summary
     if "retrain" in steps and not modes and not retrainModule.modes_run(ctx.paths):
-        results["notes"].append("to retrain the model, add -mode HUDD (or BL1, BL2, BL3 for the baselines)")
+        results["notes"].append("to retrain the model, add -mode HUDD (-mode HUDD BL1 BL2 BL3 compares it with the "
+                                "baselines)")
     return results
 
 
@@ -451,7 +464,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     actions = [name for name, on in (("--report", args.report), ("--compare", args.compare), ("-rq True", args.rq)) if on]
     if len(actions) > 1:
         raise HuddError(f"{' and '.join(actions)}: give one of them per run")
-    modes = [args.mode] if args.mode else (list(MODES) if args.demo is not None else [])
+    given = list(dict.fromkeys(mode for group in args.mode or [] for mode in group))  # in order, once each
+    modes = given or (list(MODES) if args.demo is not None else [])
     if args.steps == ["retrain"] and not modes:
         raise HuddError("--steps retrain needs -mode HUDD, BL1, BL2 or BL3")
     Helper.seed_everything(args.seed)

@@ -244,6 +244,17 @@ def test_skipped_images_are_left_out_of_every_later_step_through_retraining(make
     assert_clean_error(hudd("-o", str(case)), "cannot read image", "--skip-bad-images")
 
 
+def test_several_modes_retrain_in_one_run_once_each(make_case):
+    """-mode BL2 hudd,BL2: one command compares HUDD with a baseline (the mode was one per run; lower case was refused)."""
+    case = make_case(per_class=4, settings={**SETTINGS, "epochs": 1})
+    result = hudd("-o", str(case), "-mode", "BL2", "hudd,BL2", "--runs", "1")
+    assert result.returncode == 0, result.stderr
+    table = result.stdout[result.stdout.index("mode   test accuracy"):].splitlines()
+    assert [row.split()[0] for row in table[1:3]] == ["HUDD", "BL2"]   # the comparison's own order, HUDD first
+    assert len(list((case / "DNNModels").glob("HUDD_1_*.pth"))) == 1 and len(list((case / "DNNModels").glob("BL2_1_*.pth"))) == 1
+    assert len(pd.read_csv(case / "T" / "Retrain" / "BL2_runs.csv")) == 1   # BL2 named twice, run once
+
+
 def test_output_size_mismatch(make_case):
     case = make_case(per_class=1)
     save_model(case / "DNNModels" / "Wide.pth", num_classes=7)
