@@ -357,7 +357,7 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
     if clusters:
         noise = f" and {clusters['noise']} unclustered" if clusters["noise"] else ""
         quality = cluster_quality(clusters) if "purity" in clusters else ""
-        median = f"{clusters['median_size']:.0f}"
+        median = f"{clusters['median_size']:g}"  # 14.5 where the middle two sizes differ
         print(f"  root-cause clusters: {counted(clusters['k'], 'RCC')} (median {median} image{'' if median == '1' else 's'})"
               f"{noise}, {counted(clusters['sub_k'], 'sub-cluster')}, in {clusters['layer']} of the "
               f"{clusters['features']}{quality} -> {clusters['folder']}")

@@ -149,6 +149,17 @@ def test_flags_alone_mean_yes_and_numbers_are_numbers():
         HUDD.parse_bool("maybe")
 
 
+@pytest.mark.parametrize("sizes, shown", [([9, 20, 14, 15], "median 14.5 images"), ([1, 1, 3], "median 1 image)")])
+def test_the_summary_gives_the_median_rcc_size_as_it_is(capsys, sizes, shown):
+    """An even number of RCCs whose middle two sizes differ has a median of half an image: it was rounded."""
+    from types import SimpleNamespace
+    ctx = SimpleNamespace(paths=SimpleNamespace(root=Path("case")), model_path=Path("OriginalModel.pth"))
+    clusters = {"k": len(sizes), "noise": 0, "median_size": float(np.median(sizes)), "sub_k": len(sizes),
+                "layer": "Layer6", "features": "heatmaps", "folder": "case/T/Layer6"}
+    HUDD.print_summary(ctx, {"clusters": clusters}, 1.0)
+    assert shown in capsys.readouterr().out
+
+
 def test_bad_option_values_exit_2():
     for bad in (["--batch-size", "many"], ["-rq", "perhaps"], ["--steps", "dream"], ["-mode", "HUD"],
                 ["--seed", "-1"]):
