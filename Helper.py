@@ -1383,7 +1383,9 @@ class CaseLock:
     """One run per case study at a time: an exclusive lock on `CASE/.hudd.lock`, held for the whole run
     (under torchrun by rank 0, for every rank of the job). The file says who holds it. The operating
     system drops the lock when the holding process ends, however it ends, so a killed run never blocks
-    the next one; the file left behind is just unlocked."""
+    the next one; the file left behind is just unlocked. A POSIX record lock (lockf), not flock: flock's
+    lock belongs to the open file, which forked children share (DataLoader workers, which outlive a killed
+    run by up to 5 s), and the next run was refused in the name of a run that no longer existed."""
 
     def __init__(self, paths: CasePaths):
         self.paths = paths
@@ -1392,11 +1394,11 @@ class CaseLock:
     def acquire(self, holder: str) -> None:
         try:
             import fcntl
-        except ImportError:  # no flock (Windows): runs are not guarded
+        except ImportError:  # no fcntl (Windows): runs are not guarded
             return
         stream = open(self.paths.lock_file, "a+")
         try:
-            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             stream.seek(0)
             running = stream.read().strip() or "details not written yet"

@@ -179,6 +179,28 @@ def test_a_second_run_is_refused_and_a_killed_run_blocks_nothing(case):
     assert after.returncode == 0, after.stderr
 
 
+def test_a_killed_run_whose_children_live_on_a_moment_blocks_nothing(case):
+    """A killed run's forked children (DataLoader workers) outlive it by up to 5 s: the lock must end with the
+    run itself. With flock it lived on in them, and the next run was refused in the dead run's name."""
+    code = (f"import os, sys, time; sys.path.insert(0, {str(REPO)!r}); import Helper; "
+            f"lock = Helper.CaseLock(Helper.CasePaths(__import__('pathlib').Path({str(case)!r}))); "
+            "lock.acquire(Helper.run_description()); child = os.fork(); "
+            "time.sleep(600) if child == 0 else (print(child, flush=True), time.sleep(600))")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        assert_clean_error(hudd("-o", str(case), "--steps", "test"), "another HUDD run", f"pid {holder.pid}")
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        after = hudd("-o", str(case), "--steps", "test")   # the child still sleeps
+        assert after.returncode == 0, after.stderr
+    finally:
+        os.kill(child, signal.SIGKILL)
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait()
+
+
 def test_two_runs_started_together_never_crash_and_leave_whole_outputs(case):
     """The issue's crash ("FileNotFoundError ... .partial"). Whether the two runs overlap depends on how
     fast each starts (on a busy machine the first may end before the second takes the lock): overlapping,
