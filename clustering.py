@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy.cluster.hierarchy import linkage
@@ -47,6 +47,8 @@ def times_transposed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     def one_tile(corner: tuple[int, int]) -> None:
         rows, columns = slice(corner[0], corner[0] + PRODUCT_TILE), slice(corner[1], corner[1] + PRODUCT_TILE)
         torch.mm(left[rows], right[columns].T, out=out[rows, columns])
+    if not tiles:   # no rows on one side
+        return out.numpy()
     if not _openmp_threads():  # a tile's worker cannot be held to one thread: one threaded product
         return (left @ right.T).numpy()
     if torch.get_num_threads() == 1:  # this thread is already held to one

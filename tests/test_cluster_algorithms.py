@@ -317,6 +317,17 @@ sys.stdout.write(hashlib.sha256(distances.tobytes() + curve[2:21].tobytes() + ne
 """
 
 
+@pytest.mark.parametrize("rows, columns", [(0, 3), (3, 0), (1, 1), (384, 385), (769, 20)])
+def test_the_tiled_product_is_the_product(rows, columns):
+    """times_transposed cuts a @ b.T into one-thread tiles of 384: every tile edge, and no rows at all, give
+    numpy's product (float64; the order of the sums may differ in the last bits)."""
+    rng = np.random.default_rng(rows + columns)
+    a, b = rng.normal(size=(rows, 50)).astype(np.float32), rng.normal(size=(columns, 50))
+    ours = C.times_transposed(a, b)
+    assert ours.shape == (rows, columns) and ours.dtype == np.float64
+    np.testing.assert_allclose(ours, a.astype(np.float64) @ b.T, rtol=1e-12, atol=1e-12)
+
+
 def test_distances_and_silhouettes_have_the_same_bits_at_any_thread_count():
     """A torchrun rank runs one thread, a process two or more: the cluster step's outputs must not
     change with it (docs/scaling.md). Two processes, 1 and 2 threads, as HUDD.py sets MKL up."""
