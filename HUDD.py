@@ -69,6 +69,13 @@ def parse_modes(text: str) -> list[str]:
     return [spelled[mode.lower()] for mode in modes]
 
 
+def modes_to_retrain(args: argparse.Namespace) -> list[str]:
+    """The modes of every -mode given (-mode HUDD BL1, -mode HUDD,BL1, -mode HUDD -mode BL1), in order and
+    once each; with --demo and none given, all four."""
+    given = list(dict.fromkeys(mode for group in args.mode or [] for mode in group))
+    return given or (list(MODES) if args.demo is not None else [])
+
+
 def whole_number(minimum: int):
     """An argparse type: a whole number of at least `minimum`."""
     def parse(text: str) -> int:
@@ -96,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="case-study directory (holds DataSets/ and DNNModels/)")
     case.add_argument("-m", "--modelName", dest="model", metavar="MODEL", default="OriginalModel.pth",
                       help="model file in CASE/DNNModels/ or a path to one (default: OriginalModel.pth)")
-    case.add_argument("-mode", "--retrainMode", dest="mode", type=parse_modes, nargs="+", metavar="MODE",
+    case.add_argument("-mode", "--retrainMode", dest="mode", type=parse_modes, nargs="+", action="extend",
+                      metavar="MODE",
                       help="after finding the root causes, retrain with HUDD's unsafe set, BL1 (random misclassified "
                            "improvement images), BL2 (random improvement images) or BL3 (the improvement images the "
                            "model is least sure of), at the same labelling budget; several modes compare in one run "
@@ -464,8 +472,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     actions = [name for name, on in (("--report", args.report), ("--compare", args.compare), ("-rq True", args.rq)) if on]
     if len(actions) > 1:
         raise HuddError(f"{' and '.join(actions)}: give one of them per run")
-    given = list(dict.fromkeys(mode for group in args.mode or [] for mode in group))  # in order, once each
-    modes = given or (list(MODES) if args.demo is not None else [])
+    modes = modes_to_retrain(args)
     if args.steps == ["retrain"] and not modes:
         raise HuddError("--steps retrain needs -mode HUDD, BL1, BL2 or BL3")
     Helper.seed_everything(args.seed)

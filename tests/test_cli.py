@@ -255,6 +255,14 @@ def test_skipped_images_are_left_out_of_every_later_step_through_retraining(make
     assert_clean_error(hudd("-o", str(case)), "cannot read image", "--skip-bad-images")
 
 
+@pytest.mark.parametrize("given, modes", [(["-mode", "HUDD", "-mode", "bl1,BL2"], ["HUDD", "BL1", "BL2"]),
+                                           (["-mode", "BL3", "hudd", "BL3"], ["BL3", "HUDD"]), ([], []),
+                                           (["--demo"], ["HUDD", "BL1", "BL2", "BL3"])])
+def test_the_modes_of_every_mode_option_are_retrained_once_each(given, modes):
+    args = HUDD.build_parser().parse_args(["-o", "x", *given] if "--demo" not in given else given)
+    assert HUDD.modes_to_retrain(args) == modes
+
+
 def test_several_modes_retrain_in_one_run_once_each(make_case):
     """-mode BL2 hudd,BL2: one command compares HUDD with a baseline (the mode was one per run; lower case was refused)."""
     case = make_case(per_class=4, settings={**SETTINGS, "epochs": 1})
