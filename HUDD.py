@@ -19,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-# MKL's strict reproducible mode, before torch loads MKL: a float32 matrix product then gives the same bits
-# whatever the number of threads (by default batches of 5-11 rows differ in the last bit between 1 and 2
-# threads), so a torchrun job of N one-thread ranks writes the same bytes as one process with N threads.
+# MKL's strict reproducible mode, before torch loads MKL: on Intel CPUs a float32 matrix product then gives the
+# same bits whatever the number of threads (by default batches of 5-11 rows differ in the last bit between 1 and 2
+# threads), so a torchrun job of N one-thread ranks writes the same bytes as one process with N threads. An AMD
+# EPYC ignored it; the cluster and assignment steps' products do not rely on it (clustering.times_transposed).
 # No slowdown measured here (bench/README.md); a value the user set wins.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 

@@ -1074,19 +1074,17 @@ def _torch_file_kind(model_path: Path) -> str:
         head = stream.read(9)
     if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < model_path.stat().st_size:
         return "safetensors"   # an 8-byte header length, then the header's JSON
-    if not zipfile.is_zipfile(model_path) and head[:1] != b"\x80":
+    if head[:1] == b"\x80":   # a pickle stream
+        return "torch.save"
+    if not zipfile.is_zipfile(model_path):
         raise HuddError(f"{model_path}: is not a PyTorch model file (torch.save writes a zip archive); "
                         "pass the .pth file saved with torch.save(model.state_dict(), path)")
-    if zipfile.is_zipfile(model_path):
-        with zipfile.ZipFile(model_path) as archive:
-            names = archive.namelist()
-        compiled = any(name.endswith("/constants.pkl") for name in names)
-        if compiled:   # its modules are compiled code: LRP's rules need the architecture's own layers
-            raise HuddError(f"{model_path}: is a TorchScript archive (torch.jit.save); HUDD needs the weights and "
-                            "the architecture: save model.state_dict() with torch.save and pass --arch")
-        if any(name.endswith("data/weights/model_weights_config.json") for name in names):
-            return "export"
-    return "torch.save"
+    with zipfile.ZipFile(model_path) as archive:
+        names = archive.namelist()
+    if any(name.endswith("/constants.pkl") for name in names):  # compiled code: LRP needs the layers themselves
+        raise HuddError(f"{model_path}: is a TorchScript archive (torch.jit.save); HUDD needs the weights and "
+                        "the architecture: save model.state_dict() with torch.save and pass --arch")
+    return "export" if any(name.endswith("data/weights/model_weights_config.json") for name in names) else "torch.save"
 
 
 def _safetensors_weights(model_path: Path) -> dict[str, torch.Tensor]:

@@ -41,16 +41,14 @@ def times_transposed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     def tensor(x):  # float64, C order, writable (torch refuses read-only memory maps)
         return torch.from_numpy(np.require(x, dtype=np.float64, requirements=["C", "W"]))
     left, right = tensor(a), tensor(b)
-    out = torch.empty((len(a), len(b)), dtype=torch.float64)
     tiles = [(i, j) for i in range(0, len(a), PRODUCT_TILE) for j in range(0, len(b), PRODUCT_TILE)]
+    if not tiles or not _openmp_threads():  # no rows on one side; or a tile's worker cannot be held to one thread
+        return (left @ right.T).numpy()
+    out = torch.empty((len(a), len(b)), dtype=torch.float64)
 
     def one_tile(corner: tuple[int, int]) -> None:
         rows, columns = slice(corner[0], corner[0] + PRODUCT_TILE), slice(corner[1], corner[1] + PRODUCT_TILE)
         torch.mm(left[rows], right[columns].T, out=out[rows, columns])
-    if not tiles:   # no rows on one side
-        return out.numpy()
-    if not _openmp_threads():  # a tile's worker cannot be held to one thread: one threaded product
-        return (left @ right.T).numpy()
     if torch.get_num_threads() == 1:  # this thread is already held to one
         for corner in tiles:
             one_tile(corner)
