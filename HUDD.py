@@ -396,14 +396,20 @@ def print_retraining(summaries: list[dict], paths: Helper.CasePaths) -> None:
           f"original test accuracy {first['original']:.2f}%")
     print(f"    {'mode':5s} {'test accuracy: mean (min-max)':>30s} {'gain':>7s} {'improved':>9s} {'worsened':>9s} "
           f"{'labels needed':>13s} {'gain/100 labels':>15s} {'p (MWU)':>8s} {'A12':>5s}")
+    too_few_runs = ("HUDD" in set(table["mode"]) and len(table) > 1
+                    and bool(table["runs"].min() < retrainModule.STATISTICS_MIN_RUNS))
     for row in table.itertuples():
-        stats = ("" if np.isnan(row.a12_HUDD) else f"{row.p_value_vs_HUDD:8.3f} {row.a12_HUDD:5.2f}")
+        stats = ("" if row.mode == "HUDD" or "HUDD" not in set(table["mode"]) else
+                 f"{'n/a':>8s} {'n/a':>5s}" if np.isnan(row.a12_HUDD) else f"{row.p_value_vs_HUDD:8.3f} {row.a12_HUDD:5.2f}")
         print(f"    {row.mode:5s} {row.accuracy:13.2f}% ({row.accuracy_min:.2f}-{row.accuracy_max:.2f}) "
               f"{row.gain:+7.2f} {row.improved:9.1f} {row.worsened:9.1f} {row.labels_needed:13d} "
               f"{row.gain_per_100_labels:+15.2f} {stats}")
     print("    labels needed: HUDD its unsafe set, BL1 every improvement image (to find the misclassified ones), BL2 "
           "and BL3 their budget; p, A12: HUDD's runs against the mode's (two-sided Mann-Whitney U; A12 > 0.5: HUDD "
           "ahead)")
+    if too_few_runs:
+        print(f"    p and A12 need {retrainModule.STATISTICS_MIN_RUNS} or more runs of HUDD and of the mode (one run each "
+              "is one comparison of two accuracies, not a test): --runs 5 gives them")
     print_scenario_gains(paths, list(table["mode"]))
     print(f"    models -> {paths.models}; tables -> {first['folder']}")
 

@@ -400,7 +400,7 @@ def retrain_section(ctx: RunContext, data: ReportData) -> str:
                 f"(and BL1, BL2, BL3) retrains at one labelling budget.{labelling}</p>")
     original = data.sets["TestSet"]["accuracy"]
     table = retrainModule.comparison(ctx.paths, list(data.retrain))
-    rows = [retrain_row(row, original) for row in table.itertuples()]
+    rows = [retrain_row(row, original, "HUDD" in set(table["mode"])) for row in table.itertuples()]
     chart = comparison_chart(ctx, data, original)
     scenario_rows = scenario_gain_rows(data)
     return f"""
@@ -410,7 +410,8 @@ images and on as many samples. HUDD: its unsafe set, {how_picked(ctx)}. BL1: ran
 images (finding them needs every improvement image labelled); BL2: random ones; BL3: the ones the model is
 least sure of (lowest margin).
 Labels needed: what an engineer labels to run the mode. p and A12: HUDD's runs against the mode's (two-sided
-Mann-Whitney U; A12 above 0.5: HUDD ahead).</p>
+Mann-Whitney U; A12 above 0.5: HUDD ahead), where HUDD and the mode have {retrainModule.STATISTICS_MIN_RUNS} runs or
+more (n/a below: one run each is one comparison of two accuracies, not a test; <code>--runs 5</code> gives them).</p>
 <table id=retrain><tr><th class=l>mode</th><th>labelled</th><th>labels needed</th><th>training samples</th><th>runs</th>
 <th>accuracy (mean)</th><th>min–max</th><th>gain (points)</th><th>gain per 100 labels</th><th>improved</th>
 <th>worsened</th><th>p (vs HUDD)</th><th>A12 (HUDD)</th></tr>
@@ -420,9 +421,10 @@ Mann-Whitney U; A12 above 0.5: HUDD ahead).</p>
 """
 
 
-def retrain_row(row, original: float) -> str:
+def retrain_row(row, original: float, hudd_ran: bool) -> str:
     """One mode's row of the comparison (retrainModule.comparison)."""
-    stats = ("<td></td><td></td>" if np.isnan(row.a12_HUDD) else
+    stats = ("<td></td><td></td>" if row.mode == "HUDD" or not hudd_ran else
+             "<td class=p-value>n/a</td><td class=a12>n/a</td>" if np.isnan(row.a12_HUDD) else
              f"<td class=p-value data-value='{row.p_value_vs_HUDD:.6f}'>{row.p_value_vs_HUDD:.3f}</td>"
              f"<td class=a12 data-value='{row.a12_HUDD:.6f}'>{row.a12_HUDD:.2f}</td>")
     return (f"<tr data-mode={row.mode}><td class=l>{row.mode}</td><td>{row.labelled}</td>"

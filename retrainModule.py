@@ -729,6 +729,9 @@ def write_workbook(path: Path, tables: dict[str, pd.DataFrame]) -> None:
 # --------------------------------------------------------------------------------------------
 
 COMPARISON = "comparison"
+# Below two runs on either side, Mann-Whitney's p is 1 whatever the accuracies and A12 is 0, 0.5 or 1:
+# one comparison of two numbers, printed as if it were a statistic. The table leaves them empty then.
+STATISTICS_MIN_RUNS = 2
 
 
 def retraining_basis(ctx: RunContext) -> dict:
@@ -751,7 +754,8 @@ def comparison(paths: CasePaths, modes: list[str] | None = None) -> pd.DataFrame
     """One row per mode that has run (of `modes`, default every mode on disk): runs, labelled (the
     budget), labels_needed, training samples, accuracy mean/min/max, gain over the original model, gain
     per 100 labels needed, improved and worsened, and against HUDD's runs the two-sided Mann-Whitney U p-value and Vargha-Delaney A12
-    (the probability that a HUDD run beats a run of that mode). None before any mode ran."""
+    (the probability that a HUDD run beats a run of that mode; NaN unless both have STATISTICS_MIN_RUNS runs).
+    None before any mode ran."""
     modes = modes_run(paths) if modes is None else modes
     if not modes:
         return None
@@ -769,7 +773,7 @@ def comparison(paths: CasePaths, modes: list[str] | None = None) -> pd.DataFrame
                "accuracy_min": table["accuracy"].min(), "accuracy_max": table["accuracy"].max(), "gain": gain,
                "gain_per_100_labels": 100.0 * gain / max(needed, 1), "improved": table["improved"].mean(),
                "worsened": table["worsened"].mean(), "p_value_vs_HUDD": float("nan"), "a12_HUDD": float("nan")}
-        if mode != "HUDD" and "HUDD" in runs:
+        if mode != "HUDD" and "HUDD" in runs and min(len(runs["HUDD"]), len(table)) >= STATISTICS_MIN_RUNS:
             row["p_value_vs_HUDD"] = evaluation.mann_whitney_p(runs["HUDD"]["accuracy"], table["accuracy"])
             row["a12_HUDD"] = evaluation.vargha_delaney_a12(runs["HUDD"]["accuracy"], table["accuracy"])
         rows.append(row)

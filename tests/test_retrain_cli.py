@@ -6,6 +6,7 @@ import sys
 
 import pandas as pd
 import pytest
+from scipy.stats import mannwhitneyu
 
 from helpers import REPO, hudd
 
@@ -99,3 +100,46 @@ def test_the_gain_per_scenario_lists_every_mode_of_the_comparison(tmp_path, caps
     HUDD.print_scenario_gains(paths, ["HUDD", "BL1"])
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
     assert rows == {"HUDD": ["+2.5", "-0.5"], "BL1": ["+1.0", "+0.2"]}
+
+
+def test_one_run_per_mode_prints_no_p_value_or_a12(tmp_path, capsys):
+    """One run each: Mann-Whitney's p is 1 and A12 is 0 or 1 whatever the accuracies, a comparison of two
+    numbers; the table leaves them out and says why, and gives them from two runs each."""
+    import HUDD
+    import Helper
+    import retrainModule
+    import testModule
+    paths = Helper.CasePaths(tmp_path)
+    retrainModule.retrain_dir(paths).mkdir(parents=True)
+    results = pd.DataFrame({"image": ["a.png", "b.png"], "result": ["Correct", "Wrong"], "expected": ["x", "x"],
+                            "predicted": ["x", "y"]})
+    for set_key in ("test", "improve"):
+        results.to_csv(testModule.result_path(paths, set_key), index=False)
+
+    def runs_table(mode: str, accuracies: list[float]) -> None:
+        pd.DataFrame({"run": range(1, len(accuracies) + 1), "labelled": 1, "labels_needed": 1, "bag": 4,
+                      "accuracy": accuracies, "improved": 1, "worsened": 0}).to_csv(
+            retrainModule.table_path(paths, mode, "runs"), index=False)
+    summary = {"labelled": 1, "bag": 4, "runs": 1, "original": 50.0, "folder": retrainModule.retrain_dir(paths)}
+    runs_table("HUDD", [60.0])
+    runs_table("BL1", [55.0])
+    table = retrainModule.comparison(paths).set_index("mode")
+    assert table[["p_value_vs_HUDD", "a12_HUDD"]].isna().all().all()
+    HUDD.print_retraining([summary], paths)
+    out = capsys.readouterr().out
+    bl1 = next(line for line in out.splitlines() if line.startswith("    BL1 "))
+    assert bl1.split()[-2:] == ["n/a", "n/a"] and "1.000" not in bl1
+    assert "p and A12 need 2 or more runs of HUDD and of the mode" in out
+    import reportModule
+    rows = {row.mode: reportModule.retrain_row(row, 50.0, hudd_ran=True) for row in table.reset_index().itertuples()}
+    assert "<td class=p-value>n/a</td><td class=a12>n/a</td>" in rows["BL1"] and "n/a" not in rows["HUDD"]
+
+    runs_table("HUDD", [60.0, 62.0])
+    runs_table("BL1", [55.0, 54.0])
+    table = retrainModule.comparison(paths).set_index("mode")
+    assert table.loc["BL1", "a12_HUDD"] == 1.0
+    assert table.loc["BL1", "p_value_vs_HUDD"] == pytest.approx(mannwhitneyu([60.0, 62.0], [55.0, 54.0]).pvalue)
+    HUDD.print_retraining([{**summary, "runs": 2}], paths)
+    out = capsys.readouterr().out
+    bl1 = next(line for line in out.splitlines() if line.startswith("    BL1 "))
+    assert bl1.split()[-2:] == ["0.333", "1.00"] and "need 2 or more runs" not in out
