@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from Helper import HuddError, PipelineStop, QuietExit, atomic_path, pick_device
+from Helper import HuddError, PipelineStop, QuietExit, atomic_path, first_line_of, pick_device
 
 log = logging.getLogger("hudd")
 
@@ -142,7 +142,7 @@ def _collective(call: Callable[[], Any]) -> Any:
     try:
         return call()
     except RuntimeError as exc:  # gloo: a peer's connection closed or timed out
-        raise HuddError(f"{describe()}: lost contact with another rank of this torchrun job ({str(exc).splitlines()[0]}); "
+        raise HuddError(f"{describe()}: lost contact with another rank of this torchrun job ({first_line_of(exc)}); "
                         "it was killed or crashed. The work finished so far is on disk: run the same command again "
                         "to resume") from None
 

@@ -25,7 +25,7 @@ from torch import nn
 
 import heatmapModule
 from Helper import (IMAGENET_MEAN, IMAGENET_STD, HuddError, ImageSet, RunContext, Settings, build_architecture,
-                    file_digest, make_loader, stop_on_unreadable)
+                    file_digest, first_line_of, make_loader, stop_on_unreadable)
 from lrp import LRPExplainer
 
 Batches = Iterator[tuple[np.ndarray, np.ndarray]]   # (positions in the image set, rows of those images)
@@ -224,7 +224,7 @@ def load_backbone(ctx: RunContext) -> nn.Module:
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:
-        raise HuddError(f"{path}: does not fit backbone {ctx.settings.backbone!r} ({str(exc).splitlines()[0]})") from None
+        raise HuddError(f"{path}: does not fit backbone {ctx.settings.backbone!r} ({first_line_of(exc)})") from None
     return network.eval()
 
 

@@ -213,3 +213,17 @@ def test_two_runs_started_together_never_crash_and_leave_whole_outputs(case):
     for refused in (r for r in results if r.returncode):
         assert_clean_error(refused, "another HUDD run")
     assert len(np.load(case / "T" / "Heatmaps" / "Layer0.npy")) == len(pd.read_csv(case / "T" / "Heatmaps" / "index.csv"))
+
+
+def test_a_lost_peer_with_an_empty_message_still_gives_one_line(monkeypatch):
+    """gloo's errors are quoted by their first line; one without any text must not raise IndexError."""
+    import distributed
+    from Helper import HuddError
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+
+    def lost():
+        raise RuntimeError()
+    with pytest.raises(HuddError, match=r"^rank 1 of 2: lost contact with another rank of this torchrun job "
+                                        r"\(RuntimeError\); it was killed or crashed"):
+        distributed._collective(lost)
