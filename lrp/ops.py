@@ -9,6 +9,7 @@ added to its group's list here, once.
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any, Callable
 
 import torch
@@ -50,14 +51,9 @@ _PASS = _fns("relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu
              "layer_norm", "group_norm", "instance_norm", "local_response_norm") + _fns(
     "relu", "sigmoid", "tanh", "softmax", "log_softmax", "clamp", "clip", "clamp_min", "neg",
     mod=torch) + [operator.neg] + list(_INPLACE_ACTIVATIONS)
-try:  # torchvision's stochastic depth (EfficientNet, ConvNeXt, ...): dropout of a whole residual branch
-    import torchvision.ops as _tv_ops
-except ImportError:  # torchvision is optional for the engine
-    _tv_ops = None
 _IDENTITY = _fns("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
                  "feature_alpha_dropout") + _fns("dropout", "alpha_dropout", "feature_dropout",
-                                                 mod=torch) + (
-    _fns("stochastic_depth", mod=_tv_ops) if _tv_ops is not None else [])
+                                                 mod=torch)
 _PROPORTIONAL = _fns("avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
                      "adaptive_avg_pool2d", "adaptive_avg_pool3d", "interpolate", "upsample",
                      "upsample_nearest", "upsample_bilinear") + _fns(
@@ -103,8 +99,27 @@ NONNEG_FUNCTIONS = set(_fns("relu", "relu6", "sigmoid", "hardsigmoid", "softmax"
 NONNEG_PRESERVING_FUNCTIONS = (set(_GRADIENT) | set(_PROPORTIONAL) | set(_IDENTITY)) - {getattr}
 
 
+def add_torchvision_functions() -> None:
+    """torchvision's stochastic depth (EfficientNet, ConvNeXt, ...: dropout of a whole residual branch)
+    into the identity group, once torchvision is loaded. Not imported here: its import pulls in
+    torch._dynamo, seconds that a command stopping at its first check need not wait, nor a model
+    without torchvision; a model that calls it was built from torchvision, which is loaded by then."""
+    tv_ops = sys.modules.get("torchvision.ops")
+    stochastic_depth = getattr(tv_ops, "stochastic_depth", None)
+    if stochastic_depth is not None and stochastic_depth not in FUNCTION_RULES:
+        FUNCTION_RULES[stochastic_depth] = Identity
+        NONNEG_PRESERVING_FUNCTIONS.add(stochastic_depth)
+
+
 def function_rule(fn: Callable) -> type[OpRule]:
+    add_torchvision_functions()
     return FUNCTION_RULES.get(fn, NoRule)
+
+
+def preserves_nonnegative(fn: Callable) -> bool:
+    """Whether `fn` keeps a >= 0 input >= 0 (routing, averaging, identity; some only for some arguments)."""
+    add_torchvision_functions()
+    return fn in NONNEG_PRESERVING_FUNCTIONS
 
 
 def out_of_place_function(fn: Callable) -> Callable:
