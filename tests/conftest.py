@@ -1,11 +1,34 @@
 """Shared fixtures: tiny case studies built on the fly (tests/helpers.py builds them)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import SETTINGS, build_case, hudd
+
+# pytest.ini runs the tests on one worker process per CPU core (pytest-xdist, `-n auto --dist loadgroup`):
+# most of the suite's time is single-threaded (the command line's start, tiny tensors). Each worker, and
+# the processes its tests start, get their share of the cores: torch's threads spinning for cores that
+# the other worker holds cost more than they give on tensors this small.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+
+# Tests that share a module- or session-scoped fixture run on one worker, so that it is built once: a
+# module's by `pytestmark = pytest.mark.xdist_group(...)` in the module, a session fixture's here.
+SESSION_FIXTURES = ("retrained_case",)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        shared = [name for name in SESSION_FIXTURES if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
 @pytest.fixture

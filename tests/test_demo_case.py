@@ -15,6 +15,8 @@ from demo import common as demoCommon
 from demo import signs as demoCase
 from Helper import CasePaths, HuddError
 
+pytestmark = pytest.mark.xdist_group("test_demo_case")  # its module-scoped fixture is built once (conftest.py)
+
 SMALL = {"train": 90, "test": 60, "improve": 60}
 
 

@@ -15,6 +15,8 @@ from demo import common
 from demo import faces as demoFace
 from Helper import CasePaths, HuddError
 
+pytestmark = pytest.mark.xdist_group("test_demo_face")  # its module-scoped fixture is built once (conftest.py)
+
 TINY = {"train": 40, "test": 20, "improve": 20}
 
 

@@ -18,6 +18,8 @@ from demo.faces import FACES
 from demo.signs import SIGNS
 from Helper import CasePaths, HuddError
 
+pytestmark = pytest.mark.xdist_group("test_demo_prepare")  # its module-scoped fixture is built once (conftest.py)
+
 SMALL = {"train": 90, "test": 60, "improve": 60}
 BAR = QualityBar(ordinary=95.0, gap=20.0)
 # One epoch, then up to two more one at a time: a tiny model that cannot reach the bar.

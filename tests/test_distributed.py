@@ -17,6 +17,8 @@ import torch
 
 from helpers import REPO, SETTINGS, assert_clean_error, build_case, hudd
 
+pytestmark = pytest.mark.xdist_group("test_distributed")  # its module-scoped fixture is built once (conftest.py)
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 

@@ -16,6 +16,8 @@ import lrp
 from architectures import KPNetSmall
 from helpers import assert_clean_error, hand_decode, hudd
 
+pytestmark = pytest.mark.xdist_group("test_keypoint_pipeline")  # its module-scoped fixture is built once (conftest.py)
+
 KEYPOINTS = 5
 SIZE = 32
 SETTINGS = {"task": "keypoints", "arch": "kpnet-small", "input_size": [SIZE, SIZE], "resize": "none", "channels": 1,

@@ -15,6 +15,8 @@ import retrainModule
 from helpers import CLASSES, SETTINGS, assert_clean_error, build_case, context, hudd
 from test_keypoint_pipeline import build_keypoint_case
 
+pytestmark = pytest.mark.xdist_group("test_partial_labels")  # its module-scoped fixture is built once (conftest.py)
+
 RUN = ("--runs", "2")
 
 

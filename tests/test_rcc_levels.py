@@ -20,6 +20,8 @@ import heatmapModule
 import testModule
 from helpers import SETTINGS, context, hudd, run_steps
 
+pytestmark = pytest.mark.xdist_group("test_rcc_levels")  # its module-scoped fixture is built once (conftest.py)
+
 
 def add_scenarios(case: Path) -> None:
     test_dir = case / "DataSets" / "TestSet"
