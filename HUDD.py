@@ -396,11 +396,15 @@ def print_retraining(summaries: list[dict], paths: Helper.CasePaths) -> None:
           f"original test accuracy {first['original']:.2f}%")
     print(f"    {'mode':5s} {'test accuracy: mean (min-max)':>30s} {'gain':>7s} {'improved':>9s} {'worsened':>9s} "
           f"{'labels needed':>13s} {'gain/100 labels':>15s} {'p (MWU)':>8s} {'A12':>5s}")
-    too_few_runs = ("HUDD" in set(table["mode"]) and len(table) > 1
-                    and bool(table["runs"].min() < retrainModule.STATISTICS_MIN_RUNS))
+    hudd_ran = "HUDD" in set(table["mode"])
+    too_few_runs = hudd_ran and len(table) > 1 and bool(table["runs"].min() < retrainModule.STATISTICS_MIN_RUNS)
     for row in table.itertuples():
-        stats = ("" if row.mode == "HUDD" or "HUDD" not in set(table["mode"]) else
-                 f"{'n/a':>8s} {'n/a':>5s}" if np.isnan(row.a12_HUDD) else f"{row.p_value_vs_HUDD:8.3f} {row.a12_HUDD:5.2f}")
+        if row.mode == "HUDD" or not hudd_ran:
+            stats = ""
+        elif np.isnan(row.a12_HUDD):  # too few runs for a test (retrainModule.STATISTICS_MIN_RUNS)
+            stats = f"{'n/a':>8s} {'n/a':>5s}"
+        else:
+            stats = f"{row.p_value_vs_HUDD:8.3f} {row.a12_HUDD:5.2f}"
         print(f"    {row.mode:5s} {row.accuracy:13.2f}% ({row.accuracy_min:.2f}-{row.accuracy_max:.2f}) "
               f"{row.gain:+7.2f} {row.improved:9.1f} {row.worsened:9.1f} {row.labels_needed:13d} "
               f"{row.gain_per_100_labels:+15.2f} {stats}")
@@ -409,7 +413,7 @@ def print_retraining(summaries: list[dict], paths: Helper.CasePaths) -> None:
           "ahead)")
     if too_few_runs:
         print(f"    p and A12 need {retrainModule.STATISTICS_MIN_RUNS} or more runs of HUDD and of the mode (one run each "
-              "is one comparison of two accuracies, not a test): --runs 5 gives them")
+              "is one comparison of two accuracies, not a test): give --runs 5, say")
     print_scenario_gains(paths, list(table["mode"]))
     print(f"    models -> {paths.models}; tables -> {first['folder']}")
 

@@ -1277,7 +1277,8 @@ def pick_device(name: str = "auto") -> torch.device:
         try:  # mps, xpu, ...: their own availability checks differ; a tensor on the device tells
             torch.empty(1, device=device)
         except Exception as error:  # noqa: BLE001 - whatever the backend raises
-            why = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0][:120]  # torch's first sentence; the rest lists backends
+            # torch's first sentence (the rest lists backends); the error's type where it has no message
+            why = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0][:120]
             raise HuddError(f"--device {name}: not usable on this machine ({why}); use --device cpu") from None
     return device
 

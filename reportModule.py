@@ -411,7 +411,7 @@ images (finding them needs every improvement image labelled); BL2: random ones; 
 least sure of (lowest margin).
 Labels needed: what an engineer labels to run the mode. p and A12: HUDD's runs against the mode's (two-sided
 Mann-Whitney U; A12 above 0.5: HUDD ahead), where HUDD and the mode have {retrainModule.STATISTICS_MIN_RUNS} runs or
-more (n/a below: one run each is one comparison of two accuracies, not a test; <code>--runs 5</code> gives them).</p>
+more (n/a where either has one: one run each is one comparison of two accuracies, not a test).</p>
 <table id=retrain><tr><th class=l>mode</th><th>labelled</th><th>labels needed</th><th>training samples</th><th>runs</th>
 <th>accuracy (mean)</th><th>min–max</th><th>gain (points)</th><th>gain per 100 labels</th><th>improved</th>
 <th>worsened</th><th>p (vs HUDD)</th><th>A12 (HUDD)</th></tr>
