@@ -392,7 +392,7 @@ def print_retraining(summaries: list[dict], paths: Helper.CasePaths) -> None:
     import retrainModule
     first, table = summaries[0], retrainModule.read_comparison(paths)
     print(f"  retraining at one budget: {first['labelled']} improvement images labelled per mode, "
-          f"{first['bag']} training samples drawn from them; {first['runs']} run(s) per mode; "
+          f"{first['bag']} training samples drawn from them; {runs_per_mode(table)}; "
           f"original test accuracy {first['original']:.2f}%")
     print(f"    {'mode':5s} {'test accuracy: mean (min-max)':>30s} {'gain':>7s} {'improved':>9s} {'worsened':>9s} "
           f"{'labels needed':>13s} {'gain/100 labels':>15s} {'p (MWU)':>8s} {'A12':>5s}")
@@ -416,6 +416,16 @@ def print_retraining(summaries: list[dict], paths: Helper.CasePaths) -> None:
               "is one comparison of two accuracies, not a test): give --runs 5, say")
     print_scenario_gains(paths, list(table["mode"]))
     print(f"    models -> {paths.models}; tables -> {first['folder']}")
+
+
+def runs_per_mode(table) -> str:
+    """'3 runs per mode', or each mode's count where they differ (the table holds every mode on disk,
+    some perhaps run with another --runs than this run's)."""
+    counts = dict(zip(table["mode"], table["runs"]))
+    if len(set(counts.values())) == 1:
+        runs = next(iter(counts.values()))
+        return f"{runs} run{'s' if runs > 1 else ''} per mode"
+    return "runs per mode: " + ", ".join(f"{mode} {runs}" for mode, runs in counts.items())
 
 
 def print_scenario_gains(paths: Helper.CasePaths, modes: list[str]) -> None:

@@ -129,7 +129,7 @@ def test_one_run_per_mode_prints_no_p_value_or_a12(tmp_path, capsys):
     out = capsys.readouterr().out
     bl1 = next(line for line in out.splitlines() if line.startswith("    BL1 "))
     assert bl1.split()[-2:] == ["n/a", "n/a"] and "1.000" not in bl1
-    assert "p and A12 need 2 or more runs of HUDD and of the mode" in out
+    assert "p and A12 need 2 or more runs of HUDD and of the mode" in out and "; 1 run per mode;" in out
     import reportModule
     rows = {row.mode: reportModule.retrain_row(row, 50.0, hudd_ran=True) for row in table.reset_index().itertuples()}
     assert "<td class=p-value>n/a</td><td class=a12>n/a</td>" in rows["BL1"] and "n/a" not in rows["HUDD"]
@@ -142,4 +142,9 @@ def test_one_run_per_mode_prints_no_p_value_or_a12(tmp_path, capsys):
     HUDD.print_retraining([{**summary, "runs": 2}], paths)
     out = capsys.readouterr().out
     bl1 = next(line for line in out.splitlines() if line.startswith("    BL1 "))
-    assert bl1.split()[-2:] == ["0.333", "1.00"] and "need 2 or more runs" not in out
+    assert bl1.split()[-2:] == ["0.333", "1.00"] and "need 2 or more runs" not in out and "; 2 runs per mode;" in out
+
+    runs_table("BL1", [55.0])   # the modes on disk ran with other --runs: each one's count, the statistics n/a
+    HUDD.print_retraining([{**summary, "runs": 1}], paths)
+    out = capsys.readouterr().out
+    assert "; runs per mode: HUDD 2, BL1 1;" in out and "need 2 or more runs" in out
