@@ -26,17 +26,11 @@ from pathlib import Path
 # No slowdown measured here (bench/README.md); a value the user set wins.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-import numpy as np  # noqa: E402
-
-import distributed  # noqa: E402
-import Helper  # noqa: E402
-from Helper import HuddError, PipelineStop, RunContext  # noqa: E402
-
 log = logging.getLogger("hudd")
 
 # The pipeline's steps in order; "retrain" runs for the modes given with -mode (the demo: all four).
 STEP_NAMES = ("test", "heatmaps", "clusters", "assign", "retrain")
-MODES = Helper.RETRAIN_MODES
+MODES = ("HUDD", "BL1", "BL2", "BL3")   # Helper.RETRAIN_MODES, spelled here: the parser runs before Helper loads
 
 
 def parse_bool(text: str) -> bool:
@@ -143,6 +137,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", metavar="BOOL", **flag, help="recompute steps even when their inputs are unchanged")
     run.add_argument("--debug", metavar="BOOL", **flag, help="verbose log, tracebacks on errors")
     return parser
+
+
+def read_options(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's options; exits with argparse's usage line and status 2 where they cannot be
+    read or name no case study."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo is None and args.case is None:
+        parser.error("give a case study with -o CASE, or --demo")
+    return args
+
+
+if __name__ == "__main__":
+    # The options are read before torch loads (4 s on a 2-core machine): --help and a mistyped option
+    # answer at once. main() reads them again, after the imports below.
+    read_options()
+
+import numpy as np  # noqa: E402
+
+import distributed  # noqa: E402
+import Helper  # noqa: E402
+from Helper import HuddError, PipelineStop, RunContext  # noqa: E402
 
 
 def resolve_model_path(case: Path, model: str) -> Path:
@@ -477,17 +493,14 @@ def run_rq1(args: argparse.Namespace, case: Path, device) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = read_options(argv)
     Helper.setup_logging(args.debug)
-    status = Helper.run_guarded(lambda: run(args, parser), args.debug)
+    status = Helper.run_guarded(lambda: run(args), args.debug)
     distributed.finish(clean=status == 0)
     return status
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.demo is None and args.case is None:
-        parser.error("give a case study with -o CASE, or --demo")
+def run(args: argparse.Namespace) -> int:
     if args.rq and (args.demo is not None or args.case is None):
         raise HuddError("-rq True needs -o CASE and -m MODEL (a retrained model), not --demo")
     actions = [name for name, on in (("--report", args.report), ("--compare", args.compare), ("-rq True", args.rq)) if on]

@@ -167,6 +167,21 @@ def test_bad_option_values_exit_2():
         assert result.returncode == 2 and "Traceback" not in result.stderr, bad
 
 
+def test_help_and_bad_options_answer_before_torch_loads():
+    """`--help` and a mistyped option are answered by the parser before HUDD.py imports torch (seconds
+    on a small machine); the modes it accepts are Helper's."""
+    import Helper
+    assert HUDD.MODES == Helper.RETRAIN_MODES
+    probe = ("import runpy, sys; sys.argv = ['HUDD.py', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_path({!r}, run_name='__main__')\n"
+             "finally:\n    print('torch loaded:', 'torch' in sys.modules, file=sys.stderr)").format(str(REPO / "HUDD.py"))
+    for args, status, said in ((["--help"], 0, "--retrainMode"), (["-o", "x", "-mode", "HUD"], 2, "unknown mode(s) HUD"),
+                               ([], 2, "give a case study with -o CASE, or --demo")):
+        result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == status and said in result.stdout + result.stderr, result.stderr
+        assert "torch loaded: False" in result.stderr
+
+
 def test_missing_case_directory(tmp_path):
     assert_clean_error(hudd("-o", str(tmp_path / "nowhere")), str(tmp_path / "nowhere"), "not found")
 
