@@ -149,10 +149,21 @@ def read_options(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def missing_case(case: Path) -> str | None:
+    """What is wrong with the case-study folder given, before anything else is read; None if it is one."""
+    if not case.is_dir():
+        return f"{case}: case-study directory not found; pass the folder holding DataSets/ and DNNModels/"
+    return None
+
+
 if __name__ == "__main__":
-    # The options are read before torch loads (4 s on a 2-core machine): --help and a mistyped option
-    # answer at once. main() reads them again, after the imports below.
-    read_options()
+    # The options, and that the case given exists, are read before torch loads (4 s on a 2-core machine):
+    # --help, a mistyped option or path answer at once. main() reads them again, after the imports below.
+    _early = read_options()
+    _missing = missing_case(Path(_early.case)) if _early.demo is None else None
+    if _missing:   # as Helper.run_guarded says a HuddError
+        print(f"error: {_missing}", file=sys.stderr)
+        sys.exit(2)
 
 import numpy as np  # noqa: E402
 
@@ -175,8 +186,9 @@ def resolve_model_path(case: Path, model: str) -> Path:
 
 
 def check_case(case: Path) -> None:
-    if not case.is_dir():
-        raise HuddError(f"{case}: case-study directory not found; pass the folder holding DataSets/ and DNNModels/")
+    problem = missing_case(case)
+    if problem:
+        raise HuddError(problem)
 
 
 def import_fld_package(args: argparse.Namespace, case: Path) -> None:

@@ -167,16 +167,17 @@ def test_bad_option_values_exit_2():
         assert result.returncode == 2 and "Traceback" not in result.stderr, bad
 
 
-def test_help_and_bad_options_answer_before_torch_loads():
-    """`--help` and a mistyped option are answered by the parser before HUDD.py imports torch (seconds
-    on a small machine); the modes it accepts are Helper's."""
+def test_help_bad_options_and_a_missing_case_answer_before_torch_loads():
+    """`--help`, a mistyped option and a case folder that does not exist are answered before HUDD.py
+    imports torch (seconds on a small machine); the modes its parser accepts are Helper's."""
     import Helper
     assert HUDD.MODES == Helper.RETRAIN_MODES
     probe = ("import runpy, sys; sys.argv = ['HUDD.py', *sys.argv[1:]]\n"
              "try:\n    runpy.run_path({!r}, run_name='__main__')\n"
              "finally:\n    print('torch loaded:', 'torch' in sys.modules, file=sys.stderr)").format(str(REPO / "HUDD.py"))
     for args, status, said in ((["--help"], 0, "--retrainMode"), (["-o", "x", "-mode", "HUD"], 2, "unknown mode(s) HUD"),
-                               ([], 2, "give a case study with -o CASE, or --demo")):
+                               ([], 2, "give a case study with -o CASE, or --demo"),
+                               (["-o", "no such case"], 2, "error: no such case: case-study directory not found")):
         result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
         assert result.returncode == status and said in result.stdout + result.stderr, result.stderr
         assert "torch loaded: False" in result.stderr
