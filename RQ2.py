@@ -13,9 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import Helper
-from Helper import HuddError
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="RQ2.py", description="Test accuracy of a case's model(s), overall and "
@@ -35,17 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)   # before torch loads (seconds): --help and bad options answer at once
+    import Helper
     Helper.setup_logging(args.debug)
     return Helper.run_guarded(lambda: measure(args), args.debug)
 
 
 def measure(args: argparse.Namespace) -> int:
     import HUDD
+    import Helper
     import rqModule
     case = Path(args.case)
-    if not case.is_dir():
-        raise HuddError(f"{case}: case-study directory not found; pass the folder holding DataSets/ and DNNModels/")
+    HUDD.check_case(case)
     paths = Helper.CasePaths(case)
     settings = Helper.load_settings(paths, {"arch": args.arch})
     device = Helper.pick_device(args.device)
