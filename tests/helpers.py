@@ -3,6 +3,7 @@ command line run as a user runs it, and a run context for calling the steps dire
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,10 +79,11 @@ def build_case(root: Path, improvement: str = "plain", per_class: int = 4, setti
 # Running HUDD
 # --------------------------------------------------------------------------------------------
 
-def hudd(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """HUDD.py through the real command line."""
+def hudd(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None
+         ) -> subprocess.CompletedProcess:
+    """HUDD.py through the real command line (`env`: variables set beside this process's)."""
     return subprocess.run([sys.executable, str(REPO / "HUDD.py"), *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=timeout)
+                          cwd=cwd or REPO, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -48,12 +48,13 @@ def case_files(case: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
-    """The tiny case (batches of 2, so each rank has two batches of heatmaps) and a one-process run of it."""
+    """The tiny case (batches of 2, so each rank has two batches of heatmaps) and a one-process run of it
+    with two threads (against torchrun's one per rank; set, as the test workers run with fewer)."""
     root = tmp_path_factory.mktemp("single")
     case = build_case(root / "case", settings={**SETTINGS, "batch_size": 2})
     pristine = root / "pristine"
     shutil.copytree(case, pristine)
-    result = hudd("-o", str(case))
+    result = hudd("-o", str(case), env={"OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr
     return case, pristine
 
