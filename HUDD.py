@@ -160,8 +160,8 @@ if __name__ == "__main__":
     # The options, and that the case given exists, are read before torch loads (4 s on a 2-core machine):
     # --help, a mistyped option or path answer at once. main() reads them again, after the imports below.
     _early = read_options()
-    _missing = missing_case(Path(_early.case)) if _early.demo is None else None
-    if _missing:   # as Helper.run_guarded says a HuddError
+    _missing = missing_case(Path(_early.case)) if _early.demo is None and not _early.debug else None
+    if _missing:   # as Helper.run_guarded says a HuddError (--debug: with its traceback, from check_case)
         print(f"error: {_missing}", file=sys.stderr)
         sys.exit(2)
 
