@@ -307,9 +307,7 @@ def list_keypoint_set(set_root: Path, name: str = "", keypoints: list[str] | Non
     if keypoints is not None and names != keypoints:
         raise HuddError(f"{label_file}: its keypoints ({', '.join(names[:4])}...) differ from the training set's "
                         f"({', '.join(keypoints[:4])}...); use the same columns in every labels.csv")
-    repeated = table["image"][table["image"].duplicated()]
-    if len(repeated):
-        raise HuddError(f"{label_file}: lists {repeated.iloc[0]!r} more than once; keep one row per image")
+    refuse_repeated_images(table["image"], label_file)
     paths = [set_root / p for p in table["image"]]
     missing = [p for p in paths if not p.is_file()]
     if missing:
@@ -463,10 +461,16 @@ def _read_label_table(label_file: Path, label_columns: list[str]) -> pd.DataFram
         raise HuddError(f"{label_file}: a row with {given.index[0]} {given.iloc[0]!r} has no image path; fill it in "
                         "or delete the row")
     table["image"] = table["image"].str.strip()
-    repeated = table["image"][table["image"].duplicated()]
-    if len(repeated):
-        raise HuddError(f"{label_file}: {repeated.iloc[0]!r} has more than one line; keep one label per image")
+    refuse_repeated_images(table["image"], label_file)
     return table
+
+
+def refuse_repeated_images(images: pd.Series, path: Path) -> None:
+    """One line per image in a table the user wrote (labels, metadata): a second line for an image is
+    refused by name, never left to decide silently which of the two counts."""
+    repeated = images[images.duplicated()]
+    if len(repeated):
+        raise HuddError(f"{path}: image {repeated.iloc[0]!r} has more than one line; keep one line per image")
 
 
 def metadata_file(set_root: Path) -> Path | None:
@@ -494,9 +498,7 @@ def read_metadata(set_root: Path, case_root: Path) -> pd.DataFrame | None:
     empty = np.flatnonzero(meta["image"].isna().to_numpy())
     if len(empty):
         raise HuddError(f"{meta_path}: line {empty[0] + 2} has no image path; fill it in or delete the line")
-    repeated = meta["image"][meta["image"].duplicated()]
-    if len(repeated):
-        raise HuddError(f"{meta_path}: image {repeated.iloc[0]!r} has more than one line; keep one per image")
+    refuse_repeated_images(meta["image"], meta_path)
     meta["image"] = [Path(os.path.relpath(meta_path.parent / str(p), case_root)).as_posix() for p in meta["image"]]
     return meta.set_index("image")
 

@@ -139,7 +139,7 @@ def test_a_keypoint_labels_file_listing_an_image_twice_is_refused_and_unlisted_i
     folder = case / "DataSets" / "TestSet"
     table = pd.read_csv(folder / "labels.csv")
     pd.concat([table, table.iloc[[2]]]).to_csv(folder / "labels.csv", index=False)
-    with pytest.raises(Helper.HuddError, match="labels.csv: lists 'face 2.png' more than once; keep one row per image"):
+    with pytest.raises(Helper.HuddError, match="labels.csv: image 'face 2.png' has more than one line; keep one line per image"):
         Helper.list_keypoint_set(folder)
     table.iloc[1:].to_csv(folder / "labels.csv", index=False)   # face 0.png no longer listed
     with caplog.at_level("WARNING", logger="hudd"):
