@@ -425,7 +425,7 @@ def print_retraining(summaries: list[dict], paths: Helper.CasePaths) -> None:
     print(f"    {'mode':5s} {'test accuracy: mean (min-max)':>30s} {'gain':>7s} {'improved':>9s} {'worsened':>9s} "
           f"{'labels needed':>13s} {'gain/100 labels':>15s} {'p (MWU)':>8s} {'A12':>5s}")
     hudd_ran = "HUDD" in set(table["mode"])
-    too_few_runs = hudd_ran and len(table) > 1 and bool(table["runs"].min() < retrainModule.STATISTICS_MIN_RUNS)
+    too_few_runs = hudd_ran and bool(table.loc[table["mode"] != "HUDD", "a12_HUDD"].isna().any())
     for row in table.itertuples():
         if row.mode == "HUDD" or not hudd_ran:
             stats = ""

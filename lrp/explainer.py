@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import graph
+from . import graph, ops
 from .fallback import Fallback, infer_example_input, probe
 from .model import private_copy
 from .presets import Composite, check_module_rules, resolve_preset
@@ -106,6 +106,7 @@ class LRPExplainer:
                  module_rules: dict | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError("LRP: model must be a torch.nn.Module")
+        ops.add_torchvision_functions()   # the model is built: torchvision is loaded if it uses it
         self.preset, preset = resolve_preset(rules)
         self.epsilon = float(epsilon)
         self.module_rules = all_module_rules(model, module_rules)

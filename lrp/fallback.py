@@ -115,7 +115,6 @@ def mode_rules(composite: Composite) -> dict[Any, tuple[OpRule, Callable]]:
     """{function or Tensor method object: (rule, out-of-place function)} for the functional
     operations whose rule is not the ordinary gradient."""
     table = {}
-    ops.add_torchvision_functions()
     for fn in list(ops.FUNCTION_RULES) + list(ops.AFFINE_FUNCTIONS):
         rule = composite.for_function(fn)
         if not isinstance(rule, Gradient):

@@ -177,7 +177,7 @@ def _function_nonneg(node: fx.Node, nonneg: dict) -> bool:
     t = node.target
     if t in ops.NONNEG_FUNCTIONS:
         return True
-    if ops.preserves_nonnegative(t):
+    if t in ops.NONNEG_PRESERVING_FUNCTIONS:
         val = _all_nonneg(_first_inputs(node), nonneg)
         if t is F.pad:  # constant padding with a negative value
             value = _arg(node, "value", 3, 0)

@@ -101,9 +101,10 @@ NONNEG_PRESERVING_FUNCTIONS = (set(_GRADIENT) | set(_PROPORTIONAL) | set(_IDENTI
 
 def add_torchvision_functions() -> None:
     """torchvision's stochastic depth (EfficientNet, ConvNeXt, ...: dropout of a whole residual branch)
-    into the identity group, once torchvision is loaded. Not imported here: its import pulls in
-    torch._dynamo, seconds that a command stopping at its first check need not wait, nor a model
-    without torchvision; a model that calls it was built from torchvision, which is loaded by then."""
+    into the identity group, once torchvision is loaded; LRPExplainer calls it before it reads any rule.
+    Not imported here: its import pulls in torch._dynamo, seconds that a command stopping at its first
+    check need not wait, nor a model without torchvision; a model that calls it was built from
+    torchvision, which is loaded by then."""
     tv_ops = sys.modules.get("torchvision.ops")
     stochastic_depth = getattr(tv_ops, "stochastic_depth", None)
     if stochastic_depth is not None and stochastic_depth not in FUNCTION_RULES:
@@ -112,14 +113,7 @@ def add_torchvision_functions() -> None:
 
 
 def function_rule(fn: Callable) -> type[OpRule]:
-    add_torchvision_functions()
     return FUNCTION_RULES.get(fn, NoRule)
-
-
-def preserves_nonnegative(fn: Callable) -> bool:
-    """Whether `fn` keeps a >= 0 input >= 0 (routing, averaging, identity; some only for some arguments)."""
-    add_torchvision_functions()
-    return fn in NONNEG_PRESERVING_FUNCTIONS
 
 
 def out_of_place_function(fn: Callable) -> Callable:

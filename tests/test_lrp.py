@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
 import sys
 import warnings
 
@@ -894,6 +895,29 @@ def test_module_rules_for_custom_types():
     z = net.fc(h.flatten(1))
     expected = h * ((s / _stab(z)) @ net.fc.weight).reshape(h.shape)
     assert_close(rel["conv"], expected, 1e-10, "conv")
+
+
+def test_torchvision_loaded_after_the_engine_still_gives_stochastic_depth_its_rule():
+    """The engine does not import torchvision (seconds of torch._dynamo); a model built from it later, whose
+    StochasticDepth module calls the fx-wrapped stochastic_depth, is explained as the same model without
+    it. In a fresh process: the rule, once added, stays for the rest of this one."""
+    code = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch, lrp
+assert "torchvision" not in sys.modules
+from torchvision.ops import StochasticDepth
+from torch import nn
+torch.manual_seed(0)
+body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)).double().eval()
+with_depth = nn.Sequential(body[0], body[1], StochasticDepth(0.5, "row"), body[2], body[3]).double().eval()
+x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+plain, deep = (lrp.LRPExplainer(net, rules="epsilon")(x)["input"] for net in (body, with_depth))
+print("largest difference", float((plain - deep).abs().max()))
+""".format(repo=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-800:]
+    assert float(result.stdout.split()[-1]) < 1e-12
 
 
 def test_torchvision_gating_and_stochastic_depth_get_their_rules_by_default():
