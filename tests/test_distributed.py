@@ -19,12 +19,9 @@ from helpers import REPO, SETTINGS, assert_clean_error, build_case, hudd
 
 pytestmark = pytest.mark.xdist_group("test_distributed")  # its module-scoped fixture is built once (conftest.py)
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-
-
-def torchrun(script: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*TORCHRUN, str(script), *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=timeout)
+def torchrun(script: Path, *args: str, ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(ranks), str(script), *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
 def case_files(case: Path) -> dict[str, bytes]:
@@ -104,12 +101,23 @@ def test_a_keypoint_unsafe_set_under_two_ranks_writes_the_bytes_of_one_one_threa
 @pytest.mark.parametrize("norm", ["", "batchnorm"])
 def test_the_ddp_epochs_equal_the_single_process_epochs(single_run, tmp_path, norm):
     """Also with BatchNorm layers, whose statistics each rank would otherwise take over its half of a batch."""
-    case, _ = single_run
+    assert_ddp_epochs_equal_one_process(single_run[0], tmp_path, norm, ranks=2, batch_size=4)
+
+
+def test_a_rank_left_no_sample_by_the_last_batch_trains_as_one_process(single_run, tmp_path):
+    """17 samples in batches of 5 over 3 ranks: the last batch's 2 samples go to ranks 1 and 2, and rank 0
+    runs a stand-in sample that weighs nothing, so that it still takes part in DDP's gradient average,
+    BatchNorm's all-reduced statistics and the optimiser step; with BatchNorm and dropout, as one process."""
+    assert_ddp_epochs_equal_one_process(single_run[0], tmp_path, "batchnorm", ranks=3, batch_size=5)
+
+
+def assert_ddp_epochs_equal_one_process(case: Path, tmp_path: Path, norm: str, ranks: int, batch_size: int):
     script = REPO / "tests" / "torchrun" / "ddp_epochs.py"
-    alone = subprocess.run([sys.executable, str(script), str(case), str(tmp_path / "one.pt"), "3", norm],
+    epochs_and_batches = ["3", norm, str(batch_size)]
+    alone = subprocess.run([sys.executable, str(script), str(case), str(tmp_path / "one.pt"), *epochs_and_batches],
                            capture_output=True, text=True, timeout=300)
     assert alone.returncode == 0, alone.stderr
-    result = torchrun(script, str(case), str(tmp_path / "two.pt"), "3", norm)
+    result = torchrun(script, str(case), str(tmp_path / "two.pt"), *epochs_and_batches, ranks=ranks)
     assert result.returncode == 0, result.stderr
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     original = torch.load(case / "DNNModels" / "OriginalModel.pth")
@@ -119,7 +127,7 @@ def test_the_ddp_epochs_equal_the_single_process_epochs(single_run, tmp_path, no
     assert len(norms) == (10 if norm else 0)   # weight, bias, running mean and variance, batches tracked
     for key, weights in one["state"].items():
         if key.endswith("num_batches_tracked"):
-            assert two["state"][key] == weights == 3 * 4   # 17 samples: 3 batches of 4, then 5; 3 epochs
+            assert two["state"][key] == weights == 3 * 4   # 17 samples: 3 batches of 4 then 5, or 3 of 5 then 2; 3 epochs
             continue
         moved = (weights - original[key]).abs().max().item() if key in original else 1.0
         before_a_norm = norm and key in ("features.0.bias", "features.3.bias", "features.6.bias")

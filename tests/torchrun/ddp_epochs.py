@@ -2,11 +2,11 @@
 for `epochs` epochs on its training set plus a bag of improvement images, and (rank 0) saves the weights
 and the per-epoch history.
 
-    [torchrun --nproc-per-node 2] ddp_epochs.py CASE OUT.pt EPOCHS [batchnorm]
+    [torchrun --nproc-per-node N] ddp_epochs.py CASE OUT.pt EPOCHS [batchnorm] [BATCH_SIZE]
 
 With `batchnorm`, the model gets a BatchNorm2d before each of its three ReLUs (as ResNets and most
 torchvision models have; the third without parameters or running statistics), whose statistics must be
-the global batch's.
+the global batch's. BATCH_SIZE (default 4) is the global batch.
 """
 import os
 import sys
@@ -24,8 +24,9 @@ import distributed  # noqa: E402
 import retrainModule  # noqa: E402
 
 case, out, epochs = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-ctx = context(case, epochs=epochs, learning_rate=0.05, batch_size=4)
-if sys.argv[4:] == ["batchnorm"]:
+norm, batch_size = sys.argv[4] if len(sys.argv) > 4 else "", int(sys.argv[5]) if len(sys.argv) > 5 else 4
+ctx = context(case, epochs=epochs, learning_rate=0.05, batch_size=batch_size)
+if norm == "batchnorm":
     model = ctx.model()
     for position, channels in ((1, 16), (4, 32)):   # DemoNet's features: conv, ReLU, pool, conv, ReLU, ...
         norm = torch.nn.BatchNorm2d(channels)
@@ -38,7 +39,9 @@ if sys.argv[4:] == ["batchnorm"]:
                                             torch.nn.ReLU())
 distributed.start(ctx.device)
 data = retrainModule.training_data(ctx)
-bag = np.array([0, 3, 3, 7, 11])  # 12 training images + 5: the last sample joins the last batch of 4 (5, split 2 + 3)
+# 12 training images + 5: in batches of 4 the last sample joins the last batch (5, split 2 + 3 over 2 ranks);
+# in batches of 5 the last batch holds 2, and of 3 ranks the first gets none (a stand-in that weighs nothing)
+bag = np.array([0, 3, 3, 7, 11])
 model, _epoch, history = retrainModule.fine_tune(ctx, data, bag, seed=7, desc="test")
 if distributed.is_main():
     torch.save({"state": model.state_dict(), "history": history}, out)
