@@ -10,7 +10,7 @@ import torch
 from helpers import SETTINGS, build_case, hudd
 
 # pytest.ini runs the tests on one worker process per CPU core (pytest-xdist, `-n auto --dist loadgroup`):
-# most of the suite's time is single-threaded (the command line's start, tiny tensors). Each worker, and
+# most of the suite's time is single-threaded (the command line's runs, tiny tensors). Each worker, and
 # the processes its tests start, get their share of the cores: torch's threads spinning for cores that
 # the other worker holds cost more than they give on tensors this small.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +84,57 @@ def build_case(root: Path, improvement: str = "plain", per_class: int = 4, setti
 def hudd(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None
          ) -> subprocess.CompletedProcess:
     """HUDD.py through the real command line (`env`: variables set beside this process's)."""
-    return subprocess.run([sys.executable, str(REPO / "HUDD.py"), *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=timeout, env={**os.environ, **(env or {})})
+    return run_python(REPO / "HUDD.py", *args, cwd=cwd, timeout=timeout, env=env)
+
+
+def run_python(script: Path, *args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None,
+               fresh: bool = False) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` as a process of its own, forked from tests/command_server.py, which has the
+    libraries loaded already; a fresh interpreter with `fresh`, where fork is missing, or for every run
+    with HUDD_TESTS_FRESH_PROCESSES=1. `env`: variables set beside this process's (None: unset)."""
+    command = [sys.executable, str(script), *args]
+    environment = {name: value for name, value in {**os.environ, **(env or {})}.items() if value is not None}
+    if fresh or not hasattr(os, "fork") or os.environ.get("HUDD_TESTS_FRESH_PROCESSES") == "1":
+        return subprocess.run(command, capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout,
+                              env=environment)
+    return CommandServer.shared().run(command, Path(cwd or REPO), timeout, environment)
+
+
+class CommandServer:
+    """This test process's tests/command_server.py, started on its first run and ended with it."""
+
+    _shared: "CommandServer | None" = None
+
+    @classmethod
+    def shared(cls) -> "CommandServer":
+        if cls._shared is None or cls._shared.process.poll() is not None:
+            cls._shared = cls()
+        return cls._shared
+
+    def __init__(self):
+        environment = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # its default threads
+        self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "command_server.py")],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        cwd=REPO, env=environment)
+        self.lock = threading.Lock()
+
+    def run(self, command: list[str], cwd: Path, timeout: float, env: dict) -> subprocess.CompletedProcess:
+        with self.lock, tempfile.TemporaryDirectory(prefix="hudd-run-") as folder:
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+            out.touch()
+            err.touch()
+            request = {"script": command[1], "args": command[2:], "cwd": str(cwd), "env": env,
+                       "stdout": str(out), "stderr": str(err), "timeout": timeout}
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            reply = self.process.stdout.readline()
+            if not reply:
+                raise RuntimeError(f"tests/command_server.py ended (exit status {self.process.wait()})")
+            reply = json.loads(reply)
+            stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        if reply.get("timeout"):
+            raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr)
+        return subprocess.CompletedProcess(command, reply["returncode"], stdout, stderr)
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

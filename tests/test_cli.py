@@ -17,7 +17,7 @@ from PIL import Image
 
 import HUDD
 from architectures import DemoNet
-from helpers import IMAGE_NAME, REPO, SETTINGS, assert_clean_error, hudd, save_model
+from helpers import IMAGE_NAME, REPO, SETTINGS, assert_clean_error, hudd, run_python, save_model
 
 
 def model_outputs(model: torch.nn.Module, case: Path, images) -> torch.Tensor:
@@ -421,8 +421,7 @@ def test_retraining_needs_a_mode_and_labels_for_the_improvement_images_it_trains
 
 def test_rq2_names_a_missing_model(make_case):
     case = make_case(per_class=1)
-    result = subprocess.run([sys.executable, str(REPO / "RQ2.py"), "-o", str(case), "-m", "Nope.pth"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_python(REPO / "RQ2.py", "-o", str(case), "-m", "Nope.pth")
     assert_clean_error(result, "Nope.pth", "not found", "OriginalModel.pth")
 
 
@@ -554,3 +553,31 @@ def test_a_model_near_chance_on_its_training_images_gets_a_note_naming_the_setti
     assert HUDD.near_chance_note({"TestSet": {"images": 30, "accuracy": 52.0}}, chance=50.0).startswith("  note: TestSet")
     assert HUDD.near_chance_note({"TrainingSet": {"images": 9, "accuracy": 0.0}}, chance=None) == ""   # keypoints
     assert HUDD.near_chance_note({"TrainingSet": {"images": 9}}, chance=50.0) == ""                      # unlabelled
+
+
+PROBE = """import os, sys, torch
+print(os.getcwd(), sys.argv, torch.get_num_threads(), os.environ.get("PROBE"), __name__)
+print("to stderr", file=sys.stderr)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def test_the_tests_command_server_runs_a_script_as_a_fresh_interpreter_does(case, tmp_path):
+    """tests/command_server.py, which starts the suite's command-line runs: each run's folder,
+    arguments, environment, torch threads (from OMP_NUM_THREADS, else the default), output and exit
+    status are those of `python SCRIPT ...`; and HUDD's own answers, its files and errors, are the same."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    for env in ({"OMP_NUM_THREADS": "1", "PROBE": "a b"}, {"OMP_NUM_THREADS": None}, {"OMP_NUM_THREADS": "2"}):
+        forked, fresh = (run_python(probe, "3", "x y", cwd=tmp_path, env=env, fresh=fresh) for fresh in (False, True))
+        assert (forked.returncode, forked.stdout, forked.stderr) == (3, fresh.stdout, fresh.stderr), env
+        assert fresh.returncode == 3
+    for args in (["-o", str(case), "-m", "Nope.pth"], ["-o", str(case), "--steps", "test,heatmaps", "--device", "tpu"]):
+        forked, fresh = (run_python(REPO / "HUDD.py", *args, fresh=fresh) for fresh in (False, True))
+        assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+        assert forked.returncode == 2 and forked.stderr.startswith("error:")
+    copy = tmp_path / "copy"
+    shutil.copytree(case, copy)
+    for folder, fresh in ((case, False), (copy, True)):
+        assert run_python(REPO / "HUDD.py", "-o", str(folder), "--steps", "test", fresh=fresh).returncode == 0
+    assert (case / "testResult.csv").read_bytes() == (copy / "testResult.csv").read_bytes()

@@ -81,8 +81,7 @@ def test_a_keypoint_unsafe_set_under_two_ranks_writes_the_bytes_of_one_one_threa
     (one / "hudd.json").write_text(json.dumps({**KEYPOINT_SETTINGS, "batch_size": 2, "error_threshold": 10.0,
                                                   "assign_pick": pick}))
     shutil.copytree(one, two)   # the same folder name: the report shows it
-    alone = subprocess.run([sys.executable, str(REPO / "HUDD.py"), "-o", str(one)], capture_output=True, text=True,
-                           cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    alone = hudd("-o", str(one), env={"OMP_NUM_THREADS": "1"})
     assert alone.returncode == 0, alone.stderr
     result = torchrun(REPO / "HUDD.py", "-o", str(two))
     assert result.returncode == 0, result.stderr

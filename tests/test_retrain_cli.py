@@ -1,14 +1,11 @@
 """Retraining, RQ1 and RQ2 through the real command line on a tiny case: outputs read back and checked."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 from scipy.stats import mannwhitneyu
 
-from helpers import REPO, hudd
+from helpers import REPO, hudd, run_python
 
 
 def test_each_mode_runs_the_whole_pipeline_and_prints_the_budget(retrained_case):
@@ -72,8 +69,7 @@ def test_rq1_results_match_the_retraining_tables(retrained_case):
 
 def test_rq2_gives_every_model_its_accuracy(retrained_case):
     case, _ = retrained_case
-    result = subprocess.run([sys.executable, str(REPO / "RQ2.py"), "-o", str(case), "--all"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_python(REPO / "RQ2.py", "-o", str(case), "--all")
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(case / "RQ2" / "accuracy.csv")
     overall = table[table["class"] == "all"].set_index("model")["accuracy"]
