@@ -90,11 +90,12 @@ def hudd(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | No
 def run_python(script: Path, *args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None,
                fresh: bool = False) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` as a process of its own, forked from tests/command_server.py, which has the
-    libraries loaded already; a fresh interpreter with `fresh`, where fork is missing, or for every run
-    with HUDD_TESTS_FRESH_PROCESSES=1. `env`: variables set beside this process's (None: unset)."""
+    libraries loaded already; a fresh interpreter with `fresh`, off Linux (macOS's system libraries are
+    not safe to fork once loaded), or for every run with HUDD_TESTS_FRESH_PROCESSES=1. `env`: variables
+    set beside this process's (None: unset)."""
     command = [sys.executable, str(script), *args]
     environment = {name: value for name, value in {**os.environ, **(env or {})}.items() if value is not None}
-    if fresh or not hasattr(os, "fork") or os.environ.get("HUDD_TESTS_FRESH_PROCESSES") == "1":
+    if fresh or not sys.platform.startswith("linux") or os.environ.get("HUDD_TESTS_FRESH_PROCESSES") == "1":
         return subprocess.run(command, capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout,
                               env=environment)
     return CommandServer.shared().run(command, Path(cwd or REPO), timeout, environment)
