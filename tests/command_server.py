@@ -16,6 +16,7 @@ gives it, or {"timeout": true} once the child was killed). EOF on stdin ends the
 """
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -70,7 +71,7 @@ def wait(pid: int, timeout: float) -> dict:
         if done:
             return {"returncode": os.waitstatus_to_exitcode(status)}
         if time.monotonic() > deadline:
-            os.killpg(pid, 9)
+            os.killpg(pid, signal.SIGKILL)   # the run and any process it started
             os.waitpid(pid, 0)
             return {"timeout": True}
         time.sleep(POLL_SECONDS)

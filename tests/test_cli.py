@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -581,3 +582,24 @@ def test_the_tests_command_server_runs_a_script_as_a_fresh_interpreter_does(case
     for folder, fresh in ((case, False), (copy, True)):
         assert run_python(REPO / "HUDD.py", "-o", str(folder), "--steps", "test", fresh=fresh).returncode == 0
     assert (case / "testResult.csv").read_bytes() == (copy / "testResult.csv").read_bytes()
+
+
+def test_a_run_past_its_timeout_is_killed_with_what_it_started_as_subprocess_would_raise(tmp_path):
+    """The command server kills a run (and the process it started) at its timeout, raises what
+    subprocess.run raises, and starts the next run as before."""
+    script = tmp_path / "slow.py"
+    script.write_text("import subprocess, sys, time\n"
+                      "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                      "print(child.pid, flush=True)\ntime.sleep(60)\n")
+    with pytest.raises(subprocess.TimeoutExpired) as stopped:
+        run_python(script, timeout=3)
+    started = int(stopped.value.output.split()[0])
+    for _ in range(50):   # killed with its run: gone (or a zombie of its group, reaped by init) within moments
+        if not Path(f"/proc/{started}").exists() or "State:\tZ" in Path(f"/proc/{started}/status").read_text():
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {started}, started by the killed run, still runs")
+    script.write_text("print('next run')")
+    after = run_python(script)
+    assert (after.returncode, after.stdout) == (0, "next run\n")
