@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,11 @@ from helpers import REPO, SETTINGS, assert_clean_error, build_case, hudd
 pytestmark = pytest.mark.xdist_group("test_distributed")  # its module-scoped fixture is built once (conftest.py)
 
 def torchrun(script: Path, *args: str, ranks: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                           str(ranks), str(script), *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    # torchrun leaves a torchelastic_* folder in the temporary directory of every job: in one of ours
+    with tempfile.TemporaryDirectory(prefix="hudd_torchrun_") as temporary:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               str(ranks), str(script), *args], capture_output=True, text=True, cwd=REPO,
+                              timeout=timeout, env={**os.environ, "TMPDIR": temporary})
 
 
 def case_files(case: Path) -> dict[str, bytes]:
