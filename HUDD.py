@@ -247,10 +247,11 @@ def run_pipeline(ctx: RunContext, steps: list[str], modes: list[str]) -> dict:
     """Runs the chosen steps in order; a step with nothing to pass on ends the run with a note."""
     import retrainModule
     results = {"notes": []}
-    chosen = [step for step in analysis_steps() if step.name in steps]
-    if "retrain" in steps:
-        chosen += [retrainModule.RetrainStep(mode) for mode in modes]
+    retraining = [retrainModule.RetrainStep(mode) for mode in modes] if "retrain" in steps else []
+    chosen = [step for step in analysis_steps() if step.name in steps] + retraining
     for step in chosen:
+        if retraining and step is retraining[0]:   # once the unsafe set is known, every mode's labels at once
+            distributed.together(lambda: retrainModule.check_labels_of_modes(ctx, modes))
         try:
             summary = run_step(step, ctx)
         except PipelineStop as stop:

@@ -461,16 +461,20 @@ def _read_label_table(label_file: Path, label_columns: list[str]) -> pd.DataFram
         raise HuddError(f"{label_file}: a row with {given.index[0]} {given.iloc[0]!r} has no image path; fill it in "
                         "or delete the row")
     table["image"] = table["image"].str.strip()
-    refuse_repeated_images(table["image"], label_file)
+    # The same image with the same labels twice is one label: the modes' lists of images to label can
+    # share images, and their filled rows are all added to this file. Different labels are refused.
+    table = table.drop_duplicates().reset_index(drop=True)
+    refuse_repeated_images(table["image"], label_file, "with different labels")
     return table
 
 
-def refuse_repeated_images(images: pd.Series, path: Path) -> None:
+def refuse_repeated_images(images: pd.Series, path: Path, how: str = "") -> None:
     """One line per image in a table the user wrote (labels, metadata): a second line for an image is
     refused by name, never left to decide silently which of the two counts."""
     repeated = images[images.duplicated()]
     if len(repeated):
-        raise HuddError(f"{path}: image {repeated.iloc[0]!r} has more than one line; keep one line per image")
+        lines = f"more than one line {how}" if how else "more than one line"
+        raise HuddError(f"{path}: image {repeated.iloc[0]!r} has {lines}; keep one line per image")
 
 
 def metadata_file(set_root: Path) -> Path | None:

@@ -525,16 +525,50 @@ def check_labels(ctx: RunContext, mode: str, selections: list[Selection], unsafe
     """Every image a mode trains on must have a label: where some have none, their list is written
     (update_label_list) and the step stops with what to do."""
     chosen, missing = update_label_list(ctx, mode, selections, unsafe)
-    if not missing:
+    if missing:
+        raise labels_missing(ctx, [(mode, len(selections), chosen, missing)])
+
+
+def check_labels_of_modes(ctx: RunContext, modes: list[str]) -> None:
+    """Before the first mode retrains: every image that each mode asked for would train on has a label.
+    A run that cannot finish then stops before its first model, not after the modes before the one
+    that lacks labels have trained; and every mode's list is written at once, so that one round of
+    labelling serves them all (the modes' steps check again as they compute)."""
+    if ctx.sets()["improve"].labelled:
         return
+    unsafe = step_unsafe_inputs(ctx)
+    if "BL1" in modes:
+        refuse_bl1_without_labels(ctx, unsafe)
+    short = []
+    for mode in modes:
+        selections = [run_selection(ctx, mode, run, unsafe) for run in range(1, ctx.settings.runs + 1)]
+        chosen, missing = update_label_list(ctx, mode, selections, unsafe)
+        if missing:
+            short.append((mode, len(selections), chosen, missing))
+    if short:
+        ready = [mode for mode in modes if mode not in {entry[0] for entry in short}]
+        raise labels_missing(ctx, short, ready)
+
+
+def labels_missing(ctx: RunContext, short: list[tuple[str, int, int, int]], ready: list[str] = ()) -> HuddError:
+    """The error for modes whose images lack labels, `short`: (mode, runs, images it trains on, how many
+    of them have no label) each; `ready`: the modes asked for whose images all have one."""
     label_file = ctx.paths.improvement_labels
-    where = "add the filled rows to" if label_file.is_file() else "save it as"
-    runs = f"{mode}'s {len(selections)} runs train" if len(selections) > 1 else f"{mode} trains"
-    to_fill = ctx.paths.relative(label_list_path(ctx.paths, mode))
-    raise HuddError(f"{runs} on {chosen} improvement images and {missing} of them have no label: in "
-                    f"{ctx.paths.root}, fill the label columns of {to_fill} "
-                    f"and {where} {ctx.paths.relative(label_file)}, then run again (or label the whole improvement "
-                    f"set: {ctx.task.labelling_hint})")
+    where = ("add the filled rows to" if label_file.is_file() else "save it as" if len(short) == 1
+             else "save their filled rows as")
+    if len(short) == 1:
+        mode, runs, chosen, missing = short[0]
+        who = f"{mode}'s {runs} runs train" if runs > 1 else f"{mode} trains"
+        what = f"{who} on {chosen} improvement images and {missing} of them have no label"
+    else:
+        what = (f"{' and '.join(entry[0] for entry in short)} train on improvement images without a label ("
+                + ", ".join(f"{mode}: {missing} of {chosen}" for mode, _runs, chosen, missing in short) + ")")
+    lists = " and ".join(ctx.paths.relative(label_list_path(ctx.paths, entry[0])) for entry in short)
+    alone = (f"; nothing was retrained (the images of {' and '.join(ready)} have their labels: -mode "
+             f"{' '.join(ready)} runs now)" if ready else "")
+    return HuddError(f"{what}: in {ctx.paths.root}, fill the label columns of {lists} and {where} "
+                     f"{ctx.paths.relative(label_file)}, then run again (or label the whole improvement set: "
+                     f"{ctx.task.labelling_hint}){alone}")
 
 
 def refresh_label_lists(ctx: RunContext, but: str) -> None:

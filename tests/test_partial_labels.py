@@ -120,11 +120,55 @@ def test_retraining_asks_for_the_missing_labels_then_trains_on_the_given_ones(un
     assert "retraining HUDD: inputs unchanged" not in rerun.stdout
 
 
+def test_every_mode_s_missing_labels_are_asked_for_at_once_before_any_mode_retrains(unlabelled_case, tmp_path):
+    """-mode HUDD BL2 BL3 with only HUDD's unsafe set labelled: the run stops before the first model with
+    BL2's and BL3's lists (one round of labelling, not one per mode after the modes before it trained);
+    their filled rows, added together (an image both lists hold, added twice, is one label), retrain all
+    three. BL1 without every label is refused before HUDD trains too."""
+    case = tmp_path / "case"
+    # without what an earlier test retrained: HUDD has a model to train here
+    shutil.copytree(unlabelled_case, case, ignore=shutil.ignore_patterns("Retrain", "HUDD_*.pth", "BL*.pth"))
+    labels_file, retrain = case / "DataSets" / "ImprovementLabels.csv", case / "T" / "Retrain"
+    unsafe = fill(pd.read_csv(case / "T" / "UnsafeSet" / "to_label.csv"))
+    unsafe.to_csv(labels_file, index=False)
+    models = sorted(p.name for p in (case / "DNNModels").iterdir())
+
+    assert_clean_error(hudd("-o", str(case), "-mode", "HUDD", "BL1", *RUN), "BL1", "every improvement image labelled")
+    stopped = hudd("-o", str(case), "-mode", "HUDD", "BL2", "BL3", *RUN)
+    assert_clean_error(stopped, "BL2 and BL3 train on improvement images without a label", "T/Retrain/BL2_to_label.csv",
+                       "T/Retrain/BL3_to_label.csv", "add the filled rows to DataSets/ImprovementLabels.csv",
+                       "nothing was retrained", "-mode HUDD runs now")
+    assert sorted(p.name for p in (case / "DNNModels").iterdir()) == models
+    assert not (retrain / "HUDD_runs.csv").exists()
+    # Each list: the images the mode's runs draw (label-free, so computed here as the step draws them) that
+    # have no label yet; the counts in the message are theirs.
+    ctx = context(case)
+    unsafe_inputs = retrainModule.unsafe_inputs(ctx)
+    images = np.array([ctx.paths.relative(p) for p in ctx.sets()["improve"].paths])
+    lists = {}
+    for mode in ("BL2", "BL3"):
+        drawn = np.unique(np.concatenate([retrainModule.run_selection(ctx, mode, run, unsafe_inputs).chosen
+                                          for run in (1, 2)]))
+        expected = sorted(set(images[drawn]) - set(unsafe["image"]))
+        lists[mode] = pd.read_csv(retrain / f"{mode}_to_label.csv")
+        assert sorted(lists[mode]["image"]) == expected and expected
+        assert f"{mode}: {len(expected)} of {len(drawn)}" in stopped.stderr
+
+    # Both lists filled and added, and a line of HUDD's repeated as it was: one label each.
+    pd.concat([unsafe, fill(lists["BL2"]), fill(lists["BL3"]), unsafe.iloc[:1]]).to_csv(labels_file, index=False)
+    result = hudd("-o", str(case), "-mode", "HUDD", "BL2", "BL3", *RUN)
+    assert result.returncode == 0, result.stderr
+    for mode in ("HUDD", "BL2", "BL3"):
+        assert len(pd.read_csv(retrain / f"{mode}_runs.csv")) == 2
+        assert not (retrain / f"{mode}_to_label.csv").exists()
+
+
 @pytest.mark.parametrize("edit, fragments", [
     (lambda t: t.assign(label=t["label"].where(t.index != 0, "lorry")), ("'lorry'", "not a class", "class_a")),
     (lambda t: t.assign(image=t["image"].where(t.index != 0, "DataSets/ImprovementSet/nobody.png")),
      ("nobody.png", "not an image of", "relative to the case")),
-    (lambda t: pd.concat([t, t.iloc[:1]]), ("more than one line",)),
+    (lambda t: pd.concat([t, t.iloc[:1].assign(label=next(c for c in CLASSES if c != t["label"].iloc[0]))]),
+     ("more than one line with different labels", "keep one line per image")),
     (lambda t: t.drop(columns="label"), ("no column 'label'", "to_label.csv")),
 ])
 def test_a_wrong_label_file_is_one_clear_error(unlabelled_case, tmp_path, edit, fragments):
