@@ -561,14 +561,19 @@ def labels_missing(ctx: RunContext, short: list[tuple[str, int, int, int]], read
         who = f"{mode}'s {runs} runs train" if runs > 1 else f"{mode} trains"
         what = f"{who} on {chosen} improvement images and {missing} of them have no label"
     else:
-        what = (f"{' and '.join(entry[0] for entry in short)} train on improvement images without a label ("
+        what = (f"{in_words([entry[0] for entry in short])} train on improvement images without a label ("
                 + ", ".join(f"{mode}: {missing} of {chosen}" for mode, _runs, chosen, missing in short) + ")")
-    lists = " and ".join(ctx.paths.relative(label_list_path(ctx.paths, entry[0])) for entry in short)
-    alone = (f"; nothing was retrained (the images of {' and '.join(ready)} have their labels: -mode "
+    lists = in_words([ctx.paths.relative(label_list_path(ctx.paths, entry[0])) for entry in short])
+    alone = (f"; nothing was retrained (the images of {in_words(ready)} have their labels: -mode "
              f"{' '.join(ready)} runs now)" if ready else "")
     return HuddError(f"{what}: in {ctx.paths.root}, fill the label columns of {lists} and {where} "
                      f"{ctx.paths.relative(label_file)}, then run again (or label the whole improvement set: "
                      f"{ctx.task.labelling_hint}){alone}")
+
+
+def in_words(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 2 else items)
 
 
 def refresh_label_lists(ctx: RunContext, but: str) -> None:
