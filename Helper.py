@@ -543,7 +543,7 @@ class Settings:
     cluster_space: str = "direct"         # Ward on the distances ("direct") or on the original's "profiles"
     clusterer: str = "ward"               # "ward", or "hdbscan" (its unclustered images form a "noise" group)
     min_cluster_size: int = 5             # hdbscan's smallest cluster
-    max_rccs: int = 20                    # the top level holds at most this many RCCs
+    max_rccs: int = 20                    # the top level holds at most this many RCCs (and n/3 at most)
     k_criterion: str = "silhouette"       # top level: best "silhouette" where the data shows structure, else max_rccs; "knee" (original); "max"
     layer_criterion: str = "wicd"         # layer: smallest "wicd" (original) or best "silhouette", at the top level
     ordinary_scenario: str = "none"       # the metadata scenario of ordinary images (no root cause to cover)

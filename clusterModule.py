@@ -869,8 +869,8 @@ class ClusterStep(Step):
     name, title = "clusters", "cluster step"
     # 2: two levels of RCCs, feature spaces; 3: the descriptor characterisation; 4: never the layer before
     # the output; 5: a few top-level groups only above a silhouette of 0.5; 6: nor a layer whose RCCs are
-    # the explained output again (output_alignment)
-    version = 6
+    # the explained output again (output_alignment); 7: at most one top-level RCC per 3 error images
+    version = 7
 
     def inputs(self, ctx: RunContext) -> dict:
         s = ctx.settings

@@ -458,11 +458,19 @@ def silhouette_k(ks: range, silhouette: np.ndarray) -> int:
 # --------------------------------------------------------------------------------------------
 
 MAX_RCCS = 20                      # the default readable top level: a reader takes in about 20 cards
+# Top-level RCCs hold this many error images on average at least: on cases of 20-50 errors, k up to n/2
+# left a fifth of them in RCCs of one image and missed more causes (bench/small_case_study.py).
+MIN_MEAN_RCC_SIZE = 3
 WEAK_STRUCTURE = 0.5   # mean silhouette at or below which a structure is weak or absent (Kaufman and Rousseeuw)
 
 
+def top_range(n: int, max_rccs: int) -> range:
+    """The top level's candidate k for n error images: 2 .. max_rccs, and n / MIN_MEAN_RCC_SIZE at most."""
+    return range(2, max(2, min(max_rccs, K_LIMIT, n // MIN_MEAN_RCC_SIZE)) + 1)
+
+
 def top_k(ks: range, silhouette: np.ndarray, wicd: np.ndarray, criterion: str = "silhouette") -> int:
-    """The number of top-level RCCs among `ks` (2..max_rccs).
+    """The number of top-level RCCs among `ks` (top_range: 2..max_rccs, n/3 at most).
 
     "silhouette": the best mean silhouette where it shows a reasonable structure (above 0.5; Kaufman
     and Rousseeuw call 0.26-0.50 weak, "could be artificial"); elsewhere the largest k, since finer
@@ -502,7 +510,7 @@ class LayerClustering:
 def cluster_layer(layer: str, distances: np.ndarray, space: str = "direct", k_criterion: str = "silhouette",
                   max_rccs: int = MAX_RCCS, clusterer: str = "ward", min_cluster_size: int = 5) -> LayerClustering:
     """Ward clustering of one layer's distances (or, with clusterer "hdbscan", HDBSCAN's clusters at
-    the top level), top level chosen by `k_criterion` within 2..max_rccs, sub-clusters by the best
+    the top level), top level chosen by `k_criterion` within top_range, sub-clusters by the best
     silhouette among the strictly finer cuts."""
     n = len(distances)
     if n < 2:
@@ -511,7 +519,7 @@ def cluster_layer(layer: str, distances: np.ndarray, space: str = "direct", k_cr
     tree = ward_tree(clustered)
     curve = wicd_curve(tree, clustered)
     direct_wicd = curve if space == "direct" else wicd_curve(tree, distances)
-    ks = range(2, max(2, min(max_rccs, max(k_range(n)))) + 1)
+    ks = top_range(n, max_rccs)
     # The silhouette only where the top level chooses (at 10,000 images, 2..500 took 6 s of 20).
     silhouettes = silhouette_curve(tree, distances, ks) if n > 2 else np.zeros(n + 1)
     if clusterer == "hdbscan":

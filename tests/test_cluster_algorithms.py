@@ -229,6 +229,18 @@ def test_on_structureless_data_the_top_level_neither_drifts_nor_collapses():
     assert C.cluster_layer("L", C.pairwise_distances(x), k_criterion="max", max_rccs=7).k == 7
 
 
+def test_a_case_with_few_errors_gets_at_most_one_top_level_rcc_per_three_images():
+    """Structureless data takes the largest k: up to n/2 it left a fifth of the errors in RCCs of one
+    image on cases of 20-50 errors (bench/small_case_study.py)."""
+    rng = np.random.default_rng(4)
+    for n, k in ((45, 15), (31, 10), (60, 20), (400, 20)):
+        result = C.cluster_layer("L", C.pairwise_distances(rng.normal(size=(n, 30))), max_rccs=20)
+        assert result.silhouette <= C.WEAK_STRUCTURE and result.k == k == max(result.ks)
+        assert np.bincount(result.labels).mean() >= 3
+    assert [list(C.top_range(n, 20)) for n in (2, 3, 8, 9, 12)] == [[2], [2], [2], [2, 3], [2, 3, 4]]
+    assert max(C.top_range(10_000, 1000)) == C.K_LIMIT
+
+
 def test_a_weakly_separated_minority_does_not_collapse_the_top_level_and_keeps_its_own_rccs():
     rng = np.random.default_rng(5)   # 360 structureless images and 40 a little apart: silhouette 0.34 at k = 2
     x = np.concatenate([rng.normal(size=(360, 30)), rng.normal(size=(40, 30)) + 3 / np.sqrt(30) * 3])

@@ -259,7 +259,7 @@ def test_the_layer_before_the_output_is_passed_over_only_among_the_default_layer
 
 
 def test_every_layers_k_plot_on_request_and_none_left_from_it_after(make_case):
-    case = make_case(per_class=4)
+    case = make_case(per_class=6)   # 12 errors: k from 2..4 (a layer with one choice of k gets no plot)
     ctx, _ = run_steps(case, knee_plots="all")
     analysis = case / "T" / "ClusterAnalysis"
     layers = pd.read_csv(case / "T" / "Heatmaps" / "layers.csv")["layer"]
@@ -370,7 +370,7 @@ def test_a_failed_distance_workbook_is_one_clear_error_and_no_partial_file(make_
 
 
 def test_a_change_of_what_is_written_restores_every_layer_and_force_clusters_again(make_case, monkeypatch):
-    case = make_case(per_class=4)
+    case = make_case(per_class=6)   # 12 errors: a k plot per layer (none where a layer has one choice of k)
     ctx, summary = run_steps(case)
     analysis = case / "T" / "ClusterAnalysis"
     layers = list(pd.read_csv(case / "T" / "Heatmaps" / "layers.csv")["layer"])

@@ -207,8 +207,9 @@ def test_keypoints_labelled_for_the_unsafe_set_only_retrain_as_if_all_were_label
     full = build_keypoint_case(tmp_path / "full", images=10)
     part = build_keypoint_case(tmp_path / "part", images=10, unlabelled_improvement=True)
     for case in (full, part):
-        (case / "hudd.json").write_text((case / "hudd.json").read_text().replace('"batch_size": 4',
-                                                                                  '"batch_size": 4, "epochs": 2'))
+        # half the usual budget: an unsafe set of fewer than the ten images, so that some stay unlabelled
+        (case / "hudd.json").write_text((case / "hudd.json").read_text().replace(
+            '"batch_size": 4', '"batch_size": 4, "epochs": 2, "budget_factor": 0.5'))
     assert hudd("-o", str(part)).returncode == 0
     to_label = pd.read_csv(part / "T" / "UnsafeSet" / "to_label.csv")
     truth = pd.read_csv(full / "DataSets" / "ImprovementSet" / "labels.csv")
