@@ -36,7 +36,7 @@ from tqdm import tqdm
 import clusterModule
 import distributed
 import testModule
-from clustering import CHUNK_BYTES, normalise_rows, times_transposed
+from clustering import CHUNK_BYTES, flat_rows, normalise_rows, times_transposed
 from features import make_space
 from Helper import (CasePaths, HuddError, PipelineStop, RunContext, Step, copy_to_new, fitting_name, image_set_digest,
                     make_loader, path_below_set, read_csv, stop_on_unreadable, write_csv, write_label_template)
@@ -298,8 +298,7 @@ def clustering_space(ctx: RunContext, layer: str):
     projection = clusterModule.read_projection(ctx.paths, layer)
     if projection is not None:
         return projection
-    return lambda block: normalise_rows(np.asarray(block, dtype=np.float64).reshape(len(block), -1),
-                                        ctx.settings.normalisation)
+    return lambda block: normalise_rows(flat_rows(block), ctx.settings.normalisation)
 
 
 def error_rows(ctx: RunContext, layer: str) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -358,7 +357,10 @@ def improvement_distances(ctx: RunContext, clusters: SelectedClusters, members: 
                                        ctx.settings.batch_size, stamp, shard)
     if shards is None:
         return None
-    whole = {key: np.concatenate([s[key] for s in shards]) for key in shards[0]}
+    # A rank left no image adds nothing, not even its arrays' dtype: its empty float64 uncertainty would turn
+    # the others' float32 into float64, and uncertainty.csv's digits with it.
+    filled = [s for s in shards if len(s["distances"])] or shards[:1]
+    whole = {key: np.concatenate([s[key] for s in filled]) for key in shards[0]}
     uncertainty = pd.DataFrame({"image": results.index, "uncertainty": whole["uncertainty"]})
     if len(whole["uncertain_keypoint"]):
         uncertainty["uncertain_keypoint"] = whole["uncertain_keypoint"]

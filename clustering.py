@@ -68,6 +68,13 @@ def _openmp_threads() -> bool:
     return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
+def flat_rows(block) -> np.ndarray:
+    """One float64 row per image of `block` (images x any shape); also for no image at all, where
+    reshape(0, -1) cannot infer the row length (a torchrun rank left no image of a set)."""
+    block = np.asarray(block, dtype=np.float64)
+    return block.reshape(len(block), int(np.prod(block.shape[1:])))
+
+
 def normalise_rows(block: np.ndarray, how: str) -> np.ndarray:
     """Per-heatmap scaling: 'l2' to unit length, 'max' to unit largest magnitude; zero rows stay zero."""
     if how == "none":
@@ -170,8 +177,9 @@ class Projection:
     components: np.ndarray    # (components, dims), orthonormal rows
 
     def __call__(self, block: np.ndarray) -> np.ndarray:
-        flat = normalise_rows(np.asarray(block, dtype=np.float64).reshape(len(block), -1), self.normalisation)
-        return times_transposed(flat - self.mean, self.components)
+        if not len(block):
+            return np.empty((0, len(self.components)))
+        return times_transposed(normalise_rows(flat_rows(block), self.normalisation) - self.mean, self.components)
 
 
 def fit_projection(rows: np.ndarray, normalisation: str, components: int, seed: int = 0,

@@ -229,6 +229,15 @@ def test_on_structureless_data_the_top_level_neither_drifts_nor_collapses():
     assert C.cluster_layer("L", C.pairwise_distances(x), k_criterion="max", max_rccs=7).k == 7
 
 
+def test_no_rows_stay_no_rows_in_the_distance_space():
+    """A torchrun rank left no image of a set hands on an empty block: it must come out as (0, dims)."""
+    rows = np.random.default_rng(0).normal(size=(12, 4, 5))
+    assert C.flat_rows(np.empty((0, 4, 5), dtype=np.float32)).shape == (0, 20)
+    assert np.array_equal(C.flat_rows(rows), rows.reshape(12, 20))
+    projection = C.fit_projection(rows, "l2", components=3)
+    assert projection(rows[:0]).shape == (0, 3) and projection(rows).shape == (12, 3)
+
+
 def test_a_case_with_few_errors_gets_at_most_one_top_level_rcc_per_three_images():
     """Structureless data takes the largest k: up to n/2 it left a fifth of the errors in RCCs of one
     image on cases of 20-50 errors (bench/small_case_study.py)."""

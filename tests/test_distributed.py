@@ -73,6 +73,23 @@ def test_two_ranks_write_the_bytes_of_one_process(single_run, tmp_path):
     assert not (two / ".hudd-shards").exists()
 
 
+def test_a_rank_left_no_images_by_large_batches_still_writes_the_bytes_of_one_process(tmp_path):
+    """Every set fits in one batch (the default batch of 128 on a case of a hundred test images does that), so
+    one rank has no image to run, explain or assign in every sharded step, and no right test image for the
+    contrast: its empty shard must pass through as nothing (a reshape of it failed under torchrun)."""
+    one, two = build_case(tmp_path / "one" / "case", settings={**SETTINGS, "batch_size": 64}), tmp_path / "two" / "case"
+    shutil.copytree(one, two)   # the same folder name: the report shows it
+    alone = hudd("-o", str(one), env={"OMP_NUM_THREADS": "2"})
+    assert alone.returncode == 0, alone.stderr
+    assert len(pd.read_csv(one / "testResult.csv")) <= 64 and (pd.read_csv(one / "testResult.csv")["result"] == "Correct").any()
+    result = torchrun(REPO / "HUDD.py", "-o", str(two))
+    assert result.returncode == 0, result.stderr
+    assert np.isfinite(pd.read_csv(one / "T" / "UnsafeSet" / "contrast.csv")["contrast"]).all()   # the contrast ran
+    ours, theirs = case_files(two), case_files(one)
+    assert sorted(ours) == sorted(theirs)
+    assert [name for name in ours if ours[name] != theirs[name]] == []
+
+
 @pytest.mark.parametrize("pick", ["contrast", "closest"])
 def test_a_keypoint_unsafe_set_under_two_ranks_writes_the_bytes_of_one_one_thread_process(tmp_path, pick):
     """On a keypoint model each rank explains its shard of the improvement images (and, for the contrast
