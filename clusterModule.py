@@ -893,6 +893,7 @@ class ClusterStep(Step):
         # written (they go into the layers' folders). The writer is entered first so that it ends last.
         if ctx.settings.k_criterion == "knee":
             import kneed  # noqa: F401  (it imports matplotlib.pyplot: here, never beside the thread importing ahead)
+        make_space(ctx.settings.features).read_ahead(ctx)   # its forward passes fork workers: before any thread
         with distance_writer(ctx, len(index)) as writer, ThreadPoolExecutor(1) as files, \
                 ThreadPoolExecutor(1) as side, ThreadPoolExecutor(1) as publisher:
             imported = files.submit(_import_ahead)  # hidden behind the distances' matrix products

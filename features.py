@@ -70,6 +70,15 @@ class FeatureSpace:
         """(error images, ...) in the heatmap index order (kept for the run: several steps ask)."""
         return ctx.memo(f"{self.name} rows of {layer}", lambda: self._gather(ctx, layer))
 
+    def read_ahead(self, ctx: RunContext) -> None:
+        """Every layer's error rows now (kept, as error_rows keeps them), before the cluster step starts its
+        threads. Their forward passes read the images with DataLoader workers, forked processes; forked while
+        a thread of the step imports (it imports matplotlib ahead, and matplotlib imports PIL's plugins), a
+        worker inherits a module lock that nothing will release, and PIL's own lazy plugin import in it then
+        waits forever (2 hangs in 14 torchrun runs of a resnet18 case with `features` activations)."""
+        for layer in self.layers(ctx):
+            self.error_rows(ctx, layer)
+
     def _gather(self, ctx: RunContext, layer: str) -> np.ndarray:
         index = heatmapModule.read_index(ctx.paths)
         errors = error_image_set(ctx, index)
@@ -89,6 +98,9 @@ class HeatmapSpace(FeatureSpace):
 
     def error_rows(self, ctx: RunContext, layer: str) -> np.ndarray:
         return heatmapModule.open_layer(ctx.paths, layer)
+
+    def read_ahead(self, ctx: RunContext) -> None:
+        """Nothing: the rows are the heatmap step's files, opened as each layer is clustered."""
 
     def batch_rows(self, ctx, layer, inputs, channels) -> np.ndarray:
         explainer, module, output_shape = ctx.memo(f"explainer of {layer}", lambda: self._explainer(ctx, layer, inputs))

@@ -164,6 +164,29 @@ def test_activations_are_the_modules_outputs(clustered_case):
         np.testing.assert_allclose(space.error_rows(ctx, layer), value.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("space", ["activations", "pixels"])
+def test_the_cluster_step_reads_images_before_it_starts_its_threads(clustered_case, tmp_path, monkeypatch, space):
+    """A space that runs the model reads the error images with DataLoader workers, forked processes. Forked
+    while a thread of the step imports (matplotlib, ahead; it imports PIL's plugins), a worker inherits a
+    module lock nothing releases and hangs in PIL's lazy plugin import: so no loader while a thread runs."""
+    import shutil
+    import threading
+    case = tmp_path / "case"
+    shutil.copytree(clustered_case, case)
+    loaders, original = [], features.make_loader
+
+    def watched(*args, **kwargs):
+        loaders.append([t.name for t in threading.enumerate() if t is not threading.main_thread()])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(features, "make_loader", watched)
+    ctx = context(case, features=space, workers=2)
+    ctx.force = True
+    run_steps(ctx, clusterModule.STEP)
+    assert loaders and all(not [name for name in alive if name.startswith("ThreadPoolExecutor")] for alive in loaders), loaders
+    assert clusterModule.read_summary(ctx.paths)["layer"].tolist() == features.make_space(space).layers(ctx)
+
+
 def test_pixels_are_the_models_input(clustered_case):
     ctx = context(clustered_case)
     rows = features.PixelSpace().error_rows(ctx, features.PixelSpace.LAYER)
