@@ -272,12 +272,18 @@ def _images_and_unread(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, unread
 
 
+# `extra` of a warning that every rank of a torchrun job meets alike (listing the case's sets and labels):
+# the ranks but rank 0 leave it out (distributed.init_process_group), so that it is printed once.
+SAME_ON_EVERY_RANK = {"same_on_every_rank": True}
+
+
 def _note_unread_files(set_root: Path, unread: list[Path]) -> None:
     """A warning naming the files the set leaves out for their extension (a .gif, a .heic): left out
     silently, a class could lose its images without a word."""
     if unread:
         log.warning("%s: %d file(s) left out, of a kind HUDD does not read as an image (e.g. %s); images are %s",
-                    set_root, len(unread), unread[0].relative_to(set_root), ", ".join(IMAGE_EXTENSIONS))
+                    set_root, len(unread), unread[0].relative_to(set_root), ", ".join(IMAGE_EXTENSIONS),
+                    extra=SAME_ON_EVERY_RANK)
 
 
 KEYPOINT_LABELS = "labels.csv"
@@ -317,7 +323,7 @@ def list_keypoint_set(set_root: Path, name: str = "", keypoints: list[str] | Non
     unlisted = sorted(p for p in set_root.rglob("*") if _is_image(p) and os.path.normpath(p) not in listed)
     if unlisted:  # left out of the set: said, as a class folder's stray files are
         log.warning("%s: %d image(s) under %s are not in it and are left out (e.g. %s)", label_file, len(unlisted),
-                    set_root, unlisted[0].relative_to(set_root).as_posix())
+                    set_root, unlisted[0].relative_to(set_root).as_posix(), extra=SAME_ON_EVERY_RANK)
     targets = table[columns[1:]].to_numpy(dtype=np.float64)
     if not np.isfinite(targets).all():
         row = int(np.flatnonzero(~np.isfinite(targets).all(axis=1))[0])
@@ -377,7 +383,7 @@ def with_partial_labels(image_set: ImageSet, label_file: Path, task, case_root: 
     skipped = [k in left_out for k in keys]
     if any(skipped):
         log.warning("%s: %d labelled image(s) left out as unreadable (--skip-bad-images), e.g. %s", label_file,
-                    sum(skipped), table["image"][skipped.index(True)])
+                    sum(skipped), table["image"][skipped.index(True)], extra=SAME_ON_EVERY_RANK)
     unknown = [text for text, key in zip(table["image"], keys) if key is None]
     if unknown:
         raise HuddError(f"{label_file}: lists {unknown[0]!r}, which is not an image of {image_set.root} (give paths "

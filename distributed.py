@@ -93,8 +93,10 @@ def start(device: torch.device) -> None:
         dist.init_process_group("gloo", timeout=WAIT_LIMIT)
         _control = None
     signal.signal(signal.SIGTERM, _stopped_by_signal)
-    if not is_main():
-        logging.getLogger("hudd").setLevel(logging.WARNING)  # rank 0 tells the story
+    if not is_main():   # rank 0 tells the story, and says once what every rank meets alike
+        hudd_log = logging.getLogger("hudd")
+        hudd_log.setLevel(logging.WARNING)
+        hudd_log.addFilter(lambda record: not getattr(record, "same_on_every_rank", False))
 
 
 def _stopped_by_signal(number, _frame) -> None:

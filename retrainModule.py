@@ -48,7 +48,7 @@ import assignModule
 import distributed
 import evaluation
 import testModule
-from Helper import (RETRAIN_MODES, CasePaths, HuddError, ImageSet, RunContext, Step, atomic_path,
+from Helper import (RETRAIN_MODES, SAME_ON_EVERY_RANK, CasePaths, HuddError, ImageSet, RunContext, Step, atomic_path,
                     image_set_digest, make_loader, read_csv, resolve_input_size, stop_on_unreadable, with_partial_labels,
                     write_csv, write_label_template)
 
@@ -433,7 +433,7 @@ def improvement_for_training(ctx: RunContext) -> tuple[ImageSet, np.ndarray]:
         if improve.labelled:
             if ctx.paths.improvement_labels.is_file():
                 log.warning("%s: not read, the improvement set is labelled by its class folders",
-                            ctx.paths.improvement_labels)
+                            ctx.paths.improvement_labels, extra=SAME_ON_EVERY_RANK)
             return improve, np.ones(len(improve), dtype=bool)
         refuse_labels_as_workbook(ctx.paths.improvement_labels)
         if ctx.paths.improvement_labels.is_file():

@@ -6,9 +6,10 @@ CASE: case studies whose cluster step has run with metadata scenarios (the demos
 From each, random subsets of its error images (`--draws` per size, seeded) stand for cases with that many
 errors: every layer is clustered again from the subset of its distances.npy, as the step does, with the
 top level's k bounded by max_rccs (20) and, for each candidate bound m, by n // m (at least 2; m = 2 is
-the bound before MIN_MEAN_RCC_SIZE, the original's n/2); the layer is chosen as the step chooses it. Printed per size and bound, the mean over cases and draws: the
-top-level RCCs, their median size, the share of error images left in an RCC of one image, purity and
-coverage over every RCC and over the 10 largest.
+the bound before MIN_MEAN_RCC_SIZE, the original's n/2); the layer is chosen as the step chooses it.
+Printed per size and bound, the mean over cases and draws: the top-level RCCs, their median size, the
+share of error images left in an RCC of one image, purity and coverage over every RCC and over the 10
+largest; then per case below 60 errors, and the worst coverage of any case and draw.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def measure(levels: list[TopLevel], scenarios: np.ndarray, explained: np.ndarray
                             alignments=C.output_alignments(results, explained))
     quality = C.readable_quality(chosen.labels, scenarios)
     sizes = np.bincount(chosen.labels)
-    return {"k": chosen.k, "median_size": quality["median_size"], "singletons": float((sizes[chosen.labels] == 1).mean()),
+    alone = float((sizes[chosen.labels] == 1).mean())   # share of the error images in an RCC of one
+    return {"k": chosen.k, "median_size": quality["median_size"], "singletons": alone,
             **{key: quality[key] for key in ("purity", "coverage", "purity_10", "coverage_10")}}
 
 

@@ -53,6 +53,8 @@ def single_run(tmp_path_factory):
     with two threads (against torchrun's one per rank; set, as the test workers run with fewer)."""
     root = tmp_path_factory.mktemp("single")
     case = build_case(root / "case", settings={**SETTINGS, "batch_size": 2})
+    first_class = sorted(p for p in (case / "DataSets" / "TestSet").iterdir() if p.is_dir())[0]
+    (first_class / "scan.heic").write_bytes(b"not read")   # a file left out, with a warning
     pristine = root / "pristine"
     shutil.copytree(case, pristine)
     result = hudd("-o", str(case), env={"OMP_NUM_THREADS": "2"})
@@ -67,6 +69,7 @@ def test_two_ranks_write_the_bytes_of_one_process(single_run, tmp_path):
     result = torchrun(REPO / "HUDD.py", "-o", str(two))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("HUDD on") == 1  # the summary, from rank 0 only
+    assert result.stdout.count("1 file(s) left out") == 1, result.stdout   # what every rank meets: said once
     ours, theirs = case_files(two), case_files(case.parent / "case")
     assert sorted(ours) == sorted(theirs)
     assert [name for name in ours if ours[name] != theirs[name]] == []
@@ -81,7 +84,8 @@ def test_a_rank_left_no_images_by_large_batches_still_writes_the_bytes_of_one_pr
     shutil.copytree(one, two)   # the same folder name: the report shows it
     alone = hudd("-o", str(one), env={"OMP_NUM_THREADS": "2"})
     assert alone.returncode == 0, alone.stderr
-    assert len(pd.read_csv(one / "testResult.csv")) <= 64 and (pd.read_csv(one / "testResult.csv")["result"] == "Correct").any()
+    test_results = pd.read_csv(one / "testResult.csv")
+    assert len(test_results) <= 64 and (test_results["result"] == "Correct").any()
     result = torchrun(REPO / "HUDD.py", "-o", str(two))
     assert result.returncode == 0, result.stderr
     assert np.isfinite(pd.read_csv(one / "T" / "UnsafeSet" / "contrast.csv")["contrast"]).all()   # the contrast ran
