@@ -85,8 +85,7 @@ def normalise_rows(block: np.ndarray, how: str) -> np.ndarray:
 
 
 def _rows(heatmaps: np.ndarray, start: int, stop: int, how: str) -> np.ndarray:
-    block = np.asarray(heatmaps[start:stop], dtype=np.float64).reshape(stop - start, -1)
-    return normalise_rows(block, how)
+    return normalise_rows(flat_rows(heatmaps[start:stop]), how)
 
 
 def pairwise_distances(heatmaps: np.ndarray, normalisation: str = "none",
@@ -188,7 +187,7 @@ def fit_projection(rows: np.ndarray, normalisation: str, components: int, seed: 
     the SVD of the centred rows (scikit-learn's PCA does the same)."""
     n = len(rows)
     chosen = np.sort(np.random.default_rng(seed).choice(n, size=min(n, sample), replace=False))
-    flat = normalise_rows(np.asarray(rows[chosen], dtype=np.float64).reshape(len(chosen), -1), normalisation)
+    flat = normalise_rows(flat_rows(rows[chosen]), normalisation)
     mean = flat.mean(axis=0)
     # Its bits depend on the thread count (numpy's LAPACK, and torch's under MKL's strict mode too): one thread
     # would make them steady, at 1.4x the time on 2 cores and far more on many; docs/scaling.md says so.

@@ -521,19 +521,12 @@ def refuse_labels_as_workbook(label_file: Path) -> None:
                         f"spreadsheet, save them as CSV (UTF-8) under that name")
 
 
-def check_labels(ctx: RunContext, mode: str, selections: list[Selection], unsafe: UnsafeInputs) -> None:
-    """Every image a mode trains on must have a label: where some have none, their list is written
-    (update_label_list) and the step stops with what to do."""
-    chosen, missing = update_label_list(ctx, mode, selections, unsafe)
-    if missing:
-        raise labels_missing(ctx, [(mode, len(selections), chosen, missing)])
-
-
 def check_labels_of_modes(ctx: RunContext, modes: list[str]) -> None:
     """Before the first mode retrains: every image that each mode asked for would train on has a label.
     A run that cannot finish then stops before its first model, not after the modes before the one
     that lacks labels have trained; and every mode's list is written at once, so that one round of
-    labelling serves them all (the modes' steps check again as they compute)."""
+    labelling serves them all (each mode's step checks its own again as it computes). Where some have none,
+    their lists are written (update_label_list) and the run stops with what to do."""
     if ctx.sets()["improve"].labelled:
         return
     unsafe = step_unsafe_inputs(ctx)
@@ -707,11 +700,9 @@ class RetrainStep(Step):
         return [table_path(ctx.paths, self.mode, "runs")]
 
     def compute(self, ctx: RunContext) -> None:
+        check_labels_of_modes(ctx, [self.mode])
         unsafe = step_unsafe_inputs(ctx)
-        if self.mode == "BL1":
-            refuse_bl1_without_labels(ctx, unsafe)
         selections = {run: run_selection(ctx, self.mode, run, unsafe) for run in range(1, ctx.settings.runs + 1)}
-        check_labels(ctx, self.mode, list(selections.values()), unsafe)
         data = ctx.memo("retraining data", lambda: training_data(ctx))
         done = [retrain_once(ctx, self.mode, run, unsafe, data, selection) for run, selection in selections.items()]
         if distributed.is_main():  # under torchrun every rank trained; rank 0 writes
