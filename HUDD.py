@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     args = read_options(argv)
     Helper.setup_logging(args.debug)
     status = Helper.run_guarded(lambda: run(args), args.debug)
-    distributed.finish(clean=status == 0)
+    distributed.finish(status)   # under torchrun: ends the process here
     return status
 
 

@@ -21,6 +21,7 @@ import datetime
 import logging
 import os
 import signal
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -104,18 +105,32 @@ def _stopped_by_signal(number, _frame) -> None:
                     "finished so far is on disk, and running the same command again resumes from it")
 
 
-def finish(clean: bool = True) -> None:
-    """Leaves the job: after a last barrier when the run went well (ranks other than 0 wait there for
-    rank 0's report and summary, then exit 0); at once when it failed (the others may be gone)."""
+def finish(status: int = 0) -> None:
+    """Leaves the torchrun job and ends this rank's process with `status`; returns at once in one process.
+    After a clean run (status 0) the ranks meet at a last barrier (those other than 0 wait there for rank
+    0's report and summary) and the group is destroyed; after a failure they leave at once (the others may
+    be gone, and tearing down could wait on them).
+
+    The process ends by os._exit, after flushing its output, not by returning to the interpreter: torch
+    keeps the gloo group alive past destroy_process_group (torch._dynamo, which torchvision's ops import,
+    holds references to it), and its worker threads drop the last collectives' tensors on their own
+    time. When that falls in the interpreter's shutdown, taking the GIL there kills the rank with SIGABRT
+    ("terminate called without an active exception"): about 1 torchrun job in 60 under load failed so,
+    after writing everything. os._exit leaves those threads no shutdown to meet."""
     global _control
-    if not active() or not clean:
-        return  # after a failure the other ranks may be gone: tearing down could wait on them; exit instead
-    try:
-        barrier()
-        dist.destroy_process_group()
-    except HuddError:
-        pass  # a rank left early: the exit status already says how the run ended
+    if not active():
+        return
+    if status == 0:
+        try:
+            barrier()
+            dist.destroy_process_group()
+        except HuddError:
+            pass  # a rank left early: torchrun's own exit status says how the job ended
     _control = None
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 def barrier() -> None:
