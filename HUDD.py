@@ -182,6 +182,9 @@ def resolve_model_path(case: Path, model: str) -> Path:
         return in_case
     available = sorted(p.name for p in models.glob("*")) if models.is_dir() else []
     hint = f" (DNNModels holds: {', '.join(available[:8])})" if available else ""
+    if len(given.parts) > 1:   # a path, as given: not joined to DNNModels (CASE/DNNModels/CASE/DNNModels/...)
+        raise HuddError(f"{given}: model file not found{hint}; pass the path of a model file, or a name in "
+                        f"{models}, with -m")
     raise HuddError(f"{in_case}: model file not found{hint}; pass its name with -m")
 
 

@@ -218,6 +218,16 @@ def test_missing_model_lists_the_available_ones(make_case):
     assert_clean_error(hudd("-o", str(case), "-m", "Other.pth"), "Other.pth", "OriginalModel.pth")
 
 
+def test_a_missing_model_given_as_a_path_is_named_as_given(make_case):
+    """-m CASE/DNNModels/Other.pth, relative to the working folder, was named
+    CASE/DNNModels/CASE/DNNModels/Other.pth: joined to DNNModels, a file nobody asked for."""
+    case = make_case(per_class=1)
+    given = Path(case.name) / "DNNModels" / "Other.pth"
+    result = hudd("-o", case.name, "-m", str(given), cwd=case.parent)
+    assert_clean_error(result, f"error: {given}: model file not found", "OriginalModel.pth")
+    assert str(Path(case.name) / "DNNModels" / given) not in result.stderr
+
+
 def test_empty_set(make_case):
     case = make_case(per_class=1)
     for image in (case / "DataSets" / "ImprovementSet").rglob("*.png"):
