@@ -117,7 +117,6 @@ def finish(status: int = 0) -> None:
     time. When that falls in the interpreter's shutdown, taking the GIL there kills the rank with SIGABRT
     ("terminate called without an active exception"): about 1 torchrun job in 60 under load failed so,
     after writing everything. os._exit leaves those threads no shutdown to meet."""
-    global _control
     if not active():
         return
     if status == 0:
@@ -126,7 +125,6 @@ def finish(status: int = 0) -> None:
             dist.destroy_process_group()
         except HuddError:
             pass  # a rank left early: torchrun's own exit status says how the job ended
-    _control = None
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

@@ -534,7 +534,7 @@ def check_labels_of_modes(ctx: RunContext, modes: list[str]) -> None:
         refuse_bl1_without_labels(ctx, unsafe)
     short = []
     for mode in modes:
-        selections = [run_selection(ctx, mode, run, unsafe) for run in range(1, ctx.settings.runs + 1)]
+        selections = mode_selections(ctx, mode)
         chosen, missing = update_label_list(ctx, mode, selections, unsafe)
         if missing:
             short.append((mode, len(selections), chosen, missing))
@@ -579,8 +579,7 @@ def refresh_label_lists(ctx: RunContext, but: str) -> None:
         return
     unsafe = step_unsafe_inputs(ctx)
     for mode in stale:
-        runs = range(1, ctx.settings.runs + 1)
-        update_label_list(ctx, mode, [run_selection(ctx, mode, run, unsafe) for run in runs], unsafe)
+        update_label_list(ctx, mode, mode_selections(ctx, mode), unsafe)
 
 
 def step_unsafe_inputs(ctx: RunContext) -> UnsafeInputs:
@@ -595,10 +594,9 @@ def training_labels_digest(ctx: RunContext, mode: str) -> str:
     improve, labelled = improvement_for_training(ctx)
     if mode == "BL1" and not labelled.all():   # refused by its compute; its pool would be the few labelled failures
         return "incomplete"
-    unsafe = step_unsafe_inputs(ctx)
     digest = hashlib.sha256()
-    for run in range(1, ctx.settings.runs + 1):
-        for image in run_selection(ctx, mode, run, unsafe).chosen:
+    for selection in mode_selections(ctx, mode):
+        for image in selection.chosen:
             digest.update(f"{image}|{improve.labels[image] if labelled[image] else ''}|".encode())
             if improve.targets is not None and labelled[image]:
                 digest.update(np.ascontiguousarray(improve.targets[image]).tobytes())
@@ -630,6 +628,14 @@ def labels_needed(mode: str, labelled: int, improvement_images: int) -> int:
     """Improvement images an engineer must label to run the mode: BL1 must find the misclassified ones
     among all of them; HUDD (its unsafe set), BL2 and BL3 label only the images they choose."""
     return improvement_images if mode == "BL1" else labelled
+
+
+def mode_selections(ctx: RunContext, mode: str) -> list[Selection]:
+    """run_selection of runs 1..runs, drawn once per HUDD run for the recorded unsafe set: the retraining
+    fingerprint, the label checks (the preflight's and the step's own) and the training share them."""
+    unsafe = step_unsafe_inputs(ctx)
+    return ctx.memo(f"selections {mode} {assignModule.STEP.recorded_fingerprint(ctx)}",
+                    lambda: [run_selection(ctx, mode, run, unsafe) for run in range(1, ctx.settings.runs + 1)])
 
 
 def run_selection(ctx: RunContext, mode: str, run: int, unsafe: UnsafeInputs) -> Selection:
@@ -702,7 +708,7 @@ class RetrainStep(Step):
     def compute(self, ctx: RunContext) -> None:
         check_labels_of_modes(ctx, [self.mode])
         unsafe = step_unsafe_inputs(ctx)
-        selections = {run: run_selection(ctx, self.mode, run, unsafe) for run in range(1, ctx.settings.runs + 1)}
+        selections = dict(enumerate(mode_selections(ctx, self.mode), start=1))
         data = ctx.memo("retraining data", lambda: training_data(ctx))
         done = [retrain_once(ctx, self.mode, run, unsafe, data, selection) for run, selection in selections.items()]
         if distributed.is_main():  # under torchrun every rank trained; rank 0 writes
