@@ -58,6 +58,8 @@ MODES = RETRAIN_MODES
 VALIDATION_SHARE = 0.1
 CACHE_BYTES = 2 * 2 ** 30   # sets whose decoded tensors fit are read from disk once, not every epoch
 AUXILIARY_WEIGHT = 0.3   # an auxiliary head's share of the loss, GoogLeNet's (Szegedy et al., 2015)
+CHANNELS_LAST = torch.channels_last
+CONTIGUOUS = torch.contiguous_format
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +280,8 @@ def combined_batches(image_set: ImageSet, batch_size: int, ctx: RunContext, batc
 
 
 def train_epoch(model, optimiser, data: TrainingData, bag: np.ndarray, ctx: RunContext,
-                generator: torch.Generator, dropouts: list = (), mask_seed: tuple = (0,), norms: list = ()) -> float:
+                generator: torch.Generator, dropouts: list = (), mask_seed: tuple = (0,), norms: list = (),
+                layout: torch.memory_format = CONTIGUOUS) -> float:
     """One pass over the training rows and the bag; returns the training accuracy (of every rank's
     samples). Under torchrun `model` is DDP-wrapped: DDP averages the ranks' gradients, so each rank's
     mean loss is scaled by its share of the global batch times the number of ranks, which makes that
@@ -292,7 +295,7 @@ def train_epoch(model, optimiser, data: TrainingData, bag: np.ndarray, ctx: RunC
         mine = part.stop - part.start  # 0: a stand-in sample that weighs nothing
         distributed.set_batch(dropouts, size, part if mine else slice(0, 1),
                               int(np.random.SeedSequence([*mask_seed, number]).generate_state(1)[0]), norms, mine > 0)
-        inputs, labels = inputs.to(ctx.device), labels.to(ctx.device)
+        inputs, labels = inputs.to(ctx.device, memory_format=layout), labels.to(ctx.device)
         optimiser.zero_grad()
         outputs, auxiliary = main_and_auxiliary(model(inputs))
         loss = ctx.task.loss(outputs, labels) + sum(AUXILIARY_WEIGHT * ctx.task.loss(extra, labels) for extra in auxiliary)
@@ -334,12 +337,38 @@ def set_learning_rate(optimiser: torch.optim.Optimizer, rate: float) -> None:
         group["lr"] = rate
 
 
+def training_layout(model: nn.Module, ctx: RunContext) -> torch.memory_format:
+    """The memory layout a copy of the model trains in: channels_last on the CPU, where oneDNN's
+    convolutions run faster in it (an epoch of the demo's DemoNet 1.3-1.4x, bench/bench_retrain.py), if the
+    model has 2-D convolutions and gives the same outputs in it; else the usual contiguous layout. A model
+    whose forward needs contiguous memory (`x.view(n, -1)` after a convolution raises in channels_last; a
+    custom operator could read the memory as contiguous) fails the probe and trains as before. GPUs keep
+    the contiguous layout: not measured there. Leaves the model contiguous, in eval mode."""
+    if ctx.device.type != "cpu" or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return CONTIGUOUS
+    height, width = resolve_input_size(ctx.settings)
+    probe = torch.randn((2, ctx.settings.channels, height, width), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    try:
+        with torch.no_grad():
+            reference = main_and_auxiliary(model(probe))[0]
+            model.to(memory_format=CHANNELS_LAST)
+            laid_out = main_and_auxiliary(model(probe.contiguous(memory_format=CHANNELS_LAST)))[0]
+        same = laid_out.shape == reference.shape and torch.allclose(
+            laid_out.float(), reference.float(), rtol=1e-3, atol=1e-4 * float(reference.abs().max().clamp(min=1)))
+    except Exception:  # noqa: BLE001 - any failure in the probe only means: train as before
+        same = False
+    model.to(memory_format=CONTIGUOUS)
+    return CHANNELS_LAST if same else CONTIGUOUS
+
+
 def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, desc: str,
-              each_epoch: Callable[[nn.Module, int, float], None] | None = None
-              ) -> tuple[nn.Module, int, list[dict]]:
+              each_epoch: Callable[[nn.Module, int, float], None] | None = None,
+              layout: torch.memory_format | None = None) -> tuple[nn.Module, int, list[dict]]:
     """Fine-tunes a copy of the original model; returns it at the chosen epoch, that epoch, and the
     per-epoch history (learning rate, training and validation accuracy). `each_epoch(model, epoch, training accuracy)`
-    is called after every epoch (bench/retrain_epochs_study.py measures each on the way). Under
+    is called after every epoch (bench/retrain_epochs_study.py measures each on the way). The copy trains
+    in `layout` (None: training_layout's choice) and is returned in the contiguous layout. Under
     torchrun the copy trains with DistributedDataParallel (every rank ends each epoch with the same
     weights, so each makes the same choice of epoch). Dropout draws its masks per global batch (distributed.BatchDropout), the same for
     one process or N ranks, and BatchNorm takes the global batch's statistics (distributed.BatchNormOverRanks)."""
@@ -347,6 +376,8 @@ def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, d
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(ctx.model()).to(ctx.device)
+    layout = training_layout(model, ctx) if layout is None else layout
+    model.to(memory_format=layout)
     dropouts, norms = distributed.batch_dropout(model), distributed.norms_over_ranks(model)
     optimiser = ctx.task.optimiser(model, s)  # before DDP: a keypoint model freezes layers here
     trained = distributed.data_parallel(model, ctx.device)
@@ -354,7 +385,8 @@ def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, d
     for epoch in tqdm(range(1, s.epochs + 1), desc=desc, unit="epoch", leave=False, disable=distributed.progress_off()):
         rate = epoch_learning_rate(s.learning_rate, epoch, s.epochs, s.lr_schedule)
         set_learning_rate(optimiser, rate)
-        train_accuracy = train_epoch(trained, optimiser, data, bag, ctx, generator, dropouts, (seed, epoch), norms)
+        train_accuracy = train_epoch(trained, optimiser, data, bag, ctx, generator, dropouts, (seed, epoch), norms,
+                                     layout)
         validation = (accuracy_on(model, data.train, data.validation_rows, ctx)
                       if s.epoch_choice == "validation" else float("nan"))
         history.append({"epoch": epoch, "learning_rate": rate, "train_accuracy": 100 * train_accuracy,
@@ -366,7 +398,7 @@ def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, d
             best_score, best_epoch = score, epoch
             best_state = copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
-    return model.eval(), best_epoch, history
+    return model.to(memory_format=CONTIGUOUS).eval(), best_epoch, history
 
 
 def save_model(model: nn.Module, ctx: RunContext, mode: str, run: int, accuracy: float) -> Path:

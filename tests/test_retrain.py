@@ -427,3 +427,85 @@ def test_a_model_that_ends_in_softmax_trains_on_the_log_likelihood_and_log_softm
     for outputs in (logits, F.log_softmax(logits, dim=1), probabilities):
         assert torch.allclose(tasks.softmax_margin(outputs), top[:, 0] - top[:, 1], atol=1e-6)
     assert not tasks.probability_rows(torch.rand(16, 5))   # non-negative rows that do not sum to 1
+
+
+# --------------------------------------------------------------------------------------------
+# The memory layout a copy trains in
+# --------------------------------------------------------------------------------------------
+
+class FlattensWithView(nn.Module):
+    """A user's network that flattens with x.view(n, -1), which needs contiguous memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 32 * 32, len(CLASSES))
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+class ReadsMemoryAsContiguous(FlattensWithView):
+    """A custom operator that reads its input's memory as if it were contiguous: it runs in channels_last
+    too, and silently gives other outputs there."""
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        per_image = x[0].numel()
+        return self.fc(x.as_strided((x.size(0), per_image), (per_image, 1)))
+
+
+def layouts_seen(model: nn.Module) -> list[bool]:
+    """Records, for every training forward of a copy of `model`, whether its input was channels_last."""
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous())
+        if module.training else None)
+    return seen
+
+
+def test_on_the_cpu_a_convolutional_model_trains_in_channels_last_and_comes_back_contiguous(pipeline_case):
+    ctx = context(pipeline_case, epochs=2, learning_rate=0.05)
+    data = retrainModule.training_data(ctx)
+    original = ctx.model()
+    assert retrainModule.training_layout(copy.deepcopy(original), ctx) == torch.channels_last
+    seen = layouts_seen(original)   # hooks travel with fine_tune's deep copy
+    model, _epoch, _history = retrainModule.fine_tune(ctx, data, np.arange(4), seed=0, desc="test")
+    assert seen and all(seen)
+    assert all(p.is_contiguous() for p in model.state_dict().values())   # saved as before
+    assert all(p.is_contiguous() for p in original.parameters())         # the original is left as it was
+
+
+def test_both_layouts_train_to_the_same_weights_up_to_float_order(pipeline_case):
+    ctx = context(pipeline_case, epochs=2, learning_rate=0.05)
+    data = retrainModule.training_data(ctx)
+    models = [retrainModule.fine_tune(ctx, data, np.array([0, 3, 3, 5]), seed=1, desc="test", layout=layout)[0]
+              for layout in (torch.contiguous_format, torch.channels_last)]
+    moved = [(v - ctx.model().state_dict()[k]).abs().max() for k, v in models[0].state_dict().items()]
+    assert max(moved) > 1e-3   # they trained
+    for (name, plain), last in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        torch.testing.assert_close(plain, last, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("network", [FlattensWithView, ReadsMemoryAsContiguous])
+def test_a_model_that_needs_contiguous_memory_trains_contiguous(pipeline_case, network):
+    ctx = context(pipeline_case, epochs=1, learning_rate=0.05)
+    torch.manual_seed(0)
+    ctx._model = network()
+    probe = torch.randn(2, 3, 32, 32)
+    last = copy.deepcopy(ctx._model).to(memory_format=torch.channels_last)
+    try:   # the network does fail in channels_last: raises, or differs
+        assert not torch.allclose(last(probe.contiguous(memory_format=torch.channels_last)), ctx._model(probe))
+    except RuntimeError as error:
+        assert "view size is not compatible" in str(error)
+    assert retrainModule.training_layout(copy.deepcopy(ctx._model), ctx) == torch.contiguous_format
+    seen = layouts_seen(ctx._model)
+    model, epoch, _history = retrainModule.fine_tune(ctx, retrainModule.training_data(ctx), np.arange(4), seed=0,
+                                                     desc="test")
+    assert epoch == 1 and seen and not any(seen)
+
+
+def test_a_gpu_keeps_the_contiguous_layout(pipeline_case):
+    ctx = context(pipeline_case)
+    ctx.device = torch.device("meta")   # any device but the CPU; no model runs on it
+    assert retrainModule.training_layout(ctx.model(), ctx) == torch.contiguous_format
