@@ -372,6 +372,20 @@ def cluster_quality(clusters: dict) -> str:
             f"{shown['coverage_10']} (from metadata.csv){why}")
 
 
+def rcc_sizes(clusters: dict) -> str:
+    """"20 RCCs (median 14.5 images)"; where two or more RCCs hold one image each (a small or weakly structured
+    case), those apart: "19 RCCs: 8 of 2+ images (median 6) and 11 single images"."""
+    singles = clusters.get("single_images", 0)
+    if singles < 2:
+        median = f"{clusters['median_size']:g}"  # 14.5 where the middle two sizes differ
+        return f"{counted(clusters['k'], 'RCC')} (median {median} image{'' if median == '1' else 's'})"
+    groups = clusters["k"] - singles   # k counts no noise group
+    if not groups:
+        return f"{counted(clusters['k'], 'RCC')}, each a single image"
+    return (f"{counted(clusters['k'], 'RCC')}: {groups} of 2+ images (median {clusters['group_median_size']:g}) "
+            f"and {singles} single images")
+
+
 def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
     print(f"\nHUDD on {ctx.paths.root} with {ctx.model_path.name} ({seconds:.0f} s)")
     test = results.get("test")
@@ -398,8 +412,7 @@ def print_summary(ctx: RunContext, results: dict, seconds: float) -> None:
     if clusters:
         noise = f" and {clusters['noise']} unclustered" if clusters["noise"] else ""
         quality = cluster_quality(clusters) if "purity" in clusters else ""
-        median = f"{clusters['median_size']:g}"  # 14.5 where the middle two sizes differ
-        print(f"  root-cause clusters: {counted(clusters['k'], 'RCC')} (median {median} image{'' if median == '1' else 's'})"
+        print(f"  root-cause clusters: {rcc_sizes(clusters)}"
               f"{noise}, {counted(clusters['sub_k'], 'sub-cluster')}, in {clusters['layer']} of the "
               f"{clusters['features']}{quality} -> {clusters['folder']}")
     unsafe = results.get("assign")

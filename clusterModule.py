@@ -932,6 +932,9 @@ class ClusterStep(Step):
                    "noise": int(chosen["noise"]), "median_size": float(chosen["median_size"]),
                    "folder": published_dir(ctx.paths, chosen["layer"]), "table": table,
                    "features": ctx.settings.features}
+        sizes = read_rcc_stats(ctx.paths, chosen["layer"]).set_index("rcc")["size"].drop(NOISE, errors="ignore")
+        summary["single_images"] = int((sizes == 1).sum())
+        summary["group_median_size"] = float(sizes[sizes > 1].median()) if (sizes > 1).any() else 0.0
         for key in ("purity", "coverage", "purity_10", "coverage_10"):
             if key in table.columns:
                 summary[key] = float(chosen[key])

@@ -254,10 +254,22 @@ def described(rcc: pd.Series, data: ReportData) -> str:
     return ""
 
 
+def single_images(stats: pd.DataFrame) -> pd.DataFrame:
+    """The top-level RCCs of one image, when there are two or more: on a small or weakly structured case
+    the cut at max_rccs leaves images that resemble no other error closely enough to share an RCC (a
+    resnet18 case of 59 errors: 11 of its 19 RCCs). The summary gathers them on one line; one such RCC
+    stays a line of its own."""
+    singles = stats[(stats["size"] == 1) & (stats["rcc"] != clusterModule.NOISE)]
+    return singles if len(singles) >= 2 else singles.iloc[:0]
+
+
 def rcc_summary(ctx: RunContext, data: ReportData) -> str:
-    """Every top-level RCC on one line, largest first: what a reader takes in at a glance (what its
-    members share where metadata says, and what sets it apart from its images and relevance)."""
+    """Every top-level RCC on one screen, largest first: one line per RCC of 2+ images, with what a reader
+    takes in at a glance (what its members share where metadata says, and what sets it apart from its
+    images and relevance); the RCCs of one image together on the last line."""
     stats = data.stats.sort_values(["size", "rcc"], ascending=[False, True])
+    singles = single_images(stats)
+    groups = stats[~stats["rcc"].isin(singles["rcc"])]
     apart = data.described is not None
     shared = {r["rcc"]: described(r, data) for _, r in stats.iterrows()}
     metadata = any(shared.values())   # without metadata the column would stay empty
@@ -268,12 +280,38 @@ def rcc_summary(ctx: RunContext, data: ReportData) -> str:
         + (f"<td class='l headline' data-headline='{esc(r['rcc'])}'>{esc(rcc_headline(data.described, r['rcc']))}"
            "</td>" if apart else "")
         + f"<td class='l strip'>{thumbnails(ctx, data, data.labels[data.labels['rcc'] == r['rcc']], 4, height=40)}"
-        "</td></tr>" for _, r in stats.iterrows())
-    return (f"<h2>The root causes at a glance</h2><p>{len(stats)} root-cause clusters of {esc(data.layer)}, largest "
+        "</td></tr>" for _, r in groups.iterrows())
+    if len(singles):
+        rows += singles_row(ctx, data, singles, metadata, apart)
+    counts = (f"{len(groups)} root-cause clusters and {len(singles)} single images" if len(singles)
+              else f"{len(stats)} root-cause clusters")
+    return (f"<h2>The root causes at a glance</h2><p>{counts} of {esc(data.layer)}, largest "
             "first; each opens below with its sub-clusters.</p><table id=rcc-summary><tr><th class=l>RCC</th>"
             "<th>images</th><th>sub-clusters</th>" + ("<th class=l>what they share</th>" if metadata else "")
             + ("<th class=l>what sets it apart</th>" if apart else "")
             + f"<th class=l>examples</th></tr>{rows}</table>")
+
+
+def singles_row(ctx: RunContext, data: ReportData, singles: pd.DataFrame, metadata: bool, apart: bool) -> str:
+    """The summary's last line: the RCCs of one image, each tile linking to its card. No sentence says what
+    sets one image apart: compared with the others, one image always differs in something."""
+    names = list(singles["rcc"])
+    tiles = "".join(f"<a href='#{esc(name)}' data-top-rcc='{esc(name)}'>"
+                    f"{thumbnails(ctx, data, data.labels[data.labels['rcc'] == name], 1, height=40)}</a>"
+                    for name in names)
+    scenarios = ""
+    if metadata and "majority_scenario" in singles:
+        counts = singles["majority_scenario"].value_counts()
+        scenarios = ", ".join(f"{esc(scenario)} {count}" for scenario, count in counts.items())
+    return (f"<tr class=singles data-single-images='{esc(' '.join(names))}'><td class=l>"
+            f"<a href='#{esc(names[0])}'>{esc(names[0])}</a>-<a href='#{esc(names[-1])}'>{esc(names[-1])}</a></td>"
+            f"<td>{len(names)}</td><td></td>" + (f"<td class=l>{scenarios}</td>" if metadata else "")
+            + (f"<td class='l headline muted'>{SINGLE_IMAGE}</td>" if apart else "")
+            + f"<td class='l strip'>{tiles}</td></tr>")
+
+
+SINGLE_IMAGE = "single images: each resembles no other error image closely enough to share an RCC"
+SINGLE_CARD = "a single image: it resembles no other error image closely enough to share an RCC, so no group to characterise"
 
 
 def rcc_cards(ctx: RunContext, data: ReportData) -> str:
@@ -287,7 +325,8 @@ def rcc_cards(ctx: RunContext, data: ReportData) -> str:
         if "majority_scenario" in rcc:
             meta.append(f"majority scenario {described(rcc, data)}")
         lines = [f"<div class=meta>{' · '.join(meta)}</div>"]
-        lines.append(descriptor_lines(data.described, name))
+        lines.append(descriptor_lines(data.described, name) if int(rcc["size"]) > 1 or name == clusterModule.NOISE
+                     else f"<div class='meta muted apart'>{SINGLE_CARD}</div>")
         if data.parameters is not None:
             params = data.parameters[data.parameters["rcc"] == name].nlargest(4, "variance_reduction_%")
             if len(params):

@@ -339,3 +339,42 @@ def test_a_case_whose_first_run_finds_no_error_gets_the_report_too(make_case):
     assert result.returncode == 0 and "report:" in result.stdout
     page = parse(case / "T" / "report.html")
     assert "no-errors" in element_ids(page) and "stale" not in element_ids(page)
+
+
+def test_rccs_of_one_image_share_the_summary_s_last_line_and_their_cards_say_why_nothing_is_characterised(case):
+    """A small case cut at its bound leaves RCCs of one image (a resnet18 case of 59 errors: 11 of 19), and
+    the summary gave each a line, with a sentence of what "sets it apart" that one image always has. Now the
+    RCCs of 2+ images have their lines, the single images one line whose tiles link to their cards, and a
+    single image's card says why nothing is characterised."""
+    sizes = {"RCC01": 3, "RCC02": 2, "RCC03": 1, "RCC04": 1, "RCC05": 1}
+    labels = pd.DataFrame([{"image": f"DataSets/TestSet/class_a/{rcc}_{i}.png", "expected": "class_a",
+                            "predicted": "class.b", "rcc": rcc, "sub_rcc": f"{rcc}.1", "mean_distance_in_sub_rcc": 0.1}
+                           for rcc, size in sizes.items() for i in range(size)])
+    stats = pd.DataFrame({"rcc": list(sizes), "size": list(sizes.values()), "sub_rccs": 1, "icd": 0.5,
+                          "majority_scenario": ["fog", "night", "tilt", "none", "tilt"], "purity": 1.0})
+    described = pd.DataFrame([{"rcc": rcc, "descriptor": "brightness", "delta": 0.9, "rank": 1,
+                               "sentence": f"darker than the others ({rcc})"} for rcc in sizes])
+    data = reportModule.ReportData(
+        layer="Layer3", summary=pd.DataFrame(), labels=labels, stats=stats,
+        sub_stats=stats.assign(sub_rcc=stats["rcc"] + ".1"), parameters=None, described=described, unsafe=None,
+        retrain={}, sets={}, errors=len(labels))
+    ctx = context(case)
+    summary = reportModule.rcc_summary(ctx, data)
+    assert "2 root-cause clusters and 3 single images of Layer3" in summary
+    rows = re.findall(r"<tr[ >].*?</tr>", summary, re.S)[1:]
+    assert [re.search(r"data-top-rcc='(\w+)'", row).group(1) for row in rows[:2]] == ["RCC01", "RCC02"]
+    last = rows[2]
+    assert "data-single-images='RCC03 RCC04 RCC05'" in last
+    assert re.findall(r"<a href='#(\w+)' data-top-rcc='\1'><figure>", last) == ["RCC03", "RCC04", "RCC05"]
+    assert "tilt 2, none 1" in last and reportModule.SINGLE_IMAGE in last and "darker" not in last
+    assert "darker than the others (RCC01)" in summary
+    cards = card_segments(reportModule.rcc_cards(ctx, data))
+    assert set(cards) == set(sizes)
+    for rcc, size in sizes.items():
+        assert (f"darker than the others ({rcc})" in cards[rcc]) == (size > 1)
+        assert (reportModule.SINGLE_CARD in cards[rcc]) == (size == 1)
+    # one RCC of one image keeps a line of its own
+    data.stats, data.labels = stats[stats["rcc"] != "RCC05"].copy(), labels[labels["rcc"] != "RCC05"]
+    data.stats.loc[data.stats["rcc"] == "RCC04", "size"] = 2
+    summary = reportModule.rcc_summary(ctx, data)
+    assert "data-single-images" not in summary and "data-top-rcc='RCC03'>" in summary
