@@ -338,27 +338,30 @@ def set_learning_rate(optimiser: torch.optim.Optimizer, rate: float) -> None:
 
 
 def training_layout(model: nn.Module, ctx: RunContext) -> torch.memory_format:
-    """The memory layout a copy of the model trains in: channels_last on the CPU, where oneDNN's
-    convolutions run faster in it (an epoch of the demo's DemoNet 1.3-1.4x, bench/bench_retrain.py), if the
-    model has 2-D convolutions and gives the same outputs in it; else the usual contiguous layout. A model
-    whose forward needs contiguous memory (`x.view(n, -1)` after a convolution raises in channels_last; a
-    custom operator could read the memory as contiguous) fails the probe and trains as before. GPUs keep
-    the contiguous layout: not measured there. Leaves the model contiguous, in eval mode."""
+    """The memory layout copies of the model train in: channels_last on the CPU, where oneDNN's
+    convolutions and pooling run faster in it (a run of the sign demo 1.26x, bench/bench_retrain.py), if
+    the model has 2-D convolutions and passes the probe; else the usual contiguous layout. The probe (on a
+    throwaway copy, the random state left as it was) passes two random images in eval mode through both
+    layouts and compares the outputs, then once in training mode in channels_last: a model whose forward
+    needs contiguous memory (`x.view(n, -1)` after a convolution raises in channels_last; an operator that
+    reads the memory as if contiguous gives other outputs), also on a path only training takes, trains
+    contiguous, as every model did before. GPUs keep the contiguous layout: not measured there."""
     if ctx.device.type != "cpu" or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return CONTIGUOUS
     height, width = resolve_input_size(ctx.settings)
     probe = torch.randn((2, ctx.settings.channels, height, width), generator=torch.Generator().manual_seed(0))
-    model.eval()
+    laid_out = probe.contiguous(memory_format=CHANNELS_LAST)
+    trial = copy.deepcopy(model).eval()
     try:
-        with torch.no_grad():
-            reference = main_and_auxiliary(model(probe))[0]
-            model.to(memory_format=CHANNELS_LAST)
-            laid_out = main_and_auxiliary(model(probe.contiguous(memory_format=CHANNELS_LAST)))[0]
-        same = laid_out.shape == reference.shape and torch.allclose(
-            laid_out.float(), reference.float(), rtol=1e-3, atol=1e-4 * float(reference.abs().max().clamp(min=1)))
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            reference = main_and_auxiliary(trial(probe))[0]
+            trial.to(memory_format=CHANNELS_LAST)
+            output = main_and_auxiliary(trial(laid_out))[0]
+            main_and_auxiliary(trial.train()(laid_out))
+        same = output.shape == reference.shape and torch.allclose(
+            output.float(), reference.float(), rtol=1e-3, atol=1e-4 * float(reference.abs().max().clamp(min=1)))
     except Exception:  # noqa: BLE001 - any failure in the probe only means: train as before
         same = False
-    model.to(memory_format=CONTIGUOUS)
     return CHANNELS_LAST if same else CONTIGUOUS
 
 
@@ -376,7 +379,7 @@ def fine_tune(ctx: RunContext, data: TrainingData, bag: np.ndarray, seed: int, d
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(ctx.model()).to(ctx.device)
-    layout = training_layout(model, ctx) if layout is None else layout
+    layout = ctx.memo("training layout", lambda: training_layout(model, ctx)) if layout is None else layout
     model.to(memory_format=layout)
     dropouts, norms = distributed.batch_dropout(model), distributed.norms_over_ranks(model)
     optimiser = ctx.task.optimiser(model, s)  # before DDP: a keypoint model freezes layers here

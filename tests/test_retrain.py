@@ -455,12 +455,22 @@ class ReadsMemoryAsContiguous(FlattensWithView):
         return self.fc(x.as_strided((x.size(0), per_image), (per_image, 1)))
 
 
+class ViewInTrainingOnly(FlattensWithView):
+    """A network whose auxiliary head, run in training only, flattens with view."""
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        main = self.fc(x.flatten(1))
+        return (main, self.fc(x.view(x.size(0), -1))) if self.training else main
+
+
 def layouts_seen(model: nn.Module) -> list[bool]:
-    """Records, for every training forward of a copy of `model`, whether its input was channels_last."""
+    """Records, for every training forward of a copy of `model` (with gradients: not the layout's probe),
+    whether its input was channels_last."""
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append(
         args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous())
-        if module.training else None)
+        if module.training and torch.is_grad_enabled() else None)
     return seen
 
 
@@ -487,15 +497,17 @@ def test_both_layouts_train_to_the_same_weights_up_to_float_order(pipeline_case)
         torch.testing.assert_close(plain, last, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("network", [FlattensWithView, ReadsMemoryAsContiguous])
+@pytest.mark.parametrize("network", [FlattensWithView, ReadsMemoryAsContiguous, ViewInTrainingOnly])
 def test_a_model_that_needs_contiguous_memory_trains_contiguous(pipeline_case, network):
     ctx = context(pipeline_case, epochs=1, learning_rate=0.05)
     torch.manual_seed(0)
     ctx._model = network()
     probe = torch.randn(2, 3, 32, 32)
     last = copy.deepcopy(ctx._model).to(memory_format=torch.channels_last)
-    try:   # the network does fail in channels_last: raises, or differs
-        assert not torch.allclose(last(probe.contiguous(memory_format=torch.channels_last)), ctx._model(probe))
+    laid_out = probe.contiguous(memory_format=torch.channels_last)
+    try:   # the network does fail in channels_last: raises (in eval or training mode), or differs
+        outputs = last.eval()(laid_out), last.train()(laid_out)
+        assert not torch.allclose(outputs[0], ctx._model.eval()(probe))
     except RuntimeError as error:
         assert "view size is not compatible" in str(error)
     assert retrainModule.training_layout(copy.deepcopy(ctx._model), ctx) == torch.contiguous_format
