@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 # MKL's strict reproducible mode, before torch loads MKL: on Intel CPUs a float32 matrix product then gives the
@@ -524,7 +525,13 @@ def run_rq1(args: argparse.Namespace, case: Path, device) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = read_options(argv)
     Helper.setup_logging(args.debug)
-    status = Helper.run_guarded(lambda: run(args), args.debug)
+    try:
+        status = Helper.run_guarded(lambda: run(args), args.debug)
+    except BaseException:   # --debug re-raises with the trace
+        if not distributed.active():
+            raise
+        traceback.print_exc()   # under torchrun the trace, then finish: never the interpreter's shutdown
+        status = 1
     distributed.finish(status)   # under torchrun: ends the process here
     return status
 

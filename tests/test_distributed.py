@@ -216,6 +216,20 @@ def test_a_rank_ends_in_finish_with_its_status_and_its_output_flushed_never_in_t
         assert result.returncode != 0 and result.stderr.count(f"exitcode  : {status} ") == 2, result.stderr
 
 
+def test_with_debug_a_rank_s_trace_is_printed_and_it_still_ends_in_finish(tmp_path):
+    """--debug re-raises with the trace; under torchrun the exception left main and the rank ended in the
+    interpreter's shutdown, where gloo's threads can abort it (above). Now main prints the trace and
+    leaves through finish: the trace starts in main, not at the module's top level."""
+    case = tmp_path / "case"
+    case.mkdir()
+    result = torchrun(REPO / "HUDD.py", "-o", str(case), "--debug", timeout=120)
+    assert result.returncode != 0
+    trace = result.stderr[result.stderr.index("Traceback (most recent call last):"):]
+    first_frame = trace.splitlines()[1]
+    assert "HUDD.py" in first_frame and first_frame.endswith("in main"), trace
+    assert "model file not found" in trace and "exitcode  : 1 " in result.stderr, result.stderr
+
+
 def test_a_second_run_is_refused_and_a_killed_run_blocks_nothing(case):
     holder = hold_lock(case)
     try:
