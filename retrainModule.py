@@ -298,6 +298,8 @@ def train_epoch(model, optimiser, data: TrainingData, bag: np.ndarray, ctx: RunC
         inputs, labels = inputs.to(ctx.device, memory_format=layout), labels.to(ctx.device)
         optimiser.zero_grad()
         outputs, auxiliary = main_and_auxiliary(model(inputs))
+        if layout == CHANNELS_LAST:   # a keypoint model's output maps: its loss and decoding run slowly in NHWC
+            outputs, auxiliary = outputs.contiguous(), [extra.contiguous() for extra in auxiliary]
         loss = ctx.task.loss(outputs, labels) + sum(AUXILIARY_WEIGHT * ctx.task.loss(extra, labels) for extra in auxiliary)
         (loss * (mine * distributed.world() / size)).backward()
         optimiser.step()
