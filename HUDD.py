@@ -460,6 +460,8 @@ def print_retraining(summaries: list[dict], paths: Helper.CasePaths) -> None:
     if too_few_runs:
         print(f"    p and A12 need {retrainModule.STATISTICS_MIN_RUNS} or more runs of HUDD and of the mode (one run each "
               "is one comparison of two accuracies, not a test): give --runs 5, say")
+    elif hudd_ran and len(table) > 1 and retrainModule.smallest_p(table) > 0.05:
+        print(f"    with these runs {retrainModule.SMALLEST_P_WORDS.format(retrainModule.smallest_p(table))}")
     print_scenario_gains(paths, list(table["mode"]))
     print(f"    models -> {paths.models}; tables -> {first['folder']}")
 

@@ -450,7 +450,7 @@ images (finding them needs every improvement image labelled); BL2: random ones; 
 least sure of (lowest margin).
 Labels needed: what an engineer labels to run the mode. p and A12: HUDD's runs against the mode's (two-sided
 Mann-Whitney U; A12 above 0.5: HUDD ahead), where HUDD and the mode have {retrainModule.STATISTICS_MIN_RUNS} runs or
-more (n/a where either has one: one run each is one comparison of two accuracies, not a test).</p>
+more (n/a where either has one: one run each is one comparison of two accuracies, not a test).{few_runs_words(table)}</p>
 <table id=retrain><tr><th class=l>mode</th><th>labelled</th><th>labels needed</th><th>training samples</th><th>runs</th>
 <th>accuracy (mean)</th><th>min–max</th><th>gain (points)</th><th>gain per 100 labels</th><th>improved</th>
 <th>worsened</th><th>p (vs HUDD)</th><th>A12 (HUDD)</th></tr>
@@ -458,6 +458,15 @@ more (n/a where either has one: one run each is one comparison of two accuracies
 {scenario_rows}
 {f'<p><img src="{rel(chart, ctx.paths.t_dir)}" alt="accuracy gain per mode" width=720></p>' if chart else ''}
 """
+
+
+def few_runs_words(table: pd.DataFrame) -> str:
+    """Where too few runs were made for any p below 5%, one sentence that says so."""
+    others = table.loc[table["mode"] != "HUDD", "a12_HUDD"]
+    if "HUDD" not in set(table["mode"]) or not len(others) or others.isna().any():
+        return ""
+    smallest = retrainModule.smallest_p(table)
+    return f" <span class=few-runs>With these runs {esc(retrainModule.SMALLEST_P_WORDS.format(smallest))}.</span>" if smallest > 0.05 else ""
 
 
 def retrain_row(row, original: float, hudd_ran: bool) -> str:

@@ -853,6 +853,16 @@ def comparison(paths: CasePaths, modes: list[str] | None = None) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
+def smallest_p(table: pd.DataFrame) -> float:
+    """The smallest two-sided exact Mann-Whitney p that HUDD's runs against any mode's in `table` (the
+    comparison) could give: 2 over the number of ways to split the runs of both (3 runs against 3: 0.1)."""
+    hudd = int(table.loc[table["mode"] == "HUDD", "runs"].iloc[0])
+    return min(min(1.0, 2 / math.comb(hudd + int(runs), hudd)) for runs in table.loc[table["mode"] != "HUDD", "runs"])
+
+
+SMALLEST_P_WORDS = "no p can fall below {:.3f} (every HUDD run ahead of every run of a mode): give --runs 5 or more for a test at 5%"
+
+
 def read_comparison(paths: CasePaths) -> pd.DataFrame | None:
     """comparison.csv as the step wrote it after its last mode (computed from the runs tables of a case
     retrained before the file existed); None before any mode ran."""
