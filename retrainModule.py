@@ -860,7 +860,7 @@ def smallest_p(table: pd.DataFrame) -> float:
     return min(min(1.0, 2 / math.comb(hudd + int(runs), hudd)) for runs in table.loc[table["mode"] != "HUDD", "runs"])
 
 
-SMALLEST_P_WORDS = "no p can fall below {:.3f} (every HUDD run ahead of every run of a mode): give --runs 5 or more for a test at 5%"
+SMALLEST_P_WORDS = "no p can fall below {:.3f}, whatever the accuracies: give --runs 5 or more for a test at 5%"
 
 
 def read_comparison(paths: CasePaths) -> pd.DataFrame | None:
