@@ -376,8 +376,8 @@ def cluster_quality(clusters: dict) -> str:
 def rcc_sizes(clusters: dict) -> str:
     """"20 RCCs (median 14.5 images)"; where two or more RCCs hold one image each (a small or weakly structured
     case), those apart: "19 RCCs: 8 of 2+ images (median 6) and 11 single images"."""
-    singles = clusters.get("single_images", 0)
-    if singles < 2:
+    singles = clusters.get("single_images", 0)   # 0 or 2+: clusterModule.single_image_rccs
+    if not singles:
         median = f"{clusters['median_size']:g}"  # 14.5 where the middle two sizes differ
         return f"{counted(clusters['k'], 'RCC')} (median {median} image{'' if median == '1' else 's'})"
     groups = clusters["k"] - singles   # k counts no noise group
@@ -460,8 +460,8 @@ def print_retraining(summaries: list[dict], paths: Helper.CasePaths) -> None:
     if too_few_runs:
         print(f"    p and A12 need {retrainModule.STATISTICS_MIN_RUNS} or more runs of HUDD and of the mode (one run each "
               "is one comparison of two accuracies, not a test): give --runs 5, say")
-    elif hudd_ran and len(table) > 1 and retrainModule.smallest_p(table) > 0.05:
-        print(f"    with these runs {retrainModule.SMALLEST_P_WORDS.format(retrainModule.smallest_p(table))}")
+    elif few_runs := retrainModule.few_runs_note(table):
+        print(f"    {few_runs}")
     print_scenario_gains(paths, list(table["mode"]))
     print(f"    models -> {paths.models}; tables -> {first['folder']}")
 

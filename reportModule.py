@@ -254,21 +254,12 @@ def described(rcc: pd.Series, data: ReportData) -> str:
     return ""
 
 
-def single_images(stats: pd.DataFrame) -> pd.DataFrame:
-    """The top-level RCCs of one image, when there are two or more: on a small or weakly structured case
-    the cut at max_rccs leaves images that resemble no other error closely enough to share an RCC (a
-    resnet18 case of 59 errors: 11 of its 19 RCCs). The summary gathers them on one line; one such RCC
-    stays a line of its own."""
-    singles = stats[(stats["size"] == 1) & (stats["rcc"] != clusterModule.NOISE)]
-    return singles if len(singles) >= 2 else singles.iloc[:0]
-
-
 def rcc_summary(ctx: RunContext, data: ReportData) -> str:
     """Every top-level RCC on one screen, largest first: one line per RCC of 2+ images, with what a reader
     takes in at a glance (what its members share where metadata says, and what sets it apart from its
     images and relevance); the RCCs of one image together on the last line."""
     stats = data.stats.sort_values(["size", "rcc"], ascending=[False, True])
-    singles = single_images(stats)
+    singles = stats[stats["rcc"].isin(clusterModule.single_image_rccs(stats))]
     groups = stats[~stats["rcc"].isin(singles["rcc"])]
     apart = data.described is not None
     shared = {r["rcc"]: described(r, data) for _, r in stats.iterrows()}
@@ -461,12 +452,8 @@ more (n/a where either has one: one run each is one comparison of two accuracies
 
 
 def few_runs_words(table: pd.DataFrame) -> str:
-    """Where too few runs were made for any p below 5%, one sentence that says so."""
-    others = table.loc[table["mode"] != "HUDD", "a12_HUDD"]
-    if "HUDD" not in set(table["mode"]) or not len(others) or others.isna().any():
-        return ""
-    smallest = retrainModule.smallest_p(table)
-    return f" <span class=few-runs>With these runs {esc(retrainModule.SMALLEST_P_WORDS.format(smallest))}.</span>" if smallest > 0.05 else ""
+    note = retrainModule.few_runs_note(table)
+    return f" <span class=few-runs>{esc(note[0].upper() + note[1:])}.</span>" if note else ""
 
 
 def retrain_row(row, original: float, hudd_ran: bool) -> str:

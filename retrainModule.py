@@ -853,14 +853,17 @@ def comparison(paths: CasePaths, modes: list[str] | None = None) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def smallest_p(table: pd.DataFrame) -> float:
-    """The smallest two-sided exact Mann-Whitney p that HUDD's runs against any mode's in `table` (the
-    comparison) could give: 2 over the number of ways to split the runs of both (3 runs against 3: 0.1)."""
+def few_runs_note(table: pd.DataFrame) -> str:
+    """Where HUDD and every other mode have enough runs for p and A12 but too few for any p below 5% (3 runs
+    against 3: 0.1 at best), the sentence that says so; "" otherwise. The printed comparison and the report
+    both show it."""
+    others = table[table["mode"] != "HUDD"]
+    if "HUDD" not in set(table["mode"]) or not len(others) or others["a12_HUDD"].isna().any():
+        return ""
     hudd = int(table.loc[table["mode"] == "HUDD", "runs"].iloc[0])
-    return min(min(1.0, 2 / math.comb(hudd + int(runs), hudd)) for runs in table.loc[table["mode"] != "HUDD", "runs"])
-
-
-SMALLEST_P_WORDS = "no p can fall below {:.3f}, whatever the accuracies: give --runs 5 or more for a test at 5%"
+    smallest = min(evaluation.smallest_mann_whitney_p(hudd, int(runs)) for runs in others["runs"])
+    return (f"with these runs no p can fall below {smallest:.3f}, whatever the accuracies: give --runs 5 or more "
+            "for a test at 5%") if smallest > 0.05 else ""
 
 
 def read_comparison(paths: CasePaths) -> pd.DataFrame | None:

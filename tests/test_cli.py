@@ -160,11 +160,13 @@ def test_the_summary_gives_the_median_rcc_size_as_it_is_and_single_images_apart(
     image" said nothing of the 8 groups a reader opens."""
     from types import SimpleNamespace
     ctx = SimpleNamespace(paths=SimpleNamespace(root=Path("case")), model_path=Path("OriginalModel.pth"))
-    sizes = np.array(sizes)
+    import clusterModule
+    stats = pd.DataFrame({"rcc": [f"RCC{i + 1:02d}" for i in range(len(sizes))], "size": sizes})
+    singles = clusterModule.single_image_rccs(stats)   # as the cluster step's summary counts them
+    groups = stats.loc[~stats["rcc"].isin(singles), "size"]
     clusters = {"k": len(sizes), "noise": 0, "median_size": float(np.median(sizes)), "sub_k": len(sizes),
                 "layer": "Layer6", "features": "heatmaps", "folder": "case/T/Layer6",
-                "single_images": int((sizes == 1).sum()),
-                "group_median_size": float(np.median(sizes[sizes > 1])) if (sizes > 1).any() else 0.0}
+                "single_images": len(singles), "group_median_size": float(groups.median()) if len(groups) else 0.0}
     HUDD.print_summary(ctx, {"clusters": clusters}, 1.0)
     assert shown in capsys.readouterr().out
 
