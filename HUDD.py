@@ -363,14 +363,14 @@ def counted(number: int, noun: str) -> str:
 
 
 def cluster_quality(clusters: dict) -> str:
-    """"; purity .., coverage .., the 10 largest .. / .." of the cluster step's summary; n/a where a measure
-    is undefined (with very few error images), and why."""
+    """"; purity .., coverage ..; the 10 largest: purity .., coverage .." of the cluster step's summary; n/a
+    where a measure is undefined (with very few error images), and why."""
     keys = ("purity", "coverage", "purity_10", "coverage_10")
     shown = {key: "n/a" if np.isnan(clusters[key]) else f"{clusters[key]:.2f}" for key in keys}
     why = (" (n/a: purity needs an RCC of two or more images, coverage a rare condition with five or more error "
            "images)" if "n/a" in shown.values() else "")
-    return (f"; purity {shown['purity']}, coverage {shown['coverage']}, the 10 largest {shown['purity_10']} / "
-            f"{shown['coverage_10']} (from metadata.csv){why}")
+    return (f"; purity {shown['purity']}, coverage {shown['coverage']}; the 10 largest: purity {shown['purity_10']}, "
+            f"coverage {shown['coverage_10']} (from metadata.csv){why}")
 
 
 def rcc_sizes(clusters: dict) -> str:

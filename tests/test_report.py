@@ -186,7 +186,7 @@ def test_an_undefined_purity_or_coverage_is_a_dash_with_its_reason_not_nan():
     assert "purity needs an RCC of two or more images" in reportModule.undefined_measures_note(few)
     assert reportModule.undefined_measures_note(few.fillna(0.5)) == ""
     line = HUDD.cluster_quality({**few.iloc[0].to_dict(), "purity": 0.5})
-    assert line.startswith("; purity 0.50, coverage n/a, the 10 largest n/a / n/a (from metadata.csv) (n/a: purity")
+    assert line.startswith("; purity 0.50, coverage n/a; the 10 largest: purity n/a, coverage n/a (from metadata.csv) (n/a: purity")
     assert "nan" not in line and "n/a" not in HUDD.cluster_quality({**few.iloc[0].fillna(1.0).to_dict()})
 
 
