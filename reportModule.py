@@ -106,7 +106,7 @@ th{background:#f2f2f2} td.l,th.l{text-align:left} tr.sel td{background:#fff6d5;f
 figure{margin:0;font-size:11px;text-align:center} figure img{display:block;image-rendering:pixelated}
 .unsafe img{width:64px;height:64px} .muted{color:#777} .pos{color:#0a0} .neg{color:#c00}
 td.strip figure{display:inline-block;margin-right:3px} .sub{margin:6px 0 0 8px} details{margin-top:6px}
-ul.apart{margin:2px 0 2px 0;padding-left:18px;font-size:13px}
+ul.apart{margin:2px 0 2px 0;padding-left:18px;font-size:13px} p.legend{font-size:13px;color:#444}
 """
 
 
@@ -151,8 +151,7 @@ def run_section(ctx: RunContext, data: ReportData) -> str:
     selected = data.summary[data.summary["layer"] == data.layer]
     if "output_alignment" in selected and (selected["output_alignment"] > MAX_OUTPUT_ALIGNMENT).any():
         why += "; here every layer was above it, so none was passed over for it"
-    columns = [c for c in ("layer", "k", "sub_k", "median_size", "noise", "wicd", "silhouette", "output_alignment",
-                           "purity", "coverage", "purity_10", "coverage_10") if c in data.summary]
+    columns = [c for c in LAYER_COLUMNS if c in data.summary]
     layer_rows = "".join(
         f"<tr class='{'sel' if row['layer'] == data.layer else ''}'>"
         + "".join(f"<td>{format_cell(row[c])}</td>" for c in columns) + "</tr>"
@@ -176,6 +175,7 @@ def run_section(ctx: RunContext, data: ReportData) -> str:
 {s.max_rccs} top-level RCCs (<code>max_rccs</code>, k by <code>k_criterion</code> {esc(s.k_criterion)}), each split
 into sub-clusters (sub_k: the best silhouette among finer cuts).</p>
 <table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>{layer_rows}</table>
+{measures_legend(columns)}
 {undefined_measures_note(data.summary)}
 {knee_figure}"""
 
@@ -189,6 +189,31 @@ def format_cell(value) -> str:
     if isinstance(value, (float, np.floating)):
         return "–" if np.isnan(value) else f"{value:.4g}"   # undefined (purity with no RCC of two images, ...)
     return esc(value)
+
+
+# The layer table's columns, where summary.csv has them (purity and coverage only where metadata exists)
+LAYER_COLUMNS = ("layer", "k", "sub_k", "median_size", "noise", "wicd", "silhouette", "output_alignment",
+                 "purity", "coverage", "purity_10", "coverage_10")
+# What each column of the layer table measures (clusterModule's summary.csv; design.md's measures).
+MEASURE_WORDS = {
+    "k": "top-level RCCs",
+    "sub_k": "sub-clusters in all",
+    "median_size": "images in the median top-level RCC",
+    "noise": "images in no RCC (HDBSCAN's noise group)",
+    "wicd": "weighted intra-cluster distance of the top level (smaller: tighter RCCs)",
+    "silhouette": "mean silhouette of the top level (above 0.5: a reasonable structure)",
+    "output_alignment": "how far the RCCs repeat the output explained (0 independent, 1 the same grouping)",
+    "purity": "mean share of each RCC's most common scenario, over the RCCs of 2+ images",
+    "coverage": "share of the rare conditions (5+ error images) that are the most common scenario of some RCC",
+    "purity_10": "purity of the 10 largest RCCs, what a reader has seen after ten cards",
+    "coverage_10": "coverage of the 10 largest RCCs",
+}
+
+
+def measures_legend(columns: list[str]) -> str:
+    """One line naming what the layer table's measured columns are."""
+    shown = [f"<b>{c}</b>: {MEASURE_WORDS[c]}" for c in columns if c in MEASURE_WORDS]
+    return f"<p class=legend>{'; '.join(shown)}.</p>" if shown else ""
 
 
 def undefined_measures_note(summary: pd.DataFrame) -> str:

@@ -125,6 +125,20 @@ def test_the_numbers_are_those_of_the_output_files(retrained_case):
     assert (case / "T" / "UnsafeSet" / "contrast.csv").is_file() and ids["pick"]["data-pick"] == "contrast"
 
 
+def test_the_layer_table_says_what_each_measured_column_is(retrained_case):
+    """Every column of the layer table but the layer's name is explained in the line below it."""
+    case, _ = retrained_case
+    text = (case / "T" / "report.html").read_text(encoding="utf-8")
+    table = re.search(r"<h3>Layer selection</h3>.*?<table><tr>(.*?)</tr>", text, re.S).group(1)
+    headers = re.findall(r"<th>(.*?)</th>", table)
+    assert {"k", "wicd", "silhouette", "output_alignment"} <= set(headers)
+    legend = re.search(r"<p class=legend>(.*?)</p>", text, re.S).group(1)
+    assert [h for h in headers if f"<b>{h}</b>: " not in legend] == ["layer"]
+    # a case with metadata shows purity and coverage too: the legend explains every column the table may show
+    everything = reportModule.measures_legend(list(reportModule.LAYER_COLUMNS))
+    assert [c for c in reportModule.LAYER_COLUMNS if f"<b>{c}</b>: " not in everything] == ["layer"]
+
+
 def test_each_rcc_shows_first_the_most_typical_member_of_each_sub_cluster_largest_first(retrained_case):
     """Not the first class folder's images: the summary's tiles of an RCC take, in turn, each sub-cluster's
     member of smallest mean distance to the others (largest sub-cluster first), then each one's second."""
