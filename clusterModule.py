@@ -84,6 +84,7 @@ def analysis_dir(paths: CasePaths) -> Path:
 
 
 SUMMARY_FILE = "summary.csv"
+QUALITY_MEASURES = ("purity", "coverage", "purity_10", "coverage_10")   # summary.csv's, where metadata exists
 COMPARE_FILE = "compare.csv"
 LABELS_FILE = "rcc_labels.csv"
 STATS_FILE = "rcc_stats.csv"
@@ -937,7 +938,7 @@ class ClusterStep(Step):
         groups = stats.loc[~stats["rcc"].isin(singles) & (stats["rcc"] != NOISE), "size"]
         summary["single_images"] = len(singles)
         summary["group_median_size"] = float(groups.median()) if len(groups) else 0.0
-        for key in ("purity", "coverage", "purity_10", "coverage_10"):
+        for key in QUALITY_MEASURES:
             if key in table.columns:
                 summary[key] = float(chosen[key])
         return summary

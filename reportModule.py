@@ -193,7 +193,7 @@ def format_cell(value) -> str:
 
 # The layer table's columns, where summary.csv has them (purity and coverage only where metadata exists)
 LAYER_COLUMNS = ("layer", "k", "sub_k", "median_size", "noise", "wicd", "silhouette", "output_alignment",
-                 "purity", "coverage", "purity_10", "coverage_10")
+                 *clusterModule.QUALITY_MEASURES)
 # What each column of the layer table measures (clusterModule's summary.csv; design.md's measures).
 MEASURE_WORDS = {
     "k": "top-level RCCs",
@@ -218,7 +218,7 @@ def measures_legend(columns: list[str]) -> str:
 
 def undefined_measures_note(summary: pd.DataFrame) -> str:
     """Why a purity or coverage cell of the layer table shows –, where one does."""
-    measures = [c for c in ("purity", "coverage", "purity_10", "coverage_10") if c in summary]
+    measures = [c for c in clusterModule.QUALITY_MEASURES if c in summary]
     if not measures or not summary[measures].isna().to_numpy().any():
         return ""
     return ("<p>–: undefined here; purity needs an RCC of two or more images, coverage a rare "

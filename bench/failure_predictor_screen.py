@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import Helper  # noqa: E402
 import assignModule  # noqa: E402
+import heatmapModule  # noqa: E402
 import testModule  # noqa: E402
 import unsafe_set_study as study  # noqa: E402
 
@@ -53,14 +54,9 @@ def mean_nearest(distances: np.ndarray, columns: np.ndarray) -> np.ndarray:
     return np.sort(distances[:, columns], axis=1)[:, :K].mean(axis=1)
 
 
-def euclidean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    squared = (a ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * a @ b.T
-    return np.sqrt(np.maximum(squared, 0.0))
-
-
 def distance_features(rows: np.ndarray, references: np.ndarray, side: np.ndarray, leave_self_out: bool) -> np.ndarray:
     """log contrast, log distance to the errors, log distance to the right images (K nearest each)."""
-    distances = euclidean(rows, references)
+    distances = np.sqrt(assignModule.squared_distances(rows, references))   # as the contrast measures them
     if leave_self_out:
         np.fill_diagonal(distances, np.inf)
     to_errors, to_right = mean_nearest(distances, side == 0), mean_nearest(distances, side == 1)
@@ -72,7 +68,7 @@ def test_margins(ctx: Helper.RunContext, side: np.ndarray) -> np.ndarray:
     the cluster step ordered them (heatmap rows), then the right ones in testResult.csv order."""
     results = testModule.read_results(ctx.paths, "test").set_index("image")
     uncertainty = assignModule.uncertainty_table(ctx, results).set_index("image")["uncertainty"]
-    errors = pd.read_csv(ctx.paths.root / "T" / "Heatmaps" / "index.csv")["image"]
+    errors = heatmapModule.read_index(ctx.paths)["image"]
     right = results.index[results["result"] != assignModule.WRONG]
     margins = np.r_[uncertainty.reindex(errors).to_numpy(), uncertainty.reindex(right).to_numpy()]
     assert len(margins) == len(side)

@@ -43,13 +43,12 @@ import clustering  # noqa: E402
 import heatmapModule  # noqa: E402
 
 
-def error_scenarios(paths: Helper.CasePaths) -> np.ndarray:
-    """The scenario of every error image, in the heatmaps' row order (T/Heatmaps/index.csv)."""
-    index = heatmapModule.read_index(paths)
+def error_scenarios(paths: Helper.CasePaths, images: np.ndarray) -> np.ndarray:
+    """The scenario of every error image (`images`: the heatmaps' row order, T/Heatmaps/index.csv)."""
     meta = Helper.read_metadata(paths.set_dir("test"), paths.root)
     if meta is None or "scenario" not in meta.columns:
         raise SystemExit(f"{paths.set_dir('test')}: no metadata.csv with a scenario column; this study needs one")
-    return meta["scenario"].reindex(index["image"]).fillna("").astype(str).to_numpy()
+    return meta["scenario"].reindex(images).fillna("").astype(str).to_numpy()
 
 
 def supervised_accuracy(classifier, rows: np.ndarray, scenarios: np.ndarray, folds: int) -> float:
@@ -67,9 +66,9 @@ def weighted_purity(rccs: np.ndarray, scenarios: np.ndarray) -> float:
     return float(table.max(axis=1).sum() / table.to_numpy().sum())
 
 
-def layer_figures(paths: Helper.CasePaths, settings, scenarios: np.ndarray, kept: np.ndarray, args) -> pd.DataFrame:
+def layer_figures(paths: Helper.CasePaths, settings, images: np.ndarray, scenarios: np.ndarray, kept: np.ndarray,
+                  args) -> pd.DataFrame:
     summary = clusterModule.read_summary(paths)
-    images = heatmapModule.read_index(paths)["image"].to_numpy()
     rows = []
     for _, layer in summary.iterrows():
         heatmaps = heatmapModule.open_layer(paths, layer["layer"])
@@ -95,12 +94,13 @@ def main() -> None:
     for case in args.cases:
         paths = Helper.CasePaths(case)
         settings = Helper.load_settings(paths)
-        scenarios = error_scenarios(paths)
+        images = heatmapModule.read_index(paths)["image"].to_numpy()
+        scenarios = error_scenarios(paths, images)
         counts = pd.Series(scenarios).value_counts()
         kept = np.isin(scenarios, counts[counts >= args.folds].index)
         print(f"{case.name}: {len(scenarios)} error images; left out (scenarios of fewer than {args.folds}): "
               f"{int((~kept).sum())} {counts[counts < args.folds].to_dict()}")
-        tables.append(layer_figures(paths, settings, scenarios, kept, args))
+        tables.append(layer_figures(paths, settings, images, scenarios, kept, args))
     table = pd.concat(tables)
     pd.set_option("display.width", 200)
     print(table.round(3).to_string(index=False))
