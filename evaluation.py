@@ -116,10 +116,24 @@ def mann_whitney_p(first, second) -> float:
         return float("nan")
     if np.unique(np.concatenate([x, y])).size == 1:
         return 1.0
+    if min(len(x), len(y)) == 1:   # scipy's permutation_test needs two runs a group: the few splits by hand
+        return single_run_p(x, y)
     if len(x) + len(y) <= EXACT_RUNS:
         return float(permutation_test((x, y), mann_whitney_u, permutation_type="independent", vectorized=True,
                                       n_resamples=np.inf, alternative="two-sided").pvalue)
     return float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
+
+
+def single_run_p(first: np.ndarray, second: np.ndarray) -> float:
+    """The exact two-sided p of U when one group holds a single run: every run of the pooled set in turn
+    as that group, as permutation_test counts the splits (twice the smaller tail, at most 1)."""
+    pooled = np.concatenate([first, second])
+    alone = 0 if len(first) == 1 else len(first)        # where the single run sits in `pooled`
+    splits = np.array([mann_whitney_u(pooled[[i]], np.delete(pooled, i)) for i in range(len(pooled))])
+    u_first = splits if len(first) == 1 else len(first) * len(second) - splits   # U of the first group
+    observed = u_first[alone]
+    tail = min(np.mean(u_first <= observed + 1e-9), np.mean(u_first >= observed - 1e-9))
+    return float(min(1.0, 2.0 * tail))
 
 
 def smallest_mann_whitney_p(runs: int, other_runs: int) -> float:

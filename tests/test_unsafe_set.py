@@ -105,7 +105,7 @@ def test_mann_whitney_is_exact_over_every_split_of_few_runs_ties_included():
     assert mannwhitneyu(hudd, baseline, alternative="two-sided").pvalue == pytest.approx(0.0765, abs=1e-4)
     assert evaluation.mann_whitney_p(hudd, baseline) == pytest.approx(0.1)
     rng = np.random.default_rng(1)
-    for sizes in ((3, 3), (4, 5), (2, 6), (8, 8)):
+    for sizes in ((3, 3), (4, 5), (2, 6), (8, 8), (1, 4), (5, 1), (1, 1)):
         x, y = rng.integers(0, 4, sizes[0]).astype(float), rng.integers(1, 5, sizes[1]).astype(float)  # many ties
         assert evaluation.mann_whitney_p(x, y) == pytest.approx(enumerated_p(x, y)), (x, y)
 
@@ -114,6 +114,9 @@ def test_mann_whitney_on_hand_computed_cases_and_against_scipy():
     # U = 0 with 3 and 3 runs: exact two-sided p = 2 x 1 / C(6, 3) = 0.1
     assert evaluation.mann_whitney_p([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
     assert evaluation.mann_whitney_p([1.0, 1.0], [1.0, 1.0]) == 1.0
+    # one run against three, above all of them: 1 of the 4 splits is as extreme on each side, p = 2 x 1/4
+    assert evaluation.mann_whitney_p([5.0], [1.0, 2.0, 3.0]) == pytest.approx(0.5)
+    assert evaluation.mann_whitney_p([1.0, 2.0, 3.0], [5.0]) == pytest.approx(0.5)
     assert np.isnan(evaluation.mann_whitney_p([], [1.0]))
     rng = np.random.default_rng(0)
     for _ in range(5):
