@@ -14,7 +14,9 @@ images' relevance at the selected layer, the RCC members', the model's own uncer
    read only for this measurement, after the choice, never to choose.
 2. retraining: the candidates named with --retrain and BL1, BL2, BL3 at the same budget, `--runs`
    seeded runs each, as the retraining step runs them; gains pooled over the cases, with the
-   Mann-Whitney U p-value and Vargha-Delaney A12 of each candidate against each baseline.
+   Mann-Whitney U p-value and Vargha-Delaney A12 of each candidate against each baseline, and the
+   candidate's lead case by case with a t interval over the cases. `--baselines` may add BL1@cost: BL1
+   at the budget's labelling cost (the failures among BL2's labelled images).
 """
 from __future__ import annotations
 
@@ -43,6 +45,11 @@ GRID = {"assign_level": ("sub", "top"), "assign_distance": ("nearest", "knn", "m
         "assign_uncertainty": (0.0, 1.0, 4.0, 16.0)}
 SHORT = {"assign_level": "", "assign_distance": "", "assign_quota": "", "assign_radius": "r", "assign_uncertainty": "u"}
 BASELINES = ("BL1", "BL2", "BL3")
+# BL1 at the others' labelling cost (study only): an engineer labels as many random improvement images as
+# the budget (BL2's very draw) and trains on those the model gets wrong, the failures a random search of
+# that many labels finds, repeated to the common bag size. The product's BL1 labels all the improvement set.
+BL1_AT_COST = "BL1@cost"
+STUDY_BASELINES = (*BASELINES, BL1_AT_COST)
 
 
 def candidate_name(values: dict) -> str:
@@ -222,6 +229,14 @@ def grown(selection: retrainModule.Selection, multiple: float, rng: np.random.Ge
         [selection.bag, rng.choice(selection.chosen, size=extra, replace=True)]))
 
 
+def failures_of(selection: retrainModule.Selection, wrong: np.ndarray,
+                rng: np.random.Generator) -> retrainModule.Selection:
+    """BL1 at the budget's labelling cost: of the labelled images, those the model gets wrong, repeated
+    uniformly to the same bag size."""
+    failures = selection.chosen[wrong[selection.chosen].astype(bool)]
+    return retrainModule.baseline_selection(failures, len(failures), len(selection.bag), rng)
+
+
 def lookalike_samples(order: np.ndarray, train_rows: np.ndarray, count: int, samples: int,
                       rng: np.random.Generator) -> np.ndarray:
     """`samples` extra training samples: the `count` training rows of lowest contrast (`order`: all
@@ -316,9 +331,13 @@ def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.D
         chosen = choices.get(mode, base)
         for run in range(1, runs + 1):
             rng = np.random.default_rng([ctx.seed, run])
-            selection = retrainModule.select("HUDD" if mode in choices else mode, chosen["assigned"],
-                                             chosen["distances"], chosen["quota"], known["wrong"].to_numpy(), rng,
-                                             parts["uncertainty"], repeat_failures, hudd_bag)
+            selection = retrainModule.select("HUDD" if mode in choices else "BL2" if mode == BL1_AT_COST else mode,
+                                             chosen["assigned"], chosen["distances"], chosen["quota"],
+                                             known["wrong"].to_numpy(), rng, parts["uncertainty"], repeat_failures,
+                                             hudd_bag)
+            labels_needed = retrainModule.labels_needed(mode, len(selection.chosen), len(known))
+            if mode == BL1_AT_COST:
+                selection = failures_of(selection, known["wrong"].to_numpy(), np.random.default_rng([ctx.seed, run, 11]))
             extra_rng, trained = np.random.default_rng([ctx.seed, run, 7]), data   # draws of their own
             if chosen.get("train_lookalikes") and mode in choices:
                 extra = lookalike_samples(parts["train_order"], data.train_rows, len(selection.chosen),
@@ -336,7 +355,7 @@ def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.D
             accuracy = evaluation.measures_from_outputs(outputs, ctx).accuracy
             rows.append({"case": ctx.paths.root.name, "mode": mode, "run": run, "gain": accuracy - original,
                          "labelled": len(selection.chosen), "seconds": time.perf_counter() - start,
-                         "labels_needed": retrainModule.labels_needed(mode, len(selection.chosen), len(known))})
+                         "labels_needed": labels_needed})
             if out:   # every run as it ends: a cut-short study still has its figures
                 out.mkdir(parents=True, exist_ok=True)
                 pd.DataFrame(rows).to_csv(out / f"gains_{ctx.paths.root.name}.csv", index=False)
@@ -352,13 +371,33 @@ def statistics(gains: pd.DataFrame) -> pd.DataFrame:
         row = {"mode": mode, "runs": len(group), "gain": group["gain"].mean(), "labelled": group["labelled"].mean()}
         if "labels_needed" in group:
             row["gain per 100 labels"] = 100 * row["gain"] / group["labels_needed"].mean()
-        if mode not in BASELINES:
-            for baseline in BASELINES:
+        if mode not in STUDY_BASELINES:
+            for baseline in (b for b in STUDY_BASELINES if b in set(gains["mode"])):
                 other = gains[gains["mode"] == baseline]["gain"]
                 row[f"vs {baseline}"] = row["gain"] - other.mean()
                 row[f"p {baseline}"] = evaluation.mann_whitney_p(group["gain"], other)
                 row[f"A12 {baseline}"] = evaluation.vargha_delaney_a12(group["gain"], other)
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def case_differences(gains: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Per candidate and baseline: the candidate's lead over the baseline case by case (mean of each case's
+    runs), their mean and a Student t interval over the cases. The pooled U test treats every run as
+    independent, but the runs of one case share its original model and unsafe set, and the lead moves
+    more from case to case than from run to run: this interval says what another case may see."""
+    from scipy.stats import t as student_t
+    means = gains.pivot_table(index="case", columns="mode", values="gain", sort=False)
+    rows = []
+    for mode in (m for m in means.columns if m not in STUDY_BASELINES):
+        for baseline in (b for b in STUDY_BASELINES if b in means.columns):
+            lead = (means[mode] - means[baseline]).dropna()
+            row = {"mode": mode, "vs": baseline, "cases": len(lead), "mean lead": lead.mean(),
+                   "sd": lead.std(ddof=1), "cases ahead": int((lead > 0).sum())}
+            half = (student_t.ppf(0.5 + confidence / 2, len(lead) - 1) * row["sd"] / np.sqrt(len(lead))
+                    if len(lead) > 1 else np.nan)
+            row["low"], row["high"] = row["mean lead"] - half, row["mean lead"] + half
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -386,8 +425,9 @@ def main() -> None:
                         help="the candidate whose budget and bag size the baselines take, as the product's -mode "
                              "runs take the unsafe set's (default: the original's choice)")
     parser.add_argument("--baselines", default=",".join(BASELINES),
-                        help="baselines to retrain beside the candidates ('' for none: their runs of an earlier "
-                             "study, merged with --from-gains; the same seeds give the same selections)")
+                        help="baselines to retrain beside the candidates, of " + ", ".join(STUDY_BASELINES) +
+                             " ('' for none: their runs of an earlier study, merged with --from-gains; the same "
+                             "seeds give the same selections)")
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None,
                         help="the retraining's learning-rate schedule (setting lr_schedule; default: the case's)")
     args = parser.parse_args()
@@ -420,6 +460,12 @@ def main() -> None:
     show(pd.DataFrame(screened), pd.DataFrame(gains), args.out)
 
 
+def case_order(name: str) -> tuple[str, int]:
+    """demo_s2 before demo_s10: the name without its trailing seed, then the seed as a number."""
+    found = re.search(r"(\d+)$", name)
+    return (name[:found.start()], int(found.group(1))) if found else (name, -1)
+
+
 def show(screened: pd.DataFrame, gains: pd.DataFrame, out: Path | None) -> None:
     pd.set_option("display.width", 200)
     pd.set_option("display.max_rows", 200)
@@ -430,9 +476,13 @@ def show(screened: pd.DataFrame, gains: pd.DataFrame, out: Path | None) -> None:
     print(mean.sort_values("wrong", ascending=False).round(1).to_string())
     if len(gains):
         print("\nper case, mean gain (points):")
-        print(gains.pivot_table(index="case", columns="mode", values="gain", sort=False).round(2).to_string())
+        per_case = gains.pivot_table(index="case", columns="mode", values="gain", sort=False)
+        print(per_case.sort_index(key=lambda names: names.map(case_order)).round(2).to_string())
         print("\npooled over the cases (gain in points; p: two-sided Mann-Whitney U; A12: candidate ahead above 0.5):")
         print(statistics(gains).round(3).to_string(index=False))
+        print("\ncase by case (lead: the candidate's mean gain minus the baseline's on each case; low-high: 95% "
+              "Student t interval of the mean over the cases):")
+        print(case_differences(gains).round(2).to_string(index=False))
     if out:
         out.mkdir(parents=True, exist_ok=True)
         for case, table in screened.groupby("case"):
