@@ -9,6 +9,7 @@ keypoint error is measured too.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -106,33 +107,33 @@ EXACT_RUNS = 16   # runs of both modes together up to which every split is enume
 
 def mann_whitney_p(first, second) -> float:
     """Two-sided Mann-Whitney U p-value; 1.0 when every value is the same, NaN when either is empty. Up to
-    EXACT_RUNS runs in all, the exact p over every split of the runs into the two groups (scipy's
-    permutation_test of U), ties included; beyond, scipy's normal approximation. scipy's own choice takes
-    the approximation as soon as two runs tie: 3 HUDD runs all above 3 of a baseline, two of them equal,
+    EXACT_RUNS runs in all, the exact p over every split of the runs into the two groups, ties included
+    (exact_mann_whitney_p); beyond, scipy's normal approximation. scipy's own choice takes the
+    approximation as soon as two runs tie: 3 HUDD runs all above 3 of a baseline, two of them equal,
     printed p 0.077, where no split of 3 and 3 runs can give less than 0.1."""
-    from scipy.stats import mannwhitneyu, permutation_test
+    from scipy.stats import mannwhitneyu
     x, y = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
     if not len(x) or not len(y):
         return float("nan")
     if np.unique(np.concatenate([x, y])).size == 1:
         return 1.0
-    if min(len(x), len(y)) == 1:   # scipy's permutation_test needs two runs a group: the few splits by hand
-        return single_run_p(x, y)
     if len(x) + len(y) <= EXACT_RUNS:
-        return float(permutation_test((x, y), mann_whitney_u, permutation_type="independent", vectorized=True,
-                                      n_resamples=np.inf, alternative="two-sided").pvalue)
+        return exact_mann_whitney_p(x, y)
     return float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
 
 
-def single_run_p(first: np.ndarray, second: np.ndarray) -> float:
-    """The exact two-sided p of U when one group holds a single run: every run of the pooled set in turn
-    as that group, as permutation_test counts the splits (twice the smaller tail, at most 1)."""
+def exact_mann_whitney_p(first: np.ndarray, second: np.ndarray) -> float:
+    """The exact two-sided p of U: twice the smaller tail of U over every way of splitting the pooled runs
+    into groups of the two sizes (at most 1). Enumerated here, not by scipy's permutation_test, which
+    refuses a group of a single run."""
     pooled = np.concatenate([first, second])
-    alone = 0 if len(first) == 1 else len(first)        # where the single run sits in `pooled`
-    splits = np.array([mann_whitney_u(pooled[[i]], np.delete(pooled, i)) for i in range(len(pooled))])
-    u_first = splits if len(first) == 1 else len(first) * len(second) - splits   # U of the first group
-    observed = u_first[alone]
-    tail = min(np.mean(u_first <= observed + 1e-9), np.mean(u_first >= observed - 1e-9))
+    firsts = np.array(list(itertools.combinations(range(len(pooled)), len(first))))   # each split's first group
+    in_first = np.zeros((len(firsts), len(pooled)), dtype=bool)
+    np.put_along_axis(in_first, firsts, True, axis=1)
+    seconds = np.argsort(in_first, axis=1, kind="stable")[:, :len(second)]              # and the rest
+    u = mann_whitney_u(pooled[firsts], pooled[seconds])
+    observed = u[0]   # the first split is the runs as given: `first`, then `second`
+    tail = min(np.mean(u <= observed + 1e-9), np.mean(u >= observed - 1e-9))
     return float(min(1.0, 2.0 * tail))
 
 

@@ -326,18 +326,17 @@ def retrain(ctx: Helper.RunContext, choices: dict, names: list[str], known: pd.D
     original = testModule.original_test_accuracy(ctx.paths)
     base = choices[base_name or candidate_name(ORIGINAL)]
     multiple = 2.0 if base.get("train_lookalikes") else base.get("bag_multiple", 1.0)   # the baselines' bags too
-    rows = []
+    rows, wrong = [], known["wrong"].to_numpy()
     for mode in [*names[:1], *baselines, *names[1:]]:
         chosen = choices.get(mode, base)
+        drawn_as = "HUDD" if mode in choices else {BL1_AT_COST: "BL2"}.get(mode, mode)   # retrainModule.select's mode
         for run in range(1, runs + 1):
             rng = np.random.default_rng([ctx.seed, run])
-            selection = retrainModule.select("HUDD" if mode in choices else "BL2" if mode == BL1_AT_COST else mode,
-                                             chosen["assigned"], chosen["distances"], chosen["quota"],
-                                             known["wrong"].to_numpy(), rng, parts["uncertainty"], repeat_failures,
-                                             hudd_bag)
+            selection = retrainModule.select(drawn_as, chosen["assigned"], chosen["distances"], chosen["quota"], wrong,
+                                             rng, parts["uncertainty"], repeat_failures, hudd_bag)
             labels_needed = retrainModule.labels_needed(mode, len(selection.chosen), len(known))
             if mode == BL1_AT_COST:
-                selection = failures_of(selection, known["wrong"].to_numpy(), np.random.default_rng([ctx.seed, run, 11]))
+                selection = failures_of(selection, wrong, np.random.default_rng([ctx.seed, run, 11]))
             extra_rng, trained = np.random.default_rng([ctx.seed, run, 7]), data   # draws of their own
             if chosen.get("train_lookalikes") and mode in choices:
                 extra = lookalike_samples(parts["train_order"], data.train_rows, len(selection.chosen),
@@ -381,13 +380,12 @@ def statistics(gains: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def case_differences(gains: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
-    """Per candidate and baseline: the candidate's lead over the baseline case by case (mean of each case's
-    runs), their mean and a Student t interval over the cases. The pooled U test treats every run as
-    independent, but the runs of one case share its original model and unsafe set, and the lead moves
-    more from case to case than from run to run: this interval says what another case may see."""
+def case_differences(means: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Per candidate and baseline: the candidate's lead over the baseline case by case (`means`: each
+    case's mean gain per mode), their mean and a Student t interval over the cases. The pooled U test treats
+    every run as independent, but the runs of one case share its original model and unsafe set, and the
+    lead moves more from case to case than from run to run: this interval says what another case may see."""
     from scipy.stats import t as student_t
-    means = gains.pivot_table(index="case", columns="mode", values="gain", sort=False)
     rows = []
     for mode in (m for m in means.columns if m not in STUDY_BASELINES):
         for baseline in (b for b in STUDY_BASELINES if b in means.columns):
@@ -477,12 +475,13 @@ def show(screened: pd.DataFrame, gains: pd.DataFrame, out: Path | None) -> None:
     if len(gains):
         print("\nper case, mean gain (points):")
         per_case = gains.pivot_table(index="case", columns="mode", values="gain", sort=False)
-        print(per_case.sort_index(key=lambda names: names.map(case_order)).round(2).to_string())
+        per_case = per_case.sort_index(key=lambda names: names.map(case_order))
+        print(per_case.round(2).to_string())
         print("\npooled over the cases (gain in points; p: two-sided Mann-Whitney U; A12: candidate ahead above 0.5):")
         print(statistics(gains).round(3).to_string(index=False))
         print("\ncase by case (lead: the candidate's mean gain minus the baseline's on each case; low-high: 95% "
               "Student t interval of the mean over the cases):")
-        print(case_differences(gains).round(2).to_string(index=False))
+        print(case_differences(per_case).round(2).to_string(index=False))
     if out:
         out.mkdir(parents=True, exist_ok=True)
         for case, table in screened.groupby("case"):
